@@ -1,0 +1,57 @@
+# The two commands a new user needs: `make pipeline` and `make test`. Both set themselves up.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# Embedded stores, all inside the project folder and all git-ignored.
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+export PREFECT_HOME := $(CURDIR)/.prefect
+export MLFLOW_TRACKING_URI ?= sqlite:///$(CURDIR)/mlflow.db
+export TOKENIZERS_PARALLELISM := false
+export PYTHONUNBUFFERED := 1
+
+.PHONY: setup pipeline test test-fast bench serve rollback ui-prefect ui-mlflow schedule dvc-repro clean
+
+setup: $(STAMP)
+
+# torch first and pinned: the CPU wheel on this machine; a bare `torch` would pull CUDA.
+$(STAMP): pyproject.toml constraints.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	@touch $@
+
+pipeline: setup  ## run the whole lifecycle on params.yaml (reruns skip what did not change)
+	$(PY) -m flows.lifecycle
+
+test: setup  ## the whole suite, whole-flow tests included
+	$(PY) -m pytest
+
+test-fast: setup  ## everything but the whole-flow and multi-process tests
+	$(PY) -m pytest -m "not slow"
+
+bench: setup  ## cold and no-op pipeline wall time, each stage's share
+	$(PY) -m benchmarks.pipeline
+
+dvc-repro: setup  ## the artifact stages alone, without Prefect
+	$(VENV)/bin/dvc repro
+
+serve: setup  ## serve the current champion on serve.port (OpenAI-compatible)
+	$(PY) -m registry.cli serve
+
+rollback: setup  ## move alias `champion` back to `previous`
+	$(PY) -m registry.cli rollback
+
+schedule: setup  ## serve the flow with its cron schedule and data-changed trigger (needs `make ui-prefect`)
+	$(PY) -m flows.schedule
+
+ui-prefect: setup  ## Prefect UI on http://127.0.0.1:4200
+	$(VENV)/bin/prefect server start
+
+ui-mlflow: setup  ## MLflow UI on http://127.0.0.1:5000
+	$(VENV)/bin/mlflow ui --backend-store-uri $(MLFLOW_TRACKING_URI) --port 5000
+
+clean:  ## remove generated data, models, metrics and local stores (keeps .venv)
+	rm -rf data/raw data/prepared models metrics reports mlflow.db mlartifacts .prefect .dvc-remote dvc.lock

@@ -1,0 +1,128 @@
+"""The lifecycle flow: data -> base -> SFT -> DPO -> evaluate -> quality gate -> quantize ->
+quant gate -> register -> canary -> promote or roll back.
+
+Reads like the DAG it runs. Artifact stages are DVC's (skipped when nothing changed); gates,
+registration and deployment are Prefect tasks; MLflow gets one parent run per flow run and a
+nested run per stage. Run it with `make pipeline`, `python -m flows.lifecycle`, a Prefect
+deployment (flows/schedule.py), or from the Prefect UI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+from prefect import flow
+from prefect.artifacts import create_markdown_artifact
+from prefect.runtime import flow_run
+
+from pipelines.common import METRICS, read_json
+from pipelines.config import ConfigError, Params, load_params
+from tasks.deploy import canary_release
+from tasks.gates import GateFailed, quality_gate, quantization_gate
+from tasks.registry import register_candidate
+from tasks.stages import repro
+from tasks.tracking import finish_parent_run, log_stage, start_parent_run
+
+TRAINING_STAGES = ("generate", "prepare", "bootstrap", "sft", "preference", "evaluate")
+
+
+def summary_table(stages: list[dict]) -> str:
+    lines = ["| stage | status | seconds |", "|---|---|---|"]
+    lines += [f"| {s['stage']} | {'ran' if s['ran'] else 'cached (skipped)'} | {s['seconds']:.1f} |" for s in stages]
+    return "\n".join(lines)
+
+
+def quality_summary() -> dict:
+    ev = read_json(METRICS / "evaluate.json")
+    q = read_json(METRICS / "quantize.json") if (METRICS / "quantize.json").exists() else {}
+    return {
+        "exact_match": {name: ev[name]["exact_match"] for name in ("base", "sft", "dpo")} | ({"quantized": q["exact_match"]} if q else {}),
+        "preference_accuracy": ev["dpo"].get("preference_accuracy"),
+    }
+
+
+@flow(name="llm-lifecycle", log_prints=True)
+def lifecycle(deploy: bool = True) -> dict:
+    # DVC stages read ./params.yaml, so the flow reads exactly that file too: one source of truth.
+    params: Params = load_params()  # invalid config fails here, before any work
+    parent = start_parent_run(params, flow_run.id)
+    stages: list[dict] = []
+    stage_runs: dict[str, str] = {}
+    summary: dict = {"mlflow_parent_run_id": parent, "stages": stages}
+    started = time.perf_counter()
+
+    def stage(name: str) -> None:
+        result = repro(name)
+        stages.append(result)
+        stage_runs[name] = log_stage(parent, params, result)
+
+    try:
+        for name in TRAINING_STAGES:
+            stage(name)
+        summary.update(quality_summary())
+        quality_gate(params)
+        stage("quantize")
+        summary.update(quality_summary())
+        quantization_gate(params)
+        if deploy:
+            registered = register_candidate(params, parent, flow_run.id, stage_runs)
+            summary["registered"] = registered
+            summary.update(canary_release(params, registered["version"]))
+        else:
+            summary["outcome"] = "not deployed (deploy=False)"
+    except GateFailed as exc:
+        summary["outcome"] = "blocked by gate"
+        summary["gate_failure"] = str(exc)
+        finish_parent_run(parent, "FAILED", summary)
+        raise
+    except Exception as exc:
+        summary["outcome"] = f"failed: {type(exc).__name__}"
+        finish_parent_run(parent, "FAILED", summary)
+        raise
+    summary["total_seconds"] = time.perf_counter() - started
+    finish_parent_run(parent, "FINISHED", summary)
+    report = render(summary)
+    create_markdown_artifact(key="lifecycle-summary", markdown=report, description="lifecycle run summary")
+    print("\n" + report)
+    return summary
+
+
+def render(summary: dict) -> str:
+    ran = [s["stage"] for s in summary["stages"] if s["ran"]]
+    em = summary.get("exact_match", {})
+    lines = [
+        "## LLM lifecycle run",
+        "",
+        summary_table(summary["stages"]),
+        "",
+        "exact match (held-out test): " + ", ".join(f"{k} {v:.3f}" for k, v in em.items()),
+        f"DPO preference accuracy (held-out pairs): {summary.get('preference_accuracy', float('nan')):.3f}",
+        f"outcome: {summary.get('outcome')} (version {summary.get('version', '-')})",
+        f"stages run: {', '.join(ran) if ran else 'none: nothing changed, every stage came from the DVC cache'}",
+        f"MLflow parent run: {summary['mlflow_parent_run_id']}",
+    ]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m flows.lifecycle", description=__doc__)
+    parser.add_argument("--no-deploy", action="store_true", help="stop after the gates: no registration, no canary")
+    args = parser.parse_args()
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        load_params()  # fail fast, before Prefect even starts its API
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        sys.exit(2)
+    try:
+        lifecycle(deploy=not args.no_deploy)
+    except (GateFailed, RuntimeError) as exc:
+        print(f"\nlifecycle stopped: {exc}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,230 @@
+"""Typed view of params.yaml: one pydantic model per section, unknown keys rejected.
+
+Every stage, task and flow loads its settings through `load_params()`, so a typo or a bad
+value fails before any work starts, with the offending key named (nanoGPT/TRL style).
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+PARAMS_FILE = Path("params.yaml")
+BOOTSTRAP = "bootstrap"  # the embedded default: train a tokenizer and a tiny Llama from scratch
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataParams(Section):
+    seed: int = Field(1234, description="Seed of the demo-data generator (same seed, same bytes).")
+    n_sft: int = Field(3000, ge=10, description="Instruction rows generated (before noise).")
+    n_preference: int = Field(600, ge=10, description="Preference pairs generated (before noise).")
+    min_len: int = Field(3, ge=1, description="Shortest digit list in the demo task.")
+    max_len: int = Field(5, ge=1, description="Longest digit list in the demo task.")
+    noise_rate: float = Field(0.06, ge=0, le=0.5, description="Share of rows turned into each kind of noise.")
+
+    @model_validator(mode="after")
+    def _lengths(self) -> "DataParams":
+        if self.min_len > self.max_len:
+            raise ValueError(f"min_len ({self.min_len}) must be <= max_len ({self.max_len})")
+        return self
+
+
+class PrepareParams(Section):
+    validation_fraction: float = Field(0.1, gt=0, lt=0.5, description="Share of unique prompts held out for validation.")
+    test_fraction: float = Field(0.1, gt=0, lt=0.5, description="Share of unique prompts held out for the test set.")
+    max_chars: int = Field(2000, ge=16, description="Rows whose prompt or answer is longer are quarantined.")
+    min_rows: int = Field(50, ge=1, description="Data gate: fewest clean training rows accepted.")
+    max_quarantine_fraction: float = Field(0.4, ge=0, le=1, description="Data gate: most raw rows that may be quarantined.")
+
+
+class ModelParams(Section):
+    base_model: str = Field(BOOTSTRAP, description="'bootstrap' for the embedded tiny model, else a Hugging Face id or a local directory.")
+    vocab_size: int = Field(320, ge=260, description="Bootstrap only: byte-level BPE vocabulary size.")
+    hidden_size: int = Field(128, ge=8, description="Bootstrap only: Llama hidden size.")
+    num_layers: int = Field(2, ge=1, description="Bootstrap only: Llama decoder layers.")
+    num_heads: int = Field(4, ge=1, description="Bootstrap only: attention heads.")
+    intermediate_size: int = Field(256, ge=8, description="Bootstrap only: MLP width.")
+    max_position_embeddings: int = Field(128, ge=16, description="Bootstrap only: longest sequence.")
+    seed: int = Field(0, description="Bootstrap only: weight-initialisation seed.")
+
+    @model_validator(mode="after")
+    def _heads(self) -> "ModelParams":
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads})")
+        return self
+
+
+class LoraParams(Section):
+    r: int = Field(16, ge=1, description="LoRA rank.")
+    alpha: int = Field(32, ge=1, description="LoRA scaling numerator (scale = alpha / r).")
+    dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout.")
+    target_modules: list[str] | Literal["all-linear"] = Field("all-linear", description="Modules that get adapters.")
+    modules_to_save: list[str] = Field(default_factory=list, description="Modules trained in full beside the adapters (e.g. embed_tokens, lm_head for a new tokenizer).")
+
+
+class SftParams(Section):
+    method: Literal["lora", "full"] = Field("lora", description="'lora' trains a PEFT adapter (merged on save); 'full' trains every weight.")
+    lora: LoraParams = Field(default_factory=LoraParams, description="Adapter settings when method is 'lora'.")
+    max_steps: int = Field(500, ge=1, description="Optimizer steps.")
+    batch_size: int = Field(32, ge=1, description="Per-device batch size.")
+    learning_rate: float = Field(3e-3, gt=0, description="Peak learning rate (linear decay).")
+    warmup_steps: int = Field(20, ge=0, description="Linear warm-up steps.")
+    max_length: int = Field(64, ge=8, description="Tokens per example; longer ones are truncated.")
+    eval_steps: int = Field(100, ge=1, description="Validation loss every N steps (and a checkpoint, to resume from).")
+    seed: int = Field(42, description="Training seed.")
+    nproc: int = Field(1, ge=1, description="Processes under torch.distributed.run (CPU: gloo).")
+    deepspeed: str | None = Field(None, description="Path to a DeepSpeed JSON config (e.g. configs/deepspeed/zero2.json); null for none.")
+
+
+class PreferenceParams(Section):
+    method: Literal["dpo"] = Field("dpo", description="Preference-alignment algorithm (TRL).")
+    loss_type: str = Field("sigmoid", description="DPO loss variant (TRL loss_type: sigmoid, ipo, hinge, ...).")
+    beta: float = Field(0.1, gt=0, description="DPO beta: strength of the pull towards the reference model.")
+    lora: LoraParams = Field(default_factory=lambda: LoraParams(r=8, alpha=16), description="DPO trains a LoRA adapter on the SFT model; the reference is the adapter switched off.")
+    max_steps: int = Field(60, ge=1, description="Optimizer steps.")
+    batch_size: int = Field(16, ge=1, description="Pairs per batch.")
+    learning_rate: float = Field(1e-3, gt=0, description="Learning rate.")
+    max_length: int = Field(64, ge=8, description="Tokens per prompt+answer.")
+    seed: int = Field(42, description="Training seed.")
+
+
+class EvaluateParams(Section):
+    task: str = Field("reverse_digits", description="lm-eval task name, from pipelines/eval_tasks/<task>.yaml.")
+    limit: int | None = Field(None, ge=1, description="Evaluate only the first N test items (null = all).")
+    batch_size: int = Field(32, ge=1, description="lm-eval batch size.")
+    max_new_tokens: int = Field(24, ge=1, description="Generation budget per item.")
+
+
+class Threshold(Section):
+    min: float | None = Field(None, description="Lowest acceptable value (for metrics where higher is better).")
+    max: float | None = Field(None, description="Highest acceptable value (for metrics where lower is better).")
+
+
+class GateParams(Section):
+    thresholds: dict[str, Threshold] = Field(
+        default_factory=lambda: {"exact_match": Threshold(min=0.8), "preference_accuracy": Threshold(min=0.5)},
+        description="Absolute bounds per metric; every metric's direction is declared in pipelines/gates.py.",
+    )
+    champion_tolerance: float = Field(0.02, ge=0, description="How far below the champion a candidate may fall on a metric.")
+    must_beat_base: bool = Field(True, description="Candidate must be better than the untrained base on every metric both have.")
+
+    @model_validator(mode="after")
+    def _known_metrics(self) -> "GateParams":
+        from pipelines.gates import DIRECTIONS  # the one place metric directions are declared
+
+        unknown = sorted(set(self.thresholds) - set(DIRECTIONS))
+        if unknown:
+            raise ValueError(f"thresholds on unknown metric(s) {unknown}; known: {', '.join(DIRECTIONS)}")
+        return self
+
+
+class QuantizeParams(Section):
+    enabled: bool = Field(True, description="Quantize the aligned model with llm-compressor; off serves it unquantized.")
+    scheme: str = Field("W8A16", description="compressed-tensors preset scheme (W8A16, W4A16, ...).")
+    algorithm: Literal["gptq", "rtn"] = Field("gptq", description="gptq calibrates on data; rtn rounds to nearest.")
+    calibration_samples: int = Field(64, ge=1, description="Calibration rows from the training split.")
+    max_drop: float = Field(0.05, ge=0, le=1, description="Quant gate: largest exact-match drop accepted.")
+
+
+class RegistryParams(Section):
+    model_name: str = Field("reverse-digits", description="MLflow registered model name.")
+    experiment: str = Field("llm-lifecycle", description="MLflow experiment for the flow's runs.")
+
+
+class ServeParams(Section):
+    engine: Literal["cpu", "vllm", "tensorrt-llm"] = Field("cpu", description="Serving engine; cpu runs transformers in-process.")
+    host: str = Field("127.0.0.1", description="Bind address.")
+    port: int = Field(8000, ge=1, le=65535, description="Port for `make serve` (the champion).")
+    startup_timeout_s: float = Field(120, gt=0, description="How long to wait for /health after launch.")
+    max_new_tokens: int = Field(64, ge=1, description="Upper bound on max_tokens per request.")
+
+
+class CanaryParams(Section):
+    requests: int = Field(40, ge=1, description="Golden prompts sent to candidate and champion each.")
+    min_exact_match: float = Field(0.8, ge=0, le=1, description="Candidate's golden-prompt exact match must reach this.")
+    max_error_rate: float = Field(0.0, ge=0, le=1, description="Largest share of failed candidate requests.")
+    champion_tolerance: float = Field(0.05, ge=0, le=1, description="Candidate may trail the champion's exact match by at most this.")
+    max_latency_ratio: float = Field(3.0, gt=0, description="Candidate p95 latency may be at most this multiple of the champion's.")
+
+
+class Params(Section):
+    data: DataParams = Field(default_factory=DataParams)
+    prepare: PrepareParams = Field(default_factory=PrepareParams)
+    model: ModelParams = Field(default_factory=ModelParams)
+    sft: SftParams = Field(default_factory=SftParams)
+    preference: PreferenceParams = Field(default_factory=PreferenceParams)
+    evaluate: EvaluateParams = Field(default_factory=EvaluateParams)
+    gate: GateParams = Field(default_factory=GateParams)
+    quantize: QuantizeParams = Field(default_factory=QuantizeParams)
+    registry: RegistryParams = Field(default_factory=RegistryParams)
+    serve: ServeParams = Field(default_factory=ServeParams)
+    canary: CanaryParams = Field(default_factory=CanaryParams)
+
+    @property
+    def bootstrapped(self) -> bool:
+        return self.model.base_model == BOOTSTRAP
+
+
+class ConfigError(ValueError):
+    """A params file that cannot be used; the message names the file, the key and a fix."""
+
+
+def _suggest(key: str, model: type[BaseModel] | None) -> str:
+    if model is None:
+        return ""
+    close = difflib.get_close_matches(key, list(model.model_fields), n=1)
+    return f" (did you mean '{close[0]}'?)" if close else f" (allowed: {', '.join(model.model_fields)})"
+
+
+def _model_at(loc: tuple) -> type[BaseModel] | None:
+    """The pydantic model that owns the parent of `loc`, to suggest the key the user meant."""
+    model: Any = Params
+    for part in loc[:-1]:
+        field = model.model_fields.get(part) if isinstance(part, str) and hasattr(model, "model_fields") else None
+        if field is None:
+            return None
+        model = field.annotation
+        if not (isinstance(model, type) and issubclass(model, BaseModel)):
+            return None
+    return model
+
+
+def format_errors(err: ValidationError, source: str) -> str:
+    lines = [f"{source} is invalid; nothing was run:"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  - {key}: unknown key{_suggest(str(e['loc'][-1]), _model_at(e['loc']))}")
+        else:
+            lines.append(f"  - {key}: {e['msg']} (got {e.get('input')!r})")
+    lines.append("Fix the key(s) above; every key and its meaning is listed in pipelines/config.py.")
+    return "\n".join(lines)
+
+
+def load_params(path: str | Path = PARAMS_FILE) -> Params:
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{path} not found: run from the project root or pass --params PATH")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path} must be a mapping of sections, got {type(raw).__name__}")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(format_errors(exc, str(path))) from None
+
+
+def snapshot(params: Params) -> str:
+    """The effective config (defaults filled in), logged with every run."""
+    return json.dumps(params.model_dump(mode="json"), indent=2, sort_keys=True)

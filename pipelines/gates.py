@@ -1,0 +1,114 @@
+"""Gates are pure functions: metrics in, Decision out. No I/O, no MLflow, no Prefect,
+so every branch is unit-testable and a gate that cannot fail is visible as a failing test.
+
+Every metric a gate may read declares its direction here; a threshold on an undeclared
+metric is rejected rather than guessed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from pipelines.config import CanaryParams, GateParams, QuantizeParams
+
+Direction = Literal["higher", "lower"]
+DIRECTIONS: dict[str, Direction] = {
+    "exact_match": "higher",
+    "preference_accuracy": "higher",
+    "validation_loss": "lower",
+    "error_rate": "lower",
+    "p95_latency_ratio": "lower",
+}
+
+
+@dataclass(frozen=True)
+class Check:
+    metric: str
+    rule: str
+    value: float | None
+    bound: float | None
+    passed: bool
+
+    def describe(self) -> str:
+        if self.value is None:
+            return f"{self.metric}: missing ({self.rule})"
+        verdict = "ok" if self.passed else f"FAILED by {abs(self.value - self.bound):.4f}"
+        return f"{self.metric} = {self.value:.4f} vs {self.rule} {self.bound:.4f}: {verdict}"
+
+
+@dataclass(frozen=True)
+class Decision:
+    gate: str
+    passed: bool
+    checks: list[Check] = field(default_factory=list)
+
+    @property
+    def reasons(self) -> list[str]:
+        return [c.describe() for c in self.checks if not c.passed]
+
+    def summary(self) -> str:
+        head = f"{self.gate} gate {'PASSED' if self.passed else 'FAILED'}"
+        return "\n".join([head, *("  - " + c.describe() for c in self.checks)])
+
+
+def direction(metric: str) -> Direction:
+    try:
+        return DIRECTIONS[metric]
+    except KeyError:
+        raise ValueError(f"unknown metric '{metric}': declare its direction in pipelines/gates.py (known: {', '.join(DIRECTIONS)})") from None
+
+
+def better_or_equal(metric: str, value: float, bound: float) -> bool:
+    return value >= bound if direction(metric) == "higher" else value <= bound
+
+
+def no_worse_than(metric: str, value: float | None, reference: float, tolerance: float, rule: str) -> Check:
+    """value may trail `reference` by at most `tolerance`, in the metric's own direction."""
+    bound = reference - tolerance if direction(metric) == "higher" else reference + tolerance
+    return Check(metric, rule, value, bound, value is not None and better_or_equal(metric, value, bound))
+
+
+def decide(candidate: dict, baseline: dict | None, champion: dict | None, policy: GateParams) -> Decision:
+    """The quality gate: absolute thresholds, better than the untrained base, and no worse
+    than the current champion (within tolerance)."""
+    checks: list[Check] = []
+    for metric, t in policy.thresholds.items():
+        direction(metric)  # an undeclared metric fails loudly instead of being guessed
+        value = candidate.get(metric)
+        if t.min is not None:
+            checks.append(Check(metric, ">=", value, t.min, value is not None and value >= t.min))
+        if t.max is not None:
+            checks.append(Check(metric, "<=", value, t.max, value is not None and value <= t.max))
+    if policy.must_beat_base and baseline:
+        for metric in DIRECTIONS:
+            value, base = candidate.get(metric), baseline.get(metric)
+            if value is None or base is None:
+                continue
+            beats = value > base if direction(metric) == "higher" else value < base
+            checks.append(Check(metric, "better than base", value, base, beats))
+    if champion:
+        for metric in DIRECTIONS:
+            if candidate.get(metric) is not None and champion.get(metric) is not None:
+                checks.append(no_worse_than(metric, candidate[metric], champion[metric], policy.champion_tolerance, "champion within tolerance"))
+    return Decision("quality", all(c.passed for c in checks), checks)
+
+
+def decide_quantization(quantized: dict, unquantized: dict, policy: QuantizeParams) -> Decision:
+    """The quant gate: the quantized model keeps exact match within `max_drop`."""
+    check = no_worse_than("exact_match", quantized.get("exact_match"), unquantized["exact_match"], policy.max_drop, "unquantized minus max_drop")
+    return Decision("quantization", check.passed, [check])
+
+
+def decide_canary(candidate: dict, champion: dict | None, policy: CanaryParams) -> Decision:
+    """The canary analysis: the candidate served real requests beside the champion.
+    `candidate`/`champion` hold exact_match, error_rate and p95_latency_s over the same prompts."""
+    checks = [
+        Check("error_rate", "<=", candidate.get("error_rate"), policy.max_error_rate, candidate.get("error_rate", 1.0) <= policy.max_error_rate),
+        Check("exact_match", ">=", candidate.get("exact_match"), policy.min_exact_match, candidate.get("exact_match", 0.0) >= policy.min_exact_match),
+    ]
+    if champion:
+        checks.append(no_worse_than("exact_match", candidate.get("exact_match"), champion["exact_match"], policy.champion_tolerance, "champion within tolerance"))
+        ratio = candidate["p95_latency_s"] / max(champion["p95_latency_s"], 1e-9) if candidate.get("p95_latency_s") is not None else None
+        checks.append(Check("p95_latency_ratio", "<=", ratio, policy.max_latency_ratio, ratio is not None and ratio <= policy.max_latency_ratio))
+    return Decision("canary", all(c.passed for c in checks), checks)

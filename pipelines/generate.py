@@ -1,0 +1,139 @@
+"""Stage `generate`: the embedded demo data, made by a seeded generator (same seed, same bytes).
+
+The task is one a tiny model can really learn in well under a minute on two CPU cores:
+reverse a list of 3-5 digits. It is written in three real-world formats, with the noise real
+data has, so that `prepare` has work to do:
+
+- data/raw/alpaca.jsonl      instruction / input / output rows (Alpaca style)
+- data/raw/chat.jsonl        {"messages": [...]} rows (OpenAI chat style)
+- data/raw/preference.jsonl  prompt / chosen / rejected rows (DPO style)
+
+Noise, each at `data.noise_rate`: exact duplicates, duplicates that differ only in whitespace,
+empty answers, stray whitespace, malformed JSON lines, rows missing a field, and (chat only)
+a conversation that does not end with the assistant.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+from pipelines.common import RAW, log, stage_main
+from pipelines.config import DataParams, Params
+
+INSTRUCTION = "Reverse the list:"
+
+
+def make_item(rng: random.Random, cfg: DataParams) -> tuple[str, str]:
+    digits = [str(rng.randrange(10)) for _ in range(rng.randint(cfg.min_len, cfg.max_len))]
+    return " ".join(digits), " ".join(reversed(digits))
+
+
+def wrong_answer(rng: random.Random, question: str, answer: str) -> str:
+    """A plausible mistake for the preference set: not reversed, or one digit changed."""
+    if rng.random() < 0.5 and question != answer:
+        return question
+    digits = answer.split()
+    i = rng.randrange(len(digits))
+    digits[i] = str((int(digits[i]) + rng.randint(1, 9)) % 10)
+    return " ".join(digits)
+
+
+def _noisy(rng: random.Random, rows: list[dict], cfg: DataParams, corrupt) -> list[str]:
+    """Serialise rows to JSON lines, injecting each kind of noise at `noise_rate`."""
+    out: list[str] = []
+    for row in rows:
+        r = rng.random
+        out.append(json.dumps(row))
+        if r() < cfg.noise_rate:
+            out.append(json.dumps(row))  # exact duplicate
+        if r() < cfg.noise_rate:
+            out.append(json.dumps(corrupt(row, "whitespace")))  # duplicate modulo whitespace
+        if r() < cfg.noise_rate:
+            out.append(json.dumps(corrupt(row, "empty")))
+        if r() < cfg.noise_rate / 2:
+            out.append(json.dumps(row)[: rng.randint(5, 20)])  # truncated write: malformed JSON
+        if r() < cfg.noise_rate / 2:
+            out.append(json.dumps(corrupt(row, "missing")))
+    return out
+
+
+def alpaca_rows(rng: random.Random, cfg: DataParams, n: int) -> list[str]:
+    rows = []
+    for _ in range(n):
+        q, a = make_item(rng, cfg)
+        rows.append({"instruction": INSTRUCTION, "input": q, "output": a})
+
+    def corrupt(row: dict, kind: str) -> dict:
+        row = dict(row)
+        if kind == "whitespace":
+            row["input"] = "  " + row["input"].replace(" ", "  ") + " \t"
+        elif kind == "empty":
+            row["output"] = "   "
+        else:
+            row.pop("output")
+        return row
+
+    return _noisy(rng, rows, cfg, corrupt)
+
+
+def chat_rows(rng: random.Random, cfg: DataParams, n: int) -> list[str]:
+    rows = []
+    for _ in range(n):
+        q, a = make_item(rng, cfg)
+        rows.append({"messages": [{"role": "user", "content": f"{INSTRUCTION}\n{q}"}, {"role": "assistant", "content": a}]})
+
+    def corrupt(row: dict, kind: str) -> dict:
+        user, assistant = (dict(m) for m in row["messages"])
+        if kind == "whitespace":
+            user["content"] = user["content"] + "  \n"
+        elif kind == "empty":
+            assistant["content"] = ""
+        else:  # the conversation stops before the assistant answers
+            return {"messages": [user]}
+        return {"messages": [user, assistant]}
+
+    return _noisy(rng, rows, cfg, corrupt)
+
+
+def preference_rows(rng: random.Random, cfg: DataParams, n: int) -> list[str]:
+    rows = []
+    for _ in range(n):
+        q, a = make_item(rng, cfg)
+        rows.append({"prompt": f"{INSTRUCTION}\n{q}", "chosen": a, "rejected": wrong_answer(rng, q, a)})
+
+    def corrupt(row: dict, kind: str) -> dict:
+        row = dict(row)
+        if kind == "whitespace":
+            row["chosen"] = f" {row['chosen']}  "
+        elif kind == "empty":
+            row["rejected"] = ""
+        else:
+            row.pop("chosen")
+        return row
+
+    return _noisy(rng, rows, cfg, corrupt)
+
+
+def write_lines(path: Path, lines: list[str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+    log.info("wrote %s (%d lines)", path, len(lines))
+
+
+def run(params: Params) -> None:
+    cfg = params.data
+    rng = random.Random(cfg.seed)
+    half = cfg.n_sft // 2
+    write_lines(RAW / "alpaca.jsonl", alpaca_rows(rng, cfg, half))
+    write_lines(RAW / "chat.jsonl", chat_rows(rng, cfg, cfg.n_sft - half))
+    write_lines(RAW / "preference.jsonl", preference_rows(rng, cfg, cfg.n_preference))
+
+
+def main() -> None:
+    stage_main("generate", run)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,94 @@
+"""Stage `quantize`: one-shot post-training quantization with llm-compressor.
+
+The aligned (DPO) model is quantized with GPTQ (calibrated on training prompts) or plain
+round-to-nearest, to the compressed-tensors format that transformers, vLLM and our CPU engine
+all load. The quantized model is then measured exactly like the others, so the quant gate can
+bound the quality it lost (metrics/quantize.json).
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+
+import pandas as pd
+
+from pipelines.common import DPO_DIR, METRICS, PREPARED, QUANT_DIR, log, read_json, stage_main, write_json
+from pipelines.config import Params, QuantizeParams
+from pipelines.evaluate import measure
+
+
+def recipe(cfg: QuantizeParams):
+    from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
+
+    # lm_head stays in full precision: it is small here and the most sensitive layer anywhere.
+    if cfg.algorithm == "gptq":
+        return GPTQModifier(targets="Linear", scheme=cfg.scheme, ignore=["lm_head"])
+    return QuantizationModifier(targets="Linear", scheme=cfg.scheme, ignore=["lm_head"])
+
+
+def calibration_set(tokenizer, n: int):
+    from datasets import Dataset
+
+    rows = pd.read_parquet(PREPARED / "sft_train.parquet")["messages"].head(n)
+    texts = [tokenizer.apply_chat_template([dict(m) for m in msgs], tokenize=False) for msgs in rows]
+    return Dataset.from_dict({"text": texts})
+
+
+def quantize(src: str, out_dir, cfg: QuantizeParams) -> float:
+    from llmcompressor import oneshot
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(src)
+    model = AutoModelForCausalLM.from_pretrained(src, dtype="auto")
+    started = time.perf_counter()
+    oneshot(
+        model=model,
+        tokenizer=tokenizer,
+        recipe=recipe(cfg),
+        dataset=calibration_set(tokenizer, cfg.calibration_samples),
+        num_calibration_samples=cfg.calibration_samples,
+        max_seq_length=128,
+    )
+    seconds = time.perf_counter() - started
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    model.save_pretrained(out_dir, save_compressed=True)
+    tokenizer.save_pretrained(out_dir)
+    return seconds
+
+
+def run(params: Params) -> None:
+    cfg = params.quantize
+    if not cfg.enabled:
+        # Keep the stage's outputs well defined: the "quantized" model is the DPO model itself.
+        if QUANT_DIR.exists():
+            shutil.rmtree(QUANT_DIR)
+        shutil.copytree(DPO_DIR, QUANT_DIR)
+        before = read_json(METRICS / "evaluate.json")["dpo"]
+        write_json(METRICS / "quantize.json", {"enabled": False, **before, "exact_match_drop": 0.0})
+        return
+    seconds = quantize(str(DPO_DIR), QUANT_DIR, cfg)
+    after = measure("quantized", str(QUANT_DIR), params.evaluate)
+    before = read_json(METRICS / "evaluate.json")["dpo"]
+    size = lambda d: sum(f.stat().st_size for f in d.glob("*.safetensors"))  # noqa: E731
+    result = {
+        "enabled": True,
+        "scheme": cfg.scheme,
+        "algorithm": cfg.algorithm,
+        "quantize_seconds": seconds,
+        **after,
+        "exact_match_drop": before["exact_match"] - after["exact_match"],
+        "size_bytes": size(QUANT_DIR),
+        "size_ratio": size(QUANT_DIR) / max(size(DPO_DIR), 1),
+    }
+    write_json(METRICS / "quantize.json", result)
+    log.info("quantized %s with %s: %s", cfg.scheme, cfg.algorithm, result)
+
+
+def main() -> None:
+    stage_main("quantize", run)
+
+
+if __name__ == "__main__":
+    main()

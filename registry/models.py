@@ -1,0 +1,103 @@
+"""The one module that knows MLflow's model registry: versions and aliases.
+
+Aliases replace the deprecated registry stages:
+  candidate  the version under evaluation/canary,
+  champion   the version serving users,
+  previous   the champion before the current one (what `make rollback` restores).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import mlflow
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
+
+from registry.store import client
+
+CANDIDATE, CHAMPION, PREVIOUS = "candidate", "champion", "previous"
+MODEL_HASH_TAG = "lineage.model_md5"
+log = logging.getLogger("registry")
+
+
+def by_alias(name: str, alias: str) -> ModelVersion | None:
+    try:
+        return client().get_model_version_by_alias(name, alias)
+    except MlflowException:
+        return None
+
+
+def find_by_model_hash(name: str, model_md5: str) -> ModelVersion | None:
+    """A version already registered from the same bytes (a rerun that changed nothing)."""
+    try:
+        found = client().search_model_versions(f"name='{name}' and tag.`{MODEL_HASH_TAG}`='{model_md5}'")
+    except MlflowException:
+        return None
+    return max(found, key=lambda v: int(v.version)) if found else None
+
+
+def metrics_of(mv: ModelVersion | None) -> dict[str, float] | None:
+    """The evaluation metrics a version was registered with (tags `metric.<name>`)."""
+    if mv is None:
+        return None
+    return {k.removeprefix("metric."): float(v) for k, v in mv.tags.items() if k.startswith("metric.")}
+
+
+def register(name: str, model_dir: Path, run_id: str, model_md5: str, tags: dict[str, str]) -> ModelVersion:
+    """Log the model folder to `run_id` and register it as a new version with alias `candidate`."""
+    c = client()
+    c.log_artifacts(run_id, str(model_dir), "model")
+    try:
+        c.create_registered_model(name, description="Managed by the LLM lifecycle flow (flows/lifecycle.py).")
+    except MlflowException as exc:
+        if "RESOURCE_ALREADY_EXISTS" not in str(exc.error_code):
+            raise
+    source = f"{c.get_run(run_id).info.artifact_uri}/model"
+    mv = c.create_model_version(name, source, run_id=run_id, tags={**tags, MODEL_HASH_TAG: model_md5})
+    c.set_registered_model_alias(name, CANDIDATE, mv.version)
+    return mv
+
+
+def promote(name: str, version: str) -> ModelVersion | None:
+    """Make `version` the champion; the old champion becomes `previous`. Returns the old one."""
+    c = client()
+    old = by_alias(name, CHAMPION)
+    if old is not None and old.version != str(version):
+        c.set_registered_model_alias(name, PREVIOUS, old.version)
+    c.set_registered_model_alias(name, CHAMPION, str(version))
+    _drop_alias(name, CANDIDATE)
+    return old
+
+
+def reject(name: str, version: str, report: str) -> None:
+    """A candidate that failed its canary: tag it with why, and take away its alias."""
+    c = client()
+    c.set_model_version_tag(name, str(version), "canary", "rolled_back")
+    c.set_model_version_tag(name, str(version), "canary.report", report[:4900])
+    _drop_alias(name, CANDIDATE)
+
+
+def rollback(name: str) -> tuple[str, str]:
+    """Move `champion` back to `previous` by hand; returns (from_version, to_version)."""
+    current, previous = by_alias(name, CHAMPION), by_alias(name, PREVIOUS)
+    if previous is None:
+        raise SystemExit(f"model '{name}' has no 'previous' version to roll back to")
+    c = client()
+    c.set_registered_model_alias(name, CHAMPION, previous.version)
+    if current is not None:
+        c.set_registered_model_alias(name, PREVIOUS, current.version)
+        c.set_model_version_tag(name, current.version, "rolled_back_by_hand", "true")
+    return (current.version if current else "none"), previous.version
+
+
+def download(mv: ModelVersion, dst: Path) -> Path:
+    """Fetch a version's model folder (what serving loads)."""
+    dst.mkdir(parents=True, exist_ok=True)
+    return Path(mlflow.artifacts.download_artifacts(artifact_uri=mv.source, dst_path=str(dst), tracking_uri=client().tracking_uri))
+
+
+def _drop_alias(name: str, alias: str) -> None:
+    if by_alias(name, alias) is not None:
+        client().delete_registered_model_alias(name, alias)

@@ -1,0 +1,26 @@
+"""Where MLflow lives: a local SQLite tracking/registry store and a local artifact folder by
+default (created on first use), or whatever MLFLOW_TRACKING_URI points at."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from mlflow import MlflowClient
+
+
+def tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path('mlflow.db').resolve()}"
+
+
+def client() -> MlflowClient:
+    return MlflowClient(tracking_uri=tracking_uri(), registry_uri=tracking_uri())
+
+
+def experiment_id(name: str) -> str:
+    c = client()
+    exp = c.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    artifacts = Path(os.environ.get("MLFLOW_ARTIFACT_ROOT", "mlartifacts")).resolve()
+    return c.create_experiment(name, artifact_location=artifacts.as_uri())

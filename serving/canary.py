@@ -1,0 +1,61 @@
+"""Canary probing: send the same held-out golden prompts to the candidate and the champion
+through the real OpenAI client, and summarise what each did. The promote/rollback decision
+is `pipelines.gates.decide_canary`, a pure function of these summaries."""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from serving.client import chat_once, client
+
+
+@dataclass
+class ProbeStats:
+    requests: int = 0
+    errors: int = 0
+    correct: int = 0
+    latencies_s: list[float] = field(default_factory=list)
+    error_samples: list[str] = field(default_factory=list)
+
+    def summary(self) -> dict:
+        ok = self.requests - self.errors
+        lat = sorted(self.latencies_s)
+        p95 = lat[min(len(lat) - 1, int(0.95 * len(lat)))] if lat else None
+        return {
+            "requests": self.requests,
+            "error_rate": self.errors / max(self.requests, 1),
+            "exact_match": self.correct / max(ok, 1) if ok else 0.0,
+            "p50_latency_s": statistics.median(lat) if lat else None,
+            "p95_latency_s": p95,
+            "errors_seen": self.error_samples[:3],
+        }
+
+
+def golden_prompts(test_file: Path, n: int) -> list[tuple[str, str]]:
+    """Held-out (never trained on) prompts with their reference answers."""
+    rows = pd.read_parquet(test_file)["messages"].head(n)
+    return [(m[0]["content"], m[1]["content"]) for m in rows]
+
+
+def probe(backends: dict[str, tuple[str, str]], prompts: list[tuple[str, str]], max_tokens: int, api_key: str | None = None) -> dict[str, dict]:
+    """`backends` maps a label to (base_url, served model name). Requests alternate between the
+    backends prompt by prompt, so both see the same load at the same time."""
+    clients = {label: (client(url, api_key=api_key), model) for label, (url, model) in backends.items()}
+    stats = {label: ProbeStats() for label in backends}
+    for prompt, expected in prompts:
+        for label, (c, model) in clients.items():
+            s = stats[label]
+            s.requests += 1
+            try:
+                text, latency = chat_once(c, model, prompt, max_tokens)
+            except Exception as exc:  # any failure of the backend counts against it, never crashes the probe
+                s.errors += 1
+                s.error_samples.append(f"{type(exc).__name__}: {exc}"[:200])
+                continue
+            s.latencies_s.append(latency)
+            s.correct += int(text.strip() == expected.strip())
+    return {label: s.summary() for label, s in stats.items()}

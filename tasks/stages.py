@@ -1,0 +1,50 @@
+"""Artifact stages: Prefect asks DVC to bring one stage up to date. DVC decides whether it
+must run (code, deps or params changed) or is skipped; Prefect only orchestrates and logs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+
+class StageFailed(RuntimeError):
+    pass
+
+
+def dvc_env() -> dict[str, str]:
+    """Stage commands say `python`: make that the interpreter running this flow."""
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    return env
+
+
+def run_streaming(cmd: list[str]) -> tuple[int, str]:
+    """Run a command, passing its output through unchanged (progress bars keep working)
+    while keeping a copy to read what happened."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=dvc_env())
+    captured = bytearray()
+    assert proc.stdout is not None
+    while chunk := proc.stdout.read1(4096):
+        captured += chunk
+        sys.stdout.buffer.write(chunk)
+        sys.stdout.flush()
+    return proc.wait(), captured.decode(errors="replace")
+
+
+# DVC owns the caching of artifact stages, so Prefect must not cache them a second time.
+@task(task_run_name="dvc repro {stage}", cache_policy=NO_CACHE)
+def repro(stage: str) -> dict:
+    started = time.perf_counter()
+    code, output = run_streaming([sys.executable, "-m", "dvc", "repro", stage])
+    seconds = time.perf_counter() - started
+    if code != 0:
+        tail = "\n".join(output.strip().splitlines()[-15:])
+        raise StageFailed(f"stage '{stage}' failed (exit {code}); earlier stages' outputs are kept in the DVC cache and a rerun resumes from here.\n{tail}")
+    ran = f"Running stage '{stage}'" in output
+    return {"stage": stage, "ran": ran, "seconds": seconds}
