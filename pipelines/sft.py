@@ -40,7 +40,7 @@ def run(params: Params) -> None:
     from trl import SFTConfig, SFTTrainer
 
     cfg = params.sft
-    if maybe_relaunch_distributed(cfg.nproc, "pipelines.sft"):
+    if maybe_relaunch_distributed(cfg.nproc, "pipelines.sft", cfg.deepspeed):
         return
     train_file, val_file = PREPARED / "sft_train.parquet", PREPARED / "sft_validation.parquet"
     ckpt = checkpoint_dir("sft", cfg.model_dump(), base_model_ref(params), file_digest(train_file, val_file))

@@ -60,10 +60,11 @@ def file_digest(*paths: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def maybe_relaunch_distributed(nproc: int, module: str) -> bool:
-    """Re-run this stage under torch.distributed.run when more than one process is asked for.
-    Returns True in the launcher (which then has nothing left to do)."""
-    if nproc <= 1 or "LOCAL_RANK" in os.environ:
+def maybe_relaunch_distributed(nproc: int, module: str, deepspeed: str | None = None) -> bool:
+    """Re-run this stage under torch.distributed.run when more than one process is asked for,
+    or when DeepSpeed is on (even with one process: without a launcher's env vars DeepSpeed
+    falls back to MPI discovery). Returns True in the launcher, which has nothing left to do."""
+    if (nproc <= 1 and not deepspeed) or "LOCAL_RANK" in os.environ:
         return False
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", module, *sys.argv[1:]]
     log.info("launching %d processes: %s", nproc, " ".join(cmd))

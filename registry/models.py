@@ -22,6 +22,8 @@ MODEL_HASH_TAG = "lineage.model_md5"
 log = logging.getLogger("registry")
 
 
+# MLflow returns versions as int or str depending on the call: this module and its callers
+# always compare them as strings.
 def by_alias(name: str, alias: str) -> ModelVersion | None:
     try:
         return client().get_model_version_by_alias(name, alias)
@@ -56,7 +58,7 @@ def register(name: str, model_dir: Path, run_id: str, model_md5: str, tags: dict
             raise
     source = f"{c.get_run(run_id).info.artifact_uri}/model"
     mv = c.create_model_version(name, source, run_id=run_id, tags={**tags, MODEL_HASH_TAG: model_md5})
-    c.set_registered_model_alias(name, CANDIDATE, mv.version)
+    c.set_registered_model_alias(name, CANDIDATE, str(mv.version))
     return mv
 
 
@@ -64,8 +66,8 @@ def promote(name: str, version: str) -> ModelVersion | None:
     """Make `version` the champion; the old champion becomes `previous`. Returns the old one."""
     c = client()
     old = by_alias(name, CHAMPION)
-    if old is not None and old.version != str(version):
-        c.set_registered_model_alias(name, PREVIOUS, old.version)
+    if old is not None and str(old.version) != str(version):
+        c.set_registered_model_alias(name, PREVIOUS, str(old.version))
     c.set_registered_model_alias(name, CHAMPION, str(version))
     _drop_alias(name, CANDIDATE)
     return old
@@ -85,11 +87,11 @@ def rollback(name: str) -> tuple[str, str]:
     if previous is None:
         raise SystemExit(f"model '{name}' has no 'previous' version to roll back to")
     c = client()
-    c.set_registered_model_alias(name, CHAMPION, previous.version)
+    c.set_registered_model_alias(name, CHAMPION, str(previous.version))
     if current is not None:
-        c.set_registered_model_alias(name, PREVIOUS, current.version)
-        c.set_model_version_tag(name, current.version, "rolled_back_by_hand", "true")
-    return (current.version if current else "none"), previous.version
+        c.set_registered_model_alias(name, PREVIOUS, str(current.version))
+        c.set_model_version_tag(name, str(current.version), "rolled_back_by_hand", "true")
+    return (str(current.version) if current else "none"), str(previous.version)
 
 
 def download(mv: ModelVersion, dst: Path) -> Path:

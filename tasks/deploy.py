@@ -37,6 +37,7 @@ def start(params: Params, stack: ExitStack, version: str, label: str):
         free_port(),
         SERVING_DIR / f"{label}-v{version}.log",
         params.serve.startup_timeout_s,
+        extra_args=["--max-new-tokens", str(params.serve.max_new_tokens)] if params.serve.engine == "cpu" else [],
     )
     stack.callback(server.stop)
     return server, served_name
@@ -46,7 +47,7 @@ def start(params: Params, stack: ExitStack, version: str, label: str):
 def canary_release(params: Params, version: str) -> dict:
     name = params.registry.model_name
     champion = by_alias(name, CHAMPION)
-    if champion is not None and champion.version == str(version):
+    if champion is not None and str(champion.version) == str(version):
         print(f"version {version} is already the champion: nothing to deploy")
         return {"outcome": "unchanged", "version": str(version)}
     prompts = golden_prompts(PREPARED / "sft_test.parquet", params.canary.requests)
@@ -55,7 +56,7 @@ def canary_release(params: Params, version: str) -> dict:
             cand, cand_name = start(params, stack, str(version), "candidate")
             backends = {"candidate": (cand.base_url, cand_name)}
             if champion is not None:
-                champ, champ_name = start(params, stack, champion.version, "champion")
+                champ, champ_name = start(params, stack, str(champion.version), "champion")
                 backends["champion"] = (champ.base_url, champ_name)
             stats = probe(backends, prompts, params.serve.max_new_tokens)
         except ServerStartError as exc:
@@ -65,10 +66,10 @@ def canary_release(params: Params, version: str) -> dict:
     print(report)
     if decision.passed:
         old = promote(name, str(version))
-        outcome = {"outcome": "promoted", "version": str(version), "previous": old.version if old else None}
+        outcome = {"outcome": "promoted", "version": str(version), "previous": str(old.version) if old else None}
     else:
         reject(name, str(version), report)
-        outcome = {"outcome": "rolled_back", "version": str(version), "champion": champion.version if champion else None}
+        outcome = {"outcome": "rolled_back", "version": str(version), "champion": str(champion.version) if champion else None}
     create_markdown_artifact(key="canary", markdown=f"## canary: {outcome['outcome']}\n\n```\n{report}\n```\n", description="canary analysis")
     shutil.rmtree(SERVING_DIR / "models", ignore_errors=True)  # copies; the registry keeps the originals
     return {**outcome, "stats": stats, "reasons": decision.reasons}

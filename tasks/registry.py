@@ -22,10 +22,10 @@ def register_candidate(params: Params, parent_run_id: str, flow_run_id: str | No
     existing = find_by_model_hash(name, model_md5)
     if existing is not None:
         champion = by_alias(name, CHAMPION)
-        if champion is None or champion.version != existing.version:
-            client().set_registered_model_alias(name, CANDIDATE, existing.version)
+        if champion is None or str(champion.version) != str(existing.version):
+            client().set_registered_model_alias(name, CANDIDATE, str(existing.version))
         print(f"model bytes unchanged (md5 {model_md5}): reusing version {existing.version}")
-        return {"version": existing.version, "reused": True}
+        return {"version": str(existing.version), "reused": True}
     evaluated = read_json(METRICS / "evaluate.json")["dpo"]
     quantized = read_json(METRICS / "quantize.json")
     tags = lineage_tags(flow_run_id, parent_run_id, stage_runs)
@@ -34,4 +34,4 @@ def register_candidate(params: Params, parent_run_id: str, flow_run_id: str | No
     tags["quantization"] = f"{quantized.get('scheme', 'none')}/{quantized.get('algorithm', 'none')}" if quantized.get("enabled") else "none"
     mv = register(name, QUANT_DIR, parent_run_id, model_md5, tags)
     print(f"registered {name} version {mv.version} as '{CANDIDATE}'")
-    return {"version": mv.version, "reused": False}
+    return {"version": str(mv.version), "reused": False}

@@ -6,9 +6,12 @@ MLflow, which is where people compare runs."""
 from __future__ import annotations
 
 import json
+import re
 import tempfile
+import time
 from pathlib import Path
 
+from mlflow.entities import Metric, Param
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
@@ -23,13 +26,25 @@ STAGE_SECTIONS = {"generate": "data", "prepare": "prepare", "bootstrap": "model"
 
 
 def flatten(obj: dict, prefix: str = "") -> dict[str, float]:
+    """Nested numbers as MLflow-safe dotted keys ('sft_rows.train')."""
     out: dict[str, float] = {}
     for k, v in obj.items():
-        key = f"{prefix}{k}".replace("/", "_")
+        key = re.sub(r"[^\w.\- ]", "_", f"{prefix}{k}")
         if isinstance(v, dict):
             out.update(flatten(v, f"{key}."))
         elif isinstance(v, (int, float)) and not isinstance(v, bool):
             out[key] = float(v)
+    return out
+
+
+def flatten_params(obj: dict, prefix: str = "") -> dict[str, object]:
+    """Every config value (numbers, strings, lists) as a dotted MLflow param."""
+    out: dict[str, object] = {}
+    for k, v in obj.items():
+        if isinstance(v, dict):
+            out.update(flatten_params(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
     return out
 
 
@@ -43,9 +58,8 @@ def start_parent_run(params: Params, flow_run_id: str | None) -> str:
         tags={"lineage.git_sha": sha, "lineage.git_dirty": str(dirty).lower(), "lineage.prefect_flow_run_id": flow_run_id or "none"},
     )
     c.log_text(run.info.run_id, snapshot(params), "effective_config.json")
-    for section, values in params.model_dump(mode="json").items():
-        for key, value in flatten({section: values}).items():
-            c.log_param(run.info.run_id, key, value)
+    flat = flatten_params(params.model_dump(mode="json"))
+    c.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in flat.items()])
     return run.info.run_id
 
 
@@ -63,20 +77,21 @@ def log_stage(parent_run_id: str, params: Params, result: dict) -> str:
     )
     rid = run.info.run_id
     section = getattr(params, STAGE_SECTIONS[stage]).model_dump(mode="json")
-    for key, value in flatten(section).items():
-        c.log_param(rid, key, value)
-    c.log_metric(rid, "stage_seconds", result["seconds"])
+    c.log_batch(rid, params=[Param(k, str(v)) for k, v in flatten_params(section).items()])
+    now = int(time.time() * 1000)
+    metrics = [Metric("stage_seconds", result["seconds"], now, 0)]
     metrics_file = METRICS / f"{stage}.json"
     if metrics_file.exists():
-        for key, value in flatten(json.loads(metrics_file.read_text())).items():
-            c.log_metric(rid, key, value)
+        metrics += [Metric(k, v, now, 0) for k, v in flatten(json.loads(metrics_file.read_text())).items()]
     history_file = METRICS / f"{stage}_history.json"
-    if history_file.exists():
-        history = json.loads(history_file.read_text())
-        for row in history:
-            for key in ("loss", "eval_loss", "learning_rate", "rewards/accuracies", "rewards/margins"):
-                if key in row:
-                    c.log_metric(rid, key.replace("/", "_"), float(row[key]), step=int(row["step"]))
+    history = json.loads(history_file.read_text()) if history_file.exists() else []
+    for row in history:  # training curves, step by step
+        for key in ("loss", "eval_loss", "learning_rate", "rewards/accuracies", "rewards/margins"):
+            if key in row:
+                metrics.append(Metric(key.replace("/", "_"), float(row[key]), now, int(row["step"])))
+    for i in range(0, len(metrics), 1000):  # MLflow's batch limit
+        c.log_batch(rid, metrics=metrics[i : i + 1000])
+    if history:
         with tempfile.TemporaryDirectory() as tmp:
             png = plot_history(history, Path(tmp) / f"{stage}_loss.png", title=f"{stage}: loss by step")
             if png:
@@ -88,8 +103,8 @@ def log_stage(parent_run_id: str, params: Params, result: dict) -> str:
 @task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
 def finish_parent_run(parent_run_id: str, status: str, summary: dict) -> None:
     c = client()
-    for key, value in flatten(summary).items():
-        c.log_metric(parent_run_id, key, value)
+    now = int(time.time() * 1000)
+    c.log_batch(parent_run_id, metrics=[Metric(k, v, now, 0) for k, v in flatten(summary).items()])
     c.log_text(parent_run_id, json.dumps(summary, indent=2, default=str), "summary.json")
     c.set_tag(parent_run_id, "outcome", summary.get("outcome", status))
     c.set_terminated(parent_run_id, status)

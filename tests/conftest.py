@@ -1,0 +1,54 @@
+"""Shared fixtures: a tiny workspace (generated data, prepared splits, a bootstrapped tiny
+Llama) built once per session and copied for each test that trains, so stages run on real
+files exactly as under DVC, only smaller."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from pipelines import bootstrap, generate, prepare
+from pipelines.config import DataParams, EvaluateParams, ModelParams, Params, PreferenceParams, SftParams
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_params(**overrides) -> Params:
+    """A config small enough to train in seconds on two cores, same code paths as the default."""
+    base = dict(
+        data=DataParams(n_sft=400, n_preference=160),
+        model=ModelParams(hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2, vocab_size=300),
+        sft=SftParams(max_steps=12, batch_size=8, eval_steps=6, warmup_steps=0),
+        preference=PreferenceParams(max_steps=4, batch_size=4),
+        evaluate=EvaluateParams(limit=8, batch_size=8, max_new_tokens=12),
+    )
+    base.update(overrides)
+    return Params(**base)
+
+
+@pytest.fixture(scope="session")
+def prepared_dir(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("prepared")
+    cwd = os.getcwd()
+    os.chdir(d)
+    try:
+        params = tiny_params()
+        generate.run(params)
+        prepare.run(params)
+        bootstrap.run(params)
+    finally:
+        os.chdir(cwd)
+    return d
+
+
+@pytest.fixture
+def workspace(prepared_dir, tmp_path, monkeypatch) -> Path:
+    """A private copy of the tiny workspace, as the current directory."""
+    for sub in ("data", "models", "metrics"):
+        if (prepared_dir / sub).exists():
+            shutil.copytree(prepared_dir / sub, tmp_path / sub)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path

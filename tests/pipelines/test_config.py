@@ -1,0 +1,65 @@
+import pytest
+
+from pipelines.config import ConfigError, Params, load_params
+
+
+def write(tmp_path, text):
+    p = tmp_path / "params.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_repo_params_file_is_valid_and_explicit():
+    params = load_params("params.yaml")
+    assert params.bootstrapped
+    assert params.sft.method == "lora"
+
+
+def test_unknown_key_is_named_with_a_suggestion(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        load_params(write(tmp_path, "sft:\n  learning_rat: 0.1\n"))
+    msg = str(err.value)
+    assert "sft.learning_rat: unknown key" in msg
+    assert "did you mean 'learning_rate'" in msg
+
+
+def test_unknown_section_is_rejected(tmp_path):
+    with pytest.raises(ConfigError, match="sftt: unknown key"):
+        load_params(write(tmp_path, "sftt: {}\n"))
+
+
+def test_bad_value_names_key_and_value(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        load_params(write(tmp_path, "sft:\n  max_steps: -3\n"))
+    assert "sft.max_steps" in str(err.value) and "-3" in str(err.value)
+
+
+def test_cross_field_checks(tmp_path):
+    with pytest.raises(ConfigError, match="min_len"):
+        load_params(write(tmp_path, "data:\n  min_len: 6\n  max_len: 4\n"))
+    with pytest.raises(ConfigError, match="divisible"):
+        load_params(write(tmp_path, "model:\n  hidden_size: 30\n  num_heads: 4\n"))
+
+
+def test_gate_threshold_on_undeclared_metric_is_rejected(tmp_path):
+    with pytest.raises(ConfigError, match="unknown metric"):
+        load_params(write(tmp_path, "gate:\n  thresholds:\n    bleu: {min: 0.3}\n"))
+
+
+def test_missing_file_and_non_mapping(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_params(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_params(write(tmp_path, "- a\n- b\n"))
+
+
+def test_every_field_has_a_description():
+    def walk(model):
+        for name, field in model.model_fields.items():
+            assert field.description, f"{model.__name__}.{name} has no description"
+            ann = field.annotation
+            if isinstance(ann, type) and hasattr(ann, "model_fields"):
+                walk(ann)
+
+    for section in Params.model_fields.values():
+        walk(section.annotation)
