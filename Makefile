@@ -45,7 +45,7 @@ rollback: setup  ## move alias `champion` back to `previous`
 	$(PY) -m registry.cli rollback
 
 schedule: setup  ## serve the flow with its cron schedule and data-changed trigger (needs `make ui-prefect`)
-	$(PY) -m flows.schedule
+	$(PY) -m flows.schedule serve
 
 ui-prefect: setup  ## Prefect UI on http://127.0.0.1:4200
 	$(VENV)/bin/prefect server start

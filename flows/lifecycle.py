@@ -23,7 +23,7 @@ from pipelines.config import ConfigError, Params, load_params
 from tasks.deploy import canary_release
 from tasks.gates import GateFailed, quality_gate, quantization_gate
 from tasks.registry import register_candidate
-from tasks.stages import repro
+from tasks.stages import push_artifacts, repro
 from tasks.tracking import finish_parent_run, log_stage, start_parent_run
 
 TRAINING_STAGES = ("generate", "prepare", "bootstrap", "sft", "preference", "evaluate")
@@ -63,10 +63,11 @@ def lifecycle(deploy: bool = True) -> dict:
         for name in TRAINING_STAGES:
             stage(name)
         summary.update(quality_summary())
-        quality_gate(params)
+        quality_gate(params, parent)
         stage("quantize")
         summary.update(quality_summary())
-        quantization_gate(params)
+        quantization_gate(params, parent)
+        push_artifacts()
         if deploy:
             registered = register_candidate(params, parent, flow_run.id, stage_runs)
             summary["registered"] = registered

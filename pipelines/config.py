@@ -113,7 +113,9 @@ class GateParams(Section):
         default_factory=lambda: {"exact_match": Threshold(min=0.8), "preference_accuracy": Threshold(min=0.5)},
         description="Absolute bounds per metric; every metric's direction is declared in pipelines/gates.py.",
     )
-    champion_tolerance: float = Field(0.02, ge=0, description="How far below the champion a candidate may fall on a metric.")
+    champion_tolerance: float = Field(0.02, ge=0, description="How far below the champion a candidate may fall on a metric; with per-item scores, the lower confidence bound of the paired difference must stay above -tolerance.")
+    bootstrap_resamples: int = Field(2000, ge=100, description="Paired-bootstrap resamples for the candidate-vs-champion interval.")
+    confidence: float = Field(0.95, gt=0.5, lt=1, description="Two-sided confidence level of that interval.")
     must_beat_base: bool = Field(True, description="Candidate must be better than the untrained base on every metric both have.")
 
     @model_validator(mode="after")

@@ -57,7 +57,13 @@ def exact_match(model_ref: str, cfg: EvaluateParams, data_file: Path = TEST_FILE
     result = out["results"][task["task"]]
     score = next(v for k, v in result.items() if k.startswith("exact_match,"))
     samples = [
-        {"doc_id": s["doc_id"], "target": s["target"], "response": s["filtered_resps"][0], "exact_match": s["exact_match"]}
+        {
+            "doc_id": s["doc_id"],
+            "prompt": s["doc"]["messages"][0]["content"],  # the pairing key across models and runs
+            "target": s["target"],
+            "response": s["filtered_resps"][0],
+            "exact_match": s["exact_match"],
+        }
         for s in out["samples"][task["task"]]
     ]
     return float(score), samples

@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+import numpy as np
+
 from pipelines.config import CanaryParams, GateParams, QuantizeParams
 
 Direction = Literal["higher", "lower"]
@@ -69,9 +71,59 @@ def no_worse_than(metric: str, value: float | None, reference: float, tolerance:
     return Check(metric, rule, value, bound, value is not None and better_or_equal(metric, value, bound))
 
 
-def decide(candidate: dict, baseline: dict | None, champion: dict | None, policy: GateParams) -> Decision:
-    """The quality gate: absolute thresholds, better than the untrained base, and no worse
-    than the current champion (within tolerance)."""
+@dataclass(frozen=True)
+class Interval:
+    mean: float
+    low: float
+    high: float
+
+
+def paired_bootstrap(candidate: list[float], reference: list[float], resamples: int, confidence: float, seed: int = 0) -> Interval:
+    """Confidence interval of mean(candidate - reference) over the same items, by resampling
+    items (not models): the item-level pairing removes the variance the items share."""
+    a, b = np.asarray(candidate, dtype=float), np.asarray(reference, dtype=float)
+    if a.shape != b.shape or a.size == 0:
+        raise ValueError(f"paired scores need the same non-zero number of items, got {a.size} and {b.size}")
+    diff = a - b
+    idx = np.random.default_rng(seed).integers(0, diff.size, size=(resamples, diff.size))
+    means = diff[idx].mean(axis=1)
+    tail = (1 - confidence) / 2
+    return Interval(float(diff.mean()), float(np.quantile(means, tail)), float(np.quantile(means, 1 - tail)))
+
+
+def mean_interval(scores: list[float], resamples: int, confidence: float, seed: int = 0) -> Interval:
+    """Bootstrap interval of one model's mean score (for the report's error bars)."""
+    return paired_bootstrap(scores, [0.0] * len(scores), resamples, confidence, seed)
+
+
+def pair_items(candidate: list[dict], reference: list[dict], metric: str, key: str = "prompt") -> tuple[list[float], list[float]]:
+    """Per-item scores of two models on the items both were scored on, matched by `key`."""
+    ref = {r[key]: float(r[metric]) for r in reference}
+    pairs = [(float(c[metric]), ref[c[key]]) for c in candidate if c[key] in ref]
+    return [p[0] for p in pairs], [p[1] for p in pairs]
+
+
+def paired_check(metric: str, candidate: list[float], reference: list[float], policy: GateParams) -> tuple[Check, Interval]:
+    """Promotion only when the interval's bound on the bad side stays within -tolerance."""
+    ci = paired_bootstrap(candidate, reference, policy.bootstrap_resamples, policy.confidence)
+    if direction(metric) == "higher":
+        check = Check(metric, f"paired diff vs champion, {policy.confidence:.0%} CI low >=", ci.low, -policy.champion_tolerance, ci.low >= -policy.champion_tolerance)
+    else:
+        check = Check(metric, f"paired diff vs champion, {policy.confidence:.0%} CI high <=", ci.high, policy.champion_tolerance, ci.high <= policy.champion_tolerance)
+    return check, ci
+
+
+def decide(
+    candidate: dict,
+    baseline: dict | None,
+    champion: dict | None,
+    policy: GateParams,
+    paired: dict[str, tuple[list[float], list[float]]] | None = None,
+) -> Decision:
+    """The quality gate: absolute thresholds, better than the untrained base on every metric
+    both report, and no worse than the current champion on every thresholded metric: by a
+    paired bootstrap interval where per-item scores of both are given (`paired[metric]` =
+    (candidate items, champion items)), else by point values within tolerance."""
     checks: list[Check] = []
     for metric, t in policy.thresholds.items():
         direction(metric)  # an undeclared metric fails loudly instead of being guessed
@@ -87,9 +139,12 @@ def decide(candidate: dict, baseline: dict | None, champion: dict | None, policy
                 continue
             beats = value > base if direction(metric) == "higher" else value < base
             checks.append(Check(metric, "better than base", value, base, beats))
-    if champion:
-        for metric in DIRECTIONS:
-            if candidate.get(metric) is not None and champion.get(metric) is not None:
+    paired = paired or {}
+    for metric, (cand_items, champ_items) in paired.items():
+        checks.append(paired_check(metric, cand_items, champ_items, policy)[0])
+    if champion:  # regressions that matter: the metrics the policy puts thresholds on
+        for metric in policy.thresholds:
+            if metric not in paired and champion.get(metric) is not None:
                 checks.append(no_worse_than(metric, candidate[metric], champion[metric], policy.champion_tolerance, "champion within tolerance"))
     return Decision("quality", all(c.passed for c in checks), checks)
 

@@ -30,3 +30,25 @@ def plot_history(history: list[dict], out: Path, title: str) -> Path | None:
     fig.savefig(out, dpi=100)
     plt.close(fig)
     return out
+
+
+def plot_gate(models: dict[str, dict[str, tuple[float, float, float] | None]], out: Path, title: str) -> Path:
+    """One panel per metric: a bar per model (base, champion, candidate) with its interval.
+    `models[name][metric]` = (value, low, high); a missing value leaves the bar out."""
+    metrics = sorted({m for per in models.values() for m, v in per.items() if v is not None})
+    fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics), 3.4), squeeze=False)
+    colours = {"base": "#9e9e9e", "champion": "#1f77b4", "candidate": "#ff7f0e"}
+    for ax, metric in zip(axes[0], metrics):
+        names = [n for n in models if models[n].get(metric) is not None]
+        vals = [models[n][metric][0] for n in names]
+        lows = [max(v - models[n][metric][1], 0) for n, v in zip(names, vals)]
+        highs = [max(models[n][metric][2] - v, 0) for n, v in zip(names, vals)]
+        ax.bar(names, vals, yerr=[lows, highs], capsize=4, color=[colours.get(n, "#2ca02c") for n in names])
+        ax.set_title(metric)
+        ax.grid(axis="y", alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out

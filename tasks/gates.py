@@ -1,39 +1,89 @@
-"""Gate tasks: read metrics, call the pure decision, publish the report, stop the flow on failure."""
+"""Gate tasks: gather metrics, call the pure decision, publish the report (table + chart to
+MLflow and Prefect), stop the flow on failure."""
 
 from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
 
 from prefect import task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from pipelines.common import METRICS, read_json
+from pipelines.common import DPO_DIR, METRICS, read_json
 from pipelines.config import Params
-from pipelines.gates import Decision, decide, decide_quantization
-from registry.models import CHAMPION, by_alias, metrics_of
+from pipelines.gates import Decision, decide, decide_quantization, mean_interval, pair_items
+from pipelines.plots import plot_gate
+from registry.lineage import dvc_lock_hashes
+from registry.models import CHAMPION, by_alias, download, metrics_of
+from registry.store import client
+
+GATE_DIR = Path(".serving/gate")  # the champion, downloaded to be re-scored (removed after)
 
 
 class GateFailed(RuntimeError):
     """Raised to stop the flow; the message says which metric failed and by how much."""
 
 
-def publish(decision: Decision, key: str) -> None:
+def publish(decision: Decision, key: str) -> str:
     rows = "\n".join(
         f"| {c.metric} | {c.rule} | {'' if c.value is None else f'{c.value:.4f}'} | {'' if c.bound is None else f'{c.bound:.4f}'} | {'pass' if c.passed else '**FAIL**'} |"
         for c in decision.checks
     )
-    create_markdown_artifact(
-        key=key,
-        markdown=f"## {decision.gate} gate: {'passed' if decision.passed else 'FAILED'}\n\n| metric | rule | value | bound | result |\n|---|---|---|---|---|\n{rows}\n",
-        description=f"{decision.gate} gate report",
-    )
+    markdown = f"## {decision.gate} gate: {'passed' if decision.passed else 'FAILED'}\n\n| metric | rule | value | bound | result |\n|---|---|---|---|---|\n{rows}\n"
+    create_markdown_artifact(key=key, markdown=markdown, description=f"{decision.gate} gate report")
+    return markdown
+
+
+def read_items(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def champion_items(params: Params) -> tuple[object | None, list[dict] | None]:
+    """The champion scored item by item on *this* run's test split, so candidate and champion
+    are compared on the same items. Skipped when the candidate is the champion's own model."""
+    mv = by_alias(params.registry.model_name, CHAMPION)
+    if mv is None:
+        return None, None
+    if mv.tags.get("lineage.dvc.preference:models/dpo") == dvc_lock_hashes().get(f"preference:{DPO_DIR}"):
+        print(f"candidate is champion v{mv.version}'s own model: paired comparison skipped")
+        return mv, None
+    from pipelines.evaluate import exact_match  # lm-eval is heavy: import only when needed
+
+    model_dir = download(mv, GATE_DIR / f"v{mv.version}")
+    try:
+        _, items = exact_match(str(model_dir), params.evaluate)
+    finally:
+        shutil.rmtree(GATE_DIR, ignore_errors=True)
+    return mv, items
 
 
 @task(cache_policy=NO_CACHE)
-def quality_gate(params: Params) -> Decision:
+def quality_gate(params: Params, parent_run_id: str) -> Decision:
     results = read_json(METRICS / "evaluate.json")
-    champion = metrics_of(by_alias(params.registry.model_name, CHAMPION))
-    decision = decide(results["dpo"], results["base"], champion, params.gate)
-    publish(decision, "quality-gate")
+    candidate_items = read_items(METRICS / "samples/dpo.jsonl")
+    base_items = read_items(METRICS / "samples/base.jsonl")
+    mv, champ_items = champion_items(params)
+    paired = {"exact_match": pair_items(candidate_items, champ_items, "exact_match")} if champ_items else None
+    decision = decide(results["dpo"], results["base"], metrics_of(mv), params.gate, paired=paired)
+
+    def interval(items: list[dict]) -> tuple[float, float, float]:
+        i = mean_interval([float(x["exact_match"]) for x in items], params.gate.bootstrap_resamples, params.gate.confidence)
+        return i.mean, i.low, i.high
+
+    chart_data = {"base": {"exact_match": interval(base_items)}, "candidate": {"exact_match": interval(candidate_items)}}
+    if champ_items:
+        chart_data["champion"] = {"exact_match": interval(champ_items)}
+    for name, block in (("base", results["base"]), ("candidate", results["dpo"])):
+        if block.get("validation_loss") is not None:
+            v = block["validation_loss"]
+            chart_data[name]["validation_loss"] = (v, v, v)
+    chart = plot_gate(chart_data, Path(".serving/reports/quality_gate.png"), f"quality gate: {'passed' if decision.passed else 'FAILED'}")
+    markdown = publish(decision, "quality-gate")
+    c = client()
+    c.log_artifact(parent_run_id, str(chart), "gates")
+    c.log_text(parent_run_id, markdown, "gates/quality_gate.md")
     print(decision.summary())
     if not decision.passed:
         raise GateFailed("quality gate failed, nothing was deployed:\n  " + "\n  ".join(decision.reasons))
@@ -41,9 +91,9 @@ def quality_gate(params: Params) -> Decision:
 
 
 @task(cache_policy=NO_CACHE)
-def quantization_gate(params: Params) -> Decision:
+def quantization_gate(params: Params, parent_run_id: str) -> Decision:
     decision = decide_quantization(read_json(METRICS / "quantize.json"), read_json(METRICS / "evaluate.json")["dpo"], params.quantize)
-    publish(decision, "quantization-gate")
+    client().log_text(parent_run_id, publish(decision, "quantization-gate"), "gates/quantization_gate.md")
     print(decision.summary())
     if not decision.passed:
         raise GateFailed("quantization gate failed, nothing was deployed:\n  " + "\n  ".join(decision.reasons))

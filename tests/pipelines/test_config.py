@@ -63,3 +63,9 @@ def test_every_field_has_a_description():
 
     for section in Params.model_fields.values():
         walk(section.annotation)
+
+
+def test_real_model_config_is_valid():
+    params = load_params("configs/real-model.yaml")
+    assert not params.bootstrapped and params.serve.engine == "vllm"
+    assert params.sft.deepspeed == "configs/deepspeed/zero2.json"

@@ -34,8 +34,13 @@ def test_direction_matters_for_loss():
 
 def test_champion_within_tolerance():
     champion = {"exact_match": 0.99, "validation_loss": 0.3, "preference_accuracy": 0.8}
-    assert not decide(GOOD, BASE, champion, GateParams(champion_tolerance=0.02)).passed
+    d = decide(GOOD, BASE, champion, GateParams(champion_tolerance=0.02))
+    assert not d.passed and d.reasons == ["exact_match = 0.9500 vs champion within tolerance 0.9700: FAILED by 0.0200"]
     assert decide(GOOD, BASE, champion, GateParams(champion_tolerance=0.2)).passed
+
+
+def test_champion_missing_a_metric_is_not_compared_on_it():
+    assert decide(GOOD, BASE, {"exact_match": 0.9}, GateParams()).passed
 
 
 def test_quantization_gate_bounds_the_drop():
@@ -54,3 +59,37 @@ def test_canary_decisions():
     assert not decide_canary({**good, "p95_latency_s": 0.05}, champion, policy).passed
     assert not decide_canary({**good, "exact_match": 0.85}, champion, policy).passed
     assert not decide_canary({"exact_match": 0.0, "error_rate": 1.0, "p95_latency_s": None}, champion, policy).passed
+
+
+def test_paired_bootstrap_interval_brackets_the_mean_difference():
+    from pipelines.gates import paired_bootstrap
+
+    cand = [1.0] * 90 + [0.0] * 10
+    ref = [1.0] * 95 + [0.0] * 5
+    ci = paired_bootstrap(cand, ref, resamples=2000, confidence=0.95, seed=0)
+    assert ci.mean == pytest.approx(-0.05)
+    assert ci.low < -0.05 < ci.high
+    assert paired_bootstrap(cand, ref, 2000, 0.95, seed=0) == ci, "seeded: reproducible"
+    with pytest.raises(ValueError, match="same non-zero number"):
+        paired_bootstrap([1.0], [1.0, 0.0], 100, 0.95)
+
+
+def test_statistical_gate_blocks_a_real_regression_but_not_noise():
+    from pipelines.gates import pair_items
+
+    champion = [{"prompt": f"p{i}", "exact_match": 1.0} for i in range(200)]
+    # 15 % of items newly wrong: a regression the interval must see.
+    worse = [{"prompt": f"p{i}", "exact_match": 0.0 if i % 7 == 0 else 1.0} for i in range(200)]
+    d = decide(GOOD, BASE, None, GateParams(), paired={"exact_match": pair_items(worse, champion, "exact_match")})
+    assert not d.passed and any("paired diff vs champion" in r for r in d.reasons)
+    # One flipped item out of 200 is within tolerance.
+    noise = [{"prompt": f"p{i}", "exact_match": 0.0 if i == 3 else 1.0} for i in range(200)]
+    assert decide(GOOD, BASE, None, GateParams(), paired={"exact_match": pair_items(noise, champion, "exact_match")}).passed
+
+
+def test_pairing_uses_only_items_both_models_saw():
+    from pipelines.gates import pair_items
+
+    a = [{"prompt": "x", "exact_match": 1}, {"prompt": "y", "exact_match": 0}, {"prompt": "new", "exact_match": 1}]
+    b = [{"prompt": "y", "exact_match": 1}, {"prompt": "x", "exact_match": 1}]
+    assert pair_items(a, b, "exact_match") == ([1.0, 0.0], [1.0, 1.0])

@@ -1,0 +1,66 @@
+"""Registry commands for people: which version is where, serve the champion, roll back.
+
+    python -m registry.cli show       # aliases and their versions' key metrics
+    python -m registry.cli serve      # the champion on serve.host:serve.port (make serve)
+    python -m registry.cli rollback   # champion <- previous (make rollback)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from pipelines.config import ConfigError, load_params
+from registry.models import CANDIDATE, CHAMPION, PREVIOUS, by_alias, download, metrics_of, rollback
+
+
+def show(name: str) -> None:
+    for alias in (CHAMPION, PREVIOUS, CANDIDATE):
+        mv = by_alias(name, alias)
+        detail = f"version {mv.version}  {metrics_of(mv)}  git {mv.tags.get('lineage.git_sha', '?')[:8]}" if mv else "-"
+        print(f"{alias:>9}: {detail}")
+
+
+def serve(params) -> None:
+    name = params.registry.model_name
+    mv = by_alias(name, CHAMPION)
+    if mv is None:
+        raise SystemExit(f"model '{name}' has no champion yet: run `make pipeline` first")
+    model_dir = download(mv, Path(".serving/models") / f"v{mv.version}")
+    served = f"{name}"
+    print(f"serving {name} version {mv.version} as '{served}' on http://{params.serve.host}:{params.serve.port}/v1")
+    if params.serve.engine == "cpu":
+        from serving.server import main as serve_main
+
+        serve_main(["--model-dir", str(model_dir), "--model-name", served, "--host", params.serve.host, "--port", str(params.serve.port), "--max-new-tokens", str(params.serve.max_new_tokens)])
+    else:
+        from serving.launcher import engine_command, require_engine
+
+        require_engine(params.serve.engine)
+        cmd = engine_command(params.serve.engine, str(model_dir), served, params.serve.host, params.serve.port)
+        os.execvp(cmd[0], cmd)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m registry.cli", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("command", choices=["show", "serve", "rollback"])
+    args = parser.parse_args(argv)
+    try:
+        params = load_params()
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        sys.exit(2)
+    name = params.registry.model_name
+    if args.command == "show":
+        show(name)
+    elif args.command == "serve":
+        serve(params)
+    else:
+        old, new = rollback(name)
+        print(f"rolled back '{name}': champion is now version {new} (was {old}); restart `make serve` to serve it")
+
+
+if __name__ == "__main__":
+    main()

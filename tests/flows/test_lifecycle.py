@@ -1,0 +1,183 @@
+"""The whole lifecycle, run the way a user runs it (`python -m flows.lifecycle`), in a private
+copy of the project with its own git repo, Prefect home and MLflow store, on a smaller config.
+
+The tests share one project and run in order, like a user's week: a first release, a rerun
+that changes nothing, a degraded model the gate blocks, a stage that crashes and a rerun that
+resumes, then a second release that replaces the champion.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from benchmarks.workspace import ROOT, copy_project, run_flow, stage_table
+
+pytestmark = pytest.mark.slow
+
+SMALL = {
+    "data": {"n_sft": 2000, "n_preference": 300},
+    "sft": {"max_steps": 300, "eval_steps": 100},
+    "preference": {"max_steps": 30},
+    "evaluate": {"limit": 60},
+    "quantize": {"calibration_samples": 32},
+    # Latency is compared on a shared, noisy test machine: bound it loosely here; the
+    # latency check itself is unit-tested in tests/pipelines/test_gates.py.
+    "canary": {"requests": 20, "max_latency_ratio": 10.0},
+}
+
+
+def write_params(project: Path, **sections) -> None:
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for name, values in {**SMALL, **sections}.items():
+        params[name] = {**params.get(name, {}), **values}
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Path:
+    p = copy_project(tmp_path_factory.mktemp("project"))
+    write_params(p)
+    return p
+
+
+def stage_status(output: str) -> dict[str, str]:
+    return {name: status for name, (status, _) in stage_table(output).items()}
+
+
+def registry(project: Path):
+    """MLflow's client on the project's store (imports deferred so the env var applies)."""
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{project / 'mlflow.db'}"
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def alias_version(project: Path, alias: str) -> str | None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return str(registry(project).get_model_version_by_alias("reverse-digits", alias).version)
+    except MlflowException:
+        return None
+
+
+def test_first_release_promotes_a_champion_that_answers(project):
+    result = run_flow(project)
+    assert result.returncode == 0, result.stdout[-6000:]
+    out = result.stdout
+    assert "outcome: promoted (version 1)" in out
+    ev = json.loads((project / "metrics/evaluate.json").read_text())
+    assert ev["base"]["exact_match"] <= 0.10
+    assert ev["sft"]["exact_match"] >= 0.80
+    assert ev["dpo"]["preference_accuracy"] > 0.5
+
+    mv = registry(project).get_model_version_by_alias("reverse-digits", "champion")
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=project, capture_output=True, text=True).stdout.strip()
+    assert mv.tags["lineage.git_sha"] == head
+    assert mv.tags["lineage.prefect_flow_run_id"] not in ("", "none")
+    assert mv.tags["lineage.dvc.prepare:data/prepared"].endswith(".dir")
+    assert mv.tags["lineage.dvc.quantize:models/quantized"] == mv.tags["lineage.model_md5"]
+    assert "lineage.dvc.sft:params" in mv.tags and "lineage.stage_run.sft" in mv.tags
+    parent = registry(project).get_run(mv.run_id)
+    assert parent.data.metrics["exact_match.sft"] >= 0.8
+
+    # The registered champion, served by the CPU engine, answers a real OpenAI client.
+    from registry.models import download
+    from serving.client import chat_once, client
+    from serving.launcher import free_port, launch
+
+    model_dir = download(mv, project / "served")
+    with launch("cpu", str(model_dir), "champion", "127.0.0.1", free_port(), project / "served.log", 120) as server:
+        text, _ = chat_once(client(server.base_url), "champion", "Reverse the list:\n1 2 3 4", 16)
+    assert text.strip() == "4 3 2 1"
+
+
+def test_rerun_with_nothing_changed_runs_nothing(project):
+    result = run_flow(project)
+    assert result.returncode == 0, result.stdout[-6000:]
+    assert set(stage_status(result.stdout).values()) == {"cached (skipped)"}
+    assert "nothing changed, every stage came from the DVC cache" in result.stdout
+    assert "already the champion: nothing to deploy" in result.stdout
+
+
+def test_perturbed_weights_are_stopped_by_the_statistical_gate(project, tmp_path):
+    """The champion's own model with noise on its weights, scored by the real lm-eval task on
+    the same held-out items: the paired bootstrap interval sees the regression."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pipelines.config import load_params
+    from pipelines.evaluate import exact_match
+    from pipelines.gates import decide, pair_items
+
+    params = load_params(project / "params.yaml")
+    model = AutoModelForCausalLM.from_pretrained(project / "models/dpo")
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * p.std() * 0.5)
+    model.save_pretrained(tmp_path / "perturbed")
+    AutoTokenizer.from_pretrained(project / "models/dpo").save_pretrained(tmp_path / "perturbed")
+
+    score, items = exact_match(str(tmp_path / "perturbed"), params.evaluate, project / "data/prepared/sft_test.parquet")
+    champion = [json.loads(line) for line in (project / "metrics/samples/dpo.jsonl").read_text().splitlines()]
+    evaluated = json.loads((project / "metrics/evaluate.json").read_text())
+    candidate = {**evaluated["dpo"], "exact_match": score}
+    decision = decide(candidate, evaluated["base"], None, params.gate, paired={"exact_match": pair_items(items, champion, "exact_match")})
+    assert not decision.passed
+    assert any("paired diff vs champion" in r for r in decision.reasons), decision.summary()
+
+
+def test_degraded_model_is_blocked_before_deploy(project):
+    write_params(project, sft={"max_steps": 2, "eval_steps": 1})  # a model that learned nothing
+    result = run_flow(project)
+    assert result.returncode == 1
+    assert "quality gate failed, nothing was deployed" in result.stdout
+    assert "exact_match" in result.stdout and "FAILED by" in result.stdout
+    assert "quantize" not in stage_status(result.stdout)
+    assert alias_version(project, "champion") == "1"
+    assert alias_version(project, "candidate") is None
+    assert len(registry(project).search_model_versions("name='reverse-digits'")) == 1
+
+
+def test_failed_stage_keeps_earlier_outputs_and_the_rerun_resumes(project):
+    write_params(project, preference={"max_steps": 30, "beta": 0.2})
+    source = project / "pipelines/preference.py"
+    original = source.read_text()
+    source.write_text(original.replace("def run(params: Params) -> None:\n", "def run(params: Params) -> None:\n    raise RuntimeError('injected failure')\n"))
+    failed = run_flow(project)
+    assert failed.returncode == 1
+    assert "stage 'preference' failed" in failed.stdout
+    sft_model = project / "models/sft/model.safetensors"
+    assert sft_model.exists()
+    kept = sft_model.read_bytes()
+
+    source.write_text(original)
+    result = run_flow(project)
+    assert result.returncode == 0, result.stdout[-6000:]
+    status = stage_status(result.stdout)
+    assert status["sft"] == "cached (skipped)" and status["prepare"] == "cached (skipped)"
+    assert status["preference"] == "ran"
+    assert sft_model.read_bytes() == kept
+    # A new candidate went through the canary beside the champion and replaced it.
+    assert "outcome: promoted (version 2)" in result.stdout
+    assert alias_version(project, "champion") == "2"
+    assert alias_version(project, "previous") == "1"
+
+
+def test_invalid_params_fail_before_any_work(project):
+    before = sorted(p.name for p in (project / ".prefect").rglob("*.db"))
+    lock = (project / "dvc.lock").read_bytes()
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["sft"]["learning_rat"] = 0.1
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    result = run_flow(project)
+    assert result.returncode == 2
+    assert "sft.learning_rat: unknown key (did you mean 'learning_rate'?)" in result.stdout
+    assert (project / "dvc.lock").read_bytes() == lock
+    assert sorted(p.name for p in (project / ".prefect").rglob("*.db")) == before

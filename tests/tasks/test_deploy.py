@@ -1,0 +1,68 @@
+"""The canary task against real servers and a real MLflow registry: a first candidate is
+promoted after its golden-prompt checks; a candidate that cannot serve is rolled back and the
+champion keeps its alias; a candidate that is already champion is not redeployed."""
+
+import shutil
+
+import pytest
+
+from pipelines.config import CanaryParams, ServeParams
+from registry import models
+from tasks.deploy import canary_release
+from tests.conftest import tiny_params
+
+
+@pytest.fixture
+def registry_store(workspace, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{workspace / 'mlflow.db'}")
+    from registry.store import client, experiment_id
+
+    return client(), experiment_id("test")
+
+
+def register(store, model_dir, md5) -> str:
+    c, exp = store
+    return str(models.register("reverse-digits", model_dir, c.create_run(exp).info.run_id, md5, {}).version)
+
+
+# The tiny untrained model answers garbage, so this policy checks serving health only:
+# every request must succeed; exact match is not asked of it.
+PARAMS = tiny_params(canary=CanaryParams(requests=4, min_exact_match=0.0, max_error_rate=0.0, max_latency_ratio=50), serve=ServeParams(startup_timeout_s=60, max_new_tokens=8))
+
+
+def alias(name):
+    mv = models.by_alias("reverse-digits", name)
+    return str(mv.version) if mv else None
+
+
+def test_first_candidate_promoted_then_broken_candidate_rolled_back(workspace, registry_store):
+    v1 = register(registry_store, workspace / "models/base", "good")
+    outcome = canary_release.fn(PARAMS, v1)
+    assert outcome["outcome"] == "promoted"
+    assert outcome["stats"]["candidate"]["requests"] == 4 and outcome["stats"]["candidate"]["error_rate"] == 0.0
+    assert alias("champion") == v1
+
+    broken = workspace / "broken"
+    shutil.copytree(workspace / "models/base", broken)
+    (broken / "config.json").write_text("{ not json")
+    v2 = register(registry_store, broken, "broken")
+    outcome = canary_release.fn(PARAMS, v2)
+    assert outcome["outcome"] == "rolled_back"
+    assert any("error_rate" in r for r in outcome["reasons"])
+    assert alias("champion") == v1 and alias("candidate") is None
+    c, _ = registry_store
+    assert c.get_model_version("reverse-digits", v2).tags["canary"] == "rolled_back"
+
+    assert canary_release.fn(PARAMS, v1)["outcome"] == "unchanged"
+
+
+def test_candidate_probed_beside_champion(workspace, registry_store):
+    v1 = register(registry_store, workspace / "models/base", "one")
+    models.promote("reverse-digits", v1)
+    v2 = register(registry_store, workspace / "models/base", "two")
+    outcome = canary_release.fn(PARAMS, v2)
+    assert set(outcome["stats"]) == {"candidate", "champion"}
+    assert outcome["stats"]["champion"]["requests"] == 4
+    # Same weights on both sides: identical greedy answers, so the candidate is promoted.
+    assert outcome["outcome"] == "promoted"
+    assert (alias("champion"), alias("previous")) == (v2, v1)
