@@ -32,8 +32,10 @@ test: setup  ## the whole suite, whole-flow tests included
 test-fast: setup  ## everything but the whole-flow and multi-process tests
 	$(PY) -m pytest -m "not slow"
 
-bench: setup  ## cold and no-op pipeline wall time, each stage's share
+bench: setup  ## pipeline cold/no-op times, CPU-engine batching speed-up, gateway load test
 	$(PY) -m benchmarks.pipeline
+	$(PY) -m benchmarks.engine
+	$(PY) -m benchmarks.serving_load
 
 dvc-repro: setup  ## the artifact stages alone, without Prefect
 	$(VENV)/bin/dvc repro

@@ -150,11 +150,26 @@ class ServeParams(Section):
 
 
 class CanaryParams(Section):
-    requests: int = Field(40, ge=1, description="Golden prompts sent to candidate and champion each.")
-    min_exact_match: float = Field(0.8, ge=0, le=1, description="Candidate's golden-prompt exact match must reach this.")
-    max_error_rate: float = Field(0.0, ge=0, le=1, description="Largest share of failed candidate requests.")
-    champion_tolerance: float = Field(0.05, ge=0, le=1, description="Candidate may trail the champion's exact match by at most this.")
-    max_latency_ratio: float = Field(3.0, gt=0, description="Candidate p95 latency may be at most this multiple of the champion's.")
+    """Progressive delivery with the semantics of Argo Rollouts / Flagger: traffic weight steps,
+    a minimum amount of evidence per step, metric checks, and a failure limit."""
+
+    steps: list[int] = Field(default_factory=lambda: [10, 25, 50, 100], description="Canary traffic weight (percent) at each step; the last should be 100.")
+    step_requests: int = Field(20, ge=1, description="Fewest requests the canary must answer at each step before it is analysed.")
+    interval_s: float = Field(0.0, ge=0, description="Shortest time spent at each step (real traffic needs minutes; the embedded demo drives its own).")
+    golden_prompts: int = Field(20, ge=1, description="Held-out prompts sent straight to the canary; their exact match is checked.")
+    shadow_prompts: int = Field(10, ge=0, description="Prompts sent to both stable and canary; their agreement is checked (0 = off).")
+    min_exact_match: float = Field(0.8, ge=0, le=1, description="Canary's golden-prompt exact match must reach this.")
+    champion_tolerance: float = Field(0.05, ge=0, le=1, description="Canary's golden exact match may trail stable's by at most this.")
+    min_agreement: float = Field(0.8, ge=0, le=1, description="Share of shadowed prompts where canary and stable answer alike.")
+    max_error_rate: float = Field(0.0, ge=0, le=1, description="Largest share of failed canary requests (5xx, refused, timeout) in a step.")
+    max_latency_ratio: float = Field(2.0, gt=0, description="Canary p95 latency may be at most this multiple of stable's in the same step.")
+    failure_limit: int = Field(0, ge=0, description="Failed analyses tolerated before rolling back (0: the first failure rolls back).")
+
+    @model_validator(mode="after")
+    def _steps(self) -> "CanaryParams":
+        if not self.steps or any(not 0 < w <= 100 for w in self.steps) or self.steps != sorted(self.steps):
+            raise ValueError(f"steps must be increasing percentages in (0, 100], got {self.steps}")
+        return self
 
 
 class Params(Section):

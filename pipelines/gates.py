@@ -21,6 +21,7 @@ DIRECTIONS: dict[str, Direction] = {
     "validation_loss": "lower",
     "error_rate": "lower",
     "p95_latency_ratio": "lower",
+    "agreement": "higher",
 }
 
 
@@ -155,15 +156,32 @@ def decide_quantization(quantized: dict, unquantized: dict, policy: QuantizePara
     return Decision("quantization", check.passed, [check])
 
 
-def decide_canary(candidate: dict, champion: dict | None, policy: CanaryParams) -> Decision:
-    """The canary analysis: the candidate served real requests beside the champion.
-    `candidate`/`champion` hold exact_match, error_rate and p95_latency_s over the same prompts."""
+def decide_canary(canary: dict, stable: dict | None, policy: CanaryParams) -> Decision:
+    """One canary analysis, a pure function of what was collected during a step.
+
+    `canary` holds error_rate, p95_latency_s (from the gateway), exact_match (golden prompts)
+    and, when shadowing ran, agreement; `stable` holds stable's p95_latency_s and exact_match
+    over the same step and prompts. Without a stable (a first release) only the absolute
+    checks apply."""
+    em, err = canary.get("exact_match"), canary.get("error_rate")
     checks = [
-        Check("error_rate", "<=", candidate.get("error_rate"), policy.max_error_rate, candidate.get("error_rate", 1.0) <= policy.max_error_rate),
-        Check("exact_match", ">=", candidate.get("exact_match"), policy.min_exact_match, candidate.get("exact_match", 0.0) >= policy.min_exact_match),
+        Check("error_rate", "<=", err, policy.max_error_rate, err is not None and err <= policy.max_error_rate),
+        Check("exact_match", ">=", em, policy.min_exact_match, em is not None and em >= policy.min_exact_match),
     ]
-    if champion:
-        checks.append(no_worse_than("exact_match", candidate.get("exact_match"), champion["exact_match"], policy.champion_tolerance, "champion within tolerance"))
-        ratio = candidate["p95_latency_s"] / max(champion["p95_latency_s"], 1e-9) if candidate.get("p95_latency_s") is not None else None
-        checks.append(Check("p95_latency_ratio", "<=", ratio, policy.max_latency_ratio, ratio is not None and ratio <= policy.max_latency_ratio))
+    if stable:
+        if stable.get("exact_match") is not None:
+            checks.append(no_worse_than("exact_match", em, stable["exact_match"], policy.champion_tolerance, "stable within tolerance"))
+        if stable.get("p95_latency_s"):
+            ratio = canary["p95_latency_s"] / stable["p95_latency_s"] if canary.get("p95_latency_s") is not None else None
+            checks.append(Check("p95_latency_ratio", "<=", ratio, policy.max_latency_ratio, ratio is not None and ratio <= policy.max_latency_ratio))
+        if "agreement" in canary:
+            a = canary["agreement"]
+            checks.append(Check("agreement", ">=", a, policy.min_agreement, a is not None and a >= policy.min_agreement))
     return Decision("canary", all(c.passed for c in checks), checks)
+
+
+def rollout_action(decisions: list[Decision], step: int, policy: CanaryParams) -> Literal["advance", "promote", "rollback"]:
+    """What the controller does after analysing `step` (0-based), given every analysis so far."""
+    if sum(not d.passed for d in decisions) > policy.failure_limit:
+        return "rollback"
+    return "promote" if step == len(policy.steps) - 1 else "advance"

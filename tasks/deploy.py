@@ -50,7 +50,7 @@ def canary_release(params: Params, version: str) -> dict:
     if champion is not None and str(champion.version) == str(version):
         print(f"version {version} is already the champion: nothing to deploy")
         return {"outcome": "unchanged", "version": str(version)}
-    prompts = golden_prompts(PREPARED / "sft_test.parquet", params.canary.requests)
+    prompts = golden_prompts(PREPARED / "sft_test.parquet", params.canary.golden_prompts)
     with ExitStack() as stack:
         try:
             cand, cand_name = start(params, stack, str(version), "candidate")

@@ -50,15 +50,37 @@ def test_quantization_gate_bounds_the_drop():
 
 
 def test_canary_decisions():
-    policy = CanaryParams(min_exact_match=0.8, max_error_rate=0.0, champion_tolerance=0.05, max_latency_ratio=3.0)
-    champion = {"exact_match": 0.95, "error_rate": 0.0, "p95_latency_s": 0.01}
-    good = {"exact_match": 0.95, "error_rate": 0.0, "p95_latency_s": 0.012}
-    assert decide_canary(good, champion, policy).passed
+    policy = CanaryParams(min_exact_match=0.8, max_error_rate=0.0, champion_tolerance=0.05, max_latency_ratio=2.0, min_agreement=0.8)
+    stable = {"exact_match": 0.95, "p95_latency_s": 0.01}
+    good = {"exact_match": 0.95, "error_rate": 0.0, "p95_latency_s": 0.012, "agreement": 1.0}
+    assert decide_canary(good, stable, policy).passed
     assert decide_canary(good, None, policy).passed  # first release: absolute checks only
-    assert not decide_canary({**good, "error_rate": 0.1}, champion, policy).passed
-    assert not decide_canary({**good, "p95_latency_s": 0.05}, champion, policy).passed
-    assert not decide_canary({**good, "exact_match": 0.85}, champion, policy).passed
-    assert not decide_canary({"exact_match": 0.0, "error_rate": 1.0, "p95_latency_s": None}, champion, policy).passed
+    assert not decide_canary({**good, "error_rate": 0.1}, stable, policy).passed
+    slow = decide_canary({**good, "p95_latency_s": 0.03}, stable, policy)
+    assert not slow.passed and slow.reasons == ["p95_latency_ratio = 3.0000 vs <= 2.0000: FAILED by 1.0000"]
+    assert not decide_canary({**good, "exact_match": 0.85}, stable, policy).passed
+    assert not decide_canary({**good, "agreement": 0.5}, stable, policy).passed
+    assert not decide_canary({"exact_match": None, "error_rate": 1.0, "p95_latency_s": None}, stable, policy).passed
+
+
+def test_rollout_actions_follow_steps_and_failure_limit():
+    from pipelines.gates import Decision, rollout_action
+
+    ok, bad = Decision("canary", True), Decision("canary", False)
+    strict = CanaryParams(steps=[10, 50, 100], failure_limit=0)
+    assert rollout_action([ok], 0, strict) == "advance"
+    assert rollout_action([ok, ok, ok], 2, strict) == "promote"
+    assert rollout_action([ok, bad], 1, strict) == "rollback"
+    lenient = CanaryParams(steps=[10, 50, 100], failure_limit=1)
+    assert rollout_action([ok, bad], 1, lenient) == "advance"
+    assert rollout_action([bad, ok, bad], 2, lenient) == "rollback"
+
+
+def test_canary_steps_must_be_increasing_percentages():
+    with pytest.raises(ValueError, match="increasing percentages"):
+        CanaryParams(steps=[50, 10])
+    with pytest.raises(ValueError, match="increasing percentages"):
+        CanaryParams(steps=[0, 100])
 
 
 def test_paired_bootstrap_interval_brackets_the_mean_difference():
