@@ -73,7 +73,13 @@ def log_stage(parent_run_id: str, params: Params, result: dict) -> str:
     run = c.create_run(
         parent.info.experiment_id,
         run_name=stage,
-        tags={"mlflow.parentRunId": parent_run_id, "stage": stage, "cached": str(not result["ran"]).lower(), **hashes},
+        tags={
+            "mlflow.parentRunId": parent_run_id,
+            "stage": stage,
+            "cached": str(not result["ran"]).lower(),
+            **{k: v for k, v in parent.data.tags.items() if k.startswith("lineage.")},  # git SHA, flow run
+            **hashes,
+        },
     )
     rid = run.info.run_id
     section = getattr(params, STAGE_SECTIONS[stage]).model_dump(mode="json")

@@ -85,6 +85,10 @@ def test_first_release_promotes_a_champion_that_answers(project):
     assert "lineage.dvc.sft:params" in mv.tags and "lineage.stage_run.sft" in mv.tags
     parent = registry(project).get_run(mv.run_id)
     assert parent.data.metrics["exact_match.sft"] >= 0.8
+    sft_run = registry(project).get_run(mv.tags["lineage.stage_run.sft"])
+    assert sft_run.data.tags["mlflow.parentRunId"] == mv.run_id
+    assert sft_run.data.tags["lineage.git_sha"] == head and sft_run.data.tags["dvc.sft:models/sft"]
+    assert sft_run.data.params["max_steps"] == "300" and "eval_loss" in sft_run.data.metrics
 
     # The registered champion, served by the CPU engine, answers a real OpenAI client.
     from registry.models import download
