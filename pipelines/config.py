@@ -147,6 +147,7 @@ class ServeParams(Section):
     port: int = Field(8000, ge=1, le=65535, description="Port for `make serve` (the champion).")
     startup_timeout_s: float = Field(120, gt=0, description="How long to wait for /health after launch.")
     max_new_tokens: int = Field(64, ge=1, description="Upper bound on max_tokens per request.")
+    cpu_threads: int = Field(0, ge=0, description="torch threads per CPU-engine server; 0 = this machine's cores divided by the servers running side by side (a canary runs two: oversubscribed cores cost ~8x throughput).")
 
 
 class CanaryParams(Section):
@@ -162,7 +163,7 @@ class CanaryParams(Section):
     champion_tolerance: float = Field(0.05, ge=0, le=1, description="Canary's golden exact match may trail stable's by at most this.")
     min_agreement: float = Field(0.8, ge=0, le=1, description="Share of shadowed prompts where canary and stable answer alike.")
     max_error_rate: float = Field(0.0, ge=0, le=1, description="Largest share of failed canary requests (5xx, refused, timeout) in a step.")
-    max_latency_ratio: float = Field(2.0, gt=0, description="Canary p95 latency may be at most this multiple of stable's in the same step.")
+    max_latency_ratio: float = Field(2.5, gt=0, description="Canary p95 latency may be at most this multiple of stable's in the same step.")
     failure_limit: int = Field(0, ge=0, description="Failed analyses tolerated before rolling back (0: the first failure rolls back).")
 
     @model_validator(mode="after")

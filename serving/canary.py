@@ -4,13 +4,13 @@ is `pipelines.gates.decide_canary`, a pure function of these summaries."""
 
 from __future__ import annotations
 
-import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 
 from serving.client import chat_once, client
+from serving.gateway import percentile
 
 
 @dataclass
@@ -22,15 +22,14 @@ class ProbeStats:
     error_samples: list[str] = field(default_factory=list)
 
     def summary(self) -> dict:
-        ok = self.requests - self.errors
         lat = sorted(self.latencies_s)
-        p95 = lat[min(len(lat) - 1, int(0.95 * len(lat)))] if lat else None
         return {
             "requests": self.requests,
             "error_rate": self.errors / max(self.requests, 1),
-            "exact_match": self.correct / max(ok, 1) if ok else 0.0,
-            "p50_latency_s": statistics.median(lat) if lat else None,
-            "p95_latency_s": p95,
+            # An unanswered golden prompt counts as wrong: a canary that cannot answer is not exact.
+            "exact_match": self.correct / max(self.requests, 1),
+            "p50_latency_s": percentile(lat, 0.5),
+            "p95_latency_s": percentile(lat, 0.95),
             "errors_seen": self.error_samples[:3],
         }
 

@@ -1,20 +1,42 @@
-"""The CPU engine: one Hugging Face checkpoint, generated with plain `transformers`.
+"""The CPU engine: one Hugging Face checkpoint, generated with plain `transformers`, batched dynamically.
 
-Requests arrive on many threads (the server runs generation in a threadpool) but there is one
-model, so generation is serialised by a lock. Everything funnels through `generate_batch`, which
-already takes several prompts, so dynamic batching later only has to change who calls it (a
-queue that gathers waiting requests), not how a batch is generated.
+One worker thread owns the model. Callers `submit` tokenised prompts to a bounded queue and
+wait on a future; the worker takes the oldest request, gathers whatever else is waiting (up to
+`max_batch_size`, waiting at most `batch_window_ms` after the oldest arrived) and runs one
+left-padded `generate` for them. A decode step for 16 rows costs a CPU little more than a step
+for one (a tiny model's step is per-layer overhead and weight reads, not arithmetic), so
+requests that arrive together finish together instead of queueing one behind the other.
+
+A batch runs to the longest request's max_tokens; each row stops early on its own limit or stop
+token (a per-row stopping criterion, so finished rows only receive padding) and is cut to its own
+answer afterwards. Rows do not influence each other: left padding is masked out, so a greedy
+answer is the same batched or alone. Requests with different sampling settings are generated in
+separate batches, since `generate` takes one temperature and top_p for all rows.
+
+Streaming uses transformers' streamer hook, which sees every step's tokens for the whole batch,
+so a streamed request is batched like any other.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
-from dataclasses import dataclass
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers.generation.streamers import BaseStreamer
 
 FinishReason = Literal["stop", "length"]
+# Called on the worker thread with (text delta, finish reason or None); must be quick and must not block.
+OnDelta = Callable[[str, "FinishReason | None"], None]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -26,6 +48,20 @@ class Generation:
     # Tokens the model generated, the stop token included when it produced one (as vLLM counts).
     completion_tokens: int
     finish_reason: FinishReason
+    # time.monotonic() when the first token was produced; for time-to-first-token, not identity.
+    first_token_at: float | None = field(default=None, compare=False)
+
+
+class QueueFullError(RuntimeError):
+    """The engine's queue has no room for the request; the caller should retry later."""
+
+
+class EngineClosedError(RuntimeError):
+    """The engine was closed before the request was generated."""
+
+
+class AbandonedError(RuntimeError):
+    """The request was abandoned (cancelled) while it was being generated."""
 
 
 def _as_list(value: int | list[int] | None) -> list[int]:
@@ -34,14 +70,151 @@ def _as_list(value: int | list[int] | None) -> list[int]:
     return [value] if isinstance(value, int) else list(value)
 
 
-class CpuEngine:
-    """Loads `model_dir` (a plain or compressed-tensors checkpoint) in float32 on the CPU."""
+def cut(new_ids: list[int], max_tokens: int, stop_ids: list[int]) -> tuple[list[int], int, FinishReason]:
+    """What one request keeps of its batch row: (answer ids, completion_tokens, finish_reason).
 
-    def __init__(self, model_dir: str, max_new_tokens_limit: int = 64) -> None:
+    The row may run past the request's own max_tokens (the batch runs to its longest request)
+    and holds padding after a stop token, so cut at the limit, then at the first stop token.
+    """
+    ids = new_ids[:max_tokens]
+    stop_at = next((i for i, t in enumerate(ids) if t in stop_ids), None)
+    if stop_at is None:  # only the max_tokens cap ends a generation without a stop token
+        return ids, len(ids), "length"
+    return ids[:stop_at], stop_at + 1, "stop"
+
+
+@dataclass(eq=False)  # identity equality: a job is found in (and removed from) the queue by identity
+class _Job:
+    prompt_ids: list[int]
+    max_tokens: int
+    temperature: float
+    top_p: float
+    on_delta: OnDelta | None = None
+    future: Future = field(default_factory=Future)
+    abandoned: bool = False
+    enqueued_at: float = field(default_factory=time.monotonic)
+
+    @property
+    def sampling(self) -> tuple[float, float]:
+        # top_p means nothing to greedy decoding, so all greedy requests share one batch.
+        return (0.0, 1.0) if self.temperature == 0 else (self.temperature, self.top_p)
+
+
+class Submission:
+    """A queued request: `future` resolves to its Generation; `cancel()` abandons it."""
+
+    def __init__(self, engine: "CpuEngine", job: _Job) -> None:
+        self._engine, self._job = engine, job
+
+    @property
+    def future(self) -> Future:
+        return self._job.future
+
+    def cancel(self) -> None:
+        """Drop the request from the queue if it is still waiting, else stop generating its row.
+        Harmless once it has finished."""
+        self._engine._abandon(self._job)
+
+
+class _RowLimits(StoppingCriteria):
+    """Per-row stop: the row reached its own request's max_tokens, or the request was abandoned.
+    (Stop tokens are transformers' own criterion.) Once every row is done, generate returns."""
+
+    def __init__(self, prompt_width: int, jobs: list[_Job]) -> None:
+        self.prompt_width = prompt_width
+        self.jobs = jobs
+        self.limits = torch.tensor([j.max_tokens for j in jobs])
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        generated = input_ids.shape[1] - self.prompt_width
+        abandoned = torch.tensor([j.abandoned for j in self.jobs])
+        return (generated >= self.limits) | abandoned
+
+
+class _Rows(BaseStreamer):
+    """Receives each decoding step's tokens for the whole batch (transformers' streamer hook):
+    stamps every row's first token, and for streamed requests decodes incrementally and hands
+    out text deltas, the last one with the finish reason."""
+
+    def __init__(self, engine: "CpuEngine", jobs: list[_Job]) -> None:
+        self.engine, self.jobs = engine, jobs
+        self.ids: list[list[int]] = [[] for _ in jobs]
+        self.emitted = [""] * len(jobs)
+        self.done = [False] * len(jobs)
+        self.first_token_at: list[float | None] = [None] * len(jobs)
+        self._prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self._prompt_seen:  # generate hands over the prompt first
+            self._prompt_seen = True
+            return
+        now = time.monotonic()
+        for row, token in enumerate(value.tolist()):
+            if self.done[row]:
+                continue
+            if self.first_token_at[row] is None:
+                self.first_token_at[row] = now
+            self.ids[row].append(token)
+            job = self.jobs[row]
+            finished = token in self.engine.stop_ids or len(self.ids[row]) >= job.max_tokens or job.abandoned
+            self.done[row] = finished
+            if job.on_delta is not None and not job.abandoned:
+                self._emit(row, final=finished)
+
+    def end(self) -> None:
+        # Defensive: a row generate stopped without our noticing still gets its final delta.
+        for row, job in enumerate(self.jobs):
+            if not self.done[row] and job.on_delta is not None and not job.abandoned:
+                self.done[row] = True
+                self._emit(row, final=True)
+
+    def _emit(self, row: int, final: bool) -> None:
+        job = self.jobs[row]
+        kept, _, finish = cut(self.ids[row], job.max_tokens, self.engine.stop_ids)
+        # Decoding the whole answer each step (at most max_new_tokens_limit tokens) keeps the
+        # deltas consistent with the final text; a trailing U+FFFD means the last token ended
+        # inside a multi-byte character, so that part waits for the next token.
+        text = self.engine.tokenizer.decode(kept, skip_special_tokens=True)
+        if not final and text.endswith("\ufffd"):
+            return
+        delta = text[len(self.emitted[row]) :]
+        if not delta and not final:
+            return
+        self.emitted[row] = text
+        try:
+            job.on_delta(delta, finish if final else None)
+        except Exception:  # a broken listener must not fail the other rows
+            log.exception("a streaming callback failed; abandoning its request")
+            job.abandoned = True
+
+
+class CpuEngine:
+    """Loads `model_dir` (a plain or compressed-tensors checkpoint) in float32 on the CPU and
+    serves it through a dynamically batching worker thread. Call `close()` when done."""
+
+    def __init__(
+        self,
+        model_dir: str,
+        max_new_tokens_limit: int = 64,
+        max_batch_size: int = 16,
+        batch_window_ms: float = 5.0,
+        max_queue: int = 64,
+        on_batch: Callable[[int], None] | None = None,
+    ) -> None:
+        """max_batch_size: most requests generated together; batch_window_ms: how long the
+        oldest waiting request may wait for others to join its batch; max_queue: most requests
+        waiting (not yet generating) before `submit` raises QueueFullError; on_batch: called
+        on the worker thread with each batch's size (for metrics)."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        if max_batch_size < 1 or max_queue < 1 or batch_window_ms < 0:
+            raise ValueError("max_batch_size and max_queue must be >= 1 and batch_window_ms >= 0")
         self.model_dir = model_dir
         self.max_new_tokens_limit = max_new_tokens_limit
+        self.max_batch_size = max_batch_size
+        self.batch_window_s = batch_window_ms / 1000
+        self.max_queue = max_queue
+        self.on_batch = on_batch
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
         gen_cfg = self.model.generation_config
@@ -56,7 +229,15 @@ class CpuEngine:
         # OpenAI has no top_k: keep the checkpoint's own value if it declares one, otherwise turn
         # it off rather than inheriting transformers' global default of 50.
         self._top_k: int = gen_cfg.top_k or 0
+        # Held while the model generates: the worker takes it per batch, and so does a direct
+        # `generate_batch` call from another thread.
         self._lock = threading.Lock()
+        self._cond = threading.Condition()  # guards the queue, `_running` and `_closed`
+        self._queue: deque[_Job] = deque()
+        self._running: list[_Job] = []
+        self._closed = False
+        self._worker = threading.Thread(target=self._work, name="cpu-engine-worker", daemon=True)
+        self._worker.start()
 
     # --- tokenisation (public so the server can check prompt length before queueing) ---------
 
@@ -70,7 +251,70 @@ class CpuEngine:
         """A raw completion prompt, with the tokenizer's usual special tokens (e.g. BOS)."""
         return self.tokenizer(prompt)["input_ids"]
 
-    # --- generation --------------------------------------------------------------------------
+    # --- the queue ---------------------------------------------------------------------------
+
+    @property
+    def queue_depth(self) -> int:
+        """Requests waiting for the worker (not yet generating)."""
+        return len(self._queue)
+
+    @property
+    def active(self) -> int:
+        """Requests in the batch the worker is generating now."""
+        return len(self._running)
+
+    def submit(
+        self, prompt_ids: list[int], max_tokens: int, temperature: float = 0.0, top_p: float = 1.0, on_delta: OnDelta | None = None
+    ) -> Submission:
+        """Queue one request; raises ValueError for bad arguments, QueueFullError when full."""
+        return self.submit_many([prompt_ids], max_tokens, temperature, top_p, [on_delta])[0]
+
+    def submit_many(
+        self,
+        prompts: list[list[int]],
+        max_tokens: int,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        on_delta: list[OnDelta | None] | None = None,
+    ) -> list[Submission]:
+        """Queue several requests all or none (a multi-prompt completion is one HTTP request)."""
+        self._check(prompts, max_tokens, temperature)
+        callbacks = on_delta or [None] * len(prompts)
+        jobs = [_Job(list(p), max_tokens, temperature, top_p, cb) for p, cb in zip(prompts, callbacks, strict=True)]
+        with self._cond:
+            if self._closed:
+                raise EngineClosedError("the engine is closed")
+            if len(self._queue) + len(jobs) > self.max_queue:
+                raise QueueFullError(f"{len(self._queue)} requests are already waiting (max_queue={self.max_queue})")
+            self._queue.extend(jobs)
+            self._cond.notify_all()
+        return [Submission(self, j) for j in jobs]
+
+    def _abandon(self, job: _Job) -> None:
+        with self._cond:
+            job.abandoned = True  # read by _RowLimits: a running row stops at the next step
+            if job in self._queue:  # not started: drop it, freeing its place at once
+                self._queue.remove(job)
+                job.future.cancel()
+                self._cond.notify_all()
+
+    def close(self, timeout_s: float = 30) -> None:
+        """Stop the worker: waiting requests fail with EngineClosedError, the running batch is
+        abandoned at its next step."""
+        with self._cond:
+            self._closed = True
+            waiting = list(self._queue)
+            self._queue.clear()
+            for job in self._running:
+                job.abandoned = True
+            self._cond.notify_all()
+        for job in waiting:
+            if job.future.set_running_or_notify_cancel():
+                job.future.set_exception(EngineClosedError("the engine was closed before this request was generated"))
+        if self._worker is not threading.current_thread():
+            self._worker.join(timeout_s)
+
+    # --- blocking helpers (one request, through the queue) ----------------------------------
 
     def chat(self, messages: list[dict], max_tokens: int, temperature: float = 0.0, top_p: float = 1.0) -> Generation:
         return self.generate(self.encode_chat(messages), max_tokens, temperature, top_p)
@@ -79,30 +323,113 @@ class CpuEngine:
         return self.generate(self.encode_prompt(prompt), max_tokens, temperature, top_p)
 
     def generate(self, prompt_ids: list[int], max_tokens: int, temperature: float = 0.0, top_p: float = 1.0) -> Generation:
-        return self.generate_batch([prompt_ids], max_tokens, temperature, top_p)[0]
+        """Queue one request and wait for it (batched with whatever else is waiting)."""
+        return self.submit(prompt_ids, max_tokens, temperature, top_p).future.result()
+
+    # --- the batch primitive -----------------------------------------------------------------
 
     def generate_batch(
         self, prompts: list[list[int]], max_tokens: int, temperature: float = 0.0, top_p: float = 1.0
     ) -> list[Generation]:
-        """Generate for several tokenised prompts at once (left-padded), one Generation each."""
+        """Generate for several tokenised prompts at once (left-padded), one Generation each,
+        on the calling thread, bypassing the queue (the worker uses the same code)."""
+        self._check(prompts, max_tokens, temperature)
+        jobs = [_Job(list(p), max_tokens, temperature, top_p) for p in prompts]
+        with self._lock:
+            return self._generate(jobs)  # type: ignore[return-value]  # no job here is ever abandoned
+
+    def _check(self, prompts: list[list[int]], max_tokens: int, temperature: float) -> None:
         if not prompts or any(not p for p in prompts):
             raise ValueError("every prompt needs at least one token")
         if not 1 <= max_tokens <= self.max_new_tokens_limit:
             raise ValueError(f"max_tokens must be between 1 and {self.max_new_tokens_limit}, got {max_tokens}")
         if temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {temperature}")
-        input_ids, attention_mask = self._left_pad(prompts)
-        with self._lock, torch.inference_mode():
+
+    def _generate(self, jobs: list[_Job]) -> list[Generation | None]:
+        """One `generate` call for jobs sharing sampling settings; None for abandoned rows."""
+        input_ids, attention_mask = self._left_pad([j.prompt_ids for j in jobs])
+        width = input_ids.shape[1]
+        rows = _Rows(self, jobs)
+        temperature, top_p = jobs[0].sampling
+        with torch.inference_mode():
             output = self.model.generate(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
-                max_new_tokens=max_tokens,
+                max_new_tokens=max(j.max_tokens for j in jobs),
                 eos_token_id=self.stop_ids,
                 pad_token_id=self.pad_id,
+                stopping_criteria=StoppingCriteriaList([_RowLimits(width, jobs)]),
+                streamer=rows,
                 **self._sampling(temperature, top_p),
             )
-        new_tokens = output[:, input_ids.shape[1] :].tolist()
-        return [self._finish(len(p), ids) for p, ids in zip(prompts, new_tokens)]
+        new_tokens = output[:, width:].tolist()
+        return [
+            None if job.abandoned else self._finish(job, ids, first)
+            for job, ids, first in zip(jobs, new_tokens, rows.first_token_at)
+        ]
+
+    # --- the worker --------------------------------------------------------------------------
+
+    def _work(self) -> None:
+        while (batch := self._next_batch()) is not None:
+            try:
+                for group in group_by_sampling(batch):
+                    self._run(group)
+            finally:
+                with self._cond:
+                    self._running = []
+
+    def _next_batch(self) -> list[_Job] | None:
+        """Block for the oldest request, gather what else arrives within its window; None once closed."""
+        with self._cond:
+            while not self._queue and not self._closed:
+                self._cond.wait()
+            if self._closed:
+                return None
+            # The window counts from the oldest request's arrival: under load, requests queued
+            # while the previous batch ran are taken at once, with no extra wait.
+            deadline = self._queue[0].enqueued_at + self.batch_window_s
+            while 0 < len(self._queue) < self.max_batch_size and not self._closed:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._cond.wait(remaining)
+            if self._closed:
+                return None
+            batch = []
+            while self._queue and len(batch) < self.max_batch_size:
+                job = self._queue.popleft()
+                if job.future.set_running_or_notify_cancel():  # False: cancelled while waiting
+                    batch.append(job)
+            self._running = batch
+            return batch
+
+    def _run(self, jobs: list[_Job]) -> None:
+        try:
+            with self._lock:
+                # Requests that timed out while the previous batch held the model cost nothing.
+                live = [j for j in jobs if not j.abandoned]
+                if not live:
+                    generations: list[Generation | None] = []
+                else:
+                    if self.on_batch is not None:
+                        self.on_batch(len(live))
+                    generations = self._generate(live)
+        except Exception as exc:  # the whole batch failed: every caller hears why
+            log.exception("generation failed for a batch of %d", len(jobs))
+            for job in jobs:
+                job.future.set_exception(exc)
+            return
+        results = dict(zip(map(id, live), generations))
+        for job in jobs:
+            gen = results.get(id(job))
+            if gen is None:
+                job.future.set_exception(AbandonedError("abandoned before its answer was complete"))
+            else:
+                job.future.set_result(gen)
+
+    # --- small helpers -----------------------------------------------------------------------
 
     def _sampling(self, temperature: float, top_p: float) -> dict:
         # OpenAI's temperature 0 means greedy; transformers rejects temperature=0 with sampling on.
@@ -112,7 +439,7 @@ class CpuEngine:
 
     def _left_pad(self, prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         # Decoder-only models continue from the last position, so padding goes on the left
-        # whatever the tokenizer's padding_side says.
+        # whatever the tokenizer's padding_side says; the mask keeps it out of attention.
         width = max(len(p) for p in prompts)
         input_ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
         attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
@@ -121,13 +448,15 @@ class CpuEngine:
             attention_mask[row, width - len(ids) :] = 1
         return input_ids, attention_mask
 
-    def _finish(self, prompt_tokens: int, new_ids: list[int]) -> Generation:
-        # Anything after the first stop token is padding (a finished row in a batch keeps
-        # receiving pad tokens until the longest row is done).
-        stop_at = next((i for i, t in enumerate(new_ids) if t in self.stop_ids), None)
-        if stop_at is None:  # only the max_tokens cap ends a generation without a stop token
-            kept, completion_tokens, finish = new_ids, len(new_ids), "length"
-        else:
-            kept, completion_tokens, finish = new_ids[:stop_at], stop_at + 1, "stop"
+    def _finish(self, job: _Job, new_ids: list[int], first_token_at: float | None) -> Generation:
+        kept, completion_tokens, finish = cut(new_ids, job.max_tokens, self.stop_ids)
         text = self.tokenizer.decode(kept, skip_special_tokens=True)
-        return Generation(text=text, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, finish_reason=finish)
+        return Generation(text, len(job.prompt_ids), completion_tokens, finish, first_token_at)
+
+
+def group_by_sampling(jobs: list[_Job]) -> list[list[_Job]]:
+    """Split a gathered batch into runs that one `generate` call can serve, oldest group first."""
+    groups: dict[tuple[float, float], list[_Job]] = {}
+    for job in jobs:
+        groups.setdefault(job.sampling, []).append(job)
+    return list(groups.values())

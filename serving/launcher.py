@@ -218,10 +218,12 @@ def launch(
     log_path: str | Path,
     startup_timeout_s: float,
     extra_args: list[str] | None = None,
+    env: dict[str, str] | None = None,
 ) -> ServerProcess:
-    """Start `engine` serving `model_dir` and return it once healthy (raises ServerStartError)."""
+    """Start `engine` serving `model_dir` and return it once healthy (raises ServerStartError).
+    `env` adds to this process's environment (e.g. OMP_NUM_THREADS for side-by-side servers)."""
     require_engine(engine)
-    env = dict(os.environ, PYTHONUNBUFFERED="1")  # log lines reach the file as they happen
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))  # unbuffered: log lines reach the file as they happen
     if engine == "cpu":
         # `-m serving.server` must resolve to this project whatever the caller's cwd is.
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PROJECT_ROOT), env.get("PYTHONPATH")) if p)

@@ -1,10 +1,16 @@
-"""Deploy the candidate beside the champion, probe both with golden prompts, then promote the
-candidate (aliases move, the old champion becomes `previous`) or roll it back (the champion and
-its alias are untouched; the version is tagged with the canary report)."""
+"""Deploy the candidate beside the champion and let the canary controller decide.
+
+The champion (stable) and the candidate (canary) each run in their own server process; a
+gateway in this process splits traffic between them step by step (serving/rollout.py).
+Success: alias `champion` moves to the candidate and `previous` to the old champion, the
+gateway's stable backend is swapped and the old one stopped. Failure: the canary is removed,
+the version is tagged with the canary report, and the champion and its traffic are untouched.
+The first release has no champion: it is promoted after health and golden-prompt checks.
+"""
 
 from __future__ import annotations
 
-import json
+import os
 import shutil
 from contextlib import ExitStack
 from pathlib import Path
@@ -18,58 +24,93 @@ from pipelines.config import Params
 from pipelines.gates import decide_canary
 from registry.models import CHAMPION, by_alias, download, promote, reject
 from registry.store import client
+from serving.background import ThreadedServer
 from serving.canary import golden_prompts, probe
-from serving.launcher import ServerStartError, free_port, launch
+from serving.gateway import Backend, create_gateway
+from serving.launcher import ServerProcess, ServerStartError, free_port, launch
+from serving.rollout import RolloutResult, StepReport, run_rollout
 
 SERVING_DIR = Path(".serving")  # downloaded model versions and server logs (git-ignored)
 
 
-def start(params: Params, stack: ExitStack, version: str, label: str):
-    """Download a registered version and start it in its own server process."""
+def cpu_threads(params: Params, servers: int) -> dict[str, str]:
+    """Side-by-side CPU servers share the cores instead of each claiming all of them."""
+    if params.serve.engine != "cpu":
+        return {}
+    n = params.serve.cpu_threads or max(1, (os.cpu_count() or 1) // servers)
+    return {"OMP_NUM_THREADS": str(n), "MKL_NUM_THREADS": str(n)}
+
+
+def start(params: Params, stack: ExitStack, version: str, label: str, servers: int, drill: list[str] | None = None) -> tuple[ServerProcess, Backend]:
+    """Download a registered version and serve it in its own process (stopped with `stack`).
+    `drill` adds server flags (e.g. --fault-error-rate) for canary drills."""
     mv = client().get_model_version(params.registry.model_name, version)
     model_dir = download(mv, SERVING_DIR / "models" / f"v{version}")
-    served_name = f"{params.registry.model_name}-v{version}"
+    served = f"{params.registry.model_name}-v{version}"
+    extra = ["--max-new-tokens", str(params.serve.max_new_tokens)] if params.serve.engine == "cpu" else []
     server = launch(
         params.serve.engine,
         str(model_dir),
-        served_name,
+        served,
         params.serve.host,
         free_port(),
         SERVING_DIR / f"{label}-v{version}.log",
         params.serve.startup_timeout_s,
-        extra_args=["--max-new-tokens", str(params.serve.max_new_tokens)] if params.serve.engine == "cpu" else [],
+        extra_args=extra + (drill or []),
+        env=cpu_threads(params, servers),
     )
     stack.callback(server.stop)
-    return server, served_name
+    return server, Backend(label, server.root_url, served)
+
+
+def unservable(params: Params, exc: Exception) -> RolloutResult:
+    """A candidate that never became healthy: it failed every request it could have served."""
+    metrics = {"requests": 0, "error_rate": 1.0, "exact_match": 0.0, "p95_latency_s": None, "start_error": str(exc)[-500:]}
+    return RolloutResult("rolled_back", [StepReport(0, metrics, {}, decide_canary(metrics, None, params.canary), 0, 0)])
+
+
+def first_release(params: Params, candidate: Backend, golden: list[tuple[str, str]]) -> RolloutResult:
+    """No champion yet: health (the server came up) and the golden prompts decide alone."""
+    stats = probe({"candidate": (f"{candidate.base_url}/v1", candidate.model)}, golden, params.serve.max_new_tokens)["candidate"]
+    decision = decide_canary(stats, None, params.canary)
+    return RolloutResult("promoted" if decision.passed else "rolled_back", [StepReport(100, stats, {}, decision, stats["requests"], 0)])
 
 
 @task(cache_policy=NO_CACHE)
-def canary_release(params: Params, version: str) -> dict:
+def canary_release(params: Params, version: str, drill: list[str] | None = None) -> dict:
     name = params.registry.model_name
+    version = str(version)
     champion = by_alias(name, CHAMPION)
-    if champion is not None and str(champion.version) == str(version):
+    if champion is not None and str(champion.version) == version:
         print(f"version {version} is already the champion: nothing to deploy")
-        return {"outcome": "unchanged", "version": str(version)}
-    prompts = golden_prompts(PREPARED / "sft_test.parquet", params.canary.golden_prompts)
+        return {"outcome": "unchanged", "version": version}
+    golden = golden_prompts(PREPARED / "sft_test.parquet", params.canary.golden_prompts)
+    servers = 1 if champion is None else 2
     with ExitStack() as stack:
         try:
-            cand, cand_name = start(params, stack, str(version), "candidate")
-            backends = {"candidate": (cand.base_url, cand_name)}
-            if champion is not None:
-                champ, champ_name = start(params, stack, str(champion.version), "champion")
-                backends["champion"] = (champ.base_url, champ_name)
-            stats = probe(backends, prompts, params.serve.max_new_tokens)
+            _, candidate = start(params, stack, version, "candidate", servers, drill)
         except ServerStartError as exc:
-            stats = {"candidate": {"requests": 0, "error_rate": 1.0, "exact_match": 0.0, "p95_latency_s": None, "errors_seen": [str(exc)[-500:]]}}
-    decision = decide_canary(stats["candidate"], stats.get("champion"), params.canary)
-    report = decision.summary() + "\n" + json.dumps(stats, indent=2)
+            result = unservable(params, exc)
+        else:
+            if champion is None:
+                result = first_release(params, candidate, golden)
+            else:
+                _, stable = start(params, stack, str(champion.version), "champion", servers)
+                app = create_gateway(stable, public_model=name, seed=0)
+                with ThreadedServer(app, host=params.serve.host) as gw_server:
+                    gateway = app.state.gateway
+                    result = run_rollout(gateway, gw_server.base_url, candidate, golden, params.canary, params.serve.max_new_tokens)
+                    if result.outcome == "promoted":
+                        old = gateway.promote_canary()  # the gateway now serves the candidate as stable
+                        print(f"gateway: stable is now {gateway.stable.model}; stopping {old.model}")
+    report = result.summary()
     print(report)
-    if decision.passed:
-        old = promote(name, str(version))
-        outcome = {"outcome": "promoted", "version": str(version), "previous": str(old.version) if old else None}
+    if result.outcome == "promoted":
+        old = promote(name, version)
+        outcome = {"outcome": "promoted", "version": version, "previous": str(old.version) if old else None}
     else:
-        reject(name, str(version), report)
-        outcome = {"outcome": "rolled_back", "version": str(version), "champion": str(champion.version) if champion else None}
+        reject(name, version, report)
+        outcome = {"outcome": "rolled_back", "version": version, "champion": str(champion.version) if champion else None}
     create_markdown_artifact(key="canary", markdown=f"## canary: {outcome['outcome']}\n\n```\n{report}\n```\n", description="canary analysis")
     shutil.rmtree(SERVING_DIR / "models", ignore_errors=True)  # copies; the registry keeps the originals
-    return {**outcome, "stats": stats, "reasons": decision.reasons}
+    return {**outcome, "steps": [s.as_dict() for s in result.steps], "client_errors": result.client_errors, "reasons": result.reasons}

@@ -6,15 +6,41 @@ codes, determinism of greedy decoding), never on what the answer says.
 
 from __future__ import annotations
 
-import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
+import httpx
 import pytest
-import uvicorn
-from fastapi import FastAPI
+from prometheus_client.parser import text_string_to_metric_families
 
-from serving.launcher import free_port
+from serving.background import ThreadedServer
+
+
+def wait_until(condition: Callable[[], bool], what: str, timeout_s: float = 30) -> None:
+    """Poll until `condition()` holds. The timeout only turns a hang into a failure; no test
+    depends on how long anything takes."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting until {what}")
+        time.sleep(0.005)
+
+
+def scrape(root_url: str) -> dict[tuple[str, frozenset], float]:
+    """GET /metrics, parsed with prometheus_client's own parser: {(sample name, labels): value}."""
+    response = httpx.get(f"{root_url}/metrics")
+    assert response.status_code == 200
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(response.text)
+        for s in family.samples
+    }
+
+
+def sample(samples: dict[tuple[str, frozenset], float], name: str, **labels: str) -> float:
+    """One sample's value; 0 for a labelled series that has not been touched yet."""
+    return samples.get((name, frozenset(labels.items())), 0.0)
 
 
 @pytest.fixture(scope="session")
@@ -30,37 +56,6 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
     tokenizer.save_pretrained(path)
     model.save_pretrained(path)
     return str(path)
-
-
-class ThreadedServer:
-    """A real uvicorn server for `app` on a free loopback port, in a background thread."""
-
-    def __init__(self, app: FastAPI) -> None:
-        self.app = app
-        self.port = free_port()
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    @property
-    def root_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def base_url(self) -> str:
-        return f"{self.root_url}/v1"
-
-    def __enter__(self) -> "ThreadedServer":
-        self.thread.start()
-        deadline = time.monotonic() + 60
-        while not self.server.started:  # set once the lifespan (model load) is done and the port is bound
-            if not self.thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("the test server did not start; see the log above")
-            time.sleep(0.02)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
 
 
 @pytest.fixture(scope="session")

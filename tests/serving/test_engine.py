@@ -1,18 +1,21 @@
-"""CpuEngine on its own: stop handling, batching and argument checks."""
+"""CpuEngine on its own: stop handling, the batch primitive and argument checks (the queue and
+dynamic batching are in test_batching.py)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from serving.engine import CpuEngine, Generation
+from serving.engine import CpuEngine, Generation, cut
 
 MESSAGES = [{"role": "user", "content": "Reverse the list:\n1 2 3"}]
 
 
 @pytest.fixture(scope="module")
-def engine(model_dir) -> CpuEngine:
-    return CpuEngine(model_dir, max_new_tokens_limit=8)
+def engine(model_dir):
+    engine = CpuEngine(model_dir, max_new_tokens_limit=8)
+    yield engine
+    engine.close()
 
 
 def test_an_untrained_model_runs_to_the_length_cap_or_stops(engine):
@@ -57,3 +60,17 @@ def test_max_tokens_outside_the_limit_is_refused(engine, max_tokens):
 def test_an_empty_prompt_is_refused(engine):
     with pytest.raises(ValueError, match="at least one token"):
         engine.generate([], 4)
+
+
+@pytest.mark.parametrize(
+    ("new_ids", "max_tokens", "expected"),
+    [
+        ([5, 6, 7], 3, ([5, 6, 7], 3, "length")),
+        ([5, 6, 7, 8], 2, ([5, 6], 2, "length")),  # the batch ran past this request's own limit
+        ([5, 1, 0, 0], 4, ([5], 2, "stop")),  # padding after the stop token is dropped
+        ([5, 6, 1], 2, ([5, 6], 2, "length")),  # a stop token beyond the limit does not count
+        ([1, 0], 2, ([], 1, "stop")),
+    ],
+)
+def test_cut_keeps_each_request_to_its_own_limit_and_stop(new_ids, max_tokens, expected):
+    assert cut(new_ids, max_tokens, stop_ids=[1]) == expected

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -12,6 +11,8 @@ import torch
 
 from serving.client import client
 from serving.server import create_app
+from tests.serving.conftest import sample, scrape, wait_until
+
 MODEL_NAME = "tiny"
 MAX_NEW = 16
 MAX_PROMPT = 64
@@ -117,20 +118,12 @@ def test_concurrent_requests_are_all_answered_identically(oai):
     assert len(set(answers)) == 1
 
 
-def test_health_answers_while_a_request_waits_for_the_model(server, oai, monkeypatch):
+def test_health_answers_while_a_request_waits_for_the_model(server, oai):
     engine = server.app.state.engine
-    reached_engine = threading.Event()
-    generate = engine.generate
-
-    def generate_and_signal(*args, **kwargs):
-        reached_engine.set()
-        return generate(*args, **kwargs)
-
-    monkeypatch.setattr(engine, "generate", generate_and_signal)
     with ThreadPoolExecutor(max_workers=1) as pool:
         with engine._lock:  # hold the model, as a long generation would
             pending = pool.submit(oai.chat.completions.create, model=MODEL_NAME, messages=MESSAGES, max_tokens=2, temperature=0)
-            assert reached_engine.wait(timeout=10)
+            wait_until(lambda: engine.active == 1, "the worker took the request")
             # Were generation run on the event loop, the loop would now be stuck on the lock.
             assert httpx.get(f"{server.root_url}/health", timeout=5).status_code == 200
             assert not pending.done()
@@ -186,9 +179,7 @@ def test_too_long_prompt_is_a_bad_request(oai):
         oai.chat.completions.create(model=MODEL_NAME, messages=[{"role": "user", "content": long_prompt}], max_tokens=2)
 
 
-def test_streaming_and_n_above_one_are_refused(oai):
-    with pytest.raises(openai.BadRequestError, match="stream"):
-        oai.chat.completions.create(model=MODEL_NAME, messages=MESSAGES, max_tokens=2, stream=True)
+def test_n_above_one_is_refused(oai):
     with pytest.raises(openai.BadRequestError, match="n=2"):
         oai.chat.completions.create(model=MODEL_NAME, messages=MESSAGES, max_tokens=2, n=2)
 
@@ -230,3 +221,114 @@ def test_api_key_is_required_when_configured(keyed_server):
     assert [m.id for m in authorised.models.list().data] == [MODEL_NAME]
     # Liveness stays open, as in vLLM, so the launcher can poll it without the key.
     assert httpx.get(f"{keyed_server.root_url}/health").status_code == 200
+
+
+# --- streaming ---------------------------------------------------------------------------------
+
+
+def test_streamed_chat_adds_up_to_the_plain_greedy_answer(oai):
+    plain = oai.chat.completions.create(model=MODEL_NAME, messages=MESSAGES, max_tokens=10, temperature=0)
+    chunks = list(
+        oai.chat.completions.create(
+            model=MODEL_NAME, messages=MESSAGES, max_tokens=10, temperature=0, stream=True, stream_options={"include_usage": True}
+        )
+    )
+    with_choices = [c for c in chunks if c.choices]
+    assert with_choices[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in with_choices) == plain.choices[0].message.content
+    # finish_reason only on the last chunk of the answer, then the usage chunk with no choices.
+    assert [c.choices[0].finish_reason for c in with_choices] == [None] * (len(with_choices) - 1) + [plain.choices[0].finish_reason]
+    assert chunks[-1].choices == [] and chunks[-1].usage == plain.usage
+    assert {c.id for c in chunks} == {chunks[0].id} and chunks[0].id.startswith("chatcmpl-")
+    assert all(c.object == "chat.completion.chunk" and c.model == MODEL_NAME for c in chunks)
+
+
+def test_streamed_completion_of_two_prompts_adds_up_per_prompt(oai):
+    prompts = ["1 2 3", "Reverse the list:\n4 5 6"]
+    plain = oai.completions.create(model=MODEL_NAME, prompt=prompts, max_tokens=6, temperature=0)
+    texts, finish = ["", ""], [None, None]
+    for chunk in oai.completions.create(model=MODEL_NAME, prompt=prompts, max_tokens=6, temperature=0, stream=True):
+        assert chunk.usage is None  # not asked for
+        for choice in chunk.choices:
+            assert finish[choice.index] is None, "nothing may follow a choice's finish_reason"
+            texts[choice.index] += choice.text
+            finish[choice.index] = choice.finish_reason
+    assert texts == [c.text for c in plain.choices]
+    assert finish == [c.finish_reason for c in plain.choices]
+
+
+def test_stream_wire_format_is_openai_server_sent_events(server):
+    body = {"model": MODEL_NAME, "messages": MESSAGES, "max_tokens": 4, "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
+    with httpx.stream("POST", f"{server.base_url}/chat/completions", json=body) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        raw = response.read().decode()
+    events = raw.split("\n\n")
+    assert events[-1] == "" and events[-2] == "data: [DONE]"  # every event ends with a blank line
+    assert all(e.startswith("data: ") for e in events[:-1])
+    import json
+
+    payloads = [json.loads(e[len("data: ") :]) for e in events[:-2]]
+    assert payloads[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert all(p["usage"] is None for p in payloads[:-1])  # include_usage: null until the last chunk
+    assert payloads[-1]["choices"] == [] and payloads[-1]["usage"]["completion_tokens"] >= 1
+
+
+# --- metrics -----------------------------------------------------------------------------------
+
+
+def test_metrics_count_requests_tokens_latency_and_batches(server, oai):
+    before = scrape(server.root_url)
+    answers = [oai.chat.completions.create(model=MODEL_NAME, messages=MESSAGES, max_tokens=3, temperature=0) for _ in range(3)]
+    list(oai.completions.create(model=MODEL_NAME, prompt="1 2 3", max_tokens=2, temperature=0, stream=True))
+    with pytest.raises(openai.NotFoundError):
+        oai.chat.completions.create(model="nope", messages=MESSAGES, max_tokens=2)
+    after = scrape(server.root_url)
+
+    def grew(name: str, **labels: str) -> float:
+        return sample(after, name, **labels) - sample(before, name, **labels)
+
+    chat = "/v1/chat/completions"
+    assert grew("serving_requests_total", endpoint=chat, status="200") == 3
+    assert grew("serving_requests_total", endpoint=chat, status="404") == 1
+    assert grew("serving_requests_total", endpoint="/v1/completions", status="200") == 1
+    assert grew("serving_errors_total", endpoint=chat, code="model_not_found") == 1
+    assert grew("serving_request_latency_seconds_count", endpoint=chat) == 4
+    assert grew("serving_time_to_first_token_seconds_count") == 4  # the 3 chats and the stream
+    assert grew("serving_tokens_total", kind="completion") >= sum(a.usage.completion_tokens for a in answers) + 1
+    assert grew("serving_tokens_total", kind="prompt") == sum(a.usage.prompt_tokens for a in answers) + len(
+        server.app.state.engine.encode_prompt("1 2 3")
+    )
+    assert grew("serving_batch_size_count") == 4  # sequential requests: a batch each
+    assert sample(after, "serving_queue_depth") == 0
+
+
+# --- compressed-tensors checkpoints ------------------------------------------------------------
+
+
+def test_a_compressed_tensors_checkpoint_is_served(tmp_path, serve_app):
+    """What the quantize stage produces (llm-compressor, compressed-tensors format) must serve."""
+    import json
+
+    from llmcompressor import oneshot
+    from llmcompressor.modifiers.quantization import QuantizationModifier
+    from transformers import AutoModelForCausalLM
+
+    from pipelines.bootstrap import build_model, train_tokenizer
+    from pipelines.config import ModelParams
+
+    tokenizer = train_tokenizer(iter([f"Reverse the list:\n{i} {i + 1} {i + 2}" for i in range(100)]), 300)
+    # W8A16 quantizes in groups of 128 columns, so the hidden size must be a multiple of 128.
+    build_model(ModelParams(hidden_size=128, intermediate_size=256, num_layers=1, num_heads=2), tokenizer).save_pretrained(tmp_path / "full")
+    # oneshot reads the model's config back from where it was loaded, as the quantize stage does it.
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "full", dtype=torch.float32)
+    oneshot(model=model, recipe=QuantizationModifier(targets="Linear", scheme="W8A16", ignore=["lm_head"]))  # RTN: no data
+    quantized = tmp_path / "quantized"
+    model.save_pretrained(quantized, save_compressed=True)
+    tokenizer.save_pretrained(quantized)
+    assert json.loads((quantized / "config.json").read_text())["quantization_config"]["quant_method"] == "compressed-tensors"
+
+    with serve_app(create_app(str(quantized), "quantized", max_new_tokens_limit=8)) as s:
+        response = client(s.base_url).chat.completions.create(model="quantized", messages=MESSAGES, max_tokens=4, temperature=0)
+    assert response.choices[0].finish_reason in ("stop", "length")
+    assert 1 <= response.usage.completion_tokens <= 4

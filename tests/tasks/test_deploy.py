@@ -26,8 +26,11 @@ def register(store, model_dir, md5) -> str:
 
 
 # The tiny untrained model answers garbage, so this policy checks serving health only:
-# every request must succeed; exact match is not asked of it.
-PARAMS = tiny_params(canary=CanaryParams(requests=4, min_exact_match=0.0, max_error_rate=0.0, max_latency_ratio=50), serve=ServeParams(startup_timeout_s=60, max_new_tokens=8))
+# every request must succeed; exact match is not asked of it (agreement with stable is).
+PARAMS = tiny_params(
+    canary=CanaryParams(steps=[50, 100], step_requests=3, golden_prompts=4, shadow_prompts=2, min_exact_match=0.0, max_latency_ratio=50),
+    serve=ServeParams(startup_timeout_s=60, max_new_tokens=8),
+)
 
 
 def alias(name):
@@ -39,7 +42,8 @@ def test_first_candidate_promoted_then_broken_candidate_rolled_back(workspace, r
     v1 = register(registry_store, workspace / "models/base", "good")
     outcome = canary_release.fn(PARAMS, v1)
     assert outcome["outcome"] == "promoted"
-    assert outcome["stats"]["candidate"]["requests"] == 4 and outcome["stats"]["candidate"]["error_rate"] == 0.0
+    (step,) = outcome["steps"]  # first release: one health + golden-prompt check
+    assert step["canary"]["requests"] == 4 and step["canary"]["error_rate"] == 0.0
     assert alias("champion") == v1
 
     broken = workspace / "broken"
@@ -56,13 +60,25 @@ def test_first_candidate_promoted_then_broken_candidate_rolled_back(workspace, r
     assert canary_release.fn(PARAMS, v1)["outcome"] == "unchanged"
 
 
-def test_candidate_probed_beside_champion(workspace, registry_store):
+def test_candidate_rolled_out_beside_champion_through_the_gateway(workspace, registry_store):
     v1 = register(registry_store, workspace / "models/base", "one")
     models.promote("reverse-digits", v1)
     v2 = register(registry_store, workspace / "models/base", "two")
     outcome = canary_release.fn(PARAMS, v2)
-    assert set(outcome["stats"]) == {"candidate", "champion"}
-    assert outcome["stats"]["champion"]["requests"] == 4
     # Same weights on both sides: identical greedy answers, so the candidate is promoted.
-    assert outcome["outcome"] == "promoted"
+    assert outcome["outcome"] == "promoted", outcome["reasons"]
+    assert [s["weight"] for s in outcome["steps"]] == [50, 100]
+    assert all(s["canary"]["requests"] >= 3 and s["canary"]["agreement"] == 1.0 for s in outcome["steps"])
+    assert outcome["client_errors"] == 0
     assert (alias("champion"), alias("previous")) == (v2, v1)
+
+
+def test_canary_drill_with_failing_candidate_is_rolled_back(workspace, registry_store):
+    v1 = register(registry_store, workspace / "models/base", "one")
+    models.promote("reverse-digits", v1)
+    v2 = register(registry_store, workspace / "models/base", "two")
+    outcome = canary_release.fn(PARAMS, v2, drill=["--fault-error-rate", "1.0"])
+    assert outcome["outcome"] == "rolled_back"
+    assert outcome["client_errors"] == 0, "the gateway must retry the canary's failures on stable"
+    assert any(r.startswith("error_rate") for r in outcome["reasons"])
+    assert (alias("champion"), alias("candidate")) == (v1, None)

@@ -1,0 +1,181 @@
+"""The canary controller: progressive traffic shifting with analysis at every step.
+
+Semantics of Argo Rollouts / Flagger, driven from params (`canary:`): for each weight step
+the gateway sends that share of traffic to the canary; once the canary has answered
+`step_requests` requests (and `interval_s` has passed), the step is analysed by the pure
+`pipelines.gates.decide_canary` over what was collected: the gateway's per-backend error
+rate and p95 latency for this step, golden-prompt exact match, and agreement with stable on
+shadowed prompts. `rollout_action` then advances, promotes (canary becomes stable) or rolls
+back (canary removed; stable keeps all traffic).
+
+With no real users (the embedded default), the controller drives synthetic traffic through
+the gateway with the real OpenAI client; every client-visible error is counted, and there
+must be none: canary failures are retried on stable by the gateway.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from pipelines.config import CanaryParams
+from pipelines.gates import Decision, decide_canary, rollout_action
+from serving.canary import probe
+from serving.client import client
+from serving.gateway import Backend, Gateway, shadow_agreement
+
+
+@dataclass
+class StepReport:
+    weight: int
+    canary: dict
+    stable: dict
+    decision: Decision
+    client_requests: int
+    client_errors: int
+
+    def as_dict(self) -> dict:
+        return {
+            "weight": self.weight,
+            "canary": self.canary,
+            "stable": self.stable,
+            "passed": self.decision.passed,
+            "reasons": self.decision.reasons,
+            "client_requests": self.client_requests,
+            "client_errors": self.client_errors,
+        }
+
+
+@dataclass
+class RolloutResult:
+    outcome: str  # "promoted" | "rolled_back"
+    steps: list[StepReport] = field(default_factory=list)
+
+    @property
+    def client_errors(self) -> int:
+        return sum(s.client_errors for s in self.steps)
+
+    @property
+    def reasons(self) -> list[str]:
+        return [r for s in self.steps for r in s.decision.reasons]
+
+    def summary(self) -> str:
+        lines = [f"canary {self.outcome} after {len(self.steps)} step(s); client-visible errors: {self.client_errors}"]
+        for s in self.steps:
+            verdict = "ok" if s.decision.passed else "FAILED: " + "; ".join(s.decision.reasons)
+            c = s.canary
+            lines.append(
+                f"  {s.weight:>3}% canary: {c.get('requests', 0)} req, error rate {c.get('error_rate', 0):.2f}, "
+                f"p95 {fmt_s(c.get('p95_latency_s'))} vs stable {fmt_s(s.stable.get('p95_latency_s'))}, "
+                f"golden EM {fmt(c.get('exact_match'))}, agreement {fmt(c.get('agreement'))} -> {verdict}"
+            )
+        return "\n".join(lines)
+
+
+def fmt(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2f}"
+
+
+def fmt_s(x: float | None) -> str:
+    return "-" if x is None else f"{1000 * x:.0f} ms"
+
+
+def drive_traffic(base_url: str, model: str, prompts: list[str], done: Callable[[], bool], max_requests: int, max_tokens: int, concurrency: int = 4) -> tuple[int, int]:
+    """Synthetic users: send prompts through the gateway until `done()` or `max_requests`.
+    Returns (requests sent, client-visible errors)."""
+    api = client(base_url, timeout=60)
+    counter = itertools.count()
+    lock = threading.Lock()
+    sent = errors = 0
+
+    def user() -> None:
+        nonlocal sent, errors
+        while not done():
+            n = next(counter)
+            if n >= max_requests:
+                return
+            try:
+                api.chat.completions.create(
+                    model=model, messages=[{"role": "user", "content": prompts[n % len(prompts)]}], max_tokens=max_tokens, temperature=0
+                )
+                ok = True
+            except Exception:  # a client-visible failure: exactly what the gateway must prevent
+                ok = False
+            with lock:
+                sent += 1
+                errors += not ok
+
+    with ThreadPoolExecutor(concurrency) as pool:
+        for _ in range(concurrency):
+            pool.submit(user)
+    return sent, errors
+
+
+def v1(backend: Backend) -> tuple[str, str]:
+    """(OpenAI base URL, served model name) of a backend, as the probe's clients want them."""
+    return f"{backend.base_url}/v1", backend.model
+
+
+def run_rollout(
+    gateway: Gateway,
+    gateway_url: str,
+    canary: Backend,
+    golden: list[tuple[str, str]],
+    policy: CanaryParams,
+    max_tokens: int,
+    on_step: Callable[[int], None] | None = None,
+) -> RolloutResult:
+    """Shift traffic to `canary` step by step behind `gateway` (served at `gateway_url`, the
+    OpenAI base URL). Rolls back by removing the canary; on success leaves the promotion
+    itself (gateway swap, registry aliases) to the caller. `on_step(i)` runs when step i's
+    weight is set, before its traffic: drills use it to break the canary mid-rollout."""
+    stable = gateway.stable
+    golden_stable = probe({"stable": v1(stable)}, golden, max_tokens)["stable"]
+    shadow = [p for p, _ in golden[: policy.shadow_prompts]]
+    traffic = [p for p, _ in golden]
+    # Warm-up: a fresh process pays one-off costs (lazy initialisation, first allocations) on
+    # its first requests; they say nothing about the model and must not count as its latency.
+    probe({"canary": v1(canary)}, golden[:3], max_tokens)
+    gateway.set_canary(canary, 0.0)
+    decisions: list[Decision] = []
+    result = RolloutResult("rolled_back")
+    for i, weight in enumerate(policy.steps):
+        gateway.set_weight(weight / 100)
+        gateway.window()  # start this step's statistics afresh
+        if on_step:
+            on_step(i)
+        started = time.monotonic()
+
+        def done() -> bool:
+            return gateway.canary_requests() >= policy.step_requests and time.monotonic() - started >= policy.interval_s
+
+        # Enough synthetic requests for the canary to see step_requests at this weight, with margin.
+        budget = 4 * math.ceil(policy.step_requests * 100 / weight) + 50
+        sent, errors = drive_traffic(gateway_url, gateway.public_model, traffic, done, budget, max_tokens)
+        stats = gateway.window()
+        golden_canary = probe({"canary": v1(canary)}, golden, max_tokens)["canary"]
+        canary_metrics = {
+            "requests": stats["canary"]["requests"],
+            "error_rate": stats["canary"]["error_rate"],
+            "p95_latency_s": stats["canary"]["p95_latency_s"],
+            "exact_match": golden_canary["exact_match"],
+        }
+        if shadow:
+            canary_metrics["agreement"] = shadow_agreement(stable, canary, shadow, max_tokens)
+        stable_metrics = {"p95_latency_s": stats["stable"]["p95_latency_s"], "exact_match": golden_stable["exact_match"]}
+        decision = decide_canary(canary_metrics, stable_metrics, policy)
+        decisions.append(decision)
+        result.steps.append(StepReport(weight, canary_metrics, stable_metrics, decision, sent, errors))
+        action = rollout_action(decisions, i, policy)
+        if action == "rollback":
+            gateway.remove_canary()
+            return result
+        if action == "promote":
+            result.outcome = "promoted"
+            return result
+    return result

@@ -1,0 +1,82 @@
+"""Fault injection for the canary controller, with real server processes behind a real
+gateway and the real OpenAI client as the users. Each drill ends with stable still serving
+and no client-visible error."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipelines.config import CanaryParams
+from serving.background import ThreadedServer
+from serving.client import chat_once, client
+from serving.gateway import Backend, create_gateway
+from serving.launcher import free_port, launch
+from serving.rollout import run_rollout
+
+PROMPTS = [f"Reverse the list:\n{a} {b} {c}" for a, b, c in [(1, 2, 3), (4, 5, 6), (7, 8, 9), (3, 1, 4), (1, 5, 9), (2, 6, 5)]]
+# p95 over a handful of requests on a shared 2-core machine is noisy: the bound is loose here,
+# and the slow-canary drill adds a delay far beyond it.
+POLICY = CanaryParams(steps=[25, 100], step_requests=4, golden_prompts=6, shadow_prompts=3, min_exact_match=0.9, max_latency_ratio=5.0)
+MAX_TOKENS = 8
+
+
+def serve(model_dir: str, name: str, tmp_path, *drill: str):
+    return launch("cpu", model_dir, name, "127.0.0.1", free_port(), tmp_path / f"{name}.log", 60, extra_args=list(drill), env={"OMP_NUM_THREADS": "1"})
+
+
+@pytest.fixture(scope="module")
+def stable(model_dir, tmp_path_factory):
+    with serve(model_dir, "stable", tmp_path_factory.mktemp("stable")) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def golden(stable):
+    """The untrained model's own greedy answers are the reference: the same weights must match them."""
+    api = client(stable.base_url)
+    return [(p, chat_once(api, "stable", p, MAX_TOKENS)[0]) for p in PROMPTS]
+
+
+def rollout(stable_server, canary_server, golden, on_step=None):
+    app = create_gateway(Backend("stable", stable_server.root_url, "stable"), public_model="reverse-digits", seed=0)
+    with ThreadedServer(app) as gw:
+        result = run_rollout(app.state.gateway, gw.base_url, Backend("canary", canary_server.root_url, "canary"), golden, POLICY, MAX_TOKENS, on_step=on_step)
+        # After the rollout the gateway still answers users.
+        answer, _ = chat_once(client(gw.base_url), "reverse-digits", PROMPTS[0], MAX_TOKENS)
+        return result, app.state.gateway, answer
+
+
+def test_good_canary_is_promoted(model_dir, stable, golden, tmp_path):
+    with serve(model_dir, "canary", tmp_path) as canary:
+        result, gateway, answer = rollout(stable, canary, golden)
+    assert result.outcome == "promoted", result.summary()
+    assert [s.weight for s in result.steps] == [25, 100]
+    assert all(s.canary["requests"] >= POLICY.step_requests for s in result.steps)
+    assert result.client_errors == 0 and answer == golden[0][1]
+
+
+def test_canary_answering_500s_is_rolled_back(model_dir, stable, golden, tmp_path):
+    with serve(model_dir, "canary", tmp_path, "--fault-error-rate", "1.0") as canary:
+        result, gateway, answer = rollout(stable, canary, golden)
+    assert result.outcome == "rolled_back"
+    assert len(result.steps) == 1 and result.steps[0].canary["error_rate"] == 1.0
+    assert result.client_errors == 0 and gateway.canary is None and answer == golden[0][1]
+
+
+def test_canary_killed_mid_rollout_is_rolled_back(model_dir, stable, golden, tmp_path):
+    with serve(model_dir, "canary", tmp_path) as canary:
+        # Healthy at 25 %, killed as the weight moves to 100 %, with users' requests in flight.
+        result, gateway, answer = rollout(stable, canary, golden, on_step=lambda i: canary.stop() if i == 1 else None)
+    assert result.outcome == "rolled_back"
+    assert [s.decision.passed for s in result.steps] == [True, False]
+    assert result.steps[1].canary["error_rate"] == 1.0, "every request after the kill is the canary's failure"
+    assert result.steps[1].canary["exact_match"] == 0.0, "a dead canary answers no golden prompt"
+    assert result.client_errors == 0 and gateway.canary is None and answer == golden[0][1]
+
+
+def test_slow_canary_is_rolled_back_on_latency(model_dir, stable, golden, tmp_path):
+    with serve(model_dir, "canary", tmp_path, "--fault-delay-s", "1.0") as canary:
+        result, gateway, answer = rollout(stable, canary, golden)
+    assert result.outcome == "rolled_back"
+    assert any(r.startswith("p95_latency_ratio") for r in result.reasons), result.summary()
+    assert result.client_errors == 0 and gateway.canary is None
