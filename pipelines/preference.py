@@ -75,7 +75,8 @@ def run(params: Params) -> None:
         processing_class=tokenizer,
         peft_config=lora_config(cfg.lora),
     )
-    before = trainer.evaluate(metric_key_prefix="before")
+    # TRL names its reward metrics eval_* whatever the prefix, so read both evaluations the same way.
+    before = trainer.evaluate()
     resume = last_checkpoint(ckpt)
     started = time.perf_counter()
     trainer.train(resume_from_checkpoint=resume)
@@ -89,7 +90,7 @@ def run(params: Params) -> None:
         {
             "preference_accuracy": after["eval_rewards/accuracies"],
             "reward_margin": after["eval_rewards/margins"],
-            "preference_accuracy_before": before.get("before_rewards/accuracies"),
+            "preference_accuracy_before": before["eval_rewards/accuracies"],
             "eval_loss": after["eval_loss"],
             "train_seconds": seconds,
             "trainable_parameters": trainable,

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import ipaddress
 import json
 import os
 import random
@@ -40,6 +39,8 @@ import httpx
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from serving.netaddr import is_loopback
 
 API_KEY_ENV = "GATEWAY_API_KEY"  # keys come from the environment: a key in argv is visible in `ps`
 ADMIN_KEY_ENV = "GATEWAY_ADMIN_KEY"
@@ -622,16 +623,6 @@ def shadow_agreement(stable: Backend, canary: Backend, prompts: list[str], max_t
 
 
 # --- command line --------------------------------------------------------------------------------
-
-
-def is_loopback(host: str) -> bool:
-    # The same rule as serving.server.is_loopback, repeated so the gateway never imports torch.
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -59,6 +59,7 @@ def test_dpo_changes_the_sft_model_and_reports_preference_accuracy(workspace):
     assert any(diff.values())
     metrics = json.loads(Path("metrics/preference.json").read_text())
     assert 0.0 <= metrics["preference_accuracy"] <= 1.0 and metrics["steps"] == 4
+    assert 0.0 <= metrics["preference_accuracy_before"] <= 1.0
 
 
 def run_stage(module: str, cwd: Path, **kw) -> subprocess.Popen:

@@ -1,0 +1,43 @@
+"""`make rollback` / `python -m registry.cli rollback` and `show` against a real MLflow store."""
+
+from pathlib import Path
+
+import pytest
+
+from registry import cli, models
+
+
+@pytest.fixture
+def store(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    Path("params.yaml").write_text("registry:\n  model_name: m\n")
+    from registry.store import client, experiment_id
+
+    c, exp = client(), experiment_id("test")
+    versions = []
+    for tag in ("a", "b"):
+        (tmp_path / tag).mkdir()
+        (tmp_path / tag / "config.json").write_text("{}")
+        mv = models.register("m", tmp_path / tag, c.create_run(exp).info.run_id, tag, {"metric.exact_match": "0.9"})
+        models.promote("m", str(mv.version))
+        versions.append(str(mv.version))
+    return versions
+
+
+def test_rollback_command_restores_previous(store, capsys):
+    v1, v2 = store
+    cli.main(["rollback"])
+    assert f"champion is now version {v1} (was {v2})" in capsys.readouterr().out
+    assert str(models.by_alias("m", "champion").version) == v1
+    cli.main(["show"])
+    out = capsys.readouterr().out
+    assert f"champion: version {v1}" in out and f"previous: version {v2}" in out
+
+
+def test_bad_params_file_fails_with_the_key(store, capsys):
+    Path("params.yaml").write_text("registry:\n  modelname: m\n")
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["show"])
+    assert exit_.value.code == 2
+    assert "registry.modelname: unknown key (did you mean 'model_name'?)" in capsys.readouterr().err
