@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 import time
 
@@ -45,7 +46,9 @@ def quality_summary() -> dict:
 
 
 @flow(name="llm-lifecycle", log_prints=True)
-def lifecycle(deploy: bool = True) -> dict:
+def lifecycle(deploy: bool = True, canary_drill: list[str] | None = None) -> dict:
+    """`canary_drill`: extra server flags for the candidate (e.g. ["--fault-error-rate", "1.0"])
+    to rehearse a rollback through the real release path."""
     # DVC stages read ./params.yaml, so the flow reads exactly that file too: one source of truth.
     params: Params = load_params()  # invalid config fails here, before any work
     parent = start_parent_run(params, flow_run.id)
@@ -71,7 +74,7 @@ def lifecycle(deploy: bool = True) -> dict:
         if deploy:
             registered = register_candidate(params, parent, flow_run.id, stage_runs)
             summary["registered"] = registered
-            summary.update(canary_release(params, registered["version"]))
+            summary.update(canary_release(params, registered["version"], drill=canary_drill))
         else:
             summary["outcome"] = "not deployed (deploy=False)"
     except GateFailed as exc:
@@ -111,6 +114,11 @@ def render(summary: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m flows.lifecycle", description=__doc__)
     parser.add_argument("--no-deploy", action="store_true", help="stop after the gates: no registration, no canary")
+    parser.add_argument(
+        "--canary-drill",
+        metavar="FLAGS",
+        help="rehearse a rollback: start the candidate's server with these fault flags, e.g. '--fault-error-rate 1.0' or '--fault-delay-s 2'",
+    )
     args = parser.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
@@ -119,9 +127,14 @@ def main() -> None:
         print(exc, file=sys.stderr)
         sys.exit(2)
     try:
-        lifecycle(deploy=not args.no_deploy)
+        summary = lifecycle(deploy=not args.no_deploy, canary_drill=shlex.split(args.canary_drill) if args.canary_drill else None)
     except (GateFailed, RuntimeError) as exc:
         print(f"\nlifecycle stopped: {exc}", file=sys.stderr)
+        sys.exit(1)
+    if summary.get("outcome") == "rolled_back":
+        # The flow did its job (the champion is untouched), but nothing new reached users:
+        # scripts and schedulers should see that as a failure to release.
+        print(f"\ncandidate v{summary['version']} was rolled back; champion v{summary.get('champion')} keeps serving", file=sys.stderr)
         sys.exit(1)
 
 

@@ -31,7 +31,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -373,10 +373,8 @@ class Proxy:
     def _respond(self, attempt: Attempt) -> Response:
         body = attempt.body
         if attempt.outcome == "ok":
-            try:
+            with suppress(ValueError):  # not JSON: pass it on untouched
                 body = json.dumps(with_public_model(json.loads(body), self.gateway.public_model)).encode()
-            except ValueError:  # not JSON: pass it on untouched
-                pass
         return Response(body, status_code=attempt.status, media_type=attempt.content_type, headers={**attempt.headers, "x-gateway-backend": attempt.backend})
 
     async def _call(self, slot: Slot, path: str, payload: dict, retry: bool, fallback: bool) -> Attempt:

@@ -9,6 +9,7 @@ reaches the workers vLLM and TensorRT-LLM spawn.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -163,11 +164,9 @@ class ServerProcess:
                         f"server exited with code {code} before becoming healthy: {' '.join(self.command)}\n"
                         f"last lines of {self.log_path}:\n{self.log_tail()}"
                     )
-                try:
+                with contextlib.suppress(httpx.TransportError):  # not listening yet
                     if http.get(f"{self.root_url}/health").status_code == 200:
                         return
-                except httpx.TransportError:  # not listening yet
-                    pass
                 if time.monotonic() >= deadline:
                     self.stop()
                     raise ServerStartError(
@@ -182,10 +181,8 @@ class ServerProcess:
             return None
         if self.process.poll() is None:
             self._signal_group(signal.SIGTERM)
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):  # then SIGKILL, below
                 self.process.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                pass
             # SIGKILL even when the leader exited: workers it spawned (vLLM, TensorRT-LLM) may
             # linger in the group. Only done right after SIGTERM, while the group id is surely ours.
             self._signal_group(signal.SIGKILL)
@@ -197,10 +194,8 @@ class ServerProcess:
 
     def _signal_group(self, sig: signal.Signals) -> None:
         assert self.process is not None
-        try:
+        with contextlib.suppress(ProcessLookupError):  # the group is already empty
             os.killpg(self.process.pid, sig)
-        except ProcessLookupError:  # the group is already empty
-            pass
 
     def __enter__(self) -> "ServerProcess":
         return self

@@ -34,7 +34,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from typing import Any, Literal
 
 from fastapi import Depends, FastAPI, Request
@@ -420,10 +420,8 @@ def create_app(
         events: asyncio.Queue[tuple] = asyncio.Queue()
 
         def post(event: tuple) -> None:  # called on the engine's worker thread
-            try:
+            with suppress(RuntimeError):  # the loop is closed: the server stopped, nobody is listening
                 loop.call_soon_threadsafe(events.put_nowait, event)
-            except RuntimeError:  # the loop is closed: the server stopped, nobody is listening
-                pass
 
         on_delta = [lambda text, finish, i=i: post(("delta", i, text, finish)) for i in range(len(prompts))]
         submissions = await enqueue(eng, prompts, max_tokens, body, deadline, on_delta)

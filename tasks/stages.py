@@ -14,7 +14,7 @@ from prefect.cache_policies import NO_CACHE
 
 
 class StageFailed(RuntimeError):
-    pass
+    """A DVC stage exited non-zero; earlier stages' outputs are kept and a rerun resumes here."""
 
 
 def dvc_env() -> dict[str, str]:

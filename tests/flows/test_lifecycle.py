@@ -174,6 +174,17 @@ def test_failed_stage_keeps_earlier_outputs_and_the_rerun_resumes(project):
     assert alias_version(project, "previous") == "1"
 
 
+def test_canary_drill_rolls_the_candidate_back_and_keeps_the_champion(project):
+    write_params(project, preference={"max_steps": 30, "beta": 0.3})  # a new candidate, v3
+    result = run_flow(project, "--canary-drill=--fault-error-rate 1.0")
+    assert result.returncode == 1, result.stdout[-6000:]
+    assert "outcome: rolled_back (version 3)" in result.stdout
+    assert "candidate v3 was rolled back; champion v2 keeps serving" in result.stdout
+    assert "client-visible errors: 0" in result.stdout
+    assert alias_version(project, "champion") == "2" and alias_version(project, "previous") == "1"
+    assert registry(project).get_model_version("reverse-digits", "3").tags["canary"] == "rolled_back"
+
+
 def test_invalid_params_fail_before_any_work(project):
     before = sorted(p.name for p in (project / ".prefect").rglob("*.db"))
     lock = (project / "dvc.lock").read_bytes()
