@@ -14,6 +14,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from pipelines.recipe import DEFAULT_RECIPE, check_recipe
+
 PARAMS_FILE = Path("params.yaml")
 BOOTSTRAP = "bootstrap"  # the embedded default: train a tokenizer and a tiny Llama from scratch
 
@@ -174,6 +176,7 @@ class CanaryParams(Section):
 
 
 class Params(Section):
+    recipe: list[str] = Field(default_factory=lambda: list(DEFAULT_RECIPE), description="Training steps in order, e.g. [sft, dpo], [sft, kto], [sft, rm, grpo]; each names an algorithm in pipelines/recipe.py and reads the params section of the same name.")
     data: DataParams = Field(default_factory=DataParams)
     prepare: PrepareParams = Field(default_factory=PrepareParams)
     model: ModelParams = Field(default_factory=ModelParams)
@@ -185,6 +188,13 @@ class Params(Section):
     registry: RegistryParams = Field(default_factory=RegistryParams)
     serve: ServeParams = Field(default_factory=ServeParams)
     canary: CanaryParams = Field(default_factory=CanaryParams)
+
+    @model_validator(mode="after")
+    def _recipe(self) -> "Params":
+        problems = check_recipe(self.recipe)
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
 
     @property
     def bootstrapped(self) -> bool:
