@@ -21,8 +21,6 @@ METRICS = Path("metrics")
 REPORTS = Path("reports")
 
 BASE_DIR = MODELS / "base"
-SFT_DIR = MODELS / "sft"
-DPO_DIR = MODELS / "dpo"
 QUANT_DIR = MODELS / "quantized"
 
 log = logging.getLogger("pipelines")

@@ -64,38 +64,143 @@ class ModelParams(Section):
         return self
 
 
-class LoraParams(Section):
-    r: int = Field(16, ge=1, description="LoRA rank.")
-    alpha: int = Field(32, ge=1, description="LoRA scaling numerator (scale = alpha / r).")
-    dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout.")
-    target_modules: list[str] | Literal["all-linear"] = Field("all-linear", description="Modules that get adapters.")
+class ComputeParams(Section):
+    """Where and in which precision every stage runs: training, evaluation and quantization."""
+
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="'auto' uses CUDA when a GPU is visible, else the CPU.")
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field("auto", description="'auto': bf16 on a GPU that supports it, fp16 on an older GPU, fp32 on the CPU.")
+
+
+PEFT_METHODS = ("full", "lora", "qlora", "dora", "rslora", "pissa", "olora", "adalora", "ia3", "loha", "lokr", "vera")
+
+
+class PeftParams(Section):
+    """Which weights a training step updates. Adapters are merged on save, so every later
+    consumer loads a plain checkpoint."""
+
+    method: Literal[PEFT_METHODS] = Field("lora", description=f"One of {', '.join(PEFT_METHODS)}. 'full' trains every weight; qlora loads the base in 4 bits (bitsandbytes, CUDA only); pissa/olora are LoRA initialisations; rslora scales by alpha/sqrt(r); dora decomposes magnitude and direction.")
+    r: int = Field(16, ge=1, description="Adapter rank (LoRA family, AdaLoRA's target rank, LoHa/LoKr, VeRA).")
+    alpha: int = Field(32, ge=1, description="Scaling numerator (LoRA family, LoHa, LoKr).")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Adapter dropout.")
+    target_modules: list[str] | Literal["all-linear"] = Field("all-linear", description="Modules that get adapters (IA3 and VeRA need explicit names; 'all-linear' picks the attention and MLP projections for them).")
     modules_to_save: list[str] = Field(default_factory=list, description="Modules trained in full beside the adapters (e.g. embed_tokens, lm_head for a new tokenizer).")
 
 
-class SftParams(Section):
-    method: Literal["lora", "full"] = Field("lora", description="'lora' trains a PEFT adapter (merged on save); 'full' trains every weight.")
-    lora: LoraParams = Field(default_factory=LoraParams, description="Adapter settings when method is 'lora'.")
+class TrainParams(Section):
+    """What every training step shares; each algorithm's section adds its own knobs."""
+
+    peft: PeftParams = Field(default_factory=PeftParams, description="Full training or a PEFT method.")
+    max_steps: int = Field(100, ge=1, description="Optimizer steps.")
+    batch_size: int = Field(16, ge=1, description="Per-device batch size.")
+    gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass: less memory, ~30 % slower.")
+    learning_rate: float = Field(1e-3, gt=0, description="Peak learning rate.")
+    lr_scheduler: str = Field("linear", description="transformers scheduler name (linear, cosine, constant, ...).")
+    warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps.")
+    max_length: int = Field(64, ge=8, description="Tokens per example; longer ones are truncated.")
+    save_steps: int = Field(50, ge=1, description="Checkpoint every N steps; a killed run resumes from the last one.")
+    seed: int = Field(42, description="Training seed (data order and initialisation).")
+    nproc: int = Field(1, ge=1, description="Processes under torch.distributed.run (one per GPU; CPU: gloo).")
+    deepspeed: str | None = Field(None, description="Path to a DeepSpeed JSON config (configs/deepspeed/zero2.json, zero3.json, *_offload.json); null for none.")
+    fsdp: str | None = Field(None, description="FSDP mode passed to the trainer (e.g. 'full_shard auto_wrap'); needs a GPU and nproc > 1. Exclusive with deepspeed.")
+
+    @model_validator(mode="after")
+    def _parallel(self) -> "TrainParams":
+        if self.deepspeed and self.fsdp:
+            raise ValueError("deepspeed and fsdp are exclusive: set one of them to null")
+        return self
+
+
+class SftParams(TrainParams):
+    peft: PeftParams = Field(
+        default_factory=lambda: PeftParams(modules_to_save=["embed_tokens", "lm_head"]),
+        description="Full training or a PEFT method; the bootstrapped model trains its fresh embeddings in full.",
+    )
     max_steps: int = Field(500, ge=1, description="Optimizer steps.")
     batch_size: int = Field(32, ge=1, description="Per-device batch size.")
     learning_rate: float = Field(3e-3, gt=0, description="Peak learning rate (linear decay).")
     warmup_steps: int = Field(20, ge=0, description="Linear warm-up steps.")
-    max_length: int = Field(64, ge=8, description="Tokens per example; longer ones are truncated.")
-    eval_steps: int = Field(100, ge=1, description="Validation loss every N steps (and a checkpoint, to resume from).")
-    seed: int = Field(42, description="Training seed.")
-    nproc: int = Field(1, ge=1, description="Processes under torch.distributed.run (CPU: gloo).")
-    deepspeed: str | None = Field(None, description="Path to a DeepSpeed JSON config (e.g. configs/deepspeed/zero2.json); null for none.")
+    save_steps: int = Field(100, ge=1, description="Validation loss and a checkpoint every N steps; a killed run resumes from the last one.")
+    loss_on: Literal["all_assistant", "last_assistant"] = Field("all_assistant", description="Which tokens carry the loss in a multi-turn conversation: every assistant turn, or only the last.")
+    packing: bool = Field(False, description="Pack several short examples into one sequence (TRL packing).")
 
 
-class PreferenceParams(Section):
-    method: Literal["dpo"] = Field("dpo", description="Preference-alignment algorithm (TRL).")
-    loss_type: str = Field("sigmoid", description="DPO loss variant (TRL loss_type: sigmoid, ipo, hinge, ...).")
-    beta: float = Field(0.1, gt=0, description="DPO beta: strength of the pull towards the reference model.")
-    lora: LoraParams = Field(default_factory=lambda: LoraParams(r=8, alpha=16), description="DPO trains a LoRA adapter on the SFT model; the reference is the adapter switched off.")
+class DpoParams(TrainParams):
+    peft: PeftParams = Field(default_factory=lambda: PeftParams(r=8, alpha=16), description="DPO trains an adapter on the previous model; the reference is the adapter switched off.")
     max_steps: int = Field(60, ge=1, description="Optimizer steps.")
-    batch_size: int = Field(16, ge=1, description="Pairs per batch.")
-    learning_rate: float = Field(1e-3, gt=0, description="Learning rate.")
-    max_length: int = Field(64, ge=8, description="Tokens per prompt+answer.")
-    seed: int = Field(42, description="Training seed.")
+    save_steps: int = Field(20, ge=1, description="Checkpoint every N steps.")
+    loss_type: list[str] = Field(default_factory=lambda: ["sigmoid"], description="TRL DPO loss(es): sigmoid, hinge, ipo, robust, bco_pair, sppo_hard, nca_pair, apo_zero, apo_down, discopop, sigmoid_norm, ...; several are combined.")
+    beta: float = Field(0.1, gt=0, description="Strength of the pull towards the reference model.")
+
+
+class KtoParams(TrainParams):
+    peft: PeftParams = Field(default_factory=lambda: PeftParams(r=8, alpha=16), description="KTO trains an adapter; the reference is the adapter switched off.")
+    max_steps: int = Field(60, ge=1, description="Optimizer steps.")
+    save_steps: int = Field(20, ge=1, description="Checkpoint every N steps.")
+    beta: float = Field(0.1, gt=0, description="KTO beta.")
+    desirable_weight: float = Field(1.0, gt=0, description="Loss weight of completions labelled good.")
+    undesirable_weight: float = Field(1.0, gt=0, description="Loss weight of completions labelled bad (raise it when bad ones are rarer).")
+
+
+class OrpoParams(TrainParams):
+    peft: PeftParams = Field(default_factory=lambda: PeftParams(r=8, alpha=16), description="Adapter settings.")
+    max_steps: int = Field(60, ge=1, description="Optimizer steps.")
+    save_steps: int = Field(20, ge=1, description="Checkpoint every N steps.")
+    beta: float = Field(0.1, gt=0, description="ORPO lambda: weight of the odds-ratio term beside the SFT loss.")
+
+
+class CpoParams(TrainParams):
+    peft: PeftParams = Field(default_factory=lambda: PeftParams(r=8, alpha=16), description="Adapter settings.")
+    max_steps: int = Field(60, ge=1, description="Optimizer steps.")
+    save_steps: int = Field(20, ge=1, description="Checkpoint every N steps.")
+    loss_type: Literal["sigmoid", "hinge", "ipo", "simpo"] = Field("sigmoid", description="'simpo' gives SimPO (length-normalised, reference-free, with a margin).")
+    beta: float = Field(0.1, gt=0, description="CPO/SimPO beta.")
+    simpo_gamma: float = Field(0.5, ge=0, description="SimPO target reward margin.")
+    cpo_alpha: float = Field(1.0, ge=0, description="Weight of the behaviour-cloning (NLL) term; 0 with loss_type simpo is pure SimPO.")
+
+
+class RmParams(TrainParams):
+    peft: PeftParams = Field(default_factory=lambda: PeftParams(method="full"), description="The reward model is a sequence classifier on the previous policy; the tiny default trains it in full.")
+    max_steps: int = Field(300, ge=1, description="Optimizer steps.")
+    save_steps: int = Field(100, ge=1, description="Checkpoint every N steps.")
+    center_rewards_coefficient: float | None = Field(0.01, ge=0, description="Pulls rewards towards zero mean (TRL); null for none.")
+
+
+class RlParams(TrainParams):
+    """Online RL: the policy samples `num_generations` answers per prompt, rewards score them."""
+
+    peft: PeftParams = Field(default_factory=lambda: PeftParams(method="full"), description="Full or PEFT; on the tiny demo model full training learns and LoRA barely moves the reward.")
+    max_steps: int = Field(200, ge=1, description="Optimizer steps.")
+    save_steps: int = Field(50, ge=1, description="Checkpoint every N steps.")
+    batch_size: int = Field(64, ge=2, description="Completions per device per step (a multiple of num_generations): prompts per step = batch_size / num_generations.")
+    learning_rate: float = Field(3e-4, gt=0, description="Peak learning rate.")
+    num_generations: int = Field(8, ge=2, description="Answers sampled per prompt (the group).")
+    max_completion_length: int = Field(16, ge=1, description="Tokens sampled per answer.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature of the rollouts.")
+    beta: float = Field(0.0, ge=0, description="KL penalty towards the reference policy (0: none, no reference kept).")
+    rewards: list[str] = Field(default_factory=lambda: ["token_overlap"], description="Reward functions by name (pipelines/rewards.py), and 'reward_model' for the recipe's rm step.")
+    reward_weights: list[float] | None = Field(None, description="One weight per reward (null: all 1).")
+
+    @model_validator(mode="after")
+    def _rl(self) -> "RlParams":
+        from pipelines.rewards import check_rewards  # the registry of reward functions
+
+        problems = check_rewards(self.rewards)
+        if self.batch_size % self.num_generations:
+            problems.append(f"batch_size ({self.batch_size}) must be a multiple of num_generations ({self.num_generations})")
+        if self.reward_weights is not None and len(self.reward_weights) != len(self.rewards):
+            problems.append(f"reward_weights has {len(self.reward_weights)} entries for {len(self.rewards)} rewards")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
+class GrpoParams(RlParams):
+    pass
+
+
+class RlooParams(RlParams):
+    pass
 
 
 class EvaluateParams(Section):
@@ -180,8 +285,15 @@ class Params(Section):
     data: DataParams = Field(default_factory=DataParams)
     prepare: PrepareParams = Field(default_factory=PrepareParams)
     model: ModelParams = Field(default_factory=ModelParams)
+    compute: ComputeParams = Field(default_factory=ComputeParams)
     sft: SftParams = Field(default_factory=SftParams)
-    preference: PreferenceParams = Field(default_factory=PreferenceParams)
+    dpo: DpoParams = Field(default_factory=DpoParams)
+    kto: KtoParams = Field(default_factory=KtoParams)
+    orpo: OrpoParams = Field(default_factory=OrpoParams)
+    cpo: CpoParams = Field(default_factory=CpoParams)
+    rm: RmParams = Field(default_factory=RmParams)
+    grpo: GrpoParams = Field(default_factory=GrpoParams)
+    rloo: RlooParams = Field(default_factory=RlooParams)
     evaluate: EvaluateParams = Field(default_factory=EvaluateParams)
     gate: GateParams = Field(default_factory=GateParams)
     quantize: QuantizeParams = Field(default_factory=QuantizeParams)
@@ -192,6 +304,10 @@ class Params(Section):
     @model_validator(mode="after")
     def _recipe(self) -> "Params":
         problems = check_recipe(self.recipe)
+        for step in self.recipe:
+            rl = getattr(self, step, None)
+            if isinstance(rl, RlParams) and "reward_model" in rl.rewards and "rm" not in self.recipe[: self.recipe.index(step)]:
+                problems.append(f"{step}.rewards names 'reward_model' but no 'rm' step comes before '{step}' in the recipe")
         if problems:
             raise ValueError("; ".join(problems))
         return self

@@ -1,102 +1,85 @@
-"""Stage `sft`: supervised fine-tuning with TRL's SFTTrainer, LoRA (PEFT) or full.
+"""Step `sft`: supervised fine-tuning with TRL's SFTTrainer, full or with any PEFT method.
 
-Rows are fed as conversational prompt/completion pairs, so TRL renders them with the model's
-chat template and computes the loss on the assistant answer only. LoRA adapters are merged
-on save. Checkpoints every `eval_steps` let a crashed run resume where it stopped.
-`sft.nproc > 1` relaunches the stage under torch.distributed.run; `sft.deepspeed` hands a
-DeepSpeed config (e.g. ZeRO-2) to the trainer.
+Conversations are kept whole (system, multi-turn, tool turns) and tokenised here with the
+model's chat template, with a mask that puts the loss on every assistant turn
+(`sft.loss_on: all_assistant`) or on the last one only. TRL turns the mask into labels,
+truncates and packs. The mask comes from rendering each conversation prefix, which works for
+any template whose rendering of a prefix is a prefix of the whole (true of the common ones;
+checked per row, and a row where it does not hold falls back to last-turn loss).
 """
 
 from __future__ import annotations
 
-import shutil
-import time
+import json
 
 import pandas as pd
 
-from pipelines.common import PREPARED, SFT_DIR, base_model_ref, log, stage_main
-from pipelines.config import Params
-from pipelines.training import (
-    checkpoint_dir,
-    file_digest,
-    last_checkpoint,
-    load_model_and_tokenizer,
-    lora_config,
-    maybe_relaunch_distributed,
-    save_final,
-    trainable_parameters,
-    write_training_metrics,
-)
+from pipelines.common import log, stage_main
+from pipelines.config import Params, SftParams
+from pipelines.formats import chat_messages
+from pipelines.training import Step, load_model, load_tokenizer, peft_config, read_table, run_step, table_files, trainer_args
 
 
-def to_prompt_completion(frame: pd.DataFrame):
+def _render(tokenizer, messages: list[dict], tools, generation_prompt: bool = False) -> list[int]:
+    text = tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=generation_prompt)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def tokenize_conversation(tokenizer, messages: list[dict], tools=None, loss_on: str = "all_assistant") -> dict:
+    """input_ids and assistant_masks (1 on the tokens that carry the loss)."""
+    ids = _render(tokenizer, messages, tools)
+    mask = [0] * len(ids)
+    turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    if loss_on == "last_assistant":
+        turns = turns[-1:]
+    for i in turns:
+        start = _render(tokenizer, messages[:i], tools, generation_prompt=True)
+        end = _render(tokenizer, messages[: i + 1], tools)
+        if ids[: len(start)] != start or ids[: len(end)] != end:
+            if loss_on == "all_assistant":  # this template re-renders history: train the last turn only
+                return tokenize_conversation(tokenizer, messages, tools, "last_assistant")
+            raise ValueError("the chat template does not render a conversation prefix as a prefix of the whole")
+        mask[len(start) : len(end)] = [1] * (len(end) - len(start))
+    return {"input_ids": ids, "assistant_masks": mask}
+
+
+def to_dataset(frame: pd.DataFrame, tokenizer, loss_on: str):
     from datasets import Dataset
 
-    rows = [{"prompt": list(m[:-1]), "completion": [m[-1]]} for m in frame["messages"]]
+    tools = frame["tools"] if "tools" in frame else [None] * len(frame)
+    rows = [
+        tokenize_conversation(tokenizer, chat_messages(m), json.loads(t) if t else None, loss_on)
+        for m, t in zip(frame["messages"], tools)
+    ]
     return Dataset.from_list(rows)
 
 
 def run(params: Params) -> None:
-    from trl import SFTConfig, SFTTrainer
+    cfg: SftParams = params.sft
+    files = table_files("sft", "train", "validation")
 
-    cfg = params.sft
-    if maybe_relaunch_distributed(cfg.nproc, "pipelines.sft", cfg.deepspeed):
-        return
-    train_file, val_file = PREPARED / "sft_train.parquet", PREPARED / "sft_validation.parquet"
-    ckpt = checkpoint_dir("sft", cfg.model_dump(), base_model_ref(params), file_digest(train_file, val_file))
-    model, tokenizer = load_model_and_tokenizer(base_model_ref(params))
-    args = SFTConfig(
-        output_dir=str(ckpt),
-        max_steps=cfg.max_steps,
-        per_device_train_batch_size=cfg.batch_size,
-        per_device_eval_batch_size=cfg.batch_size,
-        learning_rate=cfg.learning_rate,
-        lr_scheduler_type="linear",
-        warmup_steps=cfg.warmup_steps,
-        max_length=cfg.max_length,
-        eval_strategy="steps",
-        eval_steps=cfg.eval_steps,
-        save_strategy="steps",
-        save_steps=cfg.eval_steps,
-        save_total_limit=1,
-        logging_steps=10,
-        seed=cfg.seed,
-        use_cpu=True,
-        report_to=[],  # metrics reach MLflow through the flow, not from inside the stage
-        deepspeed=cfg.deepspeed,
-        dataloader_num_workers=0,
-    )
-    trainer = SFTTrainer(
-        model=model,
-        args=args,
-        train_dataset=to_prompt_completion(pd.read_parquet(train_file)),
-        eval_dataset=to_prompt_completion(pd.read_parquet(val_file)),
-        processing_class=tokenizer,
-        peft_config=lora_config(cfg.lora) if cfg.method == "lora" else None,
-    )
-    resume = last_checkpoint(ckpt)
-    if resume:
-        log.info("resuming from %s", resume)
-    started = time.perf_counter()
-    trainer.train(resume_from_checkpoint=resume)
-    seconds = time.perf_counter() - started
-    eval_loss = trainer.evaluate()["eval_loss"]
-    if trainer.is_world_process_zero():
-        trainable = trainable_parameters(trainer.model)
-        save_final(trainer, tokenizer, SFT_DIR, merge_lora=cfg.method == "lora")
-        summary = write_training_metrics(
-            "sft",
-            trainer,
-            {
-                "eval_loss": eval_loss,
-                "train_seconds": seconds,
-                "trainable_parameters": trainable,
-                "world_size": trainer.args.world_size,
-                "resumed_from": resume,
-            },
+    def build(plan, ckpt, ref) -> Step:
+        from trl import SFTConfig, SFTTrainer
+
+        tokenizer = load_tokenizer(ref)
+        model = load_model(ref, plan, cfg.peft)
+        args = SFTConfig(
+            **trainer_args(cfg, plan, ckpt),
+            max_length=cfg.max_length,
+            packing=cfg.packing,
+            eval_strategy="steps",
+            eval_steps=cfg.save_steps,
         )
-        shutil.rmtree(ckpt, ignore_errors=True)  # finished: the checkpoint has done its job
-        log.info("sft done: %s", summary)
+        train = to_dataset(read_table("sft", "train"), tokenizer, cfg.loss_on)
+        val = to_dataset(read_table("sft", "validation"), tokenizer, cfg.loss_on)
+        log.info("sft: %d training conversations, %d validation", len(train), len(val))
+        trainer = SFTTrainer(
+            model=model, args=args, train_dataset=train, eval_dataset=val, processing_class=tokenizer,
+            peft_config=peft_config(cfg.peft, model, total_steps=cfg.max_steps),
+        )
+        return Step(trainer, tokenizer, evaluate=lambda t: {"eval_loss": t.evaluate()["eval_loss"]})
+
+    run_step("sft", params, cfg, files, build)
 
 
 def main() -> None:

@@ -12,7 +12,7 @@ def write(tmp_path, text):
 def test_repo_params_file_is_valid_and_explicit():
     params = load_params("params.yaml")
     assert params.bootstrapped
-    assert params.sft.method == "lora"
+    assert params.sft.peft.method == "lora" and params.recipe == ["sft", "dpo"]
 
 
 def test_unknown_key_is_named_with_a_suggestion(tmp_path):
@@ -61,11 +61,26 @@ def test_every_field_has_a_description():
             if isinstance(ann, type) and hasattr(ann, "model_fields"):
                 walk(ann)
 
-    for section in Params.model_fields.values():
-        walk(section.annotation)
+    walk(Params)
 
 
 def test_real_model_config_is_valid():
     params = load_params("configs/real-model.yaml")
     assert not params.bootstrapped and params.serve.engine == "vllm"
-    assert params.sft.deepspeed == "configs/deepspeed/zero2.json"
+    assert params.sft.deepspeed == "configs/deepspeed/zero2.json" and params.sft.peft.modules_to_save == []
+
+
+def test_recipe_errors_name_the_step(tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown step\(s\) \['dpoo'\]; available: sft, dpo"):
+        load_params(write(tmp_path, "recipe: [sft, dpoo]\n"))
+    with pytest.raises(ConfigError, match="last step must train the policy"):
+        load_params(write(tmp_path, "recipe: [sft, rm]\n"))
+    with pytest.raises(ConfigError, match="no 'rm' step comes before 'grpo'"):
+        load_params(write(tmp_path, "recipe: [sft, grpo]\ngrpo:\n  rewards: [reward_model]\n"))
+    with pytest.raises(ConfigError, match="unknown reward"):
+        load_params(write(tmp_path, "grpo:\n  rewards: [exactmatch]\n"))
+    with pytest.raises(ConfigError, match="multiple of num_generations"):
+        load_params(write(tmp_path, "grpo:\n  batch_size: 10\n  num_generations: 4\n"))
+    with pytest.raises(ConfigError, match="sft.peft.method"):
+        load_params(write(tmp_path, "sft:\n  peft:\n    method: lorax\n"))
+    assert load_params(write(tmp_path, "recipe: [sft, rm, grpo]\ngrpo:\n  rewards: [reward_model, exact_match]\n")).recipe == ["sft", "rm", "grpo"]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from pipelines import bootstrap, sft
 from pipelines.common import base_model_ref
-from pipelines.config import LoraParams, ModelParams, SftParams
+from pipelines.config import ModelParams, PeftParams, SftParams
 from tests.conftest import tiny_params
 
 
@@ -26,7 +26,7 @@ def test_sft_on_a_local_real_architecture_model(workspace):
     qwen = tiny_qwen2(workspace / "qwen2-local")
     params = tiny_params(
         model=ModelParams(base_model=str(qwen)),
-        sft=SftParams(method="lora", lora=LoraParams(r=4, alpha=8), max_steps=4, batch_size=4, eval_steps=2),
+        sft=SftParams(peft=PeftParams(method="lora", r=4, alpha=8), max_steps=4, batch_size=4, save_steps=2),
     )
     bootstrap.run(params)  # nothing to build: records the choice
     assert json.loads(Path("models/base/SOURCE.json").read_text()) == {"base_model": str(qwen)}

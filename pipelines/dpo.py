@@ -1,0 +1,48 @@
+"""Step `dpo`: direct preference optimisation with TRL's DPOTrainer, and its loss variants
+(`dpo.loss_type`: sigmoid, ipo, hinge, robust, ... or several combined).
+
+DPO trains an adapter on the previous policy; with an adapter, TRL's reference model is the
+same network with the adapter switched off, so no second copy is held in memory (full
+training keeps a frozen copy instead). Held-out pairs give the preference accuracy: how often
+the implicit reward ranks chosen above rejected, before and after training.
+"""
+
+from __future__ import annotations
+
+from pipelines.common import stage_main
+from pipelines.config import DpoParams, Params
+from pipelines.training import Step, load_model, load_tokenizer, pair_dataset, peft_config, read_table, run_step, table_files, trainer_args
+
+
+def reward_metrics(trainer) -> dict:
+    # TRL names its reward metrics eval_* whatever the prefix, so read both evaluations the same way.
+    m = trainer.evaluate()
+    return {"preference_accuracy": m["eval_rewards/accuracies"], "reward_margin": m["eval_rewards/margins"], "eval_loss": m["eval_loss"]}
+
+
+def run(params: Params) -> None:
+    cfg: DpoParams = params.dpo
+
+    def build(plan, ckpt, ref) -> Step:
+        from trl import DPOConfig, DPOTrainer
+
+        tokenizer = load_tokenizer(ref)
+        model = load_model(ref, plan, cfg.peft)
+        args = DPOConfig(**trainer_args(cfg, plan, ckpt), loss_type=cfg.loss_type, beta=cfg.beta, max_length=cfg.max_length, eval_strategy="no")
+        trainer = DPOTrainer(
+            model=model, args=args, processing_class=tokenizer,
+            train_dataset=pair_dataset(read_table("preference", "train")),
+            eval_dataset=pair_dataset(read_table("preference", "test")),
+            peft_config=peft_config(cfg.peft, model, total_steps=cfg.max_steps),
+        )
+        return Step(trainer, tokenizer, evaluate=reward_metrics)
+
+    run_step("dpo", params, cfg, table_files("preference", "train", "test"), build)
+
+
+def main() -> None:
+    stage_main("dpo", run)
+
+
+if __name__ == "__main__":
+    main()
