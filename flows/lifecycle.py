@@ -1,5 +1,5 @@
-"""The lifecycle flow: data -> base -> SFT -> DPO -> evaluate -> quality gate -> quantize ->
-quant gate -> register -> canary -> promote or roll back.
+"""The lifecycle flow: data -> base -> the recipe's training steps (e.g. SFT -> DPO) ->
+evaluate -> quality gate -> quantize -> quant gate -> register -> canary -> promote or roll back.
 
 Reads like the DAG it runs. Artifact stages are DVC's (skipped when nothing changed); gates,
 registration and deployment are Prefect tasks; MLflow gets one parent run per flow run and a
@@ -21,13 +21,13 @@ from prefect.runtime import flow_run
 
 from pipelines.common import METRICS, read_json
 from pipelines.config import ConfigError, Params, load_params
+from pipelines.dag import stage_names, sync
 from tasks.deploy import canary_release
 from tasks.gates import GateFailed, quality_gate, quantization_gate
 from tasks.registry import register_candidate
 from tasks.stages import push_artifacts, repro
 from tasks.tracking import finish_parent_run, log_stage, start_parent_run
 
-TRAINING_STAGES = ("generate", "prepare", "bootstrap", "sft", "preference", "evaluate")
 
 
 def summary_table(stages: list[dict]) -> str:
@@ -39,9 +39,10 @@ def summary_table(stages: list[dict]) -> str:
 def quality_summary() -> dict:
     ev = read_json(METRICS / "evaluate.json")
     q = read_json(METRICS / "quantize.json") if (METRICS / "quantize.json").exists() else {}
+    models = [name for name in ev if name != "candidate"]
     return {
-        "exact_match": {name: ev[name]["exact_match"] for name in ("base", "sft", "dpo")} | ({"quantized": q["exact_match"]} if q else {}),
-        "preference_accuracy": ev["dpo"].get("preference_accuracy"),
+        "exact_match": {name: ev[name]["exact_match"] for name in models} | ({"quantized": q["exact_match"]} if q else {}),
+        "preference_accuracy": {name: ev[name].get("preference_accuracy") for name in models},
     }
 
 
@@ -54,7 +55,7 @@ def lifecycle(deploy: bool = True, canary_drill: list[str] | None = None) -> dic
     parent = start_parent_run(params, flow_run.id)
     stages: list[dict] = []
     stage_runs: dict[str, str] = {}
-    summary: dict = {"mlflow_parent_run_id": parent, "stages": stages}
+    summary: dict = {"mlflow_parent_run_id": parent, "stages": stages, "recipe": list(params.recipe)}
     started = time.perf_counter()
 
     def stage(name: str) -> None:
@@ -62,8 +63,11 @@ def lifecycle(deploy: bool = True, canary_drill: list[str] | None = None) -> dic
         stages.append(result)
         stage_runs[name] = log_stage(parent, params, result)
 
+    if sync(params):  # the recipe or the sources changed: DVC's stages follow
+        print("dvc.yaml re-rendered for recipe " + " -> ".join(params.recipe))
+    stages_in_order = stage_names(params)
     try:
-        for name in TRAINING_STAGES:
+        for name in stages_in_order[: stages_in_order.index("quantize")]:
             stage(name)
         summary.update(quality_summary())
         quality_gate(params, parent)
@@ -103,8 +107,10 @@ def render(summary: dict) -> str:
         summary_table(summary["stages"]),
         "",
         "exact match (held-out test): " + ", ".join(f"{k} {v:.3f}" for k, v in em.items()),
-        f"DPO preference accuracy (held-out pairs): {summary.get('preference_accuracy', float('nan')):.3f}",
+        "preference accuracy (held-out pairs, chosen likelier than rejected): "
+        + ", ".join(f"{k} {v:.3f}" for k, v in summary.get("preference_accuracy", {}).items() if v is not None),
         f"outcome: {summary.get('outcome')} (version {summary.get('version', '-')})",
+        f"recipe: {' -> '.join(summary.get('recipe', []))}",
         f"stages run: {', '.join(ran) if ran else 'none: nothing changed, every stage came from the DVC cache'}",
         f"MLflow parent run: {summary['mlflow_parent_run_id']}",
     ]

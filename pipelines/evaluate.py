@@ -1,11 +1,16 @@
-"""Stage `evaluate`: measure base, SFT and DPO models on the held-out test split.
+"""Stage `evaluate`: measure the base and every policy step of the recipe on held-out data.
+The recipe's last policy step is the `candidate` the gates read.
 
 - exact match from lm-evaluation-harness, on the task declared in pipelines/eval_tasks/<task>.yaml
   (the YAML is the behaviour; this module only fills in the data file),
 - validation loss (mean token NLL of the reference answers), our own metric,
+- preference accuracy: how often the model gives the chosen answer of a held-out pair a higher
+  log-likelihood than the rejected one. It needs no reference model, so it means the same thing
+  whatever the recipe (SFT only, DPO, KTO, GRPO, ...) and for the base,
 - per-item scores (lm-eval's log_samples) so gates can pair candidate and champion item by item.
 
 metrics/evaluate.json holds one block per model; metrics/samples/<model>.jsonl the per-item rows.
+Runs on the GPU when there is one (compute.device), in the plan's precision.
 """
 
 from __future__ import annotations
@@ -19,12 +24,31 @@ import pandas as pd
 import torch
 import yaml
 
-from pipelines.common import DPO_DIR, METRICS, PREPARED, SFT_DIR, base_model_ref, log, stage_main, write_json
-from pipelines.config import EvaluateParams, Params
+from pipelines.common import METRICS, PREPARED, base_model_ref, log, stage_main, write_json
+from pipelines.config import ComputeParams, EvaluateParams, Params
+from pipelines.formats import chat_messages
+from pipelines.recipe import final_step, model_dir, policy_steps
+from pipelines.training import machine_plan
 
 TASKS_DIR = Path(__file__).parent / "eval_tasks"
 TEST_FILE = PREPARED / "sft_test.parquet"
 VALIDATION_FILE = PREPARED / "sft_validation.parquet"
+PAIRS_FILE = PREPARED / "preference_test.parquet"
+ITEMS_FILE = METRICS / "eval_items.parquet"  # the test split as single-turn items for lm-eval
+
+
+def eval_items(data_file: Path) -> Path:
+    """lm-eval's task reads `messages[0]` (the question) and `messages[1]` (the answer): give it
+    each test conversation's last user turn and final answer, system and history aside."""
+    rows = []
+    for cell in pd.read_parquet(data_file)["messages"]:
+        messages = chat_messages(cell)
+        if len(messages) >= 2 and messages[-2]["role"] == "user":
+            rows.append({"messages": [{"role": "user", "content": messages[-2]["content"]}, {"role": "assistant", "content": messages[-1]["content"]}]})
+    ITEMS_FILE.parent.mkdir(parents=True, exist_ok=True)
+    out = ITEMS_FILE.with_name(f"{Path(data_file).stem}_items.parquet")
+    pd.DataFrame(rows, columns=["messages"]).to_parquet(out, index=False)
+    return out
 
 
 def task_config(cfg: EvaluateParams, data_file: Path) -> dict:
@@ -38,21 +62,22 @@ def task_config(cfg: EvaluateParams, data_file: Path) -> dict:
     return task
 
 
-def exact_match(model_ref: str, cfg: EvaluateParams, data_file: Path = TEST_FILE) -> tuple[float, list[dict]]:
+def exact_match(model_ref: str, cfg: EvaluateParams, data_file: Path = TEST_FILE, compute: ComputeParams | None = None) -> tuple[float, list[dict]]:
     """lm-eval exact match over the test split, and the per-item scores behind it."""
     import lm_eval
 
     logging.getLogger("lm_eval").setLevel(logging.WARNING)
-    task = task_config(cfg, data_file)
+    plan = machine_plan(compute or ComputeParams())
+    task = task_config(cfg, eval_items(data_file))
     out = lm_eval.simple_evaluate(
         model="hf",
-        model_args={"pretrained": model_ref, "dtype": "float32"},
+        model_args={"pretrained": model_ref, "dtype": str(plan.dtype).removeprefix("torch.")},
         tasks=[task],
         batch_size=cfg.batch_size,
         apply_chat_template=True,
         log_samples=True,
         limit=cfg.limit,
-        device="cpu",
+        device=plan.device,
     )
     result = out["results"][task["task"]]
     score = next(v for k, v in result.items() if k.startswith("exact_match,"))
@@ -69,43 +94,77 @@ def exact_match(model_ref: str, cfg: EvaluateParams, data_file: Path = TEST_FILE
     return float(score), samples
 
 
-@torch.no_grad()
-def validation_loss(model_ref: str, data_file: Path = VALIDATION_FILE) -> float:
-    """Mean NLL per answer token (prompt tokens masked), teacher-forced, over the validation split."""
+def load_for_scoring(model_ref: str, compute: ComputeParams):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    plan = machine_plan(compute)
     tokenizer = AutoTokenizer.from_pretrained(model_ref)
-    model = AutoModelForCausalLM.from_pretrained(model_ref, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_ref, dtype=plan.dtype).to(plan.device).eval()
+    return model, tokenizer
+
+
+def answer_logprob(model, tokenizer, prompt: list[dict], answer: list[dict]) -> tuple[float, int]:
+    """Sum of log-probabilities of the answer's tokens given the prompt (teacher-forced)."""
+    head = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+    full = tokenizer.apply_chat_template(prompt + answer, tokenize=False)
+    n_prompt = len(tokenizer(head, add_special_tokens=False)["input_ids"])
+    ids = torch.tensor([tokenizer(full, add_special_tokens=False)["input_ids"]], device=model.device)
+    logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), dim=-1)
+    picked = logp.gather(1, ids[0, 1:, None])[:, 0][n_prompt - 1 :]
+    return float(picked.sum()), int(picked.numel())
+
+
+@torch.no_grad()
+def validation_loss(model_ref: str, data_file: Path = VALIDATION_FILE, compute: ComputeParams | None = None) -> float:
+    """Mean NLL per final-answer token (prompt tokens masked), teacher-forced, over the validation split."""
+    model, tokenizer = load_for_scoring(model_ref, compute or ComputeParams())
     total, count = 0.0, 0
-    for messages in pd.read_parquet(data_file)["messages"]:
-        messages = [dict(m) for m in messages]
-        prompt = tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True, tokenize=False)
-        full = tokenizer.apply_chat_template(messages, tokenize=False)
-        n_prompt = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
-        ids = torch.tensor([tokenizer(full, add_special_tokens=False)["input_ids"]])
-        labels = ids.clone()
-        labels[0, :n_prompt] = -100
-        n = int((labels[0, 1:] != -100).sum())
-        total += float(model(input_ids=ids, labels=labels).loss) * n
-        count += n
+    for cell in pd.read_parquet(data_file)["messages"]:
+        messages = chat_messages(cell)
+        logp, n = answer_logprob(model, tokenizer, messages[:-1], messages[-1:])
+        total, count = total - logp, count + n
     return total / max(count, 1)
 
 
-def measure(name: str, model_ref: str, cfg: EvaluateParams) -> dict:
-    score, samples = exact_match(model_ref, cfg)
-    loss = validation_loss(model_ref)
+@torch.no_grad()
+def preference_accuracy(model_ref: str, data_file: Path = PAIRS_FILE, compute: ComputeParams | None = None) -> float | None:
+    """Share of held-out pairs whose chosen answer the model finds likelier than the rejected."""
+    if not Path(data_file).exists():
+        return None
+    pairs = pd.read_parquet(data_file)
+    if pairs.empty:
+        return None
+    model, tokenizer = load_for_scoring(model_ref, compute or ComputeParams())
+    wins = 0.0
+    for p, c, r in zip(pairs["prompt"], pairs["chosen"], pairs["rejected"]):
+        prompt = chat_messages(p)
+        chosen, rejected = answer_logprob(model, tokenizer, prompt, chat_messages(c))[0], answer_logprob(model, tokenizer, prompt, chat_messages(r))[0]
+        wins += 1.0 if chosen > rejected else 0.5 if chosen == rejected else 0.0
+    return wins / len(pairs)
+
+
+def measure(name: str, model_ref: str, cfg: EvaluateParams, compute: ComputeParams | None = None) -> dict:
+    score, samples = exact_match(model_ref, cfg, compute=compute)
+    loss = validation_loss(model_ref, compute=compute)
+    pref = preference_accuracy(model_ref, compute=compute)
+    write_samples(name, samples)
+    log.info("%s: exact_match=%.3f validation_loss=%.3f preference_accuracy=%s (%d items)", name, score, loss, pref, len(samples))
+    return {"exact_match": score, "validation_loss": loss if math.isfinite(loss) else None, "preference_accuracy": pref, "items": len(samples)}
+
+
+def write_samples(name: str, samples: list[dict]) -> None:
     samples_dir = METRICS / "samples"
     samples_dir.mkdir(parents=True, exist_ok=True)
     (samples_dir / f"{name}.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
-    log.info("%s: exact_match=%.3f validation_loss=%.3f (%d items)", name, score, loss, len(samples))
-    return {"exact_match": score, "validation_loss": loss if math.isfinite(loss) else None, "items": len(samples)}
 
 
 def run(params: Params) -> None:
-    models = {"base": base_model_ref(params), "sft": str(SFT_DIR), "dpo": str(DPO_DIR)}
-    results = {name: measure(name, ref, params.evaluate) for name, ref in models.items()}
-    pref = json.loads((METRICS / "preference.json").read_text())
-    results["dpo"]["preference_accuracy"] = pref["preference_accuracy"]
+    models = {"base": base_model_ref(params), **{s: str(model_dir(s)) for s in policy_steps(params.recipe)}}
+    results = {name: measure(name, ref, params.evaluate, params.compute) for name, ref in models.items()}
+    final = final_step(params.recipe)
+    # The gates, quantization and registration read `candidate`, whatever the recipe's last step.
+    results["candidate"] = {**results[final], "step": final}
+    (METRICS / "samples/candidate.jsonl").write_bytes((METRICS / f"samples/{final}.jsonl").read_bytes())
     write_json(METRICS / "evaluate.json", results)
 
 

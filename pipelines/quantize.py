@@ -1,6 +1,6 @@
 """Stage `quantize`: one-shot post-training quantization with llm-compressor.
 
-The aligned (DPO) model is quantized with GPTQ (calibrated on training prompts) or plain
+The candidate (the recipe's last policy step) is quantized with GPTQ (calibrated on training prompts) or plain
 round-to-nearest, to the compressed-tensors format that transformers, vLLM and our CPU engine
 all load. The quantized model is then measured exactly like the others, so the quant gate can
 bound the quality it lost (metrics/quantize.json).
@@ -13,9 +13,11 @@ import time
 
 import pandas as pd
 
-from pipelines.common import DPO_DIR, METRICS, PREPARED, QUANT_DIR, log, read_json, stage_main, write_json
+from pipelines.common import METRICS, PREPARED, QUANT_DIR, log, read_json, stage_main, write_json
 from pipelines.config import Params, QuantizeParams
 from pipelines.evaluate import measure
+from pipelines.formats import chat_messages
+from pipelines.recipe import final_step, model_dir
 
 
 def recipe(cfg: QuantizeParams):
@@ -31,7 +33,7 @@ def calibration_set(tokenizer, n: int):
     from datasets import Dataset
 
     rows = pd.read_parquet(PREPARED / "sft_train.parquet")["messages"].head(n)
-    texts = [tokenizer.apply_chat_template([dict(m) for m in msgs], tokenize=False) for msgs in rows]
+    texts = [tokenizer.apply_chat_template(chat_messages(msgs), tokenize=False) for msgs in rows]
     return Dataset.from_dict({"text": texts})
 
 
@@ -60,17 +62,18 @@ def quantize(src: str, out_dir, cfg: QuantizeParams) -> float:
 
 def run(params: Params) -> None:
     cfg = params.quantize
+    source = model_dir(final_step(params.recipe))
+    before = read_json(METRICS / "evaluate.json")["candidate"]
     if not cfg.enabled:
-        # Keep the stage's outputs well defined: the "quantized" model is the DPO model itself.
+        # Keep the stage's outputs well defined: the "quantized" model is the candidate itself.
         if QUANT_DIR.exists():
             shutil.rmtree(QUANT_DIR)
-        shutil.copytree(DPO_DIR, QUANT_DIR)
-        before = read_json(METRICS / "evaluate.json")["dpo"]
+        shutil.copytree(source, QUANT_DIR)
+        (METRICS / "samples/quantized.jsonl").write_bytes((METRICS / "samples/candidate.jsonl").read_bytes())
         write_json(METRICS / "quantize.json", {"enabled": False, **before, "exact_match_drop": 0.0})
         return
-    seconds = quantize(str(DPO_DIR), QUANT_DIR, cfg)
-    after = measure("quantized", str(QUANT_DIR), params.evaluate)
-    before = read_json(METRICS / "evaluate.json")["dpo"]
+    seconds = quantize(str(source), QUANT_DIR, cfg)
+    after = measure("quantized", str(QUANT_DIR), params.evaluate, params.compute)
     size = lambda d: sum(f.stat().st_size for f in d.glob("*.safetensors"))  # noqa: E731
     result = {
         "enabled": True,
@@ -80,7 +83,7 @@ def run(params: Params) -> None:
         **after,
         "exact_match_drop": before["exact_match"] - after["exact_match"],
         "size_bytes": size(QUANT_DIR),
-        "size_ratio": size(QUANT_DIR) / max(size(DPO_DIR), 1),
+        "size_ratio": size(QUANT_DIR) / max(size(source), 1),
     }
     write_json(METRICS / "quantize.json", result)
     log.info("quantized %s with %s: %s", cfg.scheme, cfg.algorithm, result)

@@ -11,10 +11,11 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from pipelines.common import DPO_DIR, METRICS, read_json
+from pipelines.common import METRICS, read_json
 from pipelines.config import Params
 from pipelines.gates import Decision, decide, decide_quantization, mean_interval, pair_items
 from pipelines.plots import plot_gate
+from pipelines.recipe import final_step, model_dir
 from registry.lineage import dvc_lock_hashes
 from registry.models import CHAMPION, by_alias, download, metrics_of
 from registry.store import client
@@ -46,14 +47,16 @@ def champion_items(params: Params) -> tuple[object | None, list[dict] | None]:
     mv = by_alias(params.registry.model_name, CHAMPION)
     if mv is None:
         return None, None
-    if mv.tags.get("lineage.dvc.preference:models/dpo") == dvc_lock_hashes().get(f"preference:{DPO_DIR}"):
+    final = final_step(params.recipe)
+    key = f"{final}:{model_dir(final)}"
+    if mv.tags.get(f"lineage.dvc.{key}") == dvc_lock_hashes().get(key):
         print(f"candidate is champion v{mv.version}'s own model: paired comparison skipped")
         return mv, None
     from pipelines.evaluate import exact_match  # lm-eval is heavy: import only when needed
 
-    model_dir = download(mv, GATE_DIR / f"v{mv.version}")
+    champion_dir = download(mv, GATE_DIR / f"v{mv.version}")
     try:
-        _, items = exact_match(str(model_dir), params.evaluate)
+        _, items = exact_match(str(champion_dir), params.evaluate, compute=params.compute)
     finally:
         shutil.rmtree(GATE_DIR, ignore_errors=True)
     return mv, items
@@ -62,11 +65,11 @@ def champion_items(params: Params) -> tuple[object | None, list[dict] | None]:
 @task(cache_policy=NO_CACHE)
 def quality_gate(params: Params, parent_run_id: str) -> Decision:
     results = read_json(METRICS / "evaluate.json")
-    candidate_items = read_items(METRICS / "samples/dpo.jsonl")
+    candidate_items = read_items(METRICS / "samples/candidate.jsonl")
     base_items = read_items(METRICS / "samples/base.jsonl")
     mv, champ_items = champion_items(params)
     paired = {"exact_match": pair_items(candidate_items, champ_items, "exact_match")} if champ_items else None
-    decision = decide(results["dpo"], results["base"], metrics_of(mv), params.gate, paired=paired)
+    decision = decide(results["candidate"], results["base"], metrics_of(mv), params.gate, paired=paired)
 
     def interval(items: list[dict]) -> tuple[float, float, float]:
         i = mean_interval([float(x["exact_match"]) for x in items], params.gate.bootstrap_resamples, params.gate.confidence)
@@ -75,7 +78,7 @@ def quality_gate(params: Params, parent_run_id: str) -> Decision:
     chart_data = {"base": {"exact_match": interval(base_items)}, "candidate": {"exact_match": interval(candidate_items)}}
     if champ_items:
         chart_data["champion"] = {"exact_match": interval(champ_items)}
-    for name, block in (("base", results["base"]), ("candidate", results["dpo"])):
+    for name, block in (("base", results["base"]), ("candidate", results["candidate"])):
         if block.get("validation_loss") is not None:
             v = block["validation_loss"]
             chart_data[name]["validation_loss"] = (v, v, v)
@@ -92,7 +95,7 @@ def quality_gate(params: Params, parent_run_id: str) -> Decision:
 
 @task(cache_policy=NO_CACHE)
 def quantization_gate(params: Params, parent_run_id: str) -> Decision:
-    decision = decide_quantization(read_json(METRICS / "quantize.json"), read_json(METRICS / "evaluate.json")["dpo"], params.quantize)
+    decision = decide_quantization(read_json(METRICS / "quantize.json"), read_json(METRICS / "evaluate.json")["candidate"], params.quantize)
     client().log_text(parent_run_id, publish(decision, "quantization-gate"), "gates/quantization_gate.md")
     print(decision.summary())
     if not decision.passed:

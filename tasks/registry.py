@@ -26,10 +26,11 @@ def register_candidate(params: Params, parent_run_id: str, flow_run_id: str | No
             client().set_registered_model_alias(name, CANDIDATE, str(existing.version))
         print(f"model bytes unchanged (md5 {model_md5}): reusing version {existing.version}")
         return {"version": str(existing.version), "reused": True}
-    evaluated = read_json(METRICS / "evaluate.json")["dpo"]
+    evaluated = read_json(METRICS / "evaluate.json")["candidate"]
     quantized = read_json(METRICS / "quantize.json")
     tags = lineage_tags(flow_run_id, parent_run_id, stage_runs)
     tags.update({f"metric.{k}": str(v) for k, v in evaluated.items() if isinstance(v, (int, float))})
+    tags["recipe"] = " -> ".join(params.recipe)
     tags["metric_quantized.exact_match"] = str(quantized["exact_match"])
     tags["quantization"] = f"{quantized.get('scheme', 'none')}/{quantized.get('algorithm', 'none')}" if quantized.get("enabled") else "none"
     mv = register(name, QUANT_DIR, parent_run_id, model_md5, tags)

@@ -21,8 +21,9 @@ from pipelines.plots import plot_history
 from registry.lineage import dvc_lock_hashes, git_commit
 from registry.store import client, experiment_id
 
-# Which params section and metrics file belong to which stage.
-STAGE_SECTIONS = {"generate": "data", "prepare": "prepare", "bootstrap": "model", "sft": "sft", "preference": "preference", "evaluate": "evaluate", "quantize": "quantize"}
+# Which params section belongs to which stage; a recipe step reads the section of its own name.
+STAGE_SECTIONS = {"generate": "generate", "prepare": "prepare", "bootstrap": "model", "evaluate": "evaluate", "quantize": "quantize"}
+CURVES = ("loss", "eval_loss", "learning_rate", "rewards/accuracies", "rewards/margins", "reward", "accuracy")
 
 
 def flatten(obj: dict, prefix: str = "") -> dict[str, float]:
@@ -82,7 +83,7 @@ def log_stage(parent_run_id: str, params: Params, result: dict) -> str:
         },
     )
     rid = run.info.run_id
-    section = getattr(params, STAGE_SECTIONS[stage]).model_dump(mode="json")
+    section = getattr(params, STAGE_SECTIONS.get(stage, stage)).model_dump(mode="json")
     c.log_batch(rid, params=[Param(k, str(v)) for k, v in flatten_params(section).items()])
     now = int(time.time() * 1000)
     metrics = [Metric("stage_seconds", result["seconds"], now, 0)]
@@ -92,7 +93,7 @@ def log_stage(parent_run_id: str, params: Params, result: dict) -> str:
     history_file = METRICS / f"{stage}_history.json"
     history = json.loads(history_file.read_text()) if history_file.exists() else []
     for row in history:  # training curves, step by step
-        for key in ("loss", "eval_loss", "learning_rate", "rewards/accuracies", "rewards/margins"):
+        for key in CURVES:
             if key in row:
                 metrics.append(Metric(key.replace("/", "_"), float(row[key]), now, int(row["step"])))
     for i in range(0, len(metrics), 1000):  # MLflow's batch limit
@@ -102,8 +103,38 @@ def log_stage(parent_run_id: str, params: Params, result: dict) -> str:
             png = plot_history(history, Path(tmp) / f"{stage}_loss.png", title=f"{stage}: loss by step")
             if png:
                 c.log_artifact(rid, str(png), "plots")
+    if stage == "prepare":
+        log_data_card(rid)
     c.set_terminated(rid, "FINISHED")
     return rid
+
+
+def log_data_card(run_id: str) -> None:
+    """Every prepared table as an MLflow dataset input (name, digest, source, schema), and the
+    data card, its length histogram and the Great Expectations Data Docs as artifacts."""
+    import mlflow.data
+    import pandas as pd
+    from mlflow.entities import DatasetInput, InputTag
+
+    from pipelines.common import PREPARED
+    from pipelines.training import file_digest
+
+    inputs = []
+    for path in sorted(PREPARED.glob("*.parquet")):
+        frame = pd.read_parquet(path)
+        if frame.empty:
+            continue
+        ds = mlflow.data.from_pandas(frame, source=str(path), name=path.stem, digest=file_digest(path))
+        inputs.append(DatasetInput(ds._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", path.stem.rsplit("_", 1)[-1])]))
+    c = client()
+    if inputs:
+        c.log_inputs(run_id, datasets=inputs)
+    reports = Path("reports/data")
+    if reports.is_dir():
+        c.log_artifacts(run_id, str(reports), "data")
+    card = METRICS / "data_card.json"
+    if card.exists():
+        c.log_artifact(run_id, str(card), "data")
 
 
 @task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)

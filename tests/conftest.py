@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from pipelines import bootstrap, generate, prepare
-from pipelines.config import DataParams, EvaluateParams, ModelParams, Params, PreferenceParams, SftParams
+from pipelines.config import DataParams, EvaluateParams, ModelParams, Params, DpoParams, SftParams
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -21,8 +21,8 @@ def tiny_params(**overrides) -> Params:
     base = dict(
         data=DataParams(n_sft=400, n_preference=160),
         model=ModelParams(hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2, vocab_size=300),
-        sft=SftParams(max_steps=12, batch_size=8, eval_steps=6, warmup_steps=0),
-        preference=PreferenceParams(max_steps=4, batch_size=4),
+        sft=SftParams(max_steps=12, batch_size=8, save_steps=6, warmup_steps=0),
+        dpo=DpoParams(max_steps=4, batch_size=4),
         evaluate=EvaluateParams(limit=8, batch_size=8, max_new_tokens=12),
     )
     base.update(overrides)

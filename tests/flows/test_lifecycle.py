@@ -21,8 +21,8 @@ pytestmark = pytest.mark.slow
 
 SMALL = {
     "data": {"n_sft": 2000, "n_preference": 300},
-    "sft": {"max_steps": 300, "eval_steps": 100},
-    "preference": {"max_steps": 30},
+    "sft": {"max_steps": 300, "save_steps": 100},
+    "dpo": {"max_steps": 30},
     "evaluate": {"limit": 60},
     "quantize": {"calibration_samples": 32},
     # Latency is compared on a shared, noisy test machine: bound it loosely here; the
@@ -74,7 +74,8 @@ def test_first_release_promotes_a_champion_that_answers(project):
     ev = json.loads((project / "metrics/evaluate.json").read_text())
     assert ev["base"]["exact_match"] <= 0.10
     assert ev["sft"]["exact_match"] >= 0.80
-    assert ev["dpo"]["preference_accuracy"] > 0.5
+    assert ev["dpo"]["preference_accuracy"] > 0.8 and ev["dpo"]["preference_accuracy"] > ev["base"]["preference_accuracy"]
+    assert ev["candidate"]["step"] == "dpo" and ev["candidate"]["exact_match"] == ev["dpo"]["exact_match"]
 
     mv = registry(project).get_model_version_by_alias("reverse-digits", "champion")
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=project, capture_output=True, text=True).stdout.strip()
@@ -138,7 +139,7 @@ def test_perturbed_weights_are_stopped_by_the_statistical_gate(project, tmp_path
 
 
 def test_degraded_model_is_blocked_before_deploy(project):
-    write_params(project, sft={"max_steps": 2, "eval_steps": 1})  # a model that learned nothing
+    write_params(project, sft={"max_steps": 2, "save_steps": 1})  # a model that learned nothing
     result = run_flow(project)
     assert result.returncode == 1
     assert "quality gate failed, nothing was deployed" in result.stdout
@@ -150,13 +151,13 @@ def test_degraded_model_is_blocked_before_deploy(project):
 
 
 def test_failed_stage_keeps_earlier_outputs_and_the_rerun_resumes(project):
-    write_params(project, preference={"max_steps": 30, "beta": 0.2})
-    source = project / "pipelines/preference.py"
+    write_params(project, dpo={"max_steps": 30, "beta": 0.2})
+    source = project / "pipelines/dpo.py"
     original = source.read_text()
     source.write_text(original.replace("def run(params: Params) -> None:\n", "def run(params: Params) -> None:\n    raise RuntimeError('injected failure')\n"))
     failed = run_flow(project)
     assert failed.returncode == 1
-    assert "stage 'preference' failed" in failed.stdout
+    assert "stage 'dpo' failed" in failed.stdout
     sft_model = project / "models/sft/model.safetensors"
     assert sft_model.exists()
     kept = sft_model.read_bytes()
@@ -166,7 +167,7 @@ def test_failed_stage_keeps_earlier_outputs_and_the_rerun_resumes(project):
     assert result.returncode == 0, result.stdout[-6000:]
     status = stage_status(result.stdout)
     assert status["sft"] == "cached (skipped)" and status["prepare"] == "cached (skipped)"
-    assert status["preference"] == "ran"
+    assert status["dpo"] == "ran"
     assert sft_model.read_bytes() == kept
     # A new candidate went through the canary beside the champion and replaced it.
     assert "outcome: promoted (version 2)" in result.stdout
@@ -175,7 +176,7 @@ def test_failed_stage_keeps_earlier_outputs_and_the_rerun_resumes(project):
 
 
 def test_canary_drill_rolls_the_candidate_back_and_keeps_the_champion(project):
-    write_params(project, preference={"max_steps": 30, "beta": 0.3})  # a new candidate, v3
+    write_params(project, dpo={"max_steps": 30, "beta": 0.3})  # a new candidate, v3
     result = run_flow(project, "--canary-drill=--fault-error-rate 1.0")
     assert result.returncode == 1, result.stdout[-6000:]
     assert "outcome: rolled_back (version 3)" in result.stdout
