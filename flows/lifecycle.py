@@ -1,5 +1,6 @@
 """The lifecycle flow: data -> base -> the recipe's training steps (e.g. SFT -> DPO) ->
-evaluate -> quality gate -> quantize -> quant gate -> register -> canary -> promote or roll back.
+evaluate -> quantize -> quant gate -> register -> quality gate (the served artifact against
+the champion's) -> canary -> promote or roll back.
 
 Reads like the DAG it runs. Artifact stages are DVC's (skipped when nothing changed); gates,
 registration and deployment are Prefect tasks; MLflow gets one parent run per flow run and a
@@ -67,17 +68,18 @@ def lifecycle(deploy: bool = True, canary_drill: list[str] | None = None) -> dic
         print("dvc.yaml re-rendered for recipe " + " -> ".join(params.recipe))
     stages_in_order = stage_names(params)
     try:
-        for name in stages_in_order[: stages_in_order.index("quantize")]:
+        for name in stages_in_order:
             stage(name)
-        summary.update(quality_summary())
-        quality_gate(params, parent)
-        stage("quantize")
         summary.update(quality_summary())
         quantization_gate(params, parent)
         push_artifacts()
+        # The served artifact is registered first, so the quality gate's verdict (and a
+        # canary's) sticks to its bytes: a rejected version never comes back by itself.
+        registered = register_candidate(params, parent, flow_run.id, stage_runs)
+        summary["registered"] = registered
+        summary["version"] = registered["version"]
+        quality_gate(params, parent, registered["version"])
         if deploy:
-            registered = register_candidate(params, parent, flow_run.id, stage_runs)
-            summary["registered"] = registered
             summary.update(canary_release(params, registered["version"], drill=canary_drill))
         else:
             summary["outcome"] = "not deployed (deploy=False)"
@@ -119,7 +121,7 @@ def render(summary: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m flows.lifecycle", description=__doc__)
-    parser.add_argument("--no-deploy", action="store_true", help="stop after the gates: no registration, no canary")
+    parser.add_argument("--no-deploy", action="store_true", help="stop after the gates: the version is registered and gated, but not canaried")
     parser.add_argument(
         "--canary-drill",
         metavar="FLAGS",

@@ -15,6 +15,7 @@ Runs on the GPU when there is one (compute.device), in the plan's precision.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -40,14 +41,19 @@ ITEMS_FILE = METRICS / "eval_items.parquet"  # the test split as single-turn ite
 def eval_items(data_file: Path) -> Path:
     """lm-eval's task reads `messages[0]` (the question) and `messages[1]` (the answer): give it
     each test conversation's last user turn and final answer, system and history aside."""
+    frame = pd.read_parquet(data_file)
+    ids = frame["id"] if "id" in frame else [None] * len(frame)
     rows = []
-    for cell in pd.read_parquet(data_file)["messages"]:
+    for cell, item_id in zip(frame["messages"], ids):
         messages = chat_messages(cell)
         if len(messages) >= 2 and messages[-2]["role"] == "user":
-            rows.append({"messages": [{"role": "user", "content": messages[-2]["content"]}, {"role": "assistant", "content": messages[-1]["content"]}]})
+            pair = [{"role": "user", "content": messages[-2]["content"]}, {"role": "assistant", "content": messages[-1]["content"]}]
+            # The pairing key of gates: stable across runs and models, distinct for two items
+            # that share a prompt but not an answer.
+            rows.append({"messages": pair, "id": item_id or hashlib.sha256(json.dumps(messages, sort_keys=True).encode()).hexdigest()[:16]})
     ITEMS_FILE.parent.mkdir(parents=True, exist_ok=True)
     out = ITEMS_FILE.with_name(f"{Path(data_file).stem}_items.parquet")
-    pd.DataFrame(rows, columns=["messages"]).to_parquet(out, index=False)
+    pd.DataFrame(rows, columns=["messages", "id"]).to_parquet(out, index=False)
     return out
 
 
@@ -84,7 +90,8 @@ def exact_match(model_ref: str, cfg: EvaluateParams, data_file: Path = TEST_FILE
     samples = [
         {
             "doc_id": s["doc_id"],
-            "prompt": s["doc"]["messages"][0]["content"],  # the pairing key across models and runs
+            "id": s["doc"]["id"],  # the pairing key across models and runs
+            "prompt": s["doc"]["messages"][0]["content"],
             "target": s["target"],
             "response": s["filtered_resps"][0],
             "exact_match": s["exact_match"],

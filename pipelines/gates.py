@@ -7,6 +7,7 @@ metric is rejected rather than guessed.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -97,21 +98,76 @@ def mean_interval(scores: list[float], resamples: int, confidence: float, seed: 
     return paired_bootstrap(scores, [0.0] * len(scores), resamples, confidence, seed)
 
 
-def pair_items(candidate: list[dict], reference: list[dict], metric: str, key: str = "prompt") -> tuple[list[float], list[float]]:
-    """Per-item scores of two models on the items both were scored on, matched by `key`."""
-    ref = {r[key]: float(r[metric]) for r in reference}
+def pair_items(candidate: list[dict], reference: list[dict], metric: str, key: str = "id") -> tuple[list[float], list[float]]:
+    """Per-item scores of two models on the items both were scored on, matched by a stable item
+    id: two items with the same prompt and different answers stay two items."""
+    ref: dict = {}
+    for r in reference:
+        if r[key] in ref:
+            raise ValueError(f"item {key} {r[key]!r} appears twice in the reference scores: pairing would be ambiguous")
+        ref[r[key]] = float(r[metric])
     pairs = [(float(c[metric]), ref[c[key]]) for c in candidate if c[key] in ref]
     return [p[0] for p in pairs], [p[1] for p in pairs]
 
 
-def paired_check(metric: str, candidate: list[float], reference: list[float], policy: GateParams) -> tuple[Check, Interval]:
-    """Promotion only when the interval's bound on the bad side stays within -tolerance."""
-    ci = paired_bootstrap(candidate, reference, policy.bootstrap_resamples, policy.confidence)
-    if direction(metric) == "higher":
-        check = Check(metric, f"paired diff vs champion, {policy.confidence:.0%} CI low >=", ci.low, -policy.champion_tolerance, ci.low >= -policy.champion_tolerance)
-    else:
-        check = Check(metric, f"paired diff vs champion, {policy.confidence:.0%} CI high <=", ci.high, policy.champion_tolerance, ci.high <= policy.champion_tolerance)
-    return check, ci
+def _normal_sf(z: float) -> float:
+    return 0.5 * math.erfc(z / math.sqrt(2))
+
+
+def noninferiority_p(metric: str, candidate: list[float], reference: list[float], tolerance: float, resamples: int, seed: int = 0) -> tuple[float, str]:
+    """One-sided p-value of H0 "the candidate is worse than the reference by more than
+    `tolerance`" (small p: non-inferiority shown). Paired binary outcomes get McNemar's
+    statistic on the discordant pairs (a Wald test with the margin); other scores a paired
+    bootstrap of the mean difference."""
+    sign = 1.0 if direction(metric) == "higher" else -1.0
+    a, b = np.asarray(candidate, dtype=float), np.asarray(reference, dtype=float)
+    if a.shape != b.shape or a.size == 0:
+        raise ValueError(f"paired scores need the same non-zero number of items, got {a.size} and {b.size}")
+    d = sign * (a - b)  # > 0: the candidate is better on that item
+    n = d.size
+    if set(np.unique(np.concatenate([a, b]))) <= {0.0, 1.0}:
+        wins, losses = int((d > 0).sum()), int((d < 0).sum())
+        diff = (wins - losses) / n
+        var = ((wins + losses) / n - diff**2) / n
+        if var <= 0:  # no discordant pair: identical outcomes
+            return (0.0 if diff + tolerance > 0 else 1.0), "mcnemar"
+        return _normal_sf((diff + tolerance) / math.sqrt(var)), "mcnemar"
+    idx = np.random.default_rng(seed).integers(0, n, size=(resamples, n))
+    means = d[idx].mean(axis=1)
+    return float(((means <= -tolerance).sum() + 1) / (resamples + 1)), "paired bootstrap"
+
+
+def holm(pvalues: dict[str, float], alpha: float) -> dict[str, float]:
+    """Holm's step-down adjusted p-values: each metric is shown non-inferior when its adjusted
+    p <= alpha. Testing more metrics then never means more false promotions."""
+    order = sorted(pvalues, key=pvalues.get)
+    adjusted, running = {}, 0.0
+    for i, name in enumerate(order):
+        running = max(running, min(1.0, (len(order) - i) * pvalues[name]))
+        adjusted[name] = running
+    return adjusted
+
+
+def paired_checks(paired: dict[str, tuple[list[float], list[float]]], policy: GateParams) -> list[Check]:
+    """Non-inferiority against the champion on every paired metric, Holm-corrected. One-sided
+    alpha = (1 - confidence) / 2, the same bar as the lower end of a two-sided interval."""
+    alpha = (1 - policy.confidence) / 2
+    raw, tests = {}, {}
+    for metric, (cand, champ) in paired.items():
+        raw[metric], tests[metric] = noninferiority_p(metric, cand, champ, policy.champion_tolerance, policy.bootstrap_resamples)
+    adjusted = holm(raw, alpha)
+    checks = []
+    for metric, (cand, champ) in paired.items():
+        diff = float(np.mean(cand) - np.mean(champ))
+        rule = f"paired diff vs champion ({tests[metric]}, Holm p={adjusted[metric]:.4f} <= {alpha:.3f}; tolerance)"
+        bound = -policy.champion_tolerance if direction(metric) == "higher" else policy.champion_tolerance
+        checks.append(Check(metric, rule, diff, bound, adjusted[metric] <= alpha))
+    return checks
+
+
+def paired_interval(metric: str, candidate: list[float], reference: list[float], policy: GateParams) -> Interval:
+    """The paired difference with its bootstrap interval, for the report."""
+    return paired_bootstrap(candidate, reference, policy.bootstrap_resamples, policy.confidence)
 
 
 def decide(
@@ -141,8 +197,7 @@ def decide(
             beats = value > base if direction(metric) == "higher" else value < base
             checks.append(Check(metric, "better than base", value, base, beats))
     paired = paired or {}
-    for metric, (cand_items, champ_items) in paired.items():
-        checks.append(paired_check(metric, cand_items, champ_items, policy)[0])
+    checks += paired_checks(paired, policy)
     if champion:  # regressions that matter: the metrics the policy puts thresholds on
         for metric in policy.thresholds:
             if metric not in paired and champion.get(metric) is not None:

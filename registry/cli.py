@@ -3,17 +3,19 @@
     python -m registry.cli show       # aliases and their versions' key metrics
     python -m registry.cli serve      # the champion on serve.host:serve.port (make serve)
     python -m registry.cli rollback   # champion <- previous (make rollback)
+    python -m registry.cli approve 7 --reason "flaky canary host, re-run"   # lift a rejection
 """
 
 from __future__ import annotations
 
 import argparse
+import getpass
 import os
 import sys
 from pathlib import Path
 
 from pipelines.config import ConfigError, load_params
-from registry.models import CANDIDATE, CHAMPION, PREVIOUS, by_alias, download, metrics_of, rollback
+from registry.models import CANDIDATE, CHAMPION, PREVIOUS, STATUS, approve, by_alias, download, metrics_of, rollback
 
 
 def show(name: str) -> None:
@@ -45,8 +47,12 @@ def serve(params) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m registry.cli", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=["show", "serve", "rollback"])
+    parser.add_argument("command", choices=["show", "serve", "rollback", "approve"])
+    parser.add_argument("version", nargs="?", help="approve: the version whose rejection a person overrides")
+    parser.add_argument("--reason", default="", help="approve: why it may be released despite its status (recorded)")
     args = parser.parse_args(argv)
+    if args.command == "approve" and not args.version:
+        parser.error("approve needs a VERSION")
     try:
         params = load_params()
     except ConfigError as exc:
@@ -57,6 +63,9 @@ def main(argv: list[str] | None = None) -> None:
         show(name)
     elif args.command == "serve":
         serve(params)
+    elif args.command == "approve":
+        mv = approve(name, args.version, args.reason, getpass.getuser())
+        print(f"approved version {mv.version} (was {mv.tags.get(STATUS)}): {args.reason}; the next run may release it again")
     else:
         old, new = rollback(name)
         print(f"rolled back '{name}': champion is now version {new} (was {old}); restart `make serve` to serve it")

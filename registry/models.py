@@ -8,6 +8,7 @@ Aliases replace the deprecated registry stages:
 
 from __future__ import annotations
 
+import datetime
 import logging
 from pathlib import Path
 
@@ -19,6 +20,11 @@ from registry.store import client
 
 CANDIDATE, CHAMPION, PREVIOUS = "candidate", "champion", "previous"
 MODEL_HASH_TAG = "lineage.model_md5"
+# A version's status sticks to its bytes: a version rejected by a gate or rolled back by a
+# canary is never promoted again, however often a rerun produces the same bytes, unless a
+# person approves it with a stated reason (recorded beside the status).
+STATUS, REJECTED, ROLLED_BACK = "status", "rejected", "rolled_back"
+BLOCKING = (REJECTED, ROLLED_BACK)
 log = logging.getLogger("registry")
 
 
@@ -48,7 +54,9 @@ def metrics_of(mv: ModelVersion | None) -> dict[str, float] | None:
 
 
 def register(name: str, model_dir: Path, run_id: str, model_md5: str, tags: dict[str, str]) -> ModelVersion:
-    """Log the model folder to `run_id` and register it as a new version with alias `candidate`."""
+    """Log the model folder to `run_id` and register it as a new version. It gets no alias
+    yet: `candidate` comes only once the quality gate has passed (`mark_candidate`), and a
+    gate failure leaves the version as the record of what was rejected and why."""
     c = client()
     c.log_artifacts(run_id, str(model_dir), "model")
     try:
@@ -57,9 +65,49 @@ def register(name: str, model_dir: Path, run_id: str, model_md5: str, tags: dict
         if "RESOURCE_ALREADY_EXISTS" not in str(exc.error_code):
             raise
     source = f"{c.get_run(run_id).info.artifact_uri}/model"
-    mv = c.create_model_version(name, source, run_id=run_id, tags={**tags, MODEL_HASH_TAG: model_md5})
-    c.set_registered_model_alias(name, CANDIDATE, str(mv.version))
-    return mv
+    return c.create_model_version(name, source, run_id=run_id, tags={**tags, MODEL_HASH_TAG: model_md5, STATUS: "registered"})
+
+
+def mark_candidate(name: str, version: str) -> None:
+    client().set_registered_model_alias(name, CANDIDATE, str(version))
+
+
+def set_status(name: str, version: str, status: str, reason: str) -> None:
+    """Record what happened to a version; `status.at` tells one rejection from the next."""
+    c = client()
+    c.set_model_version_tag(name, str(version), STATUS, status)
+    c.set_model_version_tag(name, str(version), f"{STATUS}.reason", reason[:4900])
+    c.set_model_version_tag(name, str(version), f"{STATUS}.at", _now())
+    if status in BLOCKING:
+        _drop_alias(name, CANDIDATE)
+
+
+def blocked(mv: ModelVersion) -> str | None:
+    """Why these bytes may not be released again, or None. An approval lifts the block once:
+    a later rejection of the same bytes (a new gate failure or rollback) blocks them again."""
+    status = mv.tags.get(STATUS)
+    if status not in BLOCKING or mv.tags.get("approval.for") == mv.tags.get(f"{STATUS}.at", status):
+        return None
+    why = mv.tags.get(f"{STATUS}.reason") or mv.tags.get("canary.report", "")
+    return (
+        f"version {mv.version} has exactly these bytes and was {status.replace('_', ' ')}: {why.splitlines()[0] if why else 'no reason recorded'}\n"
+        f"  it is not released again unless a person approves it: python -m registry.cli approve {mv.version} --reason '...'"
+    )
+
+
+def approve(name: str, version: str, reason: str, by: str) -> ModelVersion:
+    """A person overrides a version's rejection, with a reason; both are recorded on it."""
+    if not reason.strip():
+        raise SystemExit("approve needs --reason: say why this version may be released despite its status")
+    c = client()
+    mv = c.get_model_version(name, str(version))
+    status = mv.tags.get(STATUS)
+    if status not in BLOCKING:
+        raise SystemExit(f"version {version} is '{status}', not rejected or rolled back: nothing to approve")
+    tags = {"approval.for": mv.tags.get(f"{STATUS}.at", status), "approval.reason": reason, "approval.by": by, "approval.at": _now()}
+    for k, v in tags.items():
+        c.set_model_version_tag(name, str(version), k, v)
+    return c.get_model_version(name, str(version))
 
 
 def promote(name: str, version: str) -> ModelVersion | None:
@@ -78,7 +126,7 @@ def reject(name: str, version: str, report: str) -> None:
     c = client()
     c.set_model_version_tag(name, str(version), "canary", "rolled_back")
     c.set_model_version_tag(name, str(version), "canary.report", report[:4900])
-    _drop_alias(name, CANDIDATE)
+    set_status(name, version, ROLLED_BACK, "canary rolled back: " + report[:4800])
 
 
 def rollback(name: str) -> tuple[str, str]:
@@ -98,6 +146,10 @@ def download(mv: ModelVersion, dst: Path) -> Path:
     """Fetch a version's model folder (what serving loads)."""
     dst.mkdir(parents=True, exist_ok=True)
     return Path(mlflow.artifacts.download_artifacts(artifact_uri=mv.source, dst_path=str(dst), tracking_uri=client().tracking_uri))
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="microseconds")
 
 
 def _drop_alias(name: str, alias: str) -> None:

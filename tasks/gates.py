@@ -15,9 +15,7 @@ from pipelines.common import METRICS, read_json
 from pipelines.config import Params
 from pipelines.gates import Decision, decide, decide_quantization, mean_interval, pair_items
 from pipelines.plots import plot_gate
-from pipelines.recipe import final_step, model_dir
-from registry.lineage import dvc_lock_hashes
-from registry.models import CHAMPION, by_alias, download, metrics_of
+from registry.models import CHAMPION, REJECTED, by_alias, download, mark_candidate, metrics_of, set_status
 from registry.store import client
 
 GATE_DIR = Path(".serving/gate")  # the champion, downloaded to be re-scored (removed after)
@@ -41,16 +39,15 @@ def read_items(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def champion_items(params: Params) -> tuple[object | None, list[dict] | None]:
-    """The champion scored item by item on *this* run's test split, so candidate and champion
-    are compared on the same items. Skipped when the candidate is the champion's own model."""
+def champion_items(params: Params, version: str) -> tuple[object | None, list[dict] | None]:
+    """The champion's served model scored item by item on *this* run's test items with the same
+    settings as the candidate, so the two are compared like for like. Skipped when the
+    candidate is the champion (a rerun that produced the same bytes)."""
     mv = by_alias(params.registry.model_name, CHAMPION)
     if mv is None:
         return None, None
-    final = final_step(params.recipe)
-    key = f"{final}:{model_dir(final)}"
-    if mv.tags.get(f"lineage.dvc.{key}") == dvc_lock_hashes().get(key):
-        print(f"candidate is champion v{mv.version}'s own model: paired comparison skipped")
+    if str(mv.version) == str(version):
+        print(f"candidate is champion v{mv.version} itself: paired comparison skipped")
         return mv, None
     from pipelines.evaluate import exact_match  # lm-eval is heavy: import only when needed
 
@@ -62,14 +59,29 @@ def champion_items(params: Params) -> tuple[object | None, list[dict] | None]:
     return mv, items
 
 
+def item_table(candidate: list[dict], champion: list[dict] | None) -> str:
+    """Both models' per-item scores side by side: the audit trail of a gate decision."""
+    champ = {c["id"]: c for c in champion or []}
+    rows = [
+        {"id": c["id"], "prompt": c.get("prompt"), "target": c.get("target"), "candidate": c["response"], "candidate_exact_match": c["exact_match"],
+         **({"champion": champ[c["id"]]["response"], "champion_exact_match": champ[c["id"]]["exact_match"]} if c["id"] in champ else {})}
+        for c in candidate
+    ]
+    return "".join(json.dumps(r) + "\n" for r in rows)
+
+
 @task(cache_policy=NO_CACHE)
-def quality_gate(params: Params, parent_run_id: str) -> Decision:
+def quality_gate(params: Params, parent_run_id: str, version: str) -> Decision:
+    """The served artifact (quantized when quantization is on) against the base, the absolute
+    thresholds and, item by item, the champion's served artifact. The verdict is recorded on
+    the version: a rejected version keeps that status (registry.models.blocked)."""
+    served = read_json(METRICS / "quantize.json")
     results = read_json(METRICS / "evaluate.json")
-    candidate_items = read_items(METRICS / "samples/candidate.jsonl")
+    candidate_items = read_items(METRICS / "samples/quantized.jsonl")
     base_items = read_items(METRICS / "samples/base.jsonl")
-    mv, champ_items = champion_items(params)
+    mv, champ_items = champion_items(params, version)
     paired = {"exact_match": pair_items(candidate_items, champ_items, "exact_match")} if champ_items else None
-    decision = decide(results["candidate"], results["base"], metrics_of(mv), params.gate, paired=paired)
+    decision = decide(served, results["base"], metrics_of(mv) if mv is not None and str(mv.version) != str(version) else None, params.gate, paired=paired)
 
     def interval(items: list[dict]) -> tuple[float, float, float]:
         i = mean_interval([float(x["exact_match"]) for x in items], params.gate.bootstrap_resamples, params.gate.confidence)
@@ -78,7 +90,7 @@ def quality_gate(params: Params, parent_run_id: str) -> Decision:
     chart_data = {"base": {"exact_match": interval(base_items)}, "candidate": {"exact_match": interval(candidate_items)}}
     if champ_items:
         chart_data["champion"] = {"exact_match": interval(champ_items)}
-    for name, block in (("base", results["base"]), ("candidate", results["candidate"])):
+    for name, block in (("base", results["base"]), ("candidate", served)):
         if block.get("validation_loss") is not None:
             v = block["validation_loss"]
             chart_data[name]["validation_loss"] = (v, v, v)
@@ -87,9 +99,14 @@ def quality_gate(params: Params, parent_run_id: str) -> Decision:
     c = client()
     c.log_artifact(parent_run_id, str(chart), "gates")
     c.log_text(parent_run_id, markdown, "gates/quality_gate.md")
+    c.log_text(parent_run_id, item_table(candidate_items, champ_items), "gates/quality_gate_items.jsonl")
     print(decision.summary())
+    name = params.registry.model_name
     if not decision.passed:
-        raise GateFailed("quality gate failed, nothing was deployed:\n  " + "\n  ".join(decision.reasons))
+        set_status(name, version, REJECTED, "quality gate: " + "; ".join(decision.reasons))
+        raise GateFailed(f"quality gate failed, version {version} rejected, nothing was deployed:\n  " + "\n  ".join(decision.reasons))
+    if mv is None or str(mv.version) != str(version):
+        mark_candidate(name, version)
     return decision
 
 

@@ -138,16 +138,24 @@ def test_perturbed_weights_are_stopped_by_the_statistical_gate(project, tmp_path
     assert any("paired diff vs champion" in r for r in decision.reasons), decision.summary()
 
 
-def test_degraded_model_is_blocked_before_deploy(project):
+def test_degraded_model_is_blocked_before_deploy_and_stays_rejected(project):
     write_params(project, sft={"max_steps": 2, "save_steps": 1})  # a model that learned nothing
     result = run_flow(project)
     assert result.returncode == 1
-    assert "quality gate failed, nothing was deployed" in result.stdout
+    assert "quality gate failed, version 2 rejected, nothing was deployed" in result.stdout
     assert "exact_match" in result.stdout and "FAILED by" in result.stdout
-    assert "quantize" not in stage_status(result.stdout)
+    assert stage_status(result.stdout)["quantize"] == "ran", "the gate judges the served (quantized) artifact"
     assert alias_version(project, "champion") == "1"
     assert alias_version(project, "candidate") is None
-    assert len(registry(project).search_model_versions("name='reverse-digits'")) == 1
+    v2 = registry(project).get_model_version("reverse-digits", "2")
+    assert v2.tags["status"] == "rejected" and "exact_match" in v2.tags["status.reason"]
+
+    # The same bytes again (a nightly rerun with nothing changed) are refused at registration.
+    again = run_flow(project)
+    assert again.returncode == 1
+    assert "version 2 has exactly these bytes and was rejected" in again.stdout
+    assert "registry.cli approve 2" in again.stdout
+    assert len(registry(project).search_model_versions("name='reverse-digits'")) == 2
 
 
 def test_failed_stage_keeps_earlier_outputs_and_the_rerun_resumes(project):
@@ -170,20 +178,28 @@ def test_failed_stage_keeps_earlier_outputs_and_the_rerun_resumes(project):
     assert status["dpo"] == "ran"
     assert sft_model.read_bytes() == kept
     # A new candidate went through the canary beside the champion and replaced it.
-    assert "outcome: promoted (version 2)" in result.stdout
-    assert alias_version(project, "champion") == "2"
+    assert "outcome: promoted (version 3)" in result.stdout
+    assert alias_version(project, "champion") == "3"
     assert alias_version(project, "previous") == "1"
 
 
 def test_canary_drill_rolls_the_candidate_back_and_keeps_the_champion(project):
-    write_params(project, dpo={"max_steps": 30, "beta": 0.3})  # a new candidate, v3
+    write_params(project, dpo={"max_steps": 30, "beta": 0.3})  # a new candidate, v4
     result = run_flow(project, "--canary-drill=--fault-error-rate 1.0")
     assert result.returncode == 1, result.stdout[-6000:]
-    assert "outcome: rolled_back (version 3)" in result.stdout
-    assert "candidate v3 was rolled back; champion v2 keeps serving" in result.stdout
+    assert "outcome: rolled_back (version 4)" in result.stdout
+    assert "candidate v4 was rolled back; champion v3 keeps serving" in result.stdout
     assert "client-visible errors: 0" in result.stdout
-    assert alias_version(project, "champion") == "2" and alias_version(project, "previous") == "1"
-    assert registry(project).get_model_version("reverse-digits", "3").tags["canary"] == "rolled_back"
+    assert alias_version(project, "champion") == "3" and alias_version(project, "previous") == "1"
+    v4 = registry(project).get_model_version("reverse-digits", "4")
+    assert v4.tags["canary"] == "rolled_back" and v4.tags["status"] == "rolled_back"
+
+    # Rerun without the drill: the same bytes come out, and a rolled-back version is not
+    # canaried again until one passes by luck; it is refused until a person approves it.
+    again = run_flow(project)
+    assert again.returncode == 1
+    assert "version 4 has exactly these bytes and was rolled back" in again.stdout
+    assert alias_version(project, "champion") == "3"
 
 
 def test_invalid_params_fail_before_any_work(project):

@@ -99,19 +99,52 @@ def test_paired_bootstrap_interval_brackets_the_mean_difference():
 def test_statistical_gate_blocks_a_real_regression_but_not_noise():
     from pipelines.gates import pair_items
 
-    champion = [{"prompt": f"p{i}", "exact_match": 1.0} for i in range(200)]
+    champion = [{"id": f"p{i}", "exact_match": 1.0} for i in range(200)]
     # 15 % of items newly wrong: a regression the interval must see.
-    worse = [{"prompt": f"p{i}", "exact_match": 0.0 if i % 7 == 0 else 1.0} for i in range(200)]
+    worse = [{"id": f"p{i}", "exact_match": 0.0 if i % 7 == 0 else 1.0} for i in range(200)]
     d = decide(GOOD, BASE, None, GateParams(), paired={"exact_match": pair_items(worse, champion, "exact_match")})
     assert not d.passed and any("paired diff vs champion" in r for r in d.reasons)
     # One flipped item out of 200 is within tolerance.
-    noise = [{"prompt": f"p{i}", "exact_match": 0.0 if i == 3 else 1.0} for i in range(200)]
+    noise = [{"id": f"p{i}", "exact_match": 0.0 if i == 3 else 1.0} for i in range(200)]
     assert decide(GOOD, BASE, None, GateParams(), paired={"exact_match": pair_items(noise, champion, "exact_match")}).passed
 
 
 def test_pairing_uses_only_items_both_models_saw():
     from pipelines.gates import pair_items
 
-    a = [{"prompt": "x", "exact_match": 1}, {"prompt": "y", "exact_match": 0}, {"prompt": "new", "exact_match": 1}]
-    b = [{"prompt": "y", "exact_match": 1}, {"prompt": "x", "exact_match": 1}]
+    a = [{"id": "x", "exact_match": 1}, {"id": "y", "exact_match": 0}, {"id": "new", "exact_match": 1}]
+    b = [{"id": "y", "exact_match": 1}, {"id": "x", "exact_match": 1}]
     assert pair_items(a, b, "exact_match") == ([1.0, 0.0], [1.0, 1.0])
+
+
+def test_items_with_the_same_prompt_stay_two_items():
+    from pipelines.gates import pair_items
+
+    # Same prompt, two different reference answers: distinct ids, so neither is dropped.
+    champ = [{"id": "a1", "prompt": "q", "exact_match": 1}, {"id": "a2", "prompt": "q", "exact_match": 1}]
+    cand = [{"id": "a1", "prompt": "q", "exact_match": 1}, {"id": "a2", "prompt": "q", "exact_match": 0}]
+    assert pair_items(cand, champ, "exact_match") == ([1.0, 0.0], [1.0, 1.0])
+    with pytest.raises(ValueError, match="twice"):
+        pair_items(cand, champ + champ[:1], "exact_match")
+
+
+def test_binary_metrics_use_mcnemar_and_continuous_ones_the_bootstrap():
+    from pipelines.gates import noninferiority_p
+
+    same = [1.0] * 50 + [0.0] * 50
+    p, test = noninferiority_p("exact_match", same, same, 0.02, 500)
+    assert test == "mcnemar" and p == 0.0, "identical outcomes are within any positive tolerance"
+    worse = [0.0] * 20 + same[20:]
+    p_worse, _ = noninferiority_p("exact_match", worse, same, 0.02, 500)
+    assert p_worse > 0.5, "20 % newly wrong is not non-inferior"
+    losses = [0.5 + 0.01 * i for i in range(100)]
+    p_loss, test = noninferiority_p("validation_loss", losses, losses, 0.02, 500)
+    assert test == "paired bootstrap" and p_loss < 0.01
+
+
+def test_holm_makes_more_metrics_harder_not_easier_to_pass():
+    from pipelines.gates import holm
+
+    assert holm({"a": 0.02}, 0.025) == {"a": 0.02}
+    adjusted = holm({"a": 0.02, "b": 0.01, "c": 0.3}, 0.025)
+    assert adjusted == {"b": 0.03, "a": 0.04, "c": 0.3}, "each p is multiplied by the number still in play, monotone"

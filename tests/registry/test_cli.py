@@ -41,3 +41,13 @@ def test_bad_params_file_fails_with_the_key(store, capsys):
         cli.main(["show"])
     assert exit_.value.code == 2
     assert "registry.modelname: unknown key (did you mean 'model_name'?)" in capsys.readouterr().err
+
+
+def test_approve_command_records_who_and_why(store, capsys):
+    v1, v2 = store
+    models.reject("m", v2, "canary gate FAILED: error_rate 0.5")
+    cli.main(["approve", v2, "--reason", "the canary host was overloaded"])
+    assert f"approved version {v2}" in capsys.readouterr().out
+    mv = models.client().get_model_version("m", v2)
+    assert mv.tags["approval.reason"] == "the canary host was overloaded" and mv.tags["approval.by"]
+    assert models.blocked(mv) is None

@@ -26,7 +26,9 @@ def new_version(store, tmp_path, md5: str, metrics: dict | None = None) -> str:
     model.mkdir()
     (model / "config.json").write_text('{"md5": "%s"}' % md5)
     tags = {f"metric.{k}": str(v) for k, v in (metrics or {}).items()}
-    return str(models.register("m", model, run.info.run_id, md5, tags).version)
+    version = str(models.register("m", model, run.info.run_id, md5, tags).version)
+    models.mark_candidate("m", version)  # as the quality gate does once it passes
+    return version
 
 
 def alias(name: str) -> str | None:
@@ -62,6 +64,35 @@ def test_reject_tags_the_report_and_leaves_champion(store, tmp_path):
     tags = c.get_model_version("m", v2).tags
     assert tags["canary"] == "rolled_back" and "error_rate" in tags["canary.report"]
     assert (alias("champion"), alias("candidate")) == (v1, None)
+
+
+def test_registration_alone_gives_no_alias(store, tmp_path):
+    c, exp = store
+    (tmp_path / "m0").mkdir()
+    (tmp_path / "m0" / "config.json").write_text("{}")
+    mv = models.register("m", tmp_path / "m0", c.create_run(exp).info.run_id, "x", {})
+    assert alias("candidate") is None and mv.tags["status"] == "registered"
+
+
+def test_rejection_sticks_to_the_bytes_until_a_person_approves(store, tmp_path):
+    v1 = new_version(store, tmp_path, "bad")
+    models.set_status("m", v1, models.REJECTED, "quality gate: exact_match = 0.1 vs >= 0.8")
+    assert alias("candidate") is None, "a rejected version loses its candidate alias"
+    mv = models.find_by_model_hash("m", "bad")
+    why = models.blocked(mv)
+    assert f"version {v1} has exactly these bytes and was rejected: quality gate: exact_match" in why
+    assert f"registry.cli approve {v1}" in why
+    with pytest.raises(SystemExit, match="--reason"):
+        models.approve("m", v1, " ", "alice")
+    approved = models.approve("m", v1, "threshold was mis-set; re-gate it", "alice")
+    assert models.blocked(approved) is None
+    assert approved.tags["approval.reason"] == "threshold was mis-set; re-gate it" and approved.tags["approval.by"] == "alice"
+    # A new rejection of the same bytes blocks them again: an approval is spent once.
+    models.reject("m", v1, "canary gate FAILED: error_rate 1.0")
+    again = models.find_by_model_hash("m", "bad")
+    assert "was rolled back: canary rolled back" in models.blocked(again)
+    with pytest.raises(SystemExit, match="nothing to approve"):
+        models.approve("m", new_version(store, tmp_path, "fine"), "why not", "bob")
 
 
 def test_rollback_by_hand_swaps_champion_and_previous(store, tmp_path):
