@@ -19,6 +19,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 from pathlib import Path
 
 import pandas as pd
@@ -68,22 +69,47 @@ def task_config(cfg: EvaluateParams, data_file: Path) -> dict:
     return task
 
 
+def is_endpoint(model_ref: str) -> bool:
+    return model_ref.startswith(("http://", "https://"))
+
+
+def served_model_name(base_url: str) -> str:
+    """The model an OpenAI-compatible server serves (its first, as /v1/models lists them)."""
+    import httpx
+
+    headers = {"Authorization": f"Bearer {key}"} if (key := os.environ.get("SERVING_API_KEY")) else {}
+    listed = httpx.get(base_url.rstrip("/") + "/models", headers=headers, timeout=30).json()["data"]
+    if not listed:
+        raise SystemExit(f"{base_url} serves no model")
+    return listed[0]["id"]
+
+
+def lm_eval_model(model_ref: str, cfg: EvaluateParams, compute: ComputeParams | None) -> dict:
+    """How lm-eval reaches the model: a local folder (transformers, on the plan's device and
+    precision, batched) or a served OpenAI-compatible endpoint (`http://host:port/v1`, lm-eval's
+    local-chat-completions: the same suite scores a deployed version or a vLLM server)."""
+    if is_endpoint(model_ref):
+        args = {"model": served_model_name(model_ref), "base_url": model_ref.rstrip("/") + "/chat/completions", "num_concurrent": 4, "max_retries": 3, "tokenized_requests": False}
+        if os.environ.get("SERVING_API_KEY"):
+            args["auth_token"] = os.environ["SERVING_API_KEY"]
+        return {"model": "local-chat-completions", "model_args": args}
+    plan = machine_plan(compute or ComputeParams())
+    return {"model": "hf", "model_args": {"pretrained": model_ref, "dtype": str(plan.dtype).removeprefix("torch.")}, "batch_size": cfg.batch_size, "device": plan.device}
+
+
 def exact_match(model_ref: str, cfg: EvaluateParams, data_file: Path = TEST_FILE, compute: ComputeParams | None = None) -> tuple[float, list[dict]]:
-    """lm-eval exact match over the test split, and the per-item scores behind it."""
+    """lm-eval exact match over the test split, and the per-item scores behind it, for a local
+    model folder or a served endpoint."""
     import lm_eval
 
     logging.getLogger("lm_eval").setLevel(logging.WARNING)
-    plan = machine_plan(compute or ComputeParams())
     task = task_config(cfg, eval_items(data_file))
     out = lm_eval.simple_evaluate(
-        model="hf",
-        model_args={"pretrained": model_ref, "dtype": str(plan.dtype).removeprefix("torch.")},
+        **lm_eval_model(model_ref, cfg, compute),
         tasks=[task],
-        batch_size=cfg.batch_size,
         apply_chat_template=True,
         log_samples=True,
         limit=cfg.limit,
-        device=plan.device,
     )
     result = out["results"][task["task"]]
     score = next(v for k, v in result.items() if k.startswith("exact_match,"))
@@ -175,7 +201,28 @@ def run(params: Params) -> None:
     write_json(METRICS / "evaluate.json", results)
 
 
+def score_endpoint(argv: list[str] | None = None) -> None:
+    """`python -m pipelines.evaluate --endpoint http://127.0.0.1:8000/v1`: the evaluation
+    suite's exact match for a served model (e.g. `make serve`, or a vLLM server)."""
+    import argparse
+
+    from pipelines.config import load_params
+
+    parser = argparse.ArgumentParser(prog="python -m pipelines.evaluate")
+    parser.add_argument("--endpoint", required=True, help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1")
+    parser.add_argument("--params", default="params.yaml")
+    args = parser.parse_args(argv)
+    params = load_params(args.params)
+    score, items = exact_match(args.endpoint, params.evaluate, compute=params.compute)
+    print(json.dumps({"endpoint": args.endpoint, "task": params.evaluate.task, "exact_match": score, "items": len(items)}))
+
+
 def main() -> None:
+    import sys
+
+    if "--endpoint" in sys.argv:
+        score_endpoint(sys.argv[1:])
+        return
     stage_main("evaluate", run)
 
 
