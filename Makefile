@@ -11,7 +11,7 @@ export MLFLOW_TRACKING_URI ?= sqlite:///$(CURDIR)/mlflow.db
 export TOKENIZERS_PARALLELISM := false
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup pipeline test test-fast bench serve rollback ui-prefect ui-mlflow schedule dvc-repro clean
+.PHONY: setup pipeline test test-fast bench serve rollback ui-prefect ui-mlflow schedule dvc-repro data-add clean
 
 setup: $(STAMP)
 
@@ -34,9 +34,14 @@ test-fast: setup  ## everything but the whole-flow and multi-process tests
 
 bench: setup  ## pipeline cold/no-op times, SFT tokens/s vs plain TRL, CPU-engine batching speed-up, gateway load test
 	$(PY) -m benchmarks.pipeline
+	$(PY) -m benchmarks.prepare
 	$(PY) -m benchmarks.training
 	$(PY) -m benchmarks.engine
 	$(PY) -m benchmarks.serving_load
+
+data-add: setup  ## add your data: make data-add FILE=path [FORMAT=auto] (copied to data/raw/, tracked by DVC)
+	@test -n "$(FILE)" || { echo "usage: make data-add FILE=path/to/data.jsonl [FORMAT=alpaca|sharegpt|openai|...]"; exit 2; }
+	$(PY) -m pipelines.sources add "$(FILE)" --format $(or $(FORMAT),auto)
 
 dvc-repro: setup  ## the artifact stages alone, without Prefect
 	$(VENV)/bin/dvc repro

@@ -14,7 +14,6 @@ from typing import Any
 
 from pipelines.config import ConfigError, Params, load_params
 
-RAW = Path("data/raw")
 PREPARED = Path("data/prepared")
 MODELS = Path("models")
 METRICS = Path("metrics")

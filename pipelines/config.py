@@ -14,6 +14,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from pipelines.data_config import DataParams, GenerateParams, PrepareParams
 from pipelines.recipe import DEFAULT_RECIPE, check_recipe
 
 PARAMS_FILE = Path("params.yaml")
@@ -22,29 +23,6 @@ BOOTSTRAP = "bootstrap"  # the embedded default: train a tokenizer and a tiny Ll
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class DataParams(Section):
-    seed: int = Field(1234, description="Seed of the demo-data generator (same seed, same bytes).")
-    n_sft: int = Field(3000, ge=10, description="Instruction rows generated (before noise).")
-    n_preference: int = Field(600, ge=10, description="Preference pairs generated (before noise).")
-    min_len: int = Field(3, ge=1, description="Shortest digit list in the demo task.")
-    max_len: int = Field(5, ge=1, description="Longest digit list in the demo task.")
-    noise_rate: float = Field(0.06, ge=0, le=0.5, description="Share of rows turned into each kind of noise.")
-
-    @model_validator(mode="after")
-    def _lengths(self) -> "DataParams":
-        if self.min_len > self.max_len:
-            raise ValueError(f"min_len ({self.min_len}) must be <= max_len ({self.max_len})")
-        return self
-
-
-class PrepareParams(Section):
-    validation_fraction: float = Field(0.1, gt=0, lt=0.5, description="Share of unique prompts held out for validation.")
-    test_fraction: float = Field(0.1, gt=0, lt=0.5, description="Share of unique prompts held out for the test set.")
-    max_chars: int = Field(2000, ge=16, description="Rows whose prompt or answer is longer are quarantined.")
-    min_rows: int = Field(50, ge=1, description="Data gate: fewest clean training rows accepted.")
-    max_quarantine_fraction: float = Field(0.4, ge=0, le=1, description="Data gate: most raw rows that may be quarantined.")
 
 
 class ModelParams(Section):
@@ -283,6 +261,7 @@ class CanaryParams(Section):
 class Params(Section):
     recipe: list[str] = Field(default_factory=lambda: list(DEFAULT_RECIPE), description="Training steps in order, e.g. [sft, dpo], [sft, kto], [sft, rm, grpo]; each names an algorithm in pipelines/recipe.py and reads the params section of the same name.")
     data: DataParams = Field(default_factory=DataParams)
+    generate: GenerateParams = Field(default_factory=GenerateParams)
     prepare: PrepareParams = Field(default_factory=PrepareParams)
     model: ModelParams = Field(default_factory=ModelParams)
     compute: ComputeParams = Field(default_factory=ComputeParams)
@@ -329,13 +308,20 @@ def _suggest(key: str, model: type[BaseModel] | None) -> str:
 
 
 def _model_at(loc: tuple) -> type[BaseModel] | None:
-    """The pydantic model that owns the parent of `loc`, to suggest the key the user meant."""
+    """The pydantic model that owns the parent of `loc`, to suggest the key the user meant
+    (stepping through list items such as data.sources.0)."""
+    import typing
+
     model: Any = Params
     for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
         field = model.model_fields.get(part) if isinstance(part, str) and hasattr(model, "model_fields") else None
         if field is None:
             return None
         model = field.annotation
+        if typing.get_origin(model) is list:
+            model = typing.get_args(model)[0]
         if not (isinstance(model, type) and issubclass(model, BaseModel)):
             return None
     return model

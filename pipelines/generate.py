@@ -1,12 +1,16 @@
 """Stage `generate`: the embedded demo data, made by a seeded generator (same seed, same bytes).
 
 The task is one a tiny model can really learn in well under a minute on two CPU cores:
-reverse a list of 3-5 digits. It is written in three real-world formats, with the noise real
-data has, so that `prepare` has work to do:
+reverse a list of 3-5 digits. It is written in real-world formats, with the noise real data
+has, so that `prepare` has work to do. It writes only its own folder, data/generated/ (a
+user's files live in data/raw/ and are never touched):
 
-- data/raw/alpaca.jsonl      instruction / input / output rows (Alpaca style)
-- data/raw/chat.jsonl        {"messages": [...]} rows (OpenAI chat style)
-- data/raw/preference.jsonl  prompt / chosen / rejected rows (DPO style)
+- alpaca.jsonl      instruction / input / output rows (Alpaca style)
+- chat.jsonl        {"messages": [...]} rows (OpenAI chat style)
+- sharegpt.json     a JSON array of {"conversations": [{"from", "value"}...]}, some with a system
+                    prompt and some multi-turn (two lists reversed in one conversation)
+- preference.jsonl  prompt / chosen / rejected rows (DPO style)
+- kto.jsonl         prompt / completion / label rows (KTO style: good answers true, wrong false)
 
 Noise, each at `data.noise_rate`: exact duplicates, duplicates that differ only in whitespace,
 empty answers, stray whitespace, malformed JSON lines, rows missing a field, and (chat only)
@@ -19,13 +23,16 @@ import json
 import random
 from pathlib import Path
 
-from pipelines.common import RAW, log, stage_main
-from pipelines.config import DataParams, Params
+from pipelines.common import log, stage_main
+from pipelines.config import Params
+from pipelines.data_config import GenerateParams
 
+GENERATED = Path("data/generated")
 INSTRUCTION = "Reverse the list:"
+SYSTEM = "You reverse lists of digits. Answer with the digits only."
 
 
-def make_item(rng: random.Random, cfg: DataParams) -> tuple[str, str]:
+def make_item(rng: random.Random, cfg: GenerateParams) -> tuple[str, str]:
     digits = [str(rng.randrange(10)) for _ in range(rng.randint(cfg.min_len, cfg.max_len))]
     return " ".join(digits), " ".join(reversed(digits))
 
@@ -40,7 +47,7 @@ def wrong_answer(rng: random.Random, question: str, answer: str) -> str:
     return " ".join(digits)
 
 
-def _noisy(rng: random.Random, rows: list[dict], cfg: DataParams, corrupt) -> list[str]:
+def _noisy(rng: random.Random, rows: list[dict], cfg: GenerateParams, corrupt) -> list[str]:
     """Serialise rows to JSON lines, injecting each kind of noise at `noise_rate`."""
     out: list[str] = []
     for row in rows:
@@ -59,7 +66,7 @@ def _noisy(rng: random.Random, rows: list[dict], cfg: DataParams, corrupt) -> li
     return out
 
 
-def alpaca_rows(rng: random.Random, cfg: DataParams, n: int) -> list[str]:
+def alpaca_rows(rng: random.Random, cfg: GenerateParams, n: int) -> list[str]:
     rows = []
     for _ in range(n):
         q, a = make_item(rng, cfg)
@@ -78,7 +85,7 @@ def alpaca_rows(rng: random.Random, cfg: DataParams, n: int) -> list[str]:
     return _noisy(rng, rows, cfg, corrupt)
 
 
-def chat_rows(rng: random.Random, cfg: DataParams, n: int) -> list[str]:
+def chat_rows(rng: random.Random, cfg: GenerateParams, n: int) -> list[str]:
     rows = []
     for _ in range(n):
         q, a = make_item(rng, cfg)
@@ -97,7 +104,7 @@ def chat_rows(rng: random.Random, cfg: DataParams, n: int) -> list[str]:
     return _noisy(rng, rows, cfg, corrupt)
 
 
-def preference_rows(rng: random.Random, cfg: DataParams, n: int) -> list[str]:
+def preference_rows(rng: random.Random, cfg: GenerateParams, n: int) -> list[str]:
     rows = []
     for _ in range(n):
         q, a = make_item(rng, cfg)
@@ -122,13 +129,39 @@ def write_lines(path: Path, lines: list[str]) -> None:
     log.info("wrote %s (%d lines)", path, len(lines))
 
 
+def sharegpt_rows(rng: random.Random, cfg: GenerateParams, n: int) -> list[dict]:
+    """Conversations with a system prompt, and some with two lists reversed one after the other."""
+    rows = []
+    for _ in range(n):
+        turns = []
+        for _ in range(1 if rng.random() < 0.7 else 2):
+            q, a = make_item(rng, cfg)
+            turns += [{"from": "human", "value": f"{INSTRUCTION}\n{q}"}, {"from": "gpt", "value": a}]
+        rows.append({"system": SYSTEM, "conversations": turns} if rng.random() < 0.5 else {"conversations": turns})
+    return rows
+
+
+def kto_rows(rng: random.Random, cfg: GenerateParams, n: int) -> list[str]:
+    """Unpaired, labelled answers: the right reversal (label true) or a plausible mistake (false)."""
+    rows = []
+    for _ in range(n):
+        q, a = make_item(rng, cfg)
+        good = rng.random() < 0.5
+        rows.append(json.dumps({"prompt": f"{INSTRUCTION}\n{q}", "completion": a if good else wrong_answer(rng, q, a), "label": good}))
+    return rows
+
+
 def run(params: Params) -> None:
-    cfg = params.data
+    cfg = params.generate
     rng = random.Random(cfg.seed)
-    half = cfg.n_sft // 2
-    write_lines(RAW / "alpaca.jsonl", alpaca_rows(rng, cfg, half))
-    write_lines(RAW / "chat.jsonl", chat_rows(rng, cfg, cfg.n_sft - half))
-    write_lines(RAW / "preference.jsonl", preference_rows(rng, cfg, cfg.n_preference))
+    n_alpaca = cfg.n_sft * 2 // 5
+    n_sharegpt = cfg.n_sft // 5
+    write_lines(GENERATED / "alpaca.jsonl", alpaca_rows(rng, cfg, n_alpaca))
+    write_lines(GENERATED / "chat.jsonl", chat_rows(rng, cfg, cfg.n_sft - n_alpaca - n_sharegpt))
+    GENERATED.mkdir(parents=True, exist_ok=True)
+    (GENERATED / "sharegpt.json").write_text(json.dumps(sharegpt_rows(rng, cfg, n_sharegpt), indent=1) + "\n")
+    write_lines(GENERATED / "preference.jsonl", preference_rows(rng, cfg, cfg.n_preference))
+    write_lines(GENERATED / "kto.jsonl", kto_rows(rng, cfg, cfg.n_preference))
 
 
 def main() -> None:

@@ -1,86 +1,48 @@
-"""Stage `prepare`: raw files in several formats -> one chat schema -> clean, deduplicated,
-decontaminated, validated Parquet splits.
+"""Stage `prepare`: the declared sources, in any supported format and file type -> one
+canonical schema -> cleaned, deduplicated, decontaminated, validated Parquet tables.
 
-Every raw line ends in exactly one place: a split, or `data/prepared/quarantine.jsonl` with the
-reason it was dropped. The counts go to metrics/prepare.json; a failed Great Expectations check
-stops the stage with a readable report (reports/data_validation.md) and writes no splits.
+Every raw row ends in exactly one place: a split of one table (sft, preference, kto, text), or
+data/prepared/quarantine.jsonl with its source, file, line and reason. The counts reconcile
+per file and per reason (checked here; the stage fails rather than lose a row silently) and go
+to metrics/prepare.json. The data card (counts, lengths, sources and hashes, a length
+histogram) and the Great Expectations Data Docs go to reports/data/; a failed data gate writes a readable report and no
+tables. Nothing here writes to a source.
+
+Order matters: rows are cleaned and deduplicated first (exact, then near-duplicates), split by
+a hash of the prompt (all copies of a prompt land in one split, in every table), and then
+every training row is checked against every evaluation row for overlap (decontamination).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import re
-from collections import Counter
-from dataclasses import dataclass, field
+import time
+from collections import Counter, defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 
-from pipelines.common import METRICS, PREPARED, RAW, REPORTS, log, stage_main, write_json
-from pipelines.config import Params, PrepareParams
-from pipelines.validate import DataValidationError, validate_preference, validate_sft
+from pipelines.clean import Contamination, NearDuplicates, clean_text, find_pii, normal_form, redact, repetition_ratio
+from pipelines.common import METRICS, PREPARED, REPORTS, log, stage_main, write_json
+from pipelines.config import Params
+from pipelines.data_config import PrepareParams, SourceParams
+from pipelines.formats import RowError, normalise
+from pipelines.recipe import required_tables
+from pipelines.sources import RawRow, SourceError, read_source
+from pipelines.validate import DataValidationError, validate
 
-SPLITS = ("train", "validation", "test")
-
-
-class Quarantined(ValueError):
-    """A row that cannot be used; the message is the reason recorded in quarantine.jsonl."""
-
-
-def clean_text(text: object) -> str:
-    """Trim, and fold runs of spaces/tabs inside each line (stray whitespace is noise, not content)."""
-    if not isinstance(text, str):
-        raise Quarantined(f"expected text, got {type(text).__name__}")
-    lines = [re.sub(r"[ \t]+", " ", line).strip() for line in text.strip().splitlines()]
-    return "\n".join(line for line in lines if line)
-
-
-def _require(row: dict, *keys: str) -> None:
-    missing = [k for k in keys if k not in row]
-    if missing:
-        raise Quarantined(f"missing field(s): {', '.join(missing)}")
-
-
-def normalise_alpaca(row: dict) -> tuple[str, str]:
-    _require(row, "instruction", "output")
-    instruction, extra = clean_text(row["instruction"]), clean_text(row.get("input", ""))
-    return (f"{instruction}\n{extra}" if extra else instruction), clean_text(row["output"])
-
-
-def normalise_chat(row: dict) -> tuple[str, str]:
-    _require(row, "messages")
-    msgs = row["messages"]
-    if not isinstance(msgs, list) or len(msgs) < 2:
-        raise Quarantined("messages must hold a user turn and an assistant turn")
-    roles = [m.get("role") if isinstance(m, dict) else None for m in msgs]
-    if roles[-2:] != ["user", "assistant"]:
-        raise Quarantined(f"conversation must end user -> assistant, got roles {roles}")
-    return clean_text(msgs[-2].get("content")), clean_text(msgs[-1].get("content"))
-
-
-def normalise_preference(row: dict) -> tuple[str, str, str]:
-    _require(row, "prompt", "chosen", "rejected")
-    return clean_text(row["prompt"]), clean_text(row["chosen"]), clean_text(row["rejected"])
-
-
-FORMATS = {"alpaca": normalise_alpaca, "chat": normalise_chat, "preference": normalise_preference}
-
-
-def detect_format(row: dict) -> str:
-    if "messages" in row:
-        return "chat"
-    if "chosen" in row or "rejected" in row:
-        return "preference"
-    if "instruction" in row:
-        return "alpaca"
-    raise Quarantined(f"unknown row format with keys {sorted(row)}")
+TABLES = {"sft": ("train", "validation", "test"), "preference": ("train", "test"), "kto": ("train", "test"), "text": ("train", "validation", "test")}
+COLUMNS = {"sft": ["messages", "tools"], "preference": ["prompt", "chosen", "rejected"], "kto": ["prompt", "completion", "label"], "text": ["text"]}
+MESSAGE_FIELDS = {"sft": ("messages",), "preference": ("prompt", "chosen", "rejected"), "kto": ("prompt", "completion")}
+EVAL_SPLITS = ("test", "validation")  # held out from training: what training rows must not overlap
+REPORT_DIR = REPORTS / "data"
 
 
 def split_of(prompt: str, cfg: PrepareParams) -> str:
     """Deterministic split by a hash of the prompt: a prompt (and all its duplicates) lands in
-    one split only, in SFT and preference data alike, and keeps its split as the data grows.
-    This is what keeps test prompts out of every training set (decontamination)."""
+    one split only, in every table, and keeps its split as the data grows."""
     u = int(hashlib.sha256(prompt.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
     if u < cfg.test_fraction:
         return "test"
@@ -90,105 +52,318 @@ def split_of(prompt: str, cfg: PrepareParams) -> str:
 
 
 @dataclass
-class Ingested:
-    sft: list[dict] = field(default_factory=list)
-    preference: list[dict] = field(default_factory=list)
-    quarantine: list[dict] = field(default_factory=list)
-    raw_rows: Counter = field(default_factory=Counter)
+class Kept:
+    table: str
+    record: dict
+    source: str
+    file: str
+    line: int
+    prompt: str  # what the split and decontamination key on
+    answer: str
+    split: str = ""
+    id: str = ""
 
-    def reject(self, source: str, line_no: int, reason: str, raw: str) -> None:
-        self.quarantine.append({"source": source, "line": line_no, "reason": reason, "raw": raw[:500]})
+
+# ---------------------------------------------------------------- one row
 
 
-def ingest(paths: list[Path], cfg: PrepareParams) -> Ingested:
-    out = Ingested()
-    seen: set[tuple] = set()
-    for path in paths:
-        for line_no, line in enumerate(path.read_text().splitlines(), start=1):
-            if not line.strip():
+def messages_of(table: str, record: dict) -> list[dict]:
+    return [m for f in MESSAGE_FIELDS.get(table, ()) for m in record[f]]
+
+
+def clean_record(table: str, record: dict) -> None:
+    """Unicode, control characters and whitespace, in place; empty turns are refused."""
+    if table == "text":
+        record["text"] = clean_text(record["text"])
+        if not record["text"]:
+            raise RowError("empty", "empty text after cleaning")
+        return
+    for m in messages_of(table, record):
+        m["content"] = clean_text(m["content"])
+        if not m["content"] and not m["tool_calls"] and m["role"] in ("user", "assistant"):
+            raise RowError("empty", f"empty {m['role']} turn after cleaning")
+
+
+def check_turns(table: str, record: dict) -> None:
+    """Role order: what the chat template and the loss mask rely on."""
+    if table == "sft":
+        roles = [m["role"] for m in record["messages"]]
+        body = roles[1:] if roles[:1] == ["system"] else roles
+        if not body or body[0] != "user" or body[-1] != "assistant" or "system" in body:
+            raise RowError("bad_turns", f"a conversation must be [system] user ... assistant, got {roles}")
+        for prev, cur, msg in zip(body, body[1:], record["messages"][len(roles) - len(body) + 1 :]):
+            if cur == "tool" and prev not in ("assistant", "tool"):
+                raise RowError("bad_turns", "a tool result must follow the assistant's tool call")
+            if cur == prev == "assistant" and not msg["tool_calls"]:
+                raise RowError("bad_turns", "two assistant turns in a row")
+    elif table == "preference" and record["chosen"] == record["rejected"]:
+        raise RowError("identical_pair", "chosen and rejected are identical")
+    elif table == "preference" and not record["prompt"]:
+        raise RowError("missing_field", "no prompt: chosen and rejected share nothing")
+
+
+def prompt_and_answer(table: str, record: dict) -> tuple[str, str]:
+    if table == "text":
+        return record["text"], ""
+    if table == "sft":
+        msgs = record["messages"]
+        prompt, answer = msgs[:-1], msgs[-1:]
+    else:
+        prompt, answer = record["prompt"], record["chosen" if table == "preference" else "completion"]
+    text = lambda ms: "\n".join(m["content"] for m in ms if m["role"] != "system")  # noqa: E731
+    return text(prompt), text(answer)
+
+
+def item_id(table: str, record: dict) -> str:
+    return hashlib.sha256(json.dumps([table, record], sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class Lengths:
+    """Length in tokens of the target tokenizer; for the bootstrap default (whose tokenizer is
+    trained after this stage) bytes, an upper bound for a byte-level BPE."""
+
+    def __init__(self, params: Params):
+        self.tokenizer = None
+        if not params.bootstrapped:
+            from transformers import AutoTokenizer
+
+            self.tokenizer = AutoTokenizer.from_pretrained(params.model.base_model)
+
+    def __call__(self, text: str) -> int:
+        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"]) if self.tokenizer else len(text.encode())
+
+
+# ---------------------------------------------------------------- the stage
+
+
+class Prepared:
+    def __init__(self) -> None:
+        self.kept: list[Kept] = []
+        self.quarantine: list[dict] = []
+        self.raw_by_file: Counter = Counter()
+        self.raw_by_source: Counter = Counter()
+        self.seen: set[tuple[str, str]] = set()
+
+    def reject(self, r: RawRow | Kept, code: str, detail: str, raw: str | None = None) -> None:
+        self.quarantine.append({"source": r.source, "file": r.file, "line": r.line, "reason": f"{code}: {detail}", "raw": (raw if raw is not None else getattr(r, "raw", ""))[:500]})
+
+
+def ingest(sources: list[SourceParams], cfg: PrepareParams, length=len) -> Prepared:
+    """Read, normalise, clean and deduplicate every row of every source."""
+    out = Prepared()
+    near = {t: NearDuplicates(cfg.near_dup_threshold, cfg.near_dup_min_words) for t in TABLES}
+    started = last = time.perf_counter()
+    # Held-out sources first: when a row appears twice, the copy kept is the evaluation one.
+    for src in sorted(sources, key=lambda s: s.split not in ("test", "validation")):
+        for r in read_source(src):
+            out.raw_by_file[r.file] += 1
+            out.raw_by_source[src.label] += 1
+            if (now := time.perf_counter()) - last > 5:
+                n = sum(out.raw_by_file.values())
+                log.info("prepare: %d rows read (%.0f rows/s)", n, n / (now - started))
+                last = now
+            if r.error:
+                out.reject(r, *r.error)
                 continue
-            out.raw_rows[path.name] += 1
             try:
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise Quarantined(f"malformed JSON: {exc.msg}") from None
-                if not isinstance(row, dict):
-                    raise Quarantined("a row must be a JSON object")
-                fmt = detect_format(row)
-                fields = FORMATS[fmt](row)
-                if any(not f for f in fields):
-                    raise Quarantined("empty prompt or answer after cleaning")
-                if any(len(f) > cfg.max_chars for f in fields):
-                    raise Quarantined(f"longer than prepare.max_chars={cfg.max_chars}")
-                key = (fmt == "preference", *fields)
-                if key in seen:
-                    raise Quarantined("duplicate of an earlier row")
-                seen.add(key)
-            except Quarantined as why:
-                out.reject(path.name, line_no, str(why), line)
+                (table, record), = normalise(r.row, src.format).items()
+                clean_record(table, record)
+                check_turns(table, record)
+                texts = [record["text"]] if table == "text" else [m["content"] for m in messages_of(table, record)]
+                if max(len(t) for t in texts) > cfg.max_chars:
+                    raise RowError("too_long", f"a message is longer than prepare.max_chars={cfg.max_chars}")
+                if sum(length(t) for t in texts) > cfg.max_tokens:
+                    raise RowError("too_long", f"longer than prepare.max_tokens={cfg.max_tokens}")
+                whole = "\n".join(texts)
+                if repetition_ratio(whole) > cfg.max_repetition:
+                    raise RowError("repetitive", f"more than {cfg.max_repetition:.0%} of its word 3-grams repeat")
+                if cfg.pii != "off" and (found := find_pii(whole)):
+                    if cfg.pii == "quarantine":
+                        raise RowError("pii", "holds " + ", ".join(sorted({k for k, _ in found})))
+                    redact_record(table, record)
+                key = (table, normal_form(json.dumps(record, sort_keys=True)) if table != "sft" else normal_form(whole) + str(record.get("tools")))
+                if key in out.seen:
+                    raise RowError("duplicate", "an earlier row has the same text (case, punctuation and spacing aside)")
+                out.seen.add(key)
+                # A system prompt shared by many rows says nothing about their likeness.
+                body = record["text"] if table == "text" else "\n".join(m["content"] for m in messages_of(table, record) if m["role"] != "system")
+                if near[table].seen(body):
+                    raise RowError("near_duplicate", f"Jaccard similarity >= {cfg.near_dup_threshold} with an earlier row")
+            except RowError as exc:
+                out.reject(r, exc.code, str(exc).split(": ", 1)[1])
                 continue
-            if fmt == "preference":
-                prompt, chosen, rejected = fields
-                if chosen == rejected:
-                    out.reject(path.name, line_no, "chosen and rejected are identical", line)
-                    continue
-                out.preference.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
-            else:
-                out.sft.append({"prompt": fields[0], "answer": fields[1]})
+            prompt, answer = prompt_and_answer(table, record)
+            kept = Kept(table, record, src.label, r.file, r.line, prompt, answer)
+            kept.split = assign_split(kept, src, cfg)
+            kept.id = item_id(table, record)
+            out.kept.append(kept)
     return out
 
 
-def to_chat(prompt: str, answer: str) -> list[dict]:
-    return [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
+def redact_record(table: str, record: dict) -> None:
+    if table == "text":
+        record["text"] = redact(record["text"])
+    for m in messages_of(table, record):
+        m["content"] = redact(m["content"])
+
+
+def assign_split(k: Kept, src: SourceParams, cfg: PrepareParams) -> str:
+    split = src.split if src.split != "auto" else split_of(k.prompt, cfg)
+    if split not in TABLES[k.table]:  # preference and kto have no validation split
+        split = "test"
+    return split
+
+
+def decontaminate(data: Prepared, cfg: PrepareParams) -> None:
+    """Every training row (every table) against every held-out row (test and validation)."""
+    index = Contamination(cfg.decontamination_ngram)
+    for k in data.kept:
+        if k.split in EVAL_SPLITS:
+            index.add(k.prompt, k.answer)
+    kept = []
+    for k in data.kept:
+        why = None if k.split in EVAL_SPLITS else index.hit(k.prompt, k.answer)
+        if why:
+            data.reject(k, "contaminated", why, raw=json.dumps(k.record, ensure_ascii=False))
+        else:
+            kept.append(k)
+    data.kept = kept
+
+
+def mix(data: Prepared, sources: list[SourceParams], cfg: PrepareParams) -> Counter:
+    """Apply each source's mixing weight to its training rows: a deterministic fraction by hash
+    of the row id, whole repeats for weights above 1. Returns rows added (+) or left out (-)."""
+    weights = {s.label: s.weight for s in sources}
+    out, change = [], Counter()
+    for k in data.kept:
+        w = weights.get(k.source, 1.0)
+        if k.split != "train" or w == 1.0:
+            out.append(k)
+            continue
+        u = int(hashlib.sha256(f"{cfg.seed}:{k.id}".encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+        copies = int(w) + (1 if u < w - int(w) else 0)
+        out += [k] * copies
+        change[k.source] += copies - 1
+    data.kept = out
+    return change
+
+
+def frames(data: Prepared) -> dict[str, pd.DataFrame]:
+    rows: dict[str, list] = defaultdict(list)
+    for k in data.kept:
+        rows[k.table].append({**k.record, "source": k.source, "id": k.id, "split": k.split})
+    return {t: pd.DataFrame(rows[t], columns=[*COLUMNS[t], "source", "id", "split"]) for t in TABLES}
+
+
+def reconcile(data: Prepared) -> dict:
+    """Raw rows in = rows kept (before mixing) + rows quarantined, per file; raise otherwise."""
+    kept_by_file = Counter(k.file for k in {id(k): k for k in data.kept}.values())
+    quarantined_by_file = Counter(q["file"] for q in data.quarantine)
+    per_file = {}
+    for f, raw in sorted(data.raw_by_file.items()):
+        kept, dropped = kept_by_file[f], quarantined_by_file[f]
+        per_file[f] = {"raw": raw, "kept": kept, "quarantined": dropped}
+        if kept + dropped != raw:
+            raise RuntimeError(f"rows do not reconcile for {f}: {raw} raw != {kept} kept + {dropped} quarantined")
+    return per_file
 
 
 def run(params: Params) -> None:
     cfg = params.prepare
-    sources = sorted(RAW.glob("*.jsonl"))
-    if not sources:
-        raise SystemExit(f"no raw data: expected *.jsonl files in {RAW}/ (run `dvc repro generate`)")
-    data = ingest(sources, cfg)
-
-    sft = pd.DataFrame(data.sft, columns=["prompt", "answer"])
-    pref = pd.DataFrame(data.preference, columns=["prompt", "chosen", "rejected"])
-    sft["split"] = [split_of(p, cfg) for p in sft["prompt"]]
-    pref["split"] = ["train" if split_of(p, cfg) == "train" else "test" for p in pref["prompt"]]
-
-    total_raw = sum(data.raw_rows.values())
+    try:
+        data = ingest(list(params.data.sources), cfg, Lengths(params))
+    except SourceError as exc:
+        raise SystemExit(str(exc)) from None
+    decontaminate(data, cfg)
+    unique = {id(k) for k in data.kept}
+    per_file = reconcile(data)
+    mixed = mix(data, list(params.data.sources), cfg)
+    tables = frames(data)
+    raw_rows = sum(data.raw_by_file.values())
+    reasons = Counter(q["reason"].split(":")[0] for q in data.quarantine)
     report = {
-        "raw_rows": total_raw,
-        "raw_rows_by_file": dict(data.raw_rows),
+        "raw_rows": raw_rows,
+        "raw_rows_by_file": dict(data.raw_by_file),
+        "rows_by_file": per_file,
+        "kept": len(unique),
         "quarantined": len(data.quarantine),
-        "quarantined_by_reason": dict(Counter(q["reason"].split(":")[0] for q in data.quarantine)),
-        "sft_rows": {s: int((sft["split"] == s).sum()) for s in SPLITS},
-        "preference_rows": {s: int((pref["split"] == s).sum()) for s in ("train", "test")},
+        "quarantined_by_reason": dict(reasons),
+        "quarantined_by_file_and_reason": {f: dict(Counter(q["reason"].split(":")[0] for q in data.quarantine if q["file"] == f)) for f in data.raw_by_file},
+        "mixing_added_rows": dict(mixed),
+        "rows": {t: {s: int((df["split"] == s).sum()) for s in TABLES[t]} for t, df in tables.items()},
+        "reconciled": True,
     }
     PREPARED.mkdir(parents=True, exist_ok=True)
     with open(PREPARED / "quarantine.jsonl", "w") as fh:
-        fh.writelines(json.dumps(q) + "\n" for q in data.quarantine)
-    log.info("ingested %d raw rows; quarantined %d (%s)", total_raw, len(data.quarantine), report["quarantined_by_reason"])
-
+        fh.writelines(json.dumps(q, ensure_ascii=False) + "\n" for q in data.quarantine)
+    log.info("read %d raw rows; kept %d; quarantined %d (%s)", raw_rows, len(unique), len(data.quarantine), dict(reasons))
     # The data gate: nothing is written for training unless every expectation holds.
     try:
-        checks = validate_sft(sft, cfg, quarantined=len(data.quarantine), raw_rows=total_raw)
-        checks += validate_preference(pref)
+        report["expectations_checked"] = validate(tables, required_tables(params.recipe), cfg, len(data.quarantine), raw_rows)
     except DataValidationError as exc:
         exc.write_report(REPORTS / "data_validation.md")
         write_json(METRICS / "prepare.json", {**report, "validation_passed": False})
+        for t in TABLES:  # no stale tables from an earlier run may pass for this one
+            for s in TABLES[t]:
+                (PREPARED / f"{t}_{s}.parquet").unlink(missing_ok=True)
         raise SystemExit(str(exc)) from None
     report["validation_passed"] = True
-    report["expectations_checked"] = checks
-
-    for s in SPLITS:
-        part = sft[sft["split"] == s]
-        pd.DataFrame({"messages": [to_chat(p, a) for p, a in zip(part["prompt"], part["answer"])]}).to_parquet(
-            PREPARED / f"sft_{s}.parquet", index=False
-        )
-    for s in ("train", "test"):
-        pref[pref["split"] == s].drop(columns="split").to_parquet(PREPARED / f"preference_{s}.parquet", index=False)
+    for t, df in tables.items():
+        for s in TABLES[t]:
+            df[df["split"] == s].drop(columns="split").to_parquet(PREPARED / f"{t}_{s}.parquet", index=False)
     write_json(METRICS / "prepare.json", report)
-    log.info("splits: sft %s, preference %s", report["sft_rows"], report["preference_rows"])
+    write_data_card(params, tables, report)
+    log.info("tables: %s", report["rows"])
+
+
+def write_data_card(params: Params, tables: dict[str, pd.DataFrame], report: dict) -> None:
+    """Counts, lengths, sources and hashes in one file, and a length histogram to look at."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from pipelines.sources import files_of
+
+    lengths = {}
+    for t, df in tables.items():
+        if df.empty:
+            continue
+        if t == "text":
+            lengths[t] = [len(x) for x in df["text"]]
+        else:
+            lengths[t] = [sum(len(m["content"]) for cell in cells for m in cell) for cells in zip(*(df[f] for f in MESSAGE_FIELDS[t]))]
+    sha = lambda p: hashlib.sha256(Path(p).read_bytes()).hexdigest() if Path(p).is_file() else None  # noqa: E731
+    card = {
+        "rows": report["rows"],
+        "quarantined_by_reason": report["quarantined_by_reason"],
+        "rows_by_source": {s: int(sum((df["source"] == s).sum() for df in tables.values())) for s in {src.label for src in params.data.sources}},
+        "sources": [
+            {"name": s.label, "path": s.path, "hub": s.hub, "format": s.format, "split": s.split, "weight": s.weight,
+             "files": {str(f): sha(f) for f in (files_of(s) if s.path else [])}}
+            for s in params.data.sources
+        ],
+        "outputs": {p.name: sha(p) for p in sorted(PREPARED.glob("*.parquet"))},
+        "length_chars": {t: {"min": min(v), "median": sorted(v)[len(v) // 2], "max": max(v), "histogram": _histogram(v)} for t, v in lengths.items()},
+    }
+    REPORT_DIR.mkdir(parents=True, exist_ok=True)
+    write_json(REPORT_DIR / "data_card.json", card)
+    fig, axes = plt.subplots(1, max(len(lengths), 1), figsize=(4 * max(len(lengths), 1), 3), squeeze=False)
+    for ax, (t, v) in zip(axes[0], lengths.items()):
+        ax.hist(v, bins=30, color="#4C72B0")
+        ax.set_title(f"{t}: {len(v)} rows")
+        ax.set_xlabel("characters per row")
+    fig.suptitle("prepared data: length per row")
+    fig.tight_layout()
+    fig.savefig(REPORT_DIR / "data_card.png", dpi=100)
+    plt.close(fig)
+
+
+def _histogram(values: list[int], bins: int = 20) -> dict:
+    lo, hi = min(values), max(values)
+    width = max((hi - lo) / bins, 1)
+    counts = Counter(min(int((v - lo) / width), bins - 1) for v in values)
+    return {"edges": [lo + i * width for i in range(bins + 1)], "counts": [counts[i] for i in range(bins)]}
 
 
 def main() -> None:

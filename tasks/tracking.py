@@ -129,12 +129,9 @@ def log_data_card(run_id: str) -> None:
     c = client()
     if inputs:
         c.log_inputs(run_id, datasets=inputs)
-    reports = Path("reports/data")
+    reports = Path("reports/data")  # data_card.json, data_card.png, data_docs/
     if reports.is_dir():
         c.log_artifacts(run_id, str(reports), "data")
-    card = METRICS / "data_card.json"
-    if card.exists():
-        c.log_artifact(run_id, str(card), "data")
 
 
 @task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)

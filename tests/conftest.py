@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from pipelines import bootstrap, generate, prepare
-from pipelines.config import DataParams, EvaluateParams, ModelParams, Params, DpoParams, SftParams
+from pipelines.config import DpoParams, EvaluateParams, GenerateParams, ModelParams, Params, SftParams
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def tiny_params(**overrides) -> Params:
     """A config small enough to train in seconds on two cores, same code paths as the default."""
     base = dict(
-        data=DataParams(n_sft=400, n_preference=160),
+        generate=GenerateParams(n_sft=400, n_preference=160),
         model=ModelParams(hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2, vocab_size=300),
         sft=SftParams(max_steps=12, batch_size=8, save_steps=6, warmup_steps=0),
         dpo=DpoParams(max_steps=4, batch_size=4),
