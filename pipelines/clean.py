@@ -124,13 +124,17 @@ class NearDuplicates:
         # one, then keep those whose estimated Jaccard similarity really reaches `threshold`.
         self.lsh = MinHashLSH(threshold=max(threshold - 0.15, 0.2), num_perm=num_perm)
         self.kept: dict[str, object] = {}
+        self._permutations = None  # drawn once: datasketch would redraw them for every row
 
     def seen(self, text: str) -> bool:
         from datasketch import MinHash
 
         if len(normal_form(text).split()) < self.min_words:
             return False
-        m = MinHash(num_perm=self.num_perm, hashfunc=_crc32, seed=1)
+        if self._permutations is None:
+            first = MinHash(num_perm=self.num_perm, hashfunc=_crc32, seed=1)
+            self._permutations, self._scheme = first.permutations, first.scheme
+        m = MinHash(num_perm=self.num_perm, hashfunc=_crc32, seed=1, permutations=self._permutations, scheme=self._scheme)
         m.update_batch(list(shingles(text)))
         if any(m.jaccard(self.kept[key]) >= self.threshold for key in self.lsh.query(m)):
             return True

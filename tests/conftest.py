@@ -52,3 +52,23 @@ def workspace(prepared_dir, tmp_path, monkeypatch) -> Path:
             shutil.copytree(prepared_dir / sub, tmp_path / sub)
     monkeypatch.chdir(tmp_path)
     return tmp_path
+
+
+@pytest.fixture(scope="session")
+def trained_dir(prepared_dir, tmp_path_factory) -> Path:
+    """A workspace whose models/sft has learned the demo task (default model size, 150 full SFT
+    steps, ~10 s): for tests that need a model that answers and stops, like a champion."""
+    from pipelines import sft
+    from pipelines.config import PeftParams
+
+    d = tmp_path_factory.mktemp("trained")
+    shutil.copytree(prepared_dir / "data", d / "data")
+    params = tiny_params(model=ModelParams(), sft=SftParams(peft=PeftParams(method="full"), max_steps=150, batch_size=32, save_steps=150, learning_rate=3e-3))
+    cwd = os.getcwd()
+    os.chdir(d)
+    try:
+        bootstrap.run(params)
+        sft.run(params)
+    finally:
+        os.chdir(cwd)
+    return d

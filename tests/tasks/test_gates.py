@@ -7,45 +7,24 @@ candidate is blocked with a message naming the metric, an equally good one is pr
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
 import pytest
 
-from pipelines import bootstrap, sft
-from pipelines.config import EvaluateParams, ModelParams, PeftParams, SftParams
+from pipelines.config import EvaluateParams, ModelParams
 from registry import models
 from tasks.gates import GateFailed, quality_gate
 from tasks.registry import register_candidate
 from tests.conftest import tiny_params
 
-PARAMS = tiny_params(
-    model=ModelParams(),
-    sft=SftParams(peft=PeftParams(method="full"), max_steps=150, batch_size=32, save_steps=150, learning_rate=3e-3),
-    evaluate=EvaluateParams(limit=None, batch_size=64, max_new_tokens=12),  # every test item: ~40
-)
-
-
-@pytest.fixture(scope="module")
-def trained(prepared_dir, tmp_path_factory) -> Path:
-    """A workspace with a model that has learned the task (the champion to beat)."""
-    d = tmp_path_factory.mktemp("gate-workspace")
-    shutil.copytree(prepared_dir / "data", d / "data")
-    cwd = os.getcwd()
-    os.chdir(d)
-    try:
-        bootstrap.run(PARAMS)
-        sft.run(PARAMS)
-    finally:
-        os.chdir(cwd)
-    return d
+PARAMS = tiny_params(model=ModelParams(), evaluate=EvaluateParams(limit=None, batch_size=64, max_new_tokens=12))  # every test item: ~40
 
 
 @pytest.fixture
-def gate_ws(trained, tmp_path, monkeypatch):
+def gate_ws(trained_dir, tmp_path, monkeypatch):
     for sub in ("data", "models"):
-        shutil.copytree(trained / sub, tmp_path / sub)
+        shutil.copytree(trained_dir / sub, tmp_path / sub)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     from registry.store import client, experiment_id
