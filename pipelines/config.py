@@ -103,34 +103,31 @@ class SftParams(TrainParams):
     packing: bool = Field(False, description="Pack several short examples into one sequence (TRL packing).")
 
 
-class DpoParams(TrainParams):
-    peft: PeftParams = Field(default_factory=lambda: PeftParams(r=8, alpha=16), description="DPO trains an adapter on the previous model; the reference is the adapter switched off.")
+class AlignParams(TrainParams):
+    """What the offline preference steps (dpo, kto, orpo, cpo) share: a small adapter on the
+    previous policy (for DPO and KTO the reference is that adapter switched off)."""
+
+    peft: PeftParams = Field(default_factory=lambda: PeftParams(r=8, alpha=16), description="Adapter settings.")
     max_steps: int = Field(60, ge=1, description="Optimizer steps.")
     save_steps: int = Field(20, ge=1, description="Checkpoint every N steps.")
+
+
+class DpoParams(AlignParams):
     loss_type: list[str] = Field(default_factory=lambda: ["sigmoid"], description="TRL DPO loss(es): sigmoid, hinge, ipo, robust, bco_pair, sppo_hard, nca_pair, apo_zero, apo_down, discopop, sigmoid_norm, ...; several are combined.")
     beta: float = Field(0.1, gt=0, description="Strength of the pull towards the reference model.")
 
 
-class KtoParams(TrainParams):
-    peft: PeftParams = Field(default_factory=lambda: PeftParams(r=8, alpha=16), description="KTO trains an adapter; the reference is the adapter switched off.")
-    max_steps: int = Field(60, ge=1, description="Optimizer steps.")
-    save_steps: int = Field(20, ge=1, description="Checkpoint every N steps.")
+class KtoParams(AlignParams):
     beta: float = Field(0.1, gt=0, description="KTO beta.")
     desirable_weight: float = Field(1.0, gt=0, description="Loss weight of completions labelled good.")
     undesirable_weight: float = Field(1.0, gt=0, description="Loss weight of completions labelled bad (raise it when bad ones are rarer).")
 
 
-class OrpoParams(TrainParams):
-    peft: PeftParams = Field(default_factory=lambda: PeftParams(r=8, alpha=16), description="Adapter settings.")
-    max_steps: int = Field(60, ge=1, description="Optimizer steps.")
-    save_steps: int = Field(20, ge=1, description="Checkpoint every N steps.")
+class OrpoParams(AlignParams):
     beta: float = Field(0.1, gt=0, description="ORPO lambda: weight of the odds-ratio term beside the SFT loss.")
 
 
-class CpoParams(TrainParams):
-    peft: PeftParams = Field(default_factory=lambda: PeftParams(r=8, alpha=16), description="Adapter settings.")
-    max_steps: int = Field(60, ge=1, description="Optimizer steps.")
-    save_steps: int = Field(20, ge=1, description="Checkpoint every N steps.")
+class CpoParams(AlignParams):
     loss_type: Literal["sigmoid", "hinge", "ipo", "simpo"] = Field("sigmoid", description="'simpo' gives SimPO (length-normalised, reference-free, with a margin).")
     beta: float = Field(0.1, gt=0, description="CPO/SimPO beta.")
     simpo_gamma: float = Field(0.5, ge=0, description="SimPO target reward margin.")

@@ -11,7 +11,7 @@ import os
 from pipelines.common import stage_main
 from pipelines.config import CpoParams, Params
 from pipelines.orpo import pair_metrics
-from pipelines.training import Step, load_model, load_tokenizer, pair_dataset, peft_config, read_table, run_step, table_files, trainer_args
+from pipelines.training import Step, offline_step, pair_dataset, run_step, table_files, trainer_args
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
@@ -22,19 +22,11 @@ def run(params: Params) -> None:
     def build(plan, ckpt, ref) -> Step:
         from trl.experimental.cpo import CPOConfig, CPOTrainer
 
-        tokenizer = load_tokenizer(ref)
-        model = load_model(ref, plan, cfg.peft)
-        args = CPOConfig(
+        config = CPOConfig(
             **trainer_args(cfg, plan, ckpt), loss_type=cfg.loss_type, beta=cfg.beta, simpo_gamma=cfg.simpo_gamma,
             cpo_alpha=cfg.cpo_alpha, max_length=cfg.max_length, eval_strategy="no",
         )
-        trainer = CPOTrainer(
-            model=model, args=args, processing_class=tokenizer,
-            train_dataset=pair_dataset(read_table("preference", "train")),
-            eval_dataset=pair_dataset(read_table("preference", "test")),
-            peft_config=peft_config(cfg.peft, model, total_steps=cfg.max_steps),
-        )
-        return Step(trainer, tokenizer, evaluate=pair_metrics)
+        return offline_step(CPOTrainer, config, cfg, plan, ref, "preference", pair_dataset, pair_metrics)
 
     run_step("cpo", params, cfg, table_files("preference", "train", "test"), build)
 

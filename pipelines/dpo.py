@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pipelines.common import stage_main
 from pipelines.config import DpoParams, Params
-from pipelines.training import Step, load_model, load_tokenizer, pair_dataset, peft_config, read_table, run_step, table_files, trainer_args
+from pipelines.training import Step, offline_step, pair_dataset, run_step, table_files, trainer_args
 
 
 def reward_metrics(trainer) -> dict:
@@ -26,16 +26,8 @@ def run(params: Params) -> None:
     def build(plan, ckpt, ref) -> Step:
         from trl import DPOConfig, DPOTrainer
 
-        tokenizer = load_tokenizer(ref)
-        model = load_model(ref, plan, cfg.peft)
-        args = DPOConfig(**trainer_args(cfg, plan, ckpt), loss_type=cfg.loss_type, beta=cfg.beta, max_length=cfg.max_length, eval_strategy="no")
-        trainer = DPOTrainer(
-            model=model, args=args, processing_class=tokenizer,
-            train_dataset=pair_dataset(read_table("preference", "train")),
-            eval_dataset=pair_dataset(read_table("preference", "test")),
-            peft_config=peft_config(cfg.peft, model, total_steps=cfg.max_steps),
-        )
-        return Step(trainer, tokenizer, evaluate=reward_metrics)
+        config = DPOConfig(**trainer_args(cfg, plan, ckpt), loss_type=cfg.loss_type, beta=cfg.beta, max_length=cfg.max_length, eval_strategy="no")
+        return offline_step(DPOTrainer, config, cfg, plan, ref, "preference", pair_dataset, reward_metrics)
 
     run_step("dpo", params, cfg, table_files("preference", "train", "test"), build)
 

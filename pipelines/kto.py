@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pipelines.common import stage_main
 from pipelines.config import KtoParams, Params
-from pipelines.training import Step, load_model, load_tokenizer, peft_config, read_table, run_step, table_files, trainer_args
+from pipelines.training import Step, offline_step, run_step, table_files, trainer_args
 
 
 def kto_dataset(frame):
@@ -35,19 +35,11 @@ def run(params: Params) -> None:
     def build(plan, ckpt, ref) -> Step:
         from trl import KTOConfig, KTOTrainer
 
-        tokenizer = load_tokenizer(ref)
-        model = load_model(ref, plan, cfg.peft)
-        args = KTOConfig(
+        config = KTOConfig(
             **trainer_args(cfg, plan, ckpt), beta=cfg.beta, max_length=cfg.max_length, eval_strategy="no",
             desirable_weight=cfg.desirable_weight, undesirable_weight=cfg.undesirable_weight,
         )
-        trainer = KTOTrainer(
-            model=model, args=args, processing_class=tokenizer,
-            train_dataset=kto_dataset(read_table("kto", "train")),
-            eval_dataset=kto_dataset(read_table("kto", "test")),
-            peft_config=peft_config(cfg.peft, model, total_steps=cfg.max_steps),
-        )
-        return Step(trainer, tokenizer, evaluate=kto_metrics)
+        return offline_step(KTOTrainer, config, cfg, plan, ref, "kto", kto_dataset, kto_metrics)
 
     run_step("kto", params, cfg, table_files("kto", "train", "test"), build)
 

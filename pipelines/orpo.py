@@ -9,7 +9,7 @@ import os
 
 from pipelines.common import stage_main
 from pipelines.config import OrpoParams, Params
-from pipelines.training import Step, load_model, load_tokenizer, pair_dataset, peft_config, read_table, run_step, table_files, trainer_args
+from pipelines.training import Step, offline_step, pair_dataset, run_step, table_files, trainer_args
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
@@ -25,16 +25,8 @@ def run(params: Params) -> None:
     def build(plan, ckpt, ref) -> Step:
         from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 
-        tokenizer = load_tokenizer(ref)
-        model = load_model(ref, plan, cfg.peft)
-        args = ORPOConfig(**trainer_args(cfg, plan, ckpt), beta=cfg.beta, max_length=cfg.max_length, eval_strategy="no")
-        trainer = ORPOTrainer(
-            model=model, args=args, processing_class=tokenizer,
-            train_dataset=pair_dataset(read_table("preference", "train")),
-            eval_dataset=pair_dataset(read_table("preference", "test")),
-            peft_config=peft_config(cfg.peft, model, total_steps=cfg.max_steps),
-        )
-        return Step(trainer, tokenizer, evaluate=pair_metrics)
+        config = ORPOConfig(**trainer_args(cfg, plan, ckpt), beta=cfg.beta, max_length=cfg.max_length, eval_strategy="no")
+        return offline_step(ORPOTrainer, config, cfg, plan, ref, "preference", pair_dataset, pair_metrics)
 
     run_step("orpo", params, cfg, table_files("preference", "train", "test"), build)
 

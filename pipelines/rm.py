@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pipelines.common import stage_main
 from pipelines.config import Params, RmParams
-from pipelines.training import Step, load_model, load_tokenizer, pair_dataset, peft_config, read_table, run_step, table_files, trainer_args
+from pipelines.training import Step, offline_step, pair_dataset, run_step, table_files, trainer_args
 
 
 def rm_metrics(trainer) -> dict:
@@ -25,20 +25,11 @@ def run(params: Params) -> None:
         from transformers import AutoModelForSequenceClassification
         from trl import RewardConfig, RewardTrainer
 
-        tokenizer = load_tokenizer(ref)
-        model = load_model(ref, plan, cfg.peft, model_cls=AutoModelForSequenceClassification, num_labels=1)
-        model.config.pad_token_id = tokenizer.pad_token_id  # the classifier reads the last non-pad token
-        args = RewardConfig(
+        config = RewardConfig(
             **trainer_args(cfg, plan, ckpt), max_length=cfg.max_length, eval_strategy="no",
             center_rewards_coefficient=cfg.center_rewards_coefficient,
         )
-        trainer = RewardTrainer(
-            model=model, args=args, processing_class=tokenizer,
-            train_dataset=pair_dataset(read_table("preference", "train")),
-            eval_dataset=pair_dataset(read_table("preference", "test")),
-            peft_config=peft_config(cfg.peft, model, task_type="SEQ_CLS", total_steps=cfg.max_steps),
-        )
-        return Step(trainer, tokenizer, evaluate=rm_metrics)
+        return offline_step(RewardTrainer, config, cfg, plan, ref, "preference", pair_dataset, rm_metrics, model_cls=AutoModelForSequenceClassification, num_labels=1)
 
     run_step("rm", params, cfg, table_files("preference", "train", "test"), build)
 

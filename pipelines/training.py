@@ -270,6 +270,22 @@ class Step:
     save: Callable[[object, Path], None] | None = None  # default: merge adapters, save_pretrained
 
 
+def offline_step(trainer_cls, config, cfg: TrainParams, plan: DevicePlan, ref: str, table: str, to_dataset: Callable, evaluate: Callable, model_cls=None, **model_kw) -> Step:
+    """What every offline algorithm builds alike: tokenizer and model from `ref`, its TRL
+    trainer on `table`'s train and test splits, and the PEFT config of `cfg`."""
+    tokenizer = load_tokenizer(ref)
+    model = load_model(ref, plan, cfg.peft, model_cls=model_cls, **model_kw)
+    if model.config.pad_token_id is None:  # a classifier reads the last non-pad token
+        model.config.pad_token_id = tokenizer.pad_token_id
+    task_type = "SEQ_CLS" if model_cls is not None and "SequenceClassification" in model_cls.__name__ else "CAUSAL_LM"
+    trainer = trainer_cls(
+        model=model, args=config, processing_class=tokenizer,
+        train_dataset=to_dataset(read_table(table, "train")), eval_dataset=to_dataset(read_table(table, "test")),
+        peft_config=peft_config(cfg.peft, model, task_type=task_type, total_steps=cfg.max_steps),
+    )
+    return Step(trainer, tokenizer, evaluate=evaluate)
+
+
 def step_inputs(params: Params, step: str) -> tuple[str, str]:
     """(model to start from, its digest): the previous policy step's output or the base."""
     ref = input_model(params.recipe, step) or base_model_ref(params)

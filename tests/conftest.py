@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from pipelines import bootstrap, generate, prepare
-from pipelines.config import DpoParams, EvaluateParams, GenerateParams, ModelParams, Params, SftParams
+from pipelines import bootstrap, generate, prepare, sft
+from pipelines.config import DpoParams, EvaluateParams, GenerateParams, ModelParams, Params, PeftParams, SftParams
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,19 +29,21 @@ def tiny_params(**overrides) -> Params:
     return Params(**base)
 
 
-@pytest.fixture(scope="session")
-def prepared_dir(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("prepared")
+def build_workspace(d: Path, params: Params, *stages) -> Path:
+    """Run stages (modules with `run(params)`) in folder `d`, as DVC would, then come back."""
     cwd = os.getcwd()
     os.chdir(d)
     try:
-        params = tiny_params()
-        generate.run(params)
-        prepare.run(params)
-        bootstrap.run(params)
+        for stage in stages:
+            stage.run(params)
     finally:
         os.chdir(cwd)
     return d
+
+
+@pytest.fixture(scope="session")
+def prepared_dir(tmp_path_factory) -> Path:
+    return build_workspace(tmp_path_factory.mktemp("prepared"), tiny_params(), generate, prepare, bootstrap)
 
 
 @pytest.fixture
@@ -58,17 +60,7 @@ def workspace(prepared_dir, tmp_path, monkeypatch) -> Path:
 def trained_dir(prepared_dir, tmp_path_factory) -> Path:
     """A workspace whose models/sft has learned the demo task (default model size, 150 full SFT
     steps, ~10 s): for tests that need a model that answers and stops, like a champion."""
-    from pipelines import sft
-    from pipelines.config import PeftParams
-
     d = tmp_path_factory.mktemp("trained")
     shutil.copytree(prepared_dir / "data", d / "data")
     params = tiny_params(model=ModelParams(), sft=SftParams(peft=PeftParams(method="full"), max_steps=150, batch_size=32, save_steps=150, learning_rate=3e-3))
-    cwd = os.getcwd()
-    os.chdir(d)
-    try:
-        bootstrap.run(params)
-        sft.run(params)
-    finally:
-        os.chdir(cwd)
-    return d
+    return build_workspace(d, params, bootstrap, sft)

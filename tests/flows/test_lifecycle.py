@@ -10,17 +10,18 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from benchmarks.workspace import ROOT, copy_project, run_flow, stage_table
+from benchmarks.workspace import ROOT, copy_project, flow_env, run_flow, stage_table
 
 pytestmark = pytest.mark.slow
 
 SMALL = {
-    "data": {"n_sft": 2000, "n_preference": 300},
+    "generate": {"n_sft": 2000, "n_preference": 300},
     "sft": {"max_steps": 300, "save_steps": 100},
     "dpo": {"max_steps": 30},
     "evaluate": {"limit": 60},
@@ -38,11 +39,30 @@ def write_params(project: Path, **sections) -> None:
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
+USER_FILE = "data/raw/my-chats.json"
+ORIGINAL: dict[str, bytes] = {}  # the user's file as added
+
+
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> Path:
     p = copy_project(tmp_path_factory.mktemp("project"))
     write_params(p)
+    # The README's bring-your-own-data step (`make data-add FILE=...` runs exactly this command;
+    # tests/pipelines/test_sources.py checks that): a user's multi-turn ShareGPT file.
+    mine = tmp_path_factory.mktemp("home") / "my-chats.json"
+    rows = [{"system": "Digits only.", "conversations": [{"from": "human", "value": f"Reverse the list:\n{i} {i + 1} 7"}, {"from": "gpt", "value": f"7 {i + 1} {i}"},
+                                                             {"from": "human", "value": f"Reverse the list:\n{i} 0 0 9"}, {"from": "gpt", "value": f"9 0 0 {i}"}]} for i in range(1, 9)]
+    mine.write_text(json.dumps(rows))
+    ORIGINAL[USER_FILE] = mine.read_bytes()
+    added = subprocess.run([sys.executable, "-m", "pipelines.sources", "add", str(mine)], cwd=p, env=flow_env(p), capture_output=True, text=True)
+    assert added.returncode == 0 and "tracked by DVC" in added.stdout, added.stdout + added.stderr
     return p
+
+
+def assert_user_file_intact(project: Path) -> None:
+    assert (project / USER_FILE).read_bytes() == ORIGINAL[USER_FILE], "no stage may write over a user's file"
+    assert (project / f"{USER_FILE}.dvc").exists()
+    assert not (project / "data/raw/alpaca.jsonl").exists(), "the generator writes only data/generated/"
 
 
 def stage_status(output: str) -> dict[str, str]:
@@ -71,6 +91,9 @@ def test_first_release_promotes_a_champion_that_answers(project):
     assert result.returncode == 0, result.stdout[-6000:]
     out = result.stdout
     assert "outcome: promoted (version 1)" in out
+    prepared = json.loads((project / "metrics/prepare.json").read_text())
+    assert prepared["rows_by_file"][USER_FILE] == {"raw": 8, "kept": 8, "quarantined": 0}, "the user's rows were trained on"
+    assert_user_file_intact(project)
     ev = json.loads((project / "metrics/evaluate.json").read_text())
     assert ev["base"]["exact_match"] <= 0.10
     assert ev["sft"]["exact_match"] >= 0.80
@@ -108,6 +131,7 @@ def test_rerun_with_nothing_changed_runs_nothing(project):
     assert set(stage_status(result.stdout).values()) == {"cached (skipped)"}
     assert "nothing changed, every stage came from the DVC cache" in result.stdout
     assert "already the champion: nothing to deploy" in result.stdout
+    assert_user_file_intact(project)
 
 
 def test_perturbed_weights_are_stopped_by_the_statistical_gate(project, tmp_path):
@@ -200,6 +224,25 @@ def test_canary_drill_rolls_the_candidate_back_and_keeps_the_champion(project):
     assert again.returncode == 1
     assert "version 4 has exactly these bytes and was rolled back" in again.stdout
     assert alias_version(project, "champion") == "3"
+
+
+def test_another_recipe_reshapes_the_dag(project):
+    """recipe [sft, kto]: the flow re-renders dvc.yaml, the dpo stage is gone (it neither runs
+    nor needs data), kto trains on the labelled rows, and the gate judges its model."""
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["recipe"] = ["sft", "kto"]
+    params["kto"] = {**params.get("kto", {}), "max_steps": 30}
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    result = run_flow(project, "--no-deploy")
+    status = stage_status(result.stdout)
+    assert "dvc.yaml re-rendered for recipe sft -> kto" in result.stdout
+    assert "dpo" not in status and status["kto"] == "ran" and status["sft"] == "cached (skipped)"
+    assert "dpo:" not in (project / "dvc.yaml").read_text() and "kto:" in (project / "dvc.yaml").read_text()
+    ev = json.loads((project / "metrics/evaluate.json").read_text())
+    assert ev["candidate"]["step"] == "kto" and "dpo" not in ev
+    assert json.loads((project / "metrics/kto.json").read_text())["input_model"] == "models/sft"
+    assert "quality gate PASSED" in result.stdout or "quality gate failed" in result.stdout, result.stdout[-3000:]
+    assert_user_file_intact(project)
 
 
 def test_invalid_params_fail_before_any_work(project):

@@ -32,7 +32,7 @@ from pipelines.config import (
     SftParams,
 )
 from pipelines.training import CRASH_ENV, DevicePlan, load_model, plan_device, qlora_quantization
-from tests.conftest import ROOT, tiny_params
+from tests.conftest import ROOT, build_workspace, tiny_params
 
 # How much a few steps must move what they train: the mean relative change ||W' - W|| / ||W||
 # over the projection weights (after merging adapters). Untouched weights give exactly 0.
@@ -144,13 +144,8 @@ def sft_model(prepared_dir, tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("sft-workspace")
     for sub in ("data", "models", "metrics"):
         shutil.copytree(prepared_dir / sub, d / sub)
-    cwd = os.getcwd()
-    os.chdir(d)
-    try:
-        sft.run(tiny_params(sft=SftParams(peft=PeftParams(method="full"), max_steps=60, batch_size=16, save_steps=60, learning_rate=3e-3, warmup_steps=0)))
-    finally:
-        os.chdir(cwd)
-    return d / "models/sft"
+    params = tiny_params(sft=SftParams(peft=PeftParams(method="full"), max_steps=60, batch_size=16, save_steps=60, learning_rate=3e-3, warmup_steps=0))
+    return build_workspace(d, params, sft) / "models/sft"
 
 
 @pytest.fixture
@@ -209,17 +204,7 @@ DEMO = dict(generate=GenerateParams(n_sft=1200, n_preference=400), model=ModelPa
 
 @pytest.fixture(scope="module")
 def demo_data(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("demo-workspace")
-    cwd = os.getcwd()
-    os.chdir(d)
-    try:
-        params = tiny_params(**DEMO)
-        generate.run(params)
-        prepare.run(params)
-        bootstrap.run(params)
-    finally:
-        os.chdir(cwd)
-    return d
+    return build_workspace(tmp_path_factory.mktemp("demo-workspace"), tiny_params(**DEMO), generate, prepare, bootstrap)
 
 
 @pytest.fixture
