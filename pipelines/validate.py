@@ -114,11 +114,11 @@ def validate(tables: dict[str, pd.DataFrame], required: set[str], cfg, quarantin
         need = cfg.min_rows if table in required else 0
         train_rows = int((df["split"] == "train").sum()) if len(df) else 0
         checks = [
-            E.ExpectColumnValuesToBeUnique(column="id"),  # one item, one split
+            E.ExpectColumnValuesToBeInSet(column="splits_of_item", value_set=[1]),  # one item, one split (weights may repeat it within one)
             E.ExpectColumnValuesToBeInSet(column="split", value_set=["train", "validation", "test"]),
             E.ExpectColumnValuesToBeBetween(column="train_rows", min_value=need),
         ]
-        frame = df.assign(train_rows=train_rows)
+        frame = df.assign(train_rows=train_rows, splits_of_item=df.groupby("id")["split"].transform("nunique") if len(df) else [])
         if table == "sft":
             frame = frame.assign(**conversation_columns(list(df["messages"])))
             checks += [

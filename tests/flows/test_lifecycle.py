@@ -113,6 +113,11 @@ def test_first_release_promotes_a_champion_that_answers(project):
     assert sft_run.data.tags["mlflow.parentRunId"] == mv.run_id
     assert sft_run.data.tags["lineage.git_sha"] == head and sft_run.data.tags["dvc.sft:models/sft"]
     assert sft_run.data.params["max_steps"] == "300" and "eval_loss" in sft_run.data.metrics
+    prepare_run = registry(project).get_run(mv.tags["lineage.stage_run.prepare"])
+    logged = {d.dataset.name for d in prepare_run.inputs.dataset_inputs}
+    assert {"sft_train", "preference_train"} <= logged, "the prepared tables are the run's dataset inputs"
+    artifacts = {a.path for a in registry(project).list_artifacts(prepare_run.info.run_id, "data")}
+    assert {"data/data_card.json", "data/data_card.png", "data/data_docs"} <= artifacts
 
     # The registered champion, served by the CPU engine, answers a real OpenAI client.
     from registry.models import download

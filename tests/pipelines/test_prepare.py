@@ -131,3 +131,25 @@ def test_demo_data_loses_almost_nothing_to_near_dup_and_decontamination(tmp_path
     assert labels.any() and not labels.all()
     for t in ("sft", "preference", "kto"):  # one prompt, one split, across tables
         assert split_of("Reverse the list:\n1 2 3", params.prepare) in ("train", "validation", "test")
+
+
+def test_mixing_weights_scale_a_sources_training_rows_deterministically(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    Path("in").mkdir()
+    Path("in/a.jsonl").write_text("".join(row(f"Alpha question {i}?", f"a{i}") + "\n" for i in range(40)))
+    Path("in/b.jsonl").write_text("".join(row(f"Beta question {i}?", f"b{i}") + "\n" for i in range(40)))
+
+    def train_rows(weight_a: float, weight_b: float) -> pd.Series:
+        params = Params(recipe=["sft"], data=DataParams(sources=[
+            SourceParams(name="a", path="in/a.jsonl", split="train", weight=weight_a),
+            SourceParams(name="b", path="in/b.jsonl", split="train", weight=weight_b),
+        ]), prepare=PrepareParams(min_rows=5))
+        prepare.run(params)
+        return pd.read_parquet("data/prepared/sft_train.parquet")["source"].value_counts()
+
+    counts = train_rows(2.0, 0.5)
+    assert counts["a"] == 80, "weight 2 repeats every row twice"
+    assert 10 <= counts["b"] <= 30, "weight 0.5 keeps about half"
+    assert train_rows(2.0, 0.5).equals(counts), "the same rows every time"
+    report = json.loads(Path("metrics/prepare.json").read_text())
+    assert report["rows_by_file"]["in/b.jsonl"] == {"raw": 40, "kept": 40, "quarantined": 0}, "weights act after the reconciliation"

@@ -114,6 +114,13 @@ def test_every_peft_method_trains_and_merges(workspace, method):
     assert metrics("sft")["peft_method"] == method
 
 
+def test_packing_trains_on_the_masked_conversations(workspace):
+    params = tiny_params(sft=SftParams(peft=PeftParams(method="full"), packing=True, max_steps=4, batch_size=4, save_steps=4, warmup_steps=0))
+    before = weights("models/base")
+    sft.run(params)
+    assert relative_change(before, weights("models/sft")) > MIN_RELATIVE_CHANGE and metrics("sft")["steps"] == 4
+
+
 def test_multi_turn_loss_covers_every_assistant_turn(workspace):
     from pipelines.sft import tokenize_conversation
     from pipelines.training import load_tokenizer
