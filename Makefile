@@ -61,5 +61,5 @@ ui-prefect: setup  ## Prefect UI on http://127.0.0.1:4200
 ui-mlflow: setup  ## MLflow UI on http://127.0.0.1:5000
 	$(VENV)/bin/mlflow ui --backend-store-uri $(MLFLOW_TRACKING_URI) --port 5000
 
-clean:  ## remove generated data, models, metrics and local stores (keeps .venv)
-	rm -rf data/raw data/prepared models metrics reports mlflow.db mlartifacts .prefect .dvc-remote dvc.lock
+clean:  ## remove generated data, models, metrics and local stores (keeps .venv and your files in data/raw)
+	rm -rf data/generated data/prepared models metrics reports mlflow.db mlartifacts .prefect .dvc-remote dvc.lock

@@ -78,3 +78,8 @@ def test_a_missing_required_source_and_bad_source_config_name_the_problem(repo):
 def test_make_data_add_runs_exactly_this_command():
     out = subprocess.run(["make", "-n", "data-add", "FILE=some file.jsonl"], cwd=ROOT, capture_output=True, text=True).stdout
     assert out.strip().splitlines()[-1].endswith('-m pipelines.sources add "some file.jsonl" --format auto')
+
+
+def test_make_clean_leaves_the_users_files_alone():
+    out = subprocess.run(["make", "-n", "clean"], cwd=ROOT, capture_output=True, text=True).stdout
+    assert "data/generated" in out and "data/raw" not in out
