@@ -87,10 +87,12 @@ def lifecycle(deploy: bool = True, canary_drill: list[str] | None = None) -> dic
         summary["outcome"] = "blocked by gate"
         summary["gate_failure"] = str(exc)
         finish_parent_run(parent, "FAILED", summary)
+        print("\n" + summary_table(stages))  # what ran before the stop, for the person reading the log
         raise
     except Exception as exc:
         summary["outcome"] = f"failed: {type(exc).__name__}"
         finish_parent_run(parent, "FAILED", summary)
+        print("\n" + summary_table(stages))
         raise
     summary["total_seconds"] = time.perf_counter() - started
     finish_parent_run(parent, "FINISHED", summary)
