@@ -102,3 +102,23 @@ def test_a_rolled_back_version_is_refused_when_its_bytes_return(gate_ws, monkeyp
         register_candidate.fn(PARAMS, gate_ws["parent"], None, {})
     models.approve("reverse-digits", version, "canary host was overloaded", "tester")
     assert register_candidate.fn(PARAMS, gate_ws["parent"], None, {}) == {"version": version, "reused": True}
+
+
+def test_a_broken_chat_template_is_caught_by_the_real_evaluation(gate_ws):
+    """The same weights with a chat template that drops the user's message: the quantize
+    stage's own measurement scores it, and the gate blocks it on exact match."""
+    from transformers import AutoTokenizer
+
+    from pipelines.evaluate import measure
+
+    broken = Path("models/broken")
+    shutil.copytree("models/sft", broken)
+    tok = AutoTokenizer.from_pretrained(broken)
+    tok.chat_template = "{%- for m in messages -%}<|{{ m['role'] }}|><|end|>{%- endfor -%}{%- if add_generation_prompt -%}<|assistant|>{%- endif -%}"
+    tok.save_pretrained(broken)
+    scores = measure("quantized", str(broken), PARAMS.evaluate, PARAMS.compute)  # writes metrics/samples/quantized.jsonl
+    Path("metrics/quantize.json").write_text(json.dumps({**scores, "enabled": True}))
+    version = str(models.register("reverse-digits", broken, gate_ws["parent"], "broken-template", {}).version)
+    with pytest.raises(GateFailed) as err:
+        quality_gate.fn(PARAMS, gate_ws["parent"], version)
+    assert "exact_match" in str(err.value) and "vs >= 0.8000" in str(err.value)
