@@ -171,11 +171,11 @@ class RlParams(TrainParams):
 
 
 class GrpoParams(RlParams):
-    pass
+    """GRPO: each answer's advantage is its reward against its group's mean."""
 
 
 class RlooParams(RlParams):
-    pass
+    """RLOO: each answer's baseline is the mean reward of the others in its group."""
 
 
 class EvaluateParams(Section):
