@@ -10,9 +10,18 @@ the client; once bytes are out, a failure ends the stream with an OpenAI error e
 4xx are the caller's own errors and are passed through. Every answer names the backend that
 gave it in an `x-gateway-backend` header.
 
+Stable has no fallback, but a connection it refused, reset or closed before answering (a pooled
+keep-alive connection the backend had just closed, a restart) is retried once on a new
+connection: nothing had reached the client, so the retry is invisible to it.
+
+A request is attributed when it is dispatched: the backend, its role (stable or canary) and the
+statistics window it counts in are fixed then, so a promotion or a new window while it is in
+flight does not move its record to another version.
+
 Routes: POST /v1/chat/completions and /v1/completions (JSON or `stream: true` SSE),
 GET /v1/models, GET /health, GET /metrics (Prometheus, one registry per app), and the admin
-routes GET /admin/backends and POST /admin/weight (Bearer `admin_key` when one is set).
+routes GET /admin/backends and POST /admin/weight, which answer loopback clients and clients
+sending the admin key (Bearer `admin_key`, by default $SERVING_ADMIN_KEY), and 403 to others.
 
 In-process callers hold the `Gateway` controller (`app.state.gateway`): it routes, keeps the
 per-backend statistics, and moves traffic (`set_weight`, `set_canary`, `remove_canary`,
@@ -24,9 +33,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import random
-import secrets
 import threading
 import time
 from collections import deque
@@ -40,11 +47,14 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from serving import auth
+from serving.limits import DEFAULT_MAX_BODY_BYTES, BodyLimit
 from serving.netaddr import is_loopback
 
 API_KEY_ENV = "GATEWAY_API_KEY"  # keys come from the environment: a key in argv is visible in `ps`
-ADMIN_KEY_ENV = "GATEWAY_ADMIN_KEY"
-BACKEND_KEY_ENV = "SERVING_API_KEY"  # what serving.server reads, so one variable serves both sides
+ADMIN_KEY_ENV = auth.ADMIN_KEY_ENV
+LEGACY_ADMIN_KEY_ENV = "GATEWAY_ADMIN_KEY"  # still read, after $SERVING_ADMIN_KEY
+BACKEND_KEY_ENV = auth.API_KEY_ENV  # what serving.server reads, so one variable serves both sides
 LATENCY_SAMPLES = 10_000  # per backend and window: enough for a stable p95, bounded memory
 # What a backend is blamed for, and what a canary's request is retried on stable after.
 FAILURES = frozenset({"server_error", "overloaded", "connection_error", "timeout"})
@@ -97,7 +107,9 @@ class Stats:
     requests: int = 0
     failures: int = 0
     client_errors: int = 0
-    retried_to_stable: int = 0  # this backend's failures that stable then answered in its place
+    # This backend's failures that were retried: a canary's on stable, stable's own dropped
+    # connections on a new connection to stable.
+    retried_to_stable: int = 0
     retries_served: int = 0  # requests this backend answered after the canary failed them
     latencies_s: deque[float] = field(default_factory=lambda: deque(maxlen=LATENCY_SAMPLES))
 
@@ -133,6 +145,21 @@ class Slot:
     window: Stats = field(default_factory=Stats)
 
 
+@dataclass(frozen=True)
+class Target:
+    """A backend as it stood when a request was dispatched to it: its slot, its role then, and
+    the statistics (since it joined, this window) open then. The request is recorded there
+    however the gateway changes while it is in flight (a promotion, a new window)."""
+
+    slot: Slot
+    role: str  # "stable" | "canary"
+    stats: tuple[Stats, Stats]
+
+    @property
+    def backend(self) -> Backend:
+        return self.slot.backend
+
+
 class Metrics:
     """The gateway's Prometheus series, in a registry of its own so several apps (tests) coexist."""
 
@@ -144,7 +171,7 @@ class Metrics:
             "gateway_backend_latency_seconds", "Latency of successful backend answers (a stream until its end).", labels,
             buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60), registry=self.registry,
         )
-        self.retries = Counter("gateway_retries", "Canary failures retried on stable.", ["backend"], registry=self.registry)
+        self.retries = Counter("gateway_retries", "Failures retried: a canary's on stable, stable's dropped connections on a new connection.", ["backend"], registry=self.registry)
         self.lost = Counter("gateway_client_visible_errors", "Requests the client saw fail (stable failed too).", registry=self.registry)
         self.weight = Gauge("gateway_canary_weight", "Share of requests routed to the canary.", registry=self.registry)
 
@@ -222,28 +249,29 @@ class Gateway:
 
     # --- routing and recording (called by the app) ---
 
-    def route(self) -> tuple[Slot, Slot]:
-        """(the slot to try first, stable's slot to fall back on)."""
+    def route(self) -> tuple[Target, Target]:
+        """(the backend to try first, stable to fall back on), both attributed now: at dispatch."""
         with self._lock:
-            stable, canary = self._stable, self._canary
+            stable = Target(self._stable, "stable", (self._stable.total, self._stable.window))
+            canary = self._canary
             # random() < 1 always and < 0 never, so weights 1 and 0 are exact.
-            chosen = canary if canary is not None and self._rng.random() < self._weight else stable
-        return chosen, stable
+            if canary is not None and self._rng.random() < self._weight:
+                return Target(canary, "canary", (canary.total, canary.window)), stable
+        return stable, stable
 
-    def record(self, slot: Slot, outcome: str, latency_s: float | None, retry: bool = False) -> None:
+    def record(self, target: Target, outcome: str, latency_s: float | None, retry: bool = False) -> None:
         with self._lock:
-            role = "stable" if slot is self._stable else "canary"
-            for stats in (slot.total, slot.window):
+            for stats in target.stats:
                 stats.record(outcome, latency_s, retry)
-        self.metrics.requests.labels(role, slot.backend.name, outcome).inc()
+        self.metrics.requests.labels(target.role, target.backend.name, outcome).inc()
         if outcome == "ok" and latency_s is not None:
-            self.metrics.latency.labels(role, slot.backend.name).observe(latency_s)
+            self.metrics.latency.labels(target.role, target.backend.name).observe(latency_s)
 
-    def record_retry(self, slot: Slot) -> None:
+    def record_retry(self, target: Target) -> None:
         with self._lock:
-            slot.total.retried_to_stable += 1
-            slot.window.retried_to_stable += 1
-        self.metrics.retries.labels(slot.backend.name).inc()
+            for stats in target.stats:
+                stats.retried_to_stable += 1
+        self.metrics.retries.labels(target.backend.name).inc()
 
     # --- what the canary controller reads ---
 
@@ -342,16 +370,18 @@ def rewrite_sse_line(line: str, payload: Any, public_model: str) -> str:
 
 
 class Proxy:
-    """Sends one client request to the chosen backend, and to stable if the canary fails it."""
+    """Sends one client request to the chosen backend, and to stable if the canary fails it.
 
-    def __init__(self, gateway: Gateway, http: httpx.AsyncClient, retry_timeout_s: float, timeout_s: float) -> None:
-        self.gateway, self.http = gateway, http
+    `http` pools keep-alive connections; `fresh` keeps none, so a request sent through it
+    always opens a new connection (the retry after a dropped one)."""
+
+    def __init__(self, gateway: Gateway, http: httpx.AsyncClient, retry_timeout_s: float, timeout_s: float, fresh: httpx.AsyncClient | None = None) -> None:
+        self.gateway, self.http, self.fresh = gateway, http, fresh or http
         self.retry_timeout_s, self.timeout_s = retry_timeout_s, timeout_s
 
-    def _request(self, backend: Backend, path: str, payload: dict, timeout_s: float) -> httpx.Request:
-        headers = {"authorization": f"Bearer {backend.api_key}"} if backend.api_key else {}
-        return self.http.build_request(
-            "POST", backend.base_url + path, json={**payload, "model": backend.model}, headers=headers,
+    def _request(self, http: httpx.AsyncClient, backend: Backend, path: str, payload: dict, timeout_s: float) -> httpx.Request:
+        return http.build_request(
+            "POST", backend.base_url + path, json={**payload, "model": backend.model}, headers=auth.bearer_headers(backend.api_key),
             # A read timeout bounds each silence; the asyncio.timeout around the call bounds the total.
             timeout=httpx.Timeout(timeout_s, connect=min(timeout_s, 10.0)),
         )
@@ -360,10 +390,17 @@ class Proxy:
         chosen, stable = self.gateway.route()
         stream = bool(payload.get("stream"))
         send = self._open_stream if stream else self._call
-        result = await send(chosen, path, payload, retry=False, fallback=chosen is not stable)
-        if chosen is not stable and result.outcome in FAILURES:
+        result = await send(chosen, path, payload, retry=False, fallback=chosen.slot is not stable.slot)
+        if chosen.slot is not stable.slot and result.outcome in FAILURES:
             self.gateway.record_retry(chosen)
             result = await send(stable, path, payload, retry=True, fallback=False)
+        if result.outcome == "connection_error":
+            # Stable refused, reset or closed the connection before any answer (a pooled
+            # keep-alive connection it had just closed, a restart): nothing reached the client,
+            # so try once more, on a new connection. There is no other stable replica to ask,
+            # and the canary's share of traffic must stay what the weight says.
+            self.gateway.record_retry(stable)
+            result = await send(stable, path, payload, retry=True, fallback=False, fresh=True)
         if isinstance(result, StreamStart):
             return result.response(self.gateway)
         if result.outcome in FAILURES:
@@ -377,28 +414,31 @@ class Proxy:
                 body = json.dumps(with_public_model(json.loads(body), self.gateway.public_model)).encode()
         return Response(body, status_code=attempt.status, media_type=attempt.content_type, headers={**attempt.headers, "x-gateway-backend": attempt.backend})
 
-    async def _call(self, slot: Slot, path: str, payload: dict, retry: bool, fallback: bool) -> Attempt:
+    async def _call(self, target: Target, path: str, payload: dict, retry: bool, fallback: bool, fresh: bool = False) -> Attempt:
         timeout_s = self.retry_timeout_s if fallback else self.timeout_s  # stable waits longer: nobody is behind it
+        http = self.fresh if fresh else self.http
         started = time.perf_counter()
         try:
             async with asyncio.timeout(timeout_s):
-                r = await self.http.send(self._request(slot.backend, path, payload, timeout_s))
+                r = await http.send(self._request(http, target.backend, path, payload, timeout_s))
             attempt = Attempt.answered(r, r.content, time.perf_counter() - started)
         except (TimeoutError, httpx.TransportError) as exc:
-            attempt = unanswered(slot.backend, exc, time.perf_counter() - started, timeout_s)
-        attempt.backend = slot.backend.name
-        self.gateway.record(slot, attempt.outcome, attempt.latency_s, retry)
+            attempt = unanswered(target.backend, exc, time.perf_counter() - started, timeout_s)
+        attempt.backend = target.backend.name
+        self.gateway.record(target, attempt.outcome, attempt.latency_s, retry)
         return attempt
 
-    async def _open_stream(self, slot: Slot, path: str, payload: dict, retry: bool, fallback: bool) -> "Attempt | StreamStart":
+    async def _open_stream(self, target: Target, path: str, payload: dict, retry: bool, fallback: bool, fresh: bool = False) -> "Attempt | StreamStart":
         """Open the backend's stream and read up to its first event, sending nothing to the client
         yet: until then a failure can still be retried on stable."""
         timeout_s = self.retry_timeout_s if fallback else self.timeout_s  # stable waits longer: nobody is behind it
+        http = self.fresh if fresh else self.http
+        slot = target.slot
         started = time.perf_counter()
         response: httpx.Response | None = None
         try:
             async with asyncio.timeout(timeout_s):
-                response = await self.http.send(self._request(slot.backend, path, payload, timeout_s), stream=True)
+                response = await http.send(self._request(http, slot.backend, path, payload, timeout_s), stream=True)
                 if response.status_code >= 400:
                     body = await response.aread()
                     await response.aclose()
@@ -410,7 +450,7 @@ class Proxy:
                         head.append(await anext(lines))
                     first = sse_data(head[-1])
                     if not is_error_event(first):  # recorded when the stream ends
-                        return StreamStart(slot, response, lines, head, first, started, retry)
+                        return StreamStart(target, response, lines, head, first, started, retry)
                     await response.aclose()
                     attempt = Attempt("server_error", time.perf_counter() - started, 502, json.dumps(first).encode())
         except StopAsyncIteration:  # 200 and then nothing
@@ -420,7 +460,7 @@ class Proxy:
         if response is not None and not response.is_closed:
             await response.aclose()
         attempt.backend = slot.backend.name
-        self.gateway.record(slot, attempt.outcome, attempt.latency_s, retry)
+        self.gateway.record(target, attempt.outcome, attempt.latency_s, retry)
         return attempt
 
 
@@ -428,7 +468,7 @@ class Proxy:
 class StreamStart:
     """A backend stream whose first event has arrived and nothing has been sent on yet."""
 
-    slot: Slot
+    target: Target
     upstream: httpx.Response
     lines: AsyncIterator[str]
     head: list[str]
@@ -438,7 +478,7 @@ class StreamStart:
     outcome: str = "ok"  # so far: Proxy.forward retries only failed Attempts
 
     def response(self, gateway: Gateway) -> StreamingResponse:
-        return StreamingResponse(self.relay(gateway), media_type="text/event-stream", headers={"x-gateway-backend": self.slot.backend.name, "cache-control": "no-cache"})
+        return StreamingResponse(self.relay(gateway), media_type="text/event-stream", headers={"x-gateway-backend": self.target.backend.name, "cache-control": "no-cache"})
 
     async def relay(self, gateway: Gateway) -> AsyncIterator[str]:
         public = gateway.public_model
@@ -450,7 +490,7 @@ class StreamStart:
             nonlocal recorded
             if not recorded:
                 recorded = True
-                gateway.record(self.slot, outcome, time.perf_counter() - self.started, self.retry)
+                gateway.record(self.target, outcome, time.perf_counter() - self.started, self.retry)
                 if outcome in FAILURES:
                     gateway.metrics.lost.inc()  # bytes were out, so the client sees this one
 
@@ -470,7 +510,7 @@ class StreamStart:
             finish("timeout" if isinstance(exc, (TimeoutError, httpx.TimeoutException)) else "connection_error")
             # No retry once bytes are out: end with an error event, which the openai client
             # raises as APIError, rather than a silently truncated answer.
-            message = f"backend '{self.slot.backend.name}' failed mid-stream: {type(exc).__name__}: {exc}"
+            message = f"backend '{self.target.backend.name}' failed mid-stream: {type(exc).__name__}: {exc}"
             yield "data: " + error_body(message, code="backend_stream_failed").decode() + "\n\n"
         finally:
             finish("aborted")  # the client went away: neither a success nor the backend's fault
@@ -486,10 +526,7 @@ class APIError(Exception):
         self.status, self.message, self.code, self.error_type = status, message, code, error_type
 
 
-def bearer_matches(header: str, key: str) -> bool:
-    scheme, _, token = header.partition(" ")
-    # compare_digest: the time taken does not reveal how much of a guessed key was right.
-    return scheme.lower() == "bearer" and secrets.compare_digest(token.strip().encode(), key.encode())
+bearer_matches = auth.bearer_matches
 
 
 def create_gateway(
@@ -503,25 +540,32 @@ def create_gateway(
     timeout_s: float = 120,
     api_key: str | None = None,
     admin_key: str | None = None,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
 ) -> FastAPI:
     """The gateway app; its controller is `app.state.gateway`.
 
     `public_model` is the name clients send (default: stable's served name); `retry_timeout_s`
     is how long the canary has to answer (a stream: to send its first event) before the request
     is retried on stable, `timeout_s` the same bound for stable, which has no fallback.
-    `api_key` guards /v1, `admin_key` the /admin routes."""
+    `api_key` guards /v1. The /admin routes answer loopback clients, and others only with
+    `admin_key` (default: $SERVING_ADMIN_KEY, else $GATEWAY_ADMIN_KEY); everyone else gets 403.
+    A request body over `max_body_bytes` is refused with 413 before it is read whole."""
     gateway = Gateway(stable, canary, canary_weight, seed, public_model)
+    if admin_key is None:
+        admin_key = auth.env_key(ADMIN_KEY_ENV) or auth.env_key(LEGACY_ADMIN_KEY_ENV)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # trust_env=False: backends are explicit URLs; an HTTP(S)_PROXY variable must not reroute them.
         limits = httpx.Limits(max_connections=512, max_keepalive_connections=64)
-        async with httpx.AsyncClient(trust_env=False, limits=limits) as http:
-            app.state.proxy = Proxy(gateway, http, retry_timeout_s, timeout_s)
+        no_pool = httpx.Limits(max_connections=64, max_keepalive_connections=0)  # a new connection every time
+        async with httpx.AsyncClient(trust_env=False, limits=limits) as http, httpx.AsyncClient(trust_env=False, limits=no_pool) as fresh:
+            app.state.proxy = Proxy(gateway, http, retry_timeout_s, timeout_s, fresh)
             yield
 
     app = FastAPI(title=f"gateway: {gateway.public_model}", lifespan=lifespan)
     app.state.gateway = gateway
+    app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
@@ -530,6 +574,17 @@ def create_gateway(
     def require(request: Request, key: str | None) -> None:
         if key is not None and not bearer_matches(request.headers.get("authorization", ""), key):
             raise APIError(401, "missing or invalid API key: send 'Authorization: Bearer <key>'", code="invalid_api_key")
+
+    def require_admin(request: Request) -> None:
+        """Moving traffic is for this machine, or for whoever holds the admin key."""
+        if admin_key is not None and bearer_matches(request.headers.get("authorization", ""), admin_key):
+            return
+        if request.client is not None and is_loopback(request.client.host):
+            return
+        raise APIError(
+            403, f"the admin routes answer loopback clients only, or clients sending 'Authorization: Bearer ${ADMIN_KEY_ENV}'",
+            code="forbidden", error_type="permission_error",
+        )
 
     async def json_body(request: Request) -> dict:
         try:
@@ -572,12 +627,12 @@ def create_gateway(
 
     @app.get("/admin/backends")
     async def backends(request: Request) -> dict[str, Any]:
-        require(request, admin_key)
+        require_admin(request)
         return gateway.snapshot()
 
     @app.post("/admin/weight")
     async def weight(request: Request) -> dict[str, Any]:
-        require(request, admin_key)
+        require_admin(request)
         value = (await json_body(request)).get("weight")
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise APIError(400, f"send {{\"weight\": <number between 0 and 1>}}, got weight={value!r}")
@@ -638,12 +693,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--retry-timeout", type=float, default=30, help="seconds the canary has to answer before stable is asked")
     parser.add_argument("--timeout", type=float, default=120, help="seconds stable has to answer")
     parser.add_argument("--seed", type=int, help="routing seed, for reproducible splits")
+    parser.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES, help="largest request body accepted; larger ones get 413")
     parser.add_argument("--insecure", action="store_true", help="allow a non-loopback host without API and admin keys")
     parser.add_argument("--log-level", default="info")
     args = parser.parse_args(argv)
     # Keys only from the environment: argv is visible to every user in `ps`.
-    args.api_key, args.admin_key = os.environ.get(API_KEY_ENV), os.environ.get(ADMIN_KEY_ENV)
-    args.backend_api_key = os.environ.get(BACKEND_KEY_ENV)
+    args.api_key = auth.env_key(API_KEY_ENV)
+    args.admin_key = auth.env_key(ADMIN_KEY_ENV) or auth.env_key(LEGACY_ADMIN_KEY_ENV)
+    args.backend_api_key = auth.backend_key()
     if bool(args.canary_url) != bool(args.canary_model):
         parser.error("--canary-url and --canary-model go together")
     if args.canary_weight and not args.canary_url:
@@ -664,6 +721,7 @@ def app_from_args(args: argparse.Namespace) -> FastAPI:
     return create_gateway(
         stable, canary, args.canary_weight, args.retry_timeout, args.seed,
         public_model=args.public_model, timeout_s=args.timeout, api_key=args.api_key, admin_key=args.admin_key,
+        max_body_bytes=args.max_body_bytes,
     )
 
 

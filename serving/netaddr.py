@@ -7,10 +7,15 @@ import ipaddress
 
 
 def is_loopback(host: str) -> bool:
-    """Only loopback binds may go without an API key."""
+    """Whether `host` (a bind address or a client's address) is this machine's loopback: only
+    loopback binds may go without an API key, and only loopback clients reach the gateway's
+    admin routes without the admin key."""
     if host == "localhost":
         return True
     try:
-        return ipaddress.ip_address(host).is_loopback
+        address = ipaddress.ip_address(host.strip("[]"))
     except ValueError:  # a host name other than localhost may resolve to anything
         return False
+    # A dual-stack socket reports an IPv4 client as ::ffff:a.b.c.d.
+    mapped = getattr(address, "ipv4_mapped", None)
+    return (mapped or address).is_loopback

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import json
-from contextlib import ExitStack
+import socket
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack, suppress
 from dataclasses import dataclass, field
 
 import httpx
@@ -21,6 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from serving.gateway import Backend, Gateway, NoCanaryError, classify, create_gateway, parse_args, percentile, rewrite_sse_line, sse_data, shadow_agreement
 from serving.launcher import free_port, launch
+from tests.serving.conftest import wait_until
 
 PUBLIC = "lifecycle"
 MESSAGES = [{"role": "user", "content": "Reverse the list:\n1 2 3"}]
@@ -38,6 +42,7 @@ class Fake:
     model: str
     mode: str = "ok"  # ok | error (500) | busy (429) | bad_request (400) | break_stream (dies after one chunk)
     delay_s: float = 0.0  # stall before answering
+    hold: threading.Event | None = None  # when set: answer only once the test sets this event
     models_seen: list[str] = field(default_factory=list)
     backend: Backend | None = None
 
@@ -46,7 +51,7 @@ class Fake:
         return f"answer from {self.name}"
 
     def reset(self) -> None:
-        self.mode, self.delay_s, self.models_seen = "ok", 0.0, []
+        self.mode, self.delay_s, self.models_seen, self.hold = "ok", 0.0, [], None
 
 
 def chunk(fake: Fake, kind: str, piece: str | None) -> str:
@@ -85,6 +90,8 @@ def fake_app(fake: Fake) -> FastAPI:
             return JSONResponse({"error": {"message": "max_tokens too large", "type": "invalid_request_error", "code": "invalid_max_tokens"}}, status_code=400)
         if fake.delay_s:
             await asyncio.sleep(fake.delay_s)
+        if fake.hold is not None:
+            await asyncio.to_thread(fake.hold.wait, 30)
         if body.get("stream"):
             return StreamingResponse(sse(fake, kind), media_type="text/event-stream")
         usage = {"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6}
@@ -335,6 +342,68 @@ def test_stream_broken_after_its_first_byte_ends_with_an_error_event(fakes, star
     assert (snap["canary"]["failures"], snap["canary"]["retried_to_stable"], snap["stable"]["requests"]) == (1, 0, 0)
 
 
+# --- stable's dropped connections ------------------------------------------------------------------
+
+
+class DroppingBackend:
+    """A bare HTTP/1.1 backend on a socket, keeping connections alive, that closes the connection
+    without answering the next `drop` requests (what a backend restarting, or closing an idle
+    keep-alive connection just as the gateway reuses it, looks like to the gateway)."""
+
+    text = "answer from flaky"
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.drop = self.connections = 0
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        with suppress(OSError):  # the listener was closed
+            while True:
+                conn, _ = self.listener.accept()
+                self.connections += 1
+                threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        with conn, conn.makefile("rb") as stream:
+            while line := stream.readline():
+                length = 0
+                while line not in (b"\r\n", b""):
+                    name, _, value = line.decode().partition(":")
+                    length = int(value) if name.lower() == "content-length" else length
+                    line = stream.readline()
+                stream.read(length)
+                if self.drop:
+                    self.drop -= 1
+                    return  # closed, unanswered
+                choice = {"index": 0, "message": {"role": "assistant", "content": self.text}, "finish_reason": "stop", "logprobs": None}
+                body = json.dumps({"id": "x", "object": "chat.completion", "created": 0, "model": "flaky-model", "choices": [choice]}).encode()
+                conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def test_stable_dropping_a_connection_before_answering_is_retried_once_on_a_new_one(start_gateway):
+    backend = DroppingBackend()
+    try:
+        gw = start_gateway(canary=False, stable=Backend("flaky", backend.url, "flaky-model"))
+        assert gw.answers(1) == [backend.text]  # the gateway now holds a keep-alive connection
+        backend.drop = 1
+        assert gw.answers(1) == [backend.text], "the client must not see a connection nothing had been answered on"
+        assert backend.connections == 2, "the retry goes out on a new connection"
+        stable = gw.gateway.snapshot()["stable"]
+        assert (stable["requests"], stable["failures"], stable["retried_to_stable"], stable["retries_served"]) == (3, 1, 1, 1)
+
+        backend.drop = 2  # dropped again on the retry: once is all, the client hears why
+        with pytest.raises(openai.APIStatusError) as err:
+            gw.ask()
+        assert err.value.status_code == 502 and "flaky" in err.value.message
+    finally:
+        backend.close()
+
+
 # --- traffic control -----------------------------------------------------------------------------
 
 
@@ -349,6 +418,22 @@ def test_promote_canary_makes_it_stable(fakes, start_gateway):
     assert snap["stable"]["requests"] >= 4  # its statistics came along
     with pytest.raises(NoCanaryError):
         gw.gateway.promote_canary()
+
+
+def test_a_request_in_flight_during_a_promotion_is_counted_where_it_was_dispatched(fakes, start_gateway):
+    gw = start_gateway(weight=0.0)
+    fakes.stable.hold = threading.Event()
+    with ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(gw.ask)
+        wait_until(lambda: fakes.stable.models_seen, "stable has the request")
+        old = gw.gateway.promote_canary()  # the canary becomes stable while stable's answer is pending
+        fakes.stable.hold.set()
+        assert pending.result().choices[0].message.content == fakes.stable.text
+    assert old == fakes.stable.backend
+    text = httpx.get(f"{gw.url}/metrics").text
+    assert metric(text, "gateway_backend_requests_total", role="stable", backend="stable", outcome="ok") == 1
+    assert metric(text, "gateway_backend_requests_total", role="canary", backend="stable") == 0
+    assert gw.gateway.snapshot()["stable"]["requests"] == 0, "the new stable never saw that request"
 
 
 def test_remove_canary_sends_everything_to_stable(fakes, start_gateway):
@@ -374,14 +459,9 @@ def test_window_reports_each_step_separately(fakes, start_gateway):
     assert (total["canary"]["requests"], total["stable"]["requests"]) == (3, 2)
 
 
-def test_admin_weight_needs_the_key_when_one_is_set(fakes, start_gateway):
+def test_admin_weight_moves_traffic_and_checks_its_value(fakes, start_gateway):
     gw = start_gateway(weight=0.0, admin_key=ADMIN_KEY)
     auth = {"authorization": f"Bearer {ADMIN_KEY}"}
-    for headers in ({}, {"authorization": "Bearer wrong"}):
-        assert httpx.post(f"{gw.url}/admin/weight", json={"weight": 1.0}, headers=headers).status_code == 401
-        assert httpx.get(f"{gw.url}/admin/backends", headers=headers).status_code == 401
-    assert gw.gateway.weight == 0.0
-
     assert httpx.post(f"{gw.url}/admin/weight", json={"weight": 1.0}, headers=auth).json() == {"canary_weight": 1.0}
     assert gw.answers(1) == [fakes.canary.text]
     backends = httpx.get(f"{gw.url}/admin/backends", headers=auth).json()
@@ -393,7 +473,37 @@ def test_admin_weight_needs_the_key_when_one_is_set(fakes, start_gateway):
     assert httpx.post(f"{gw.url}/admin/weight", json={"weight": 0.5}, headers=auth).status_code == 409
 
 
-def test_admin_is_open_without_a_key_and_v1_needs_the_api_key(fakes, start_gateway):
+def test_admin_routes_answer_loopback_or_the_admin_key_and_forbid_everyone_else(fakes, monkeypatch):
+    # A gateway bound to 0.0.0.0 is reached from other hosts: they must not move traffic.
+    monkeypatch.setenv("SERVING_ADMIN_KEY", ADMIN_KEY)
+    app = create_gateway(fakes.stable.backend, fakes.canary.backend, 0.0, public_model=PUBLIC, max_body_bytes=1024)
+    gateway = app.state.gateway
+
+    async def calls() -> None:
+        def from_host(host: str) -> httpx.AsyncClient:
+            return httpx.AsyncClient(transport=httpx.ASGITransport(app=app, client=(host, 1234)), base_url="http://gateway")
+
+        async with from_host("10.0.0.5") as outside, from_host("127.0.0.1") as local, from_host("::1") as local6:
+            for headers in ({}, {"authorization": "Bearer wrong"}):
+                refused = await outside.post("/admin/weight", json={"weight": 1.0}, headers=headers)
+                assert refused.status_code == 403 and "loopback" in refused.json()["error"]["message"]
+                assert (await outside.get("/admin/backends", headers=headers)).status_code == 403
+            assert gateway.weight == 0.0
+            key = {"authorization": f"Bearer {ADMIN_KEY}"}
+            assert (await outside.post("/admin/weight", json={"weight": 0.5}, headers=key)).json() == {"canary_weight": 0.5}
+            assert (await outside.get("/admin/backends", headers=key)).status_code == 200
+            assert (await local.post("/admin/weight", json={"weight": 0.25})).json() == {"canary_weight": 0.25}
+            assert (await local6.get("/admin/backends")).json()["canary_weight"] == 0.25
+            assert (await outside.get("/health")).status_code == 200  # liveness stays open
+            # A body over the limit is refused before it reaches a route (or a backend).
+            too_big = await local.post("/v1/chat/completions", content=b"x" * 2048, headers={"content-type": "application/json"})
+            assert too_big.status_code == 413 and too_big.json()["error"]["code"] == "request_too_large"
+
+    asyncio.run(calls())
+    assert fakes.stable.models_seen == fakes.canary.models_seen == []
+
+
+def test_admin_is_open_to_loopback_without_a_key_and_v1_needs_the_api_key(fakes, start_gateway):
     gw = start_gateway(weight=0.0, api_key="client-key")
     assert httpx.post(f"{gw.url}/admin/weight", json={"weight": 0.25}).status_code == 200
     assert gw.gateway.weight == 0.25
