@@ -16,6 +16,7 @@ from pathlib import Path
 
 from pipelines.config import ConfigError, load_params
 from registry.models import CANDIDATE, CHAMPION, PREVIOUS, STATUS, approve, by_alias, download, metrics_of, rollback
+from serving import auth
 
 
 def show(name: str) -> None:
@@ -32,17 +33,19 @@ def serve(params) -> None:
         raise SystemExit(f"model '{name}' has no champion yet: run `make pipeline` first")
     model_dir = download(mv, Path(".serving/models") / f"v{mv.version}")
     served = f"{name}"
-    print(f"serving {name} version {mv.version} as '{served}' on http://{params.serve.host}:{params.serve.port}/v1")
+    guarded = " (requires $SERVING_API_KEY)" if auth.backend_key() else ""
+    print(f"serving {name} version {mv.version} as '{served}' on http://{params.serve.host}:{params.serve.port}/v1{guarded}")
     if params.serve.engine == "cpu":
         from serving.server import main as serve_main
 
         serve_main(["--model-dir", str(model_dir), "--model-name", served, "--host", params.serve.host, "--port", str(params.serve.port), "--max-new-tokens", str(params.serve.max_new_tokens)])
     else:
-        from serving.launcher import engine_command, require_engine
+        from serving.launcher import engine_command, engine_key_env, require_engine
 
         require_engine(params.serve.engine)
         cmd = engine_command(params.serve.engine, str(model_dir), served, params.serve.host, params.serve.port)
-        os.execvp(cmd[0], cmd)
+        # $SERVING_API_KEY guards every engine alike (vLLM reads it as $VLLM_API_KEY); never in argv.
+        os.execvpe(cmd[0], cmd, {**os.environ, **engine_key_env(params.serve.engine, dict(os.environ))})
 
 
 def main(argv: list[str] | None = None) -> None:

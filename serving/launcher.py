@@ -24,6 +24,8 @@ from typing import IO, Literal
 
 import httpx
 
+from serving import auth
+
 Engine = Literal["cpu", "vllm", "tensorrt-llm"]
 ENGINES: tuple[Engine, ...] = ("cpu", "vllm", "tensorrt-llm")
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -83,6 +85,15 @@ def require_engine(engine: Engine) -> None:
             f"engine '{engine}' needs the `{command}` command, which is not installed: "
             f"on a GPU machine run `pip install -e '.[{extra}]'` or set serve.engine: cpu"
         )
+
+
+def engine_key_env(engine: Engine, env: dict[str, str]) -> dict[str, str]:
+    """What makes `engine` require $SERVING_API_KEY: the cpu server reads that variable itself,
+    vLLM reads $VLLM_API_KEY (an explicit one is kept). trtllm-serve gets no key from here."""
+    key = auth.backend_key(env)
+    if engine == "vllm" and key and not env.get("VLLM_API_KEY"):
+        return {"VLLM_API_KEY": key}
+    return {}
 
 
 def free_port() -> int:
@@ -156,7 +167,9 @@ class ServerProcess:
         if self.process is None:
             raise RuntimeError("start() the server before waiting for it")
         deadline = time.monotonic() + timeout_s
-        with httpx.Client(timeout=2.0) as http:
+        # /health is open on every engine here, but a deployment may put it behind the key too.
+        headers = auth.bearer_headers(auth.backend_key(self.env))
+        with httpx.Client(timeout=2.0, headers=headers, trust_env=False) as http:
             while True:
                 code = self.process.poll()
                 if code is not None:
@@ -216,9 +229,11 @@ def launch(
     env: dict[str, str] | None = None,
 ) -> ServerProcess:
     """Start `engine` serving `model_dir` and return it once healthy (raises ServerStartError).
-    `env` adds to this process's environment (e.g. OMP_NUM_THREADS for side-by-side servers)."""
+    `env` adds to this process's environment (e.g. OMP_NUM_THREADS for side-by-side servers).
+    With $SERVING_API_KEY set, every engine requires it (vLLM reads it as $VLLM_API_KEY)."""
     require_engine(engine)
     env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))  # unbuffered: log lines reach the file as they happen
+    env.update(engine_key_env(engine, env))
     if engine == "cpu":
         # `-m serving.server` must resolve to this project whatever the caller's cwd is.
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PROJECT_ROOT), env.get("PYTHONPATH")) if p)

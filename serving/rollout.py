@@ -85,10 +85,13 @@ def fmt_s(x: float | None) -> str:
     return "-" if x is None else f"{1000 * x:.0f} ms"
 
 
-def drive_traffic(base_url: str, model: str, prompts: list[str], done: Callable[[], bool], max_requests: int, max_tokens: int, concurrency: int = 4) -> tuple[int, int]:
-    """Synthetic users: send prompts through the gateway until `done()` or `max_requests`.
-    Returns (requests sent, client-visible errors)."""
-    api = client(base_url, timeout=60)
+def drive_traffic(
+    base_url: str, model: str, prompts: list[str], done: Callable[[], bool], max_requests: int, max_tokens: int,
+    concurrency: int = 4, api_key: str | None = None,
+) -> tuple[int, int]:
+    """Synthetic users: send prompts through the gateway (with its `api_key`, if it needs one)
+    until `done()` or `max_requests`. Returns (requests sent, client-visible errors)."""
+    api = client(base_url, api_key=api_key, timeout=60)
     counter = itertools.count()
     lock = threading.Lock()
     sent = errors = 0
@@ -129,18 +132,21 @@ def run_rollout(
     policy: CanaryParams,
     max_tokens: int,
     on_step: Callable[[int], None] | None = None,
+    gateway_api_key: str | None = None,
 ) -> RolloutResult:
     """Shift traffic to `canary` step by step behind `gateway` (served at `gateway_url`, the
     OpenAI base URL). Rolls back by removing the canary; on success leaves the promotion
     itself (gateway swap, registry aliases) to the caller. `on_step(i)` runs when step i's
-    weight is set, before its traffic: drills use it to break the canary mid-rollout."""
+    weight is set, before its traffic: drills use it to break the canary mid-rollout.
+    Probes send each backend its own key (`Backend.api_key`), the synthetic users send
+    `gateway_api_key` to the gateway."""
     stable = gateway.stable
-    golden_stable = probe({"stable": v1(stable)}, golden, max_tokens)["stable"]
+    golden_stable = probe({"stable": v1(stable)}, golden, max_tokens, api_key=stable.api_key)["stable"]
     shadow = [p for p, _ in golden[: policy.shadow_prompts]]
     traffic = [p for p, _ in golden]
     # Warm-up: a fresh process pays one-off costs (lazy initialisation, first allocations) on
     # its first requests; they say nothing about the model and must not count as its latency.
-    probe({"canary": v1(canary)}, golden[:3], max_tokens)
+    probe({"canary": v1(canary)}, golden[:3], max_tokens, api_key=canary.api_key)
     gateway.set_canary(canary, 0.0)
     decisions: list[Decision] = []
     result = RolloutResult("rolled_back")
@@ -156,9 +162,9 @@ def run_rollout(
 
         # Enough synthetic requests for the canary to see step_requests at this weight, with margin.
         budget = 4 * math.ceil(policy.step_requests * 100 / weight) + 50
-        sent, errors = drive_traffic(gateway_url, gateway.public_model, traffic, done, budget, max_tokens)
+        sent, errors = drive_traffic(gateway_url, gateway.public_model, traffic, done, budget, max_tokens, api_key=gateway_api_key)
         stats = gateway.window()
-        golden_canary = probe({"canary": v1(canary)}, golden, max_tokens)["canary"]
+        golden_canary = probe({"canary": v1(canary)}, golden, max_tokens, api_key=canary.api_key)["canary"]
         canary_metrics = {
             "requests": stats["canary"]["requests"],
             "error_rate": stats["canary"]["error_rate"],

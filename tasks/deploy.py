@@ -6,6 +6,13 @@ Success: alias `champion` moves to the candidate and `previous` to the old champ
 gateway's stable backend is swapped and the old one stopped. Failure: the canary is removed,
 the version is tagged with the canary report, and the champion and its traffic are untouched.
 The first release has no champion: it is promoted after health and golden-prompt checks.
+A champion that cannot be served stops the release before the candidate is judged: the
+candidate loses its alias (it is not rolled back: nothing was held against it), the champion
+keeps its aliases, and ReleaseAborted names the version that failed and why.
+
+With $SERVING_API_KEY set, the servers require it and every client here sends it: the
+gateway to its backends, the probes, the health waits; the gateway itself then requires
+$GATEWAY_API_KEY, or else the same key, from the synthetic users.
 """
 
 from __future__ import annotations
@@ -22,15 +29,22 @@ from prefect.cache_policies import NO_CACHE
 from pipelines.common import PREPARED
 from pipelines.config import Params
 from pipelines.gates import decide_canary
-from registry.models import CHAMPION, by_alias, download, promote, reject
+from registry.models import CANDIDATE, CHAMPION, by_alias, download, promote, reject
 from registry.store import client
+from serving import auth
 from serving.background import ThreadedServer
 from serving.canary import golden_prompts, probe
+from serving.gateway import API_KEY_ENV as GATEWAY_KEY_ENV
 from serving.gateway import Backend, create_gateway
 from serving.launcher import ServerProcess, ServerStartError, free_port, launch
 from serving.rollout import RolloutResult, StepReport, run_rollout
 
 SERVING_DIR = Path(".serving")  # downloaded model versions and server logs (git-ignored)
+
+
+class ReleaseAborted(RuntimeError):
+    """The release could not be judged (the champion cannot be served); the registry is left
+    as it was before the candidate was proposed."""
 
 
 def cpu_threads(params: Params, servers: int) -> dict[str, str]:
@@ -60,7 +74,7 @@ def start(params: Params, stack: ExitStack, version: str, label: str, servers: i
         env=cpu_threads(params, servers),
     )
     stack.callback(server.stop)
-    return server, Backend(label, server.root_url, served)
+    return server, Backend(label, server.root_url, served, api_key=auth.backend_key())
 
 
 def unservable(params: Params, exc: Exception) -> RolloutResult:
@@ -71,9 +85,27 @@ def unservable(params: Params, exc: Exception) -> RolloutResult:
 
 def first_release(params: Params, candidate: Backend, golden: list[tuple[str, str]]) -> RolloutResult:
     """No champion yet: health (the server came up) and the golden prompts decide alone."""
-    stats = probe({"candidate": (f"{candidate.base_url}/v1", candidate.model)}, golden, params.serve.max_new_tokens)["candidate"]
+    stats = probe({"candidate": (f"{candidate.base_url}/v1", candidate.model)}, golden, params.serve.max_new_tokens, api_key=candidate.api_key)["candidate"]
     decision = decide_canary(stats, None, params.canary)
     return RolloutResult("promoted" if decision.passed else "rolled_back", [StepReport(100, stats, {}, decision, stats["requests"], 0)])
+
+
+def abort(name: str, version: str, what: str, exc: Exception) -> None:
+    """Stop a release that cannot be judged, leaving the registry consistent: the candidate
+    loses its alias (no version is under evaluation any more) but is not marked rolled back,
+    so the same bytes may be released once the cause is fixed; the champion's aliases stay.
+    Raises ReleaseAborted, naming what failed and why."""
+    cause = f"{type(exc).__name__}: {exc}"
+    message = f"release of version {version} aborted: {what}, so there is nothing to judge the candidate against.\n{cause}"
+    c = client()
+    c.set_model_version_tag(name, version, "canary", "aborted")
+    c.set_model_version_tag(name, version, "canary.report", message[:4900])
+    current = by_alias(name, CANDIDATE)
+    if current is not None and str(current.version) == version:
+        c.delete_registered_model_alias(name, CANDIDATE)
+    create_markdown_artifact(key="canary", markdown=f"## canary: aborted\n\n```\n{message[-4000:]}\n```\n", description="canary analysis")
+    shutil.rmtree(SERVING_DIR / "models", ignore_errors=True)
+    raise ReleaseAborted(message) from exc
 
 
 @task(cache_policy=NO_CACHE)
@@ -87,19 +119,29 @@ def canary_release(params: Params, version: str, drill: list[str] | None = None)
     golden = golden_prompts(PREPARED / "sft_test.parquet", params.canary.golden_prompts)
     servers = 1 if champion is None else 2
     with ExitStack() as stack:
+        stable = None
+        if champion is not None:
+            # The champion first: without it there is nothing to judge the candidate against,
+            # and the candidate's start would be wasted.
+            try:
+                _, stable = start(params, stack, str(champion.version), "champion", servers)
+            except Exception as exc:  # the download or the server: either way it cannot serve
+                abort(name, version, f"champion version {champion.version} could not be served", exc)
         try:
             _, candidate = start(params, stack, version, "candidate", servers, drill)
         except ServerStartError as exc:
             result = unservable(params, exc)
         else:
-            if champion is None:
+            if stable is None:
                 result = first_release(params, candidate, golden)
             else:
-                _, stable = start(params, stack, str(champion.version), "champion", servers)
-                app = create_gateway(stable, public_model=name, seed=0)
+                gateway_key = auth.env_key(GATEWAY_KEY_ENV) or auth.backend_key()
+                app = create_gateway(stable, public_model=name, seed=0, api_key=gateway_key)
                 with ThreadedServer(app, host=params.serve.host) as gw_server:
                     gateway = app.state.gateway
-                    result = run_rollout(gateway, gw_server.base_url, candidate, golden, params.canary, params.serve.max_new_tokens)
+                    result = run_rollout(
+                        gateway, gw_server.base_url, candidate, golden, params.canary, params.serve.max_new_tokens, gateway_api_key=gateway_key
+                    )
                     if result.outcome == "promoted":
                         old = gateway.promote_canary()  # the gateway now serves the candidate as stable
                         print(f"gateway: stable is now {gateway.stable.model}; stopping {old.model}")

@@ -135,3 +135,27 @@ def test_public_host_is_allowed_with_a_key_or_insecure(monkeypatch):
     monkeypatch.setenv(server.API_KEY_ENV, "from-env")
     assert server.parse_args(base).api_key == "from-env"
     assert server.parse_args(["--model-dir", "/m", "--model-name", "x", "--host", "::1"]).host == "::1"
+
+
+GUARDED_HEALTH = """
+import os, sys
+from http.server import BaseHTTPRequestHandler, HTTPServer
+class Health(BaseHTTPRequestHandler):
+    def do_GET(self):
+        ok = self.headers.get("authorization") == "Bearer " + os.environ["SERVING_API_KEY"]
+        self.send_response(200 if ok else 401)
+        self.end_headers()
+HTTPServer(("127.0.0.1", int(sys.argv[1])), Health).serve_forever()
+"""
+
+
+def test_health_wait_sends_the_serving_api_key_and_vllm_is_given_it(tmp_path):
+    # A deployment that guards /health too: the wait must authenticate like every other client.
+    port = free_port()
+    env = {"PATH": "/usr/bin:/bin", "SERVING_API_KEY": "k-123"}
+    with ServerProcess([sys.executable, "-c", GUARDED_HEALTH, str(port)], "127.0.0.1", port, tmp_path / "guarded.log", env).start() as proc:
+        proc.wait_healthy(timeout_s=20)
+    assert launcher.engine_key_env("vllm", {"SERVING_API_KEY": "k-123"}) == {"VLLM_API_KEY": "k-123"}
+    assert launcher.engine_key_env("vllm", {"SERVING_API_KEY": "k-123", "VLLM_API_KEY": "own"}) == {}
+    assert launcher.engine_key_env("cpu", {"SERVING_API_KEY": "k-123"}) == {}  # serving.server reads it itself
+    assert launcher.engine_key_env("vllm", {}) == {}

@@ -1,6 +1,8 @@
 """The canary task against real servers and a real MLflow registry: a first candidate is
 promoted after its golden-prompt checks; a candidate that cannot serve is rolled back and the
-champion keeps its alias; a candidate that is already champion is not redeployed."""
+champion keeps its alias; a candidate that is already champion is not redeployed; a champion
+that cannot serve stops the release with the registry as it was; servers that require an API
+key are rolled out through."""
 
 import shutil
 
@@ -8,7 +10,7 @@ import pytest
 
 from pipelines.config import CanaryParams, ServeParams
 from registry import models
-from tasks.deploy import canary_release
+from tasks.deploy import ReleaseAborted, canary_release
 from tests.conftest import tiny_params
 
 
@@ -60,7 +62,10 @@ def test_first_candidate_promoted_then_broken_candidate_rolled_back(workspace, r
     assert canary_release.fn(PARAMS, v1)["outcome"] == "unchanged"
 
 
-def test_candidate_rolled_out_beside_champion_through_the_gateway(workspace, registry_store):
+def test_candidate_rolled_out_beside_champion_through_the_gateway_with_an_api_key(workspace, registry_store, monkeypatch):
+    # As the README advises for a non-loopback bind: the spawned servers then require the key,
+    # so the gateway, the probes and the health waits must all send it.
+    monkeypatch.setenv("SERVING_API_KEY", "deploy-secret")
     v1 = register(registry_store, workspace / "models/base", "one")
     models.promote("reverse-digits", v1)
     v2 = register(registry_store, workspace / "models/base", "two")
@@ -82,3 +87,23 @@ def test_canary_drill_with_failing_candidate_is_rolled_back(workspace, registry_
     assert outcome["client_errors"] == 0, "the gateway must retry the canary's failures on stable"
     assert any(r.startswith("error_rate") for r in outcome["reasons"])
     assert (alias("champion"), alias("candidate")) == (v1, None)
+
+
+def test_champion_that_cannot_start_aborts_the_release_and_leaves_the_registry_consistent(workspace, registry_store):
+    broken = workspace / "broken"
+    shutil.copytree(workspace / "models/base", broken)
+    (broken / "config.json").write_text("{ not json")
+    v1 = register(registry_store, broken, "broken-champion")
+    models.promote("reverse-digits", v1)
+    v2 = register(registry_store, workspace / "models/base", "good")
+    models.mark_candidate("reverse-digits", v2)
+
+    with pytest.raises(ReleaseAborted, match=f"champion version {v1} could not be served") as err:
+        canary_release.fn(PARAMS, v2)
+    assert "ServerStartError" in str(err.value)  # and the server's own words, from its log
+    assert (alias("champion"), alias("candidate"), alias("previous")) == (v1, None, None)
+    c, _ = registry_store
+    tags = c.get_model_version("reverse-digits", v2).tags
+    assert tags["canary"] == "aborted" and f"champion version {v1}" in tags["canary.report"]
+    # The candidate was never judged: its bytes are not blocked from the next release.
+    assert tags["status"] == "registered" and models.blocked(c.get_model_version("reverse-digits", v2)) is None
