@@ -168,6 +168,14 @@ class Contamination:
         self.prompts.add(normal_form(prompt))
         self.grams.update(self._grams(f"{prompt} {answer}"))
 
+    def hit_turns(self, turns: list[str]) -> str | None:
+        """A multi-turn training conversation with an evaluation prompt as one of its turns
+        (too short for the n-gram check to see)."""
+        for turn in turns:
+            if normal_form(turn) in self.prompts:
+                return "one of its turns is an evaluation prompt (case, punctuation and spacing aside)"
+        return None
+
     def hit(self, prompt: str, answer: str) -> str | None:
         """Why this training text overlaps the evaluation sets, or None."""
         if normal_form(prompt) in self.prompts:

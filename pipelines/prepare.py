@@ -220,9 +220,17 @@ def decontaminate(data: Prepared, cfg: PrepareParams) -> None:
     for k in data.kept:
         if k.split in EVAL_SPLITS:
             index.add(k.prompt, k.answer)
+            # The evaluation scores a conversation's last user turn on its own (evaluate.eval_items):
+            # that turn alone, leaked into training, is contamination too.
+            turns = messages_of(k.table, k.record)
+            users = [m["content"] for m in turns if m.get("role") == "user"]
+            if len(users) > 1:
+                index.add(users[-1], k.answer)
     kept = []
     for k in data.kept:
-        why = None if k.split in EVAL_SPLITS else index.hit(k.prompt, k.answer)
+        why = None if k.split in EVAL_SPLITS else index.hit(k.prompt, k.answer) or index.hit_turns(
+            [m["content"] for m in messages_of(k.table, k.record) if m.get("role") == "user"]
+        )
         if why:
             data.reject(k, "contaminated", why, raw=json.dumps(k.record, ensure_ascii=False))
         else:
