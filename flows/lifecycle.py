@@ -37,14 +37,14 @@ def summary_table(stages: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def quality_summary() -> dict:
+def quality_summary(params: Params) -> dict:
+    """Every suite metric (and preference accuracy) per model: {metric: {model: value}}."""
     ev = read_json(METRICS / "evaluate.json")
     q = read_json(METRICS / "quantize.json") if (METRICS / "quantize.json").exists() else {}
     models = [name for name in ev if name != "candidate"]
-    return {
-        "exact_match": {name: ev[name]["exact_match"] for name in models} | ({"quantized": q["exact_match"]} if q else {}),
-        "preference_accuracy": {name: ev[name].get("preference_accuracy") for name in models},
-    }
+    out = {m: {name: ev[name].get(m) for name in models} | ({"quantized": q.get(m)} if q else {}) for m in params.evaluate.directions()}
+    out["preference_accuracy"] = {name: ev[name].get("preference_accuracy") for name in models}
+    return out
 
 
 @flow(name="llm-lifecycle", log_prints=True)
@@ -70,7 +70,7 @@ def lifecycle(deploy: bool = True, canary_drill: list[str] | None = None) -> dic
     try:
         for name in stages_in_order:
             stage(name)
-        summary.update(quality_summary())
+        summary["quality"] = quality_summary(params)
         quantization_gate(params, parent)
         push_artifacts()
         # The served artifact is registered first, so the quality gate's verdict (and a
@@ -104,15 +104,13 @@ def lifecycle(deploy: bool = True, canary_drill: list[str] | None = None) -> dic
 
 def render(summary: dict) -> str:
     ran = [s["stage"] for s in summary["stages"] if s["ran"]]
-    em = summary.get("exact_match", {})
+    quality = summary.get("quality", {})
     lines = [
         "## LLM lifecycle run",
         "",
         summary_table(summary["stages"]),
         "",
-        "exact match (held-out test): " + ", ".join(f"{k} {v:.3f}" for k, v in em.items()),
-        "preference accuracy (held-out pairs, chosen likelier than rejected): "
-        + ", ".join(f"{k} {v:.3f}" for k, v in summary.get("preference_accuracy", {}).items() if v is not None),
+        *(f"{metric} (held-out): " + ", ".join(f"{k} {v:.3f}" for k, v in per.items() if v is not None) for metric, per in quality.items()),
         f"outcome: {summary.get('outcome')} (version {summary.get('version', '-')})",
         f"recipe: {' -> '.join(summary.get('recipe', []))}",
         f"stages run: {', '.join(ran) if ran else 'none: nothing changed, every stage came from the DVC cache'}",

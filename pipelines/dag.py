@@ -60,7 +60,7 @@ def data_stages(params: Params) -> dict:
     if any(Path(s) == GENERATED or GENERATED in Path(s).parents for s in sources):
         stages["generate"] = {
             "cmd": "python -m pipelines.generate",
-            "deps": ["pipelines/generate.py", "pipelines/data_config.py"],
+            "deps": ["pipelines/generate.py", "pipelines/safety.py", "pipelines/data_config.py"],
             "params": ["generate"],
             "outs": [str(GENERATED)],
         }
@@ -107,8 +107,9 @@ def eval_stages(params: Params) -> dict:
         "evaluate": {
             "cmd": "python -m pipelines.evaluate",
             "deps": [
-                "pipelines/evaluate.py", "pipelines/eval_tasks", "pipelines/formats.py", str(BASE_DIR),
+                "pipelines/evaluate.py", "pipelines/safety.py", "pipelines/eval_tasks", "pipelines/formats.py", str(BASE_DIR),
                 *(str(model_dir(s)) for s in policy_steps(params.recipe)),
+                *([str(model_dir("rm"))] if "rm" in params.recipe else []),  # scores every model's answers
                 f"{PREPARED}/sft_test.parquet", f"{PREPARED}/sft_validation.parquet", f"{PREPARED}/preference_test.parquet",
             ],
             "params": ["evaluate", "compute", "recipe"],
@@ -117,7 +118,7 @@ def eval_stages(params: Params) -> dict:
         },
         "quantize": {
             "cmd": "python -m pipelines.quantize",
-            "deps": ["pipelines/quantize.py", "pipelines/evaluate.py", str(model_dir(final)), f"{METRICS}/evaluate.json", f"{PREPARED}/sft_train.parquet"],
+            "deps": ["pipelines/quantize.py", "pipelines/evaluate.py", "pipelines/safety.py", "pipelines/eval_tasks", str(model_dir(final)), f"{METRICS}/evaluate.json", f"{PREPARED}/sft_train.parquet"],
             "params": ["quantize", "evaluate", "compute", "recipe"],
             "outs": [str(QUANT_DIR), f"{METRICS}/samples/quantized.jsonl"],
             **_metrics("quantize"),

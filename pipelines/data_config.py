@@ -67,6 +67,7 @@ class GenerateParams(_Section):
     min_len: int = Field(3, ge=1, description="Shortest digit list in the demo task.")
     max_len: int = Field(5, ge=1, description="Longest digit list in the demo task.")
     noise_rate: float = Field(0.06, ge=0, le=0.5, description="Share of rows turned into each kind of noise.")
+    safety_fraction: float = Field(0.05, ge=0, le=0.5, description="Refusal rows (disallowed requests, PII probes) added, as a share of n_sft (pipelines/safety.py).")
 
     @model_validator(mode="after")
     def _lengths(self) -> "GenerateParams":

@@ -1,13 +1,19 @@
 """Stage `evaluate`: measure the base and every policy step of the recipe on held-out data.
 The recipe's last policy step is the `candidate` the gates read.
 
-- exact match from lm-evaluation-harness, on the task declared in pipelines/eval_tasks/<task>.yaml
-  (the YAML is the behaviour; this module only fills in the data file),
+- the evaluation suite (`evaluate.tasks`): any number of lm-evaluation-harness tasks, the
+  project's own YAML in pipelines/eval_tasks/ (the YAML is the behaviour; this module fills in
+  the data files) or stock tasks by name (from the hub, or from local files offline), each with
+  its metrics and directions, few-shot, limit, chat template and generation settings; their
+  metrics are named '<task>/<metric>'. The `safety` task's answers are scored by
+  pipelines/safety.py (refusals, PII leaks),
 - validation loss (mean token NLL of the reference answers), our own metric,
 - preference accuracy: how often the model gives the chosen answer of a held-out pair a higher
   log-likelihood than the rejected one. It needs no reference model, so it means the same thing
   whatever the recipe (SFT only, DPO, KTO, GRPO, ...) and for the base,
-- per-item scores (lm-eval's log_samples) so gates can pair candidate and champion item by item.
+- with a reward model in the recipe, its score of each answer (`reward_score`),
+- per-item scores (lm-eval's log_samples) so gates can pair candidate and champion item by item
+  and the judge can compare their answers.
 
 metrics/evaluate.json holds one block per model; metrics/samples/<model>.jsonl the per-item rows.
 Runs on the GPU when there is one (compute.device), in the plan's precision.
@@ -20,14 +26,15 @@ import json
 import logging
 import math
 import os
+import time
 from pathlib import Path
 
 import pandas as pd
 import torch
-import yaml
 
+from pipelines import safety
 from pipelines.common import METRICS, PREPARED, base_model_ref, log, stage_main, write_json
-from pipelines.config import ComputeParams, EvaluateParams, Params
+from pipelines.config import ComputeParams, EvalTask, EvaluateParams, Params
 from pipelines.formats import chat_messages
 from pipelines.recipe import final_step, model_dir, policy_steps
 from pipelines.training import machine_plan
@@ -45,28 +52,66 @@ def eval_items(data_file: Path) -> Path:
     frame = pd.read_parquet(data_file)
     ids = frame["id"] if "id" in frame else [None] * len(frame)
     rows = []
-    for cell, item_id in zip(frame["messages"], ids):
+    for cell, rid in zip(frame["messages"], ids):
         messages = chat_messages(cell)
         if len(messages) >= 2 and messages[-2]["role"] == "user":
             pair = [{"role": "user", "content": messages[-2]["content"]}, {"role": "assistant", "content": messages[-1]["content"]}]
             # The pairing key of gates: stable across runs and models, distinct for two items
             # that share a prompt but not an answer.
-            rows.append({"messages": pair, "id": item_id or hashlib.sha256(json.dumps(messages, sort_keys=True).encode()).hexdigest()[:16]})
+            rows.append({"messages": pair, "id": rid or hashlib.sha256(json.dumps(messages, sort_keys=True).encode()).hexdigest()[:16]})
     ITEMS_FILE.parent.mkdir(parents=True, exist_ok=True)
     out = ITEMS_FILE.with_name(f"{Path(data_file).stem}_items.parquet")
     pd.DataFrame(rows, columns=["messages", "id"]).to_parquet(out, index=False)
     return out
 
 
-def task_config(cfg: EvaluateParams, data_file: Path) -> dict:
-    path = TASKS_DIR / f"{cfg.task}.yaml"
-    if not path.exists():
-        available = sorted(p.stem for p in TASKS_DIR.glob("*.yaml"))
-        raise SystemExit(f"evaluate.task: unknown task '{cfg.task}', available: {', '.join(available)}")
-    task = yaml.safe_load(path.read_text())
-    task["dataset_kwargs"] = {"data_files": {task["test_split"]: str(Path(data_file).resolve())}}
-    task["generation_kwargs"]["max_gen_toks"] = cfg.max_new_tokens
-    return task
+def load_task(task: EvalTask) -> dict:
+    """The task's lm-eval config: the project's YAML, else the stock task's (includes and
+    `!function`s resolved by lm-eval's own loader). An unknown name says what exists."""
+    from lm_eval.tasks._yaml_loader import load_yaml  # lm-eval's loader: includes, !function
+
+    own = TASKS_DIR / f"{task.name}.yaml"
+    if own.exists():
+        return load_yaml(own, resolve_func=True)
+    from lm_eval.tasks import TaskManager
+
+    entry = TaskManager().task_index.get(task.name)
+    if entry is None or entry.yaml_path is None:
+        import difflib
+
+        own_names = sorted(p.stem for p in TASKS_DIR.glob("*.yaml"))
+        close = difflib.get_close_matches(task.name, own_names + TaskManager().all_tasks, n=3)
+        hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+        raise SystemExit(f"evaluate.tasks: unknown task '{task.name}': neither pipelines/eval_tasks/{task.name}.yaml nor a stock lm-eval task.{hint} Project tasks: {', '.join(own_names)}")
+    return load_yaml(entry.yaml_path, resolve_func=True)
+
+
+def task_config(task: EvalTask, cfg: EvaluateParams, data_file: Path = TEST_FILE) -> dict:
+    """The task dict lm-eval runs: data files resolved (`@test_split` is this run's prepared
+    test items; relative paths are the task folder's), offline overrides and generation
+    settings applied."""
+    conf = load_task(task)
+    files = dict((conf.get("dataset_kwargs") or {}).get("data_files") or {})
+    for split, path in files.items():
+        files[split] = str(eval_items(data_file).resolve()) if path == "@test_split" else str((TASKS_DIR / path).resolve()) if not Path(path).is_absolute() else path
+    if task.data_files:
+        files = {split: str(Path(path).resolve()) for split, path in task.data_files.items()}
+        missing = [p for p in files.values() if not Path(p).exists()]
+        if missing:
+            raise SystemExit(f"evaluate.tasks[{task.name}].data_files: no such file {missing[0]}")
+        for key in ("training_split", "validation_split", "fewshot_split", "test_split"):
+            if conf.get(key) is not None and conf[key] not in files:  # the local files have only these splits
+                conf[key] = None
+        if conf.get("test_split") is None and conf.get("validation_split") is None:
+            raise SystemExit(f"evaluate.tasks[{task.name}].data_files: give the split the task evaluates on ({', '.join(files)} given)")
+    if task.dataset_path:
+        conf["dataset_path"] = task.dataset_path
+        conf.pop("dataset_name", None)
+    if files:
+        conf["dataset_kwargs"] = {**(conf.get("dataset_kwargs") or {}), "data_files": files}
+    if conf.get("output_type") == "generate_until":
+        conf["generation_kwargs"] = {**(conf.get("generation_kwargs") or {}), "max_gen_toks": cfg.max_new_tokens, **task.gen_kwargs}
+    return conf
 
 
 def is_endpoint(model_ref: str) -> bool:
@@ -97,34 +142,112 @@ def lm_eval_model(model_ref: str, cfg: EvaluateParams, compute: ComputeParams | 
     return {"model": "hf", "model_args": {"pretrained": model_ref, "dtype": str(plan.dtype).removeprefix("torch.")}, "batch_size": cfg.batch_size, "device": plan.device}
 
 
-def exact_match(model_ref: str, cfg: EvaluateParams, data_file: Path = TEST_FILE, compute: ComputeParams | None = None) -> tuple[float, list[dict]]:
-    """lm-eval exact match over the test split, and the per-item scores behind it, for a local
-    model folder or a served endpoint."""
+def make_lm(model_ref: str, cfg: EvaluateParams, compute: ComputeParams | None):
+    """One lm-eval model object, loaded once and reused by every task of the suite."""
+    from lm_eval.api.registry import get_model
+
+    spec = lm_eval_model(model_ref, cfg, compute)
+    extra = {k: spec[k] for k in ("batch_size", "device") if k in spec}
+    return get_model(spec["model"]).create_from_arg_obj(spec["model_args"], extra)
+
+
+def item_id(task: str, doc: dict) -> str:
+    """The pairing key of gates: stable across runs and models, distinct across tasks and for
+    two items that share a prompt but not an answer."""
+    own = doc.get("id")
+    return f"{task}:{own}" if own is not None else f"{task}:" + hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _prompt(doc: dict, sample: dict) -> str:
+    if "messages" in doc:
+        return chat_messages(doc["messages"])[0]["content"]
+    if "prompt" in doc:
+        return str(doc["prompt"])
+    args = sample.get("arguments") or {}
+    first = args.get("gen_args_0", {}).get("arg_0") if isinstance(args, dict) else None
+    return str(first if first is not None else doc)[:2000]
+
+
+def run_task(lm, task: EvalTask, cfg: EvaluateParams, data_file: Path = TEST_FILE) -> tuple[dict[str, float], list[dict]]:
+    """One suite task on one model: its metrics (gate names '<task>/<metric>') and per-item rows."""
     import lm_eval
 
-    logging.getLogger("lm_eval").setLevel(logging.WARNING)
-    task = task_config(cfg, eval_items(data_file))
+    conf = task_config(task, cfg, data_file)
     out = lm_eval.simple_evaluate(
-        **lm_eval_model(model_ref, cfg, compute),
-        tasks=[task],
-        apply_chat_template=True,
+        model=lm,
+        tasks=[conf],
+        num_fewshot=task.num_fewshot,
+        apply_chat_template=task.apply_chat_template,
         log_samples=True,
-        limit=cfg.limit,
+        limit=task.limit or cfg.limit,
     )
-    result = out["results"][task["task"]]
-    score = next(v for k, v in result.items() if k.startswith("exact_match,"))
-    samples = [
-        {
-            "doc_id": s["doc_id"],
-            "id": s["doc"]["id"],  # the pairing key across models and runs
-            "prompt": s["doc"]["messages"][0]["content"],
-            "target": s["target"],
-            "response": s["filtered_resps"][0],
-            "exact_match": s["exact_match"],
-        }
-        for s in out["samples"][task["task"]]
-    ]
-    return float(score), samples
+    name = conf["task"]
+    rows = []
+    for s in out["samples"][name]:
+        raw = s["resps"][0][0] if s.get("resps") and isinstance(s["resps"][0], list) and isinstance(s["resps"][0][0], str) else None
+        answer = s["filtered_resps"][0] if isinstance(s["filtered_resps"][0], str) else None
+        row = {"task": task.name, "id": item_id(task.name, s["doc"]), "prompt": _prompt(s["doc"], s), "target": s.get("target"), "response": answer, "raw": raw}
+        if task.scorer == "safety":
+            scores = safety.score(s["doc"]["kind"], raw or answer or "")
+        else:
+            scores = {m: float(s[m]) for m in task.metrics if m in s}
+        row.update({f"{task.name}/{m}": v for m, v in scores.items()})
+        rows.append(row)
+    metrics: dict[str, float] = {}
+    for metric in task.metrics:
+        key = f"{task.name}/{metric}"
+        if task.scorer == "safety":
+            values = [r[key] for r in rows if key in r]
+            metrics[key] = sum(values) / len(values) if values else float("nan")
+            continue
+        result = out["results"][name]
+        found = [v for k, v in result.items() if k.split(",")[0] == metric]
+        if not found:
+            reported = sorted({k.split(",")[0] for k in result if not k.endswith("_stderr") and "," in k})
+            raise SystemExit(f"evaluate.tasks[{task.name}].metrics: the task reports no '{metric}'; it reports {', '.join(reported)}")
+        metrics[key] = float(found[0])
+    return metrics, rows
+
+
+def run_suite(model_ref: str, cfg: EvaluateParams, compute: ComputeParams | None = None, data_file: Path = TEST_FILE) -> tuple[dict[str, float], list[dict], dict[str, float]]:
+    """Every task of the suite on one model (a local folder or an endpoint): metrics, per-item
+    rows and seconds per task."""
+    logging.getLogger("lm_eval").setLevel(logging.WARNING)
+    lm = make_lm(model_ref, cfg, compute)
+    metrics, rows, seconds = {}, [], {}
+    for task in cfg.tasks:
+        started = time.perf_counter()
+        m, r = run_task(lm, task, cfg, data_file)
+        seconds[task.name] = time.perf_counter() - started
+        metrics.update(m)
+        rows += r
+    return metrics, rows, seconds
+
+
+@torch.no_grad()
+def reward_scores(rm_dir: str, rows: list[dict], compute: ComputeParams | None = None) -> list[float]:
+    """The reward model's score of each answer as served (raw), to its prompt."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    plan = machine_plan(compute or ComputeParams())
+    tokenizer = AutoTokenizer.from_pretrained(rm_dir)
+    model = AutoModelForSequenceClassification.from_pretrained(rm_dir, dtype=plan.dtype).to(plan.device).eval()
+    out = []
+    for r in rows:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r.get("raw") or r.get("response") or ""}], tokenize=False)
+        ids = tokenizer(text, return_tensors="pt", add_special_tokens=False, truncation=True, max_length=512).to(plan.device)
+        out.append(float(model(**ids).logits[0, 0]))
+    return out
+
+
+def add_reward_scores(rows: list[dict], rm_dir: str | None, compute: ComputeParams | None, task: str) -> float | None:
+    """Adds `reward_score` to the rows of `task` (the suite's first task) when there is a reward model."""
+    if not rm_dir or not Path(rm_dir).exists():
+        return None
+    chosen = [r for r in rows if r["task"] == task]
+    for r, v in zip(chosen, reward_scores(rm_dir, chosen, compute)):
+        r["reward_score"] = v
+    return sum(r["reward_score"] for r in chosen) / max(len(chosen), 1)
 
 
 def load_for_scoring(model_ref: str, compute: ComputeParams):
@@ -176,13 +299,20 @@ def preference_accuracy(model_ref: str, data_file: Path = PAIRS_FILE, compute: C
     return wins / len(pairs)
 
 
-def measure(name: str, model_ref: str, cfg: EvaluateParams, compute: ComputeParams | None = None) -> dict:
-    score, samples = exact_match(model_ref, cfg, compute=compute)
+def measure(name: str, model_ref: str, cfg: EvaluateParams, compute: ComputeParams | None = None, reward_model: str | None = None) -> dict:
+    """One model's whole evaluation: the suite, validation loss, preference accuracy and (with a
+    reward model) the reward of its answers; per-item rows to metrics/samples/<name>.jsonl."""
+    suite, rows, seconds = run_suite(model_ref, cfg, compute)
     loss = validation_loss(model_ref, compute=compute)
     pref = preference_accuracy(model_ref, compute=compute)
-    write_samples(name, samples)
-    log.info("%s: exact_match=%.3f validation_loss=%.3f preference_accuracy=%s (%d items)", name, score, loss, pref, len(samples))
-    return {"exact_match": score, "validation_loss": loss if math.isfinite(loss) else None, "preference_accuracy": pref, "items": len(samples)}
+    reward = add_reward_scores(rows, reward_model, compute, cfg.tasks[0].name)
+    write_samples(name, rows)
+    shown = ", ".join(f"{k}={v:.3f}" for k, v in suite.items())
+    log.info("%s: %s validation_loss=%.3f preference_accuracy=%s (%d items)", name, shown, loss, pref, len(rows))
+    block = {**suite, "validation_loss": loss if math.isfinite(loss) else None, "preference_accuracy": pref, "items": len(rows), "seconds": seconds}
+    if reward is not None:
+        block["reward_score"] = reward
+    return block
 
 
 def write_samples(name: str, samples: list[dict]) -> None:
@@ -191,9 +321,13 @@ def write_samples(name: str, samples: list[dict]) -> None:
     (samples_dir / f"{name}.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
 
 
+def reward_model_of(params: Params) -> str | None:
+    return str(model_dir("rm")) if "rm" in params.recipe else None
+
+
 def run(params: Params) -> None:
     models = {"base": base_model_ref(params), **{s: str(model_dir(s)) for s in policy_steps(params.recipe)}}
-    results = {name: measure(name, ref, params.evaluate, params.compute) for name, ref in models.items()}
+    results = {name: measure(name, ref, params.evaluate, params.compute, reward_model_of(params)) for name, ref in models.items()}
     final = final_step(params.recipe)
     # The gates, quantization and registration read `candidate`, whatever the recipe's last step.
     results["candidate"] = {**results[final], "step": final}
@@ -203,7 +337,7 @@ def run(params: Params) -> None:
 
 def score_endpoint(argv: list[str] | None = None) -> None:
     """`python -m pipelines.evaluate --endpoint http://127.0.0.1:8000/v1`: the evaluation
-    suite's exact match for a served model (e.g. `make serve`, or a vLLM server)."""
+    suite for a served model (e.g. `make serve`, or a vLLM server)."""
     import argparse
 
     from pipelines.config import load_params
@@ -213,8 +347,8 @@ def score_endpoint(argv: list[str] | None = None) -> None:
     parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args(argv)
     params = load_params(args.params)
-    score, items = exact_match(args.endpoint, params.evaluate, compute=params.compute)
-    print(json.dumps({"endpoint": args.endpoint, "task": params.evaluate.task, "exact_match": score, "items": len(items)}))
+    metrics, rows, seconds = run_suite(args.endpoint, params.evaluate, compute=params.compute)
+    print(json.dumps({"endpoint": args.endpoint, **metrics, "items": len(rows), "seconds": seconds}))
 
 
 def main() -> None:

@@ -1,8 +1,9 @@
 """Gates are pure functions: metrics in, Decision out. No I/O, no MLflow, no Prefect,
 so every branch is unit-testable and a gate that cannot fail is visible as a failing test.
 
-Every metric a gate may read declares its direction here; a threshold on an undeclared
-metric is rejected rather than guessed.
+Every metric a gate may read declares its direction: the built-in ones here, the evaluation
+suite's own in params (`evaluate.tasks[].metrics`, named '<task>/<metric>'); a threshold on an
+undeclared metric is rejected rather than guessed.
 """
 
 from __future__ import annotations
@@ -17,8 +18,10 @@ from pipelines.config import CanaryParams, GateParams, QuantizeParams
 
 Direction = Literal["higher", "lower"]
 DIRECTIONS: dict[str, Direction] = {
-    "exact_match": "higher",
+    "exact_match": "higher",  # the canary's golden prompts
     "preference_accuracy": "higher",
+    "judge_win_rate": "higher",  # pipelines/judge.py: candidate vs champion, 0.5 = as good
+    "reward_score": "higher",  # the recipe's reward model on the answers
     "validation_loss": "lower",
     "error_rate": "lower",
     "p95_latency_ratio": "lower",
@@ -56,21 +59,23 @@ class Decision:
         return "\n".join([head, *("  - " + c.describe() for c in self.checks)])
 
 
-def direction(metric: str) -> Direction:
+def direction(metric: str, directions: dict[str, str] | None = None) -> Direction:
+    """A metric's direction: the suite's declaration (`directions`) or the built-in one."""
+    known = {**DIRECTIONS, **(directions or {})}
     try:
-        return DIRECTIONS[metric]
+        return known[metric]  # type: ignore[return-value]
     except KeyError:
-        raise ValueError(f"unknown metric '{metric}': declare its direction in pipelines/gates.py (known: {', '.join(DIRECTIONS)})") from None
+        raise ValueError(f"unknown metric '{metric}': declare it in evaluate.tasks[].metrics (as '<task>/<metric>') or in pipelines/gates.py (known: {', '.join(known)})") from None
 
 
-def better_or_equal(metric: str, value: float, bound: float) -> bool:
-    return value >= bound if direction(metric) == "higher" else value <= bound
+def better_or_equal(metric: str, value: float, bound: float, directions: dict[str, str] | None = None) -> bool:
+    return value >= bound if direction(metric, directions) == "higher" else value <= bound
 
 
-def no_worse_than(metric: str, value: float | None, reference: float, tolerance: float, rule: str) -> Check:
+def no_worse_than(metric: str, value: float | None, reference: float, tolerance: float, rule: str, directions: dict[str, str] | None = None) -> Check:
     """value may trail `reference` by at most `tolerance`, in the metric's own direction."""
-    bound = reference - tolerance if direction(metric) == "higher" else reference + tolerance
-    return Check(metric, rule, value, bound, value is not None and better_or_equal(metric, value, bound))
+    bound = reference - tolerance if direction(metric, directions) == "higher" else reference + tolerance
+    return Check(metric, rule, value, bound, value is not None and better_or_equal(metric, value, bound, directions))
 
 
 @dataclass(frozen=True)
@@ -103,10 +108,12 @@ def pair_items(candidate: list[dict], reference: list[dict], metric: str, key: s
     id: two items with the same prompt and different answers stay two items."""
     ref: dict = {}
     for r in reference:
+        if metric not in r:  # another task's row
+            continue
         if r[key] in ref:
             raise ValueError(f"item {key} {r[key]!r} appears twice in the reference scores: pairing would be ambiguous")
         ref[r[key]] = float(r[metric])
-    pairs = [(float(c[metric]), ref[c[key]]) for c in candidate if c[key] in ref]
+    pairs = [(float(c[metric]), ref[c[key]]) for c in candidate if metric in c and c[key] in ref]
     return [p[0] for p in pairs], [p[1] for p in pairs]
 
 
@@ -114,12 +121,12 @@ def _normal_sf(z: float) -> float:
     return 0.5 * math.erfc(z / math.sqrt(2))
 
 
-def noninferiority_p(metric: str, candidate: list[float], reference: list[float], tolerance: float, resamples: int, seed: int = 0) -> tuple[float, str]:
+def noninferiority_p(metric: str, candidate: list[float], reference: list[float], tolerance: float, resamples: int, seed: int = 0, directions: dict[str, str] | None = None) -> tuple[float, str]:
     """One-sided p-value of H0 "the candidate is worse than the reference by more than
     `tolerance`" (small p: non-inferiority shown). Paired binary outcomes get McNemar's
     statistic on the discordant pairs (a Wald test with the margin); other scores a paired
     bootstrap of the mean difference."""
-    sign = 1.0 if direction(metric) == "higher" else -1.0
+    sign = 1.0 if direction(metric, directions) == "higher" else -1.0
     a, b = np.asarray(candidate, dtype=float), np.asarray(reference, dtype=float)
     if a.shape != b.shape or a.size == 0:
         raise ValueError(f"paired scores need the same non-zero number of items, got {a.size} and {b.size}")
@@ -148,20 +155,23 @@ def holm(pvalues: dict[str, float], alpha: float) -> dict[str, float]:
     return adjusted
 
 
-def paired_checks(paired: dict[str, tuple[list[float], list[float]]], policy: GateParams) -> list[Check]:
+def paired_checks(paired: dict[str, tuple[list[float], list[float]]], policy: GateParams, directions: dict[str, str] | None = None) -> list[Check]:
     """Non-inferiority against the champion on every paired metric, Holm-corrected. One-sided
     alpha = (1 - confidence) / 2, the same bar as the lower end of a two-sided interval."""
     alpha = (1 - policy.confidence) / 2
     raw, tests = {}, {}
     for metric, (cand, champ) in paired.items():
-        raw[metric], tests[metric] = noninferiority_p(metric, cand, champ, policy.champion_tolerance, policy.bootstrap_resamples)
+        raw[metric], tests[metric] = noninferiority_p(metric, cand, champ, policy.champion_tolerance, policy.bootstrap_resamples, directions=directions)
     adjusted = holm(raw, alpha)
     checks = []
     for metric, (cand, champ) in paired.items():
+        rule = f"({tests[metric]}, Holm p={adjusted[metric]:.4f} <= {alpha:.3f})"
+        if metric == "judge_win_rate":  # a win rate against 0.5: show the rate itself
+            checks.append(Check(metric, f"win rate vs champion, 0.5 minus tolerance {rule}", float(np.mean(cand)), 0.5 - policy.champion_tolerance, adjusted[metric] <= alpha))
+            continue
         diff = float(np.mean(cand) - np.mean(champ))
-        rule = f"paired diff vs champion ({tests[metric]}, Holm p={adjusted[metric]:.4f} <= {alpha:.3f}; tolerance)"
-        bound = -policy.champion_tolerance if direction(metric) == "higher" else policy.champion_tolerance
-        checks.append(Check(metric, rule, diff, bound, adjusted[metric] <= alpha))
+        bound = -policy.champion_tolerance if direction(metric, directions) == "higher" else policy.champion_tolerance
+        checks.append(Check(metric, f"paired diff vs champion {rule}; tolerance", diff, bound, adjusted[metric] <= alpha))
     return checks
 
 
@@ -176,39 +186,46 @@ def decide(
     champion: dict | None,
     policy: GateParams,
     paired: dict[str, tuple[list[float], list[float]]] | None = None,
+    directions: dict[str, str] | None = None,
+    beat_base: set[str] | None = None,
 ) -> Decision:
-    """The quality gate: absolute thresholds, better than the untrained base on every metric
-    both report, and no worse than the current champion on every thresholded metric: by a
-    paired bootstrap interval where per-item scores of both are given (`paired[metric]` =
-    (candidate items, champion items)), else by point values within tolerance."""
+    """The quality gate: absolute thresholds, better than the untrained base, and no worse than
+    the current champion: by paired tests where per-item scores of both are given
+    (`paired[metric]` = (candidate items, champion items); for `judge_win_rate`, the candidate's
+    points against 0.5 each), else by point values within tolerance.
+
+    `directions`: the evaluation suite's metrics and directions (with the built-in ones);
+    `beat_base`: the metrics that must beat the base (default: every metric with a direction)."""
     checks: list[Check] = []
     for metric, t in policy.thresholds.items():
-        direction(metric)  # an undeclared metric fails loudly instead of being guessed
+        direction(metric, directions)  # an undeclared metric fails loudly instead of being guessed
         value = candidate.get(metric)
         if t.min is not None:
             checks.append(Check(metric, ">=", value, t.min, value is not None and value >= t.min))
         if t.max is not None:
             checks.append(Check(metric, "<=", value, t.max, value is not None and value <= t.max))
     if policy.must_beat_base and baseline:
-        for metric in DIRECTIONS:
+        for metric in sorted(beat_base if beat_base is not None else {**DIRECTIONS, **(directions or {})}):
             value, base = candidate.get(metric), baseline.get(metric)
             if value is None or base is None:
                 continue
-            beats = value > base if direction(metric) == "higher" else value < base
+            beats = value > base if direction(metric, directions) == "higher" else value < base
             checks.append(Check(metric, "better than base", value, base, beats))
     paired = paired or {}
-    checks += paired_checks(paired, policy)
+    checks += paired_checks(paired, policy, directions)
     if champion:  # regressions that matter: the metrics the policy puts thresholds on
         for metric in policy.thresholds:
             if metric not in paired and champion.get(metric) is not None:
-                checks.append(no_worse_than(metric, candidate[metric], champion[metric], policy.champion_tolerance, "champion within tolerance"))
+                checks.append(no_worse_than(metric, candidate.get(metric), champion[metric], policy.champion_tolerance, "champion within tolerance", directions))
     return Decision("quality", all(c.passed for c in checks), checks)
 
 
-def decide_quantization(quantized: dict, unquantized: dict, policy: QuantizeParams) -> Decision:
-    """The quant gate: the quantized model keeps exact match within `max_drop`."""
-    check = no_worse_than("exact_match", quantized.get("exact_match"), unquantized["exact_match"], policy.max_drop, "unquantized minus max_drop")
-    return Decision("quantization", check.passed, [check])
+def decide_quantization(quantized: dict, unquantized: dict, policy: QuantizeParams, directions: dict[str, str] | None = None) -> Decision:
+    """The quant gate: the quantized model keeps every suite metric within `max_drop` of the
+    unquantized one (in each metric's own direction)."""
+    metrics = [m for m in (directions or {"exact_match": "higher"}) if unquantized.get(m) is not None]
+    checks = [no_worse_than(m, quantized.get(m), unquantized[m], policy.max_drop, "unquantized minus max_drop", directions) for m in metrics]
+    return Decision("quantization", bool(checks) and all(c.passed for c in checks), checks)
 
 
 def decide_canary(canary: dict, stable: dict | None, policy: CanaryParams) -> Decision:

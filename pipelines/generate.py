@@ -11,6 +11,8 @@ user's files live in data/raw/ and are never touched):
                     prompt and some multi-turn (two lists reversed in one conversation)
 - preference.jsonl  prompt / chosen / rejected rows (DPO style)
 - kto.jsonl         prompt / completion / label rows (KTO style: good answers true, wrong false)
+- safety.jsonl      chat rows teaching a refusal for disallowed requests and PII probes
+                    (pipelines/safety.py; the safety suite evaluates on other, held-out prompts)
 
 Noise, each at `data.noise_rate`: exact duplicates, duplicates that differ only in whitespace,
 empty answers, stray whitespace, malformed JSON lines, rows missing a field, and (chat only)
@@ -23,6 +25,7 @@ import json
 import random
 from pathlib import Path
 
+from pipelines import safety
 from pipelines.common import log, stage_main
 from pipelines.config import Params
 from pipelines.data_config import GenerateParams
@@ -162,6 +165,8 @@ def run(params: Params) -> None:
     (GENERATED / "sharegpt.json").write_text(json.dumps(sharegpt_rows(rng, cfg, n_sharegpt), indent=1) + "\n")
     write_lines(GENERATED / "preference.jsonl", preference_rows(rng, cfg, cfg.n_preference))
     write_lines(GENERATED / "kto.jsonl", kto_rows(rng, cfg, cfg.n_preference))
+    # Last, so the files above keep their bytes for a given seed.
+    write_lines(GENERATED / "safety.jsonl", [json.dumps(r) for r in safety.training_rows(rng, round(cfg.n_sft * cfg.safety_fraction))])
 
 
 def main() -> None:

@@ -15,7 +15,7 @@ import pandas as pd
 
 from pipelines.common import METRICS, PREPARED, QUANT_DIR, log, read_json, stage_main, write_json
 from pipelines.config import Params, QuantizeParams
-from pipelines.evaluate import measure
+from pipelines.evaluate import measure, reward_model_of
 from pipelines.formats import chat_messages
 from pipelines.recipe import final_step, model_dir
 
@@ -70,10 +70,10 @@ def run(params: Params) -> None:
             shutil.rmtree(QUANT_DIR)
         shutil.copytree(source, QUANT_DIR)
         (METRICS / "samples/quantized.jsonl").write_bytes((METRICS / "samples/candidate.jsonl").read_bytes())
-        write_json(METRICS / "quantize.json", {"enabled": False, **before, "exact_match_drop": 0.0})
+        write_json(METRICS / "quantize.json", {"enabled": False, **before, "drop": {m: 0.0 for m in params.evaluate.directions()}})
         return
     seconds = quantize(str(source), QUANT_DIR, cfg)
-    after = measure("quantized", str(QUANT_DIR), params.evaluate, params.compute)
+    after = measure("quantized", str(QUANT_DIR), params.evaluate, params.compute, reward_model_of(params))
     size = lambda d: sum(f.stat().st_size for f in d.glob("*.safetensors"))  # noqa: E731
     result = {
         "enabled": True,
@@ -81,7 +81,8 @@ def run(params: Params) -> None:
         "algorithm": cfg.algorithm,
         "quantize_seconds": seconds,
         **after,
-        "exact_match_drop": before["exact_match"] - after["exact_match"],
+        # How much worse, in each suite metric's own direction (the quant gate bounds these).
+        "drop": {m: (before[m] - after[m]) * (1 if d == "higher" else -1) for m, d in params.evaluate.directions().items() if before.get(m) is not None and after.get(m) is not None},
         "size_bytes": size(QUANT_DIR),
         "size_ratio": size(QUANT_DIR) / max(size(source), 1),
     }

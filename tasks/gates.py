@@ -13,7 +13,8 @@ from prefect.cache_policies import NO_CACHE
 
 from pipelines.common import METRICS, read_json
 from pipelines.config import Params
-from pipelines.gates import Decision, decide, decide_quantization, mean_interval, pair_items
+from pipelines import eval_report
+from pipelines.gates import Decision, decide, decide_quantization, pair_items
 from pipelines.plots import plot_gate
 from registry.models import CHAMPION, REJECTED, by_alias, download, mark_candidate, metrics_of, set_status
 from registry.store import client
@@ -25,12 +26,16 @@ class GateFailed(RuntimeError):
     """Raised to stop the flow; the message says which metric failed and by how much."""
 
 
-def publish(decision: Decision, key: str) -> str:
+def publish_text(decision: Decision) -> str:
     rows = "\n".join(
         f"| {c.metric} | {c.rule} | {'' if c.value is None else f'{c.value:.4f}'} | {'' if c.bound is None else f'{c.bound:.4f}'} | {'pass' if c.passed else '**FAIL**'} |"
         for c in decision.checks
     )
-    markdown = f"## {decision.gate} gate: {'passed' if decision.passed else 'FAILED'}\n\n| metric | rule | value | bound | result |\n|---|---|---|---|---|\n{rows}\n"
+    return f"## {decision.gate} gate: {'passed' if decision.passed else 'FAILED'}\n\n| metric | rule | value | bound | result |\n|---|---|---|---|---|\n{rows}\n"
+
+
+def publish(decision: Decision, key: str) -> str:
+    markdown = publish_text(decision)
     create_markdown_artifact(key=key, markdown=markdown, description=f"{decision.gate} gate report")
     return markdown
 
@@ -40,66 +45,100 @@ def read_items(path: Path) -> list[dict]:
 
 
 def champion_items(params: Params, version: str) -> tuple[object | None, list[dict] | None]:
-    """The champion's served model scored item by item on *this* run's test items with the same
-    settings as the candidate, so the two are compared like for like. Skipped when the
-    candidate is the champion (a rerun that produced the same bytes)."""
+    """The champion's served model scored item by item on *this* run's items with the same
+    suite and settings as the candidate (and this run's reward model), so the two are compared
+    like for like. Skipped when the candidate is the champion (a rerun that produced the same
+    bytes)."""
     mv = by_alias(params.registry.model_name, CHAMPION)
     if mv is None:
         return None, None
     if str(mv.version) == str(version):
         print(f"candidate is champion v{mv.version} itself: paired comparison skipped")
         return mv, None
-    from pipelines.evaluate import exact_match  # lm-eval is heavy: import only when needed
+    from pipelines.evaluate import add_reward_scores, reward_model_of, run_suite  # lm-eval is heavy: import only when needed
 
     champion_dir = download(mv, GATE_DIR / f"v{mv.version}")
     try:
-        _, items = exact_match(str(champion_dir), params.evaluate, compute=params.compute)
+        _, items, _ = run_suite(str(champion_dir), params.evaluate, compute=params.compute)
+        add_reward_scores(items, reward_model_of(params), params.compute, params.evaluate.tasks[0].name)
     finally:
         shutil.rmtree(GATE_DIR, ignore_errors=True)
     return mv, items
 
 
-def item_table(candidate: list[dict], champion: list[dict] | None) -> str:
-    """Both models' per-item scores side by side: the audit trail of a gate decision."""
-    champ = {c["id"]: c for c in champion or []}
-    rows = [
-        {"id": c["id"], "prompt": c.get("prompt"), "target": c.get("target"), "candidate": c["response"], "candidate_exact_match": c["exact_match"],
-         **({"champion": champ[c["id"]]["response"], "champion_exact_match": champ[c["id"]]["exact_match"]} if c["id"] in champ else {})}
-        for c in candidate
+def judge_items(params: Params, candidate: list[dict], champion: list[dict]) -> list[dict]:
+    """The judge's verdicts on the candidate's and the champion's answers (as served, unfiltered)
+    to the judged task's held-out prompts."""
+    cfg = params.evaluate.judge
+    if not cfg.enabled:
+        return []
+    from pipelines.judge import judge_pairs
+
+    task = cfg.task or params.evaluate.tasks[0].name
+    champ = {c["id"]: c for c in champion if c["task"] == task}
+    pairs = [
+        {"id": c["id"], "prompt": c["prompt"], "candidate": c.get("raw") or c.get("response") or "", "champion": champ[c["id"]].get("raw") or champ[c["id"]].get("response") or ""}
+        for c in candidate if c["task"] == task and c["id"] in champ
     ]
+    return judge_pairs(pairs, cfg) if pairs else []
+
+
+def item_table(candidate: list[dict], champion: list[dict] | None, judged: list[dict] | None = None) -> str:
+    """Both models' per-item answers and scores side by side, with the judge's verdicts: the
+    audit trail of a gate decision."""
+    champ = {c["id"]: c for c in champion or []}
+    verdicts = {j["id"]: j for j in judged or []}
+    rows = []
+    for c in candidate:
+        scores = {k: v for k, v in c.items() if "/" in k or k == "reward_score"}
+        row = {"id": c["id"], "task": c.get("task"), "prompt": c.get("prompt"), "target": c.get("target"), "candidate": c.get("raw") or c.get("response"), **{f"candidate:{k}": v for k, v in scores.items()}}
+        if c["id"] in champ:
+            other = champ[c["id"]]
+            row |= {"champion": other.get("raw") or other.get("response"), **{f"champion:{k}": v for k, v in other.items() if "/" in k or k == "reward_score"}}
+        if c["id"] in verdicts:
+            row |= {"judge_win_rate": verdicts[c["id"]]["judge_win_rate"], "judge_verdicts": verdicts[c["id"]]["verdicts"]}
+        rows.append(row)
     return "".join(json.dumps(r) + "\n" for r in rows)
 
 
 @task(cache_policy=NO_CACHE)
 def quality_gate(params: Params, parent_run_id: str, version: str) -> Decision:
     """The served artifact (quantized when quantization is on) against the base, the absolute
-    thresholds and, item by item, the champion's served artifact. The verdict is recorded on
-    the version: a rejected version keeps that status (registry.models.blocked)."""
+    thresholds and, item by item, the champion's served artifact on every suite metric, the
+    reward model and the judge. The verdict is recorded on the version: a rejected version keeps
+    that status (registry.models.blocked). The evaluation report goes to MLflow and Prefect."""
     served = read_json(METRICS / "quantize.json")
     results = read_json(METRICS / "evaluate.json")
     candidate_items = read_items(METRICS / "samples/quantized.jsonl")
-    base_items = read_items(METRICS / "samples/base.jsonl")
+    items = {"base": read_items(METRICS / "samples/base.jsonl")}
+    if (METRICS / "samples/candidate.jsonl").exists() and served.get("enabled", True):
+        items["unquantized"] = read_items(METRICS / "samples/candidate.jsonl")
+    items["served"] = candidate_items
     mv, champ_items = champion_items(params, version)
-    paired = {"exact_match": pair_items(candidate_items, champ_items, "exact_match")} if champ_items else None
-    decision = decide(served, results["base"], metrics_of(mv) if mv is not None and str(mv.version) != str(version) else None, params.gate, paired=paired)
-
-    def interval(items: list[dict]) -> tuple[float, float, float]:
-        i = mean_interval([float(x["exact_match"]) for x in items], params.gate.bootstrap_resamples, params.gate.confidence)
-        return i.mean, i.low, i.high
-
-    chart_data = {"base": {"exact_match": interval(base_items)}, "candidate": {"exact_match": interval(candidate_items)}}
+    directions = params.evaluate.directions()
+    paired: dict[str, tuple[list[float], list[float]]] = {}
+    judged: list[dict] = []
     if champ_items:
-        chart_data["champion"] = {"exact_match": interval(champ_items)}
-    for name, block in (("base", results["base"]), ("candidate", served)):
-        if block.get("validation_loss") is not None:
-            v = block["validation_loss"]
-            chart_data[name]["validation_loss"] = (v, v, v)
+        items["champion"] = champ_items
+        for metric in [*directions, "reward_score"]:
+            cand, ref = pair_items(candidate_items, champ_items, metric)
+            if cand:
+                paired[metric] = (cand, ref)
+        judged = judge_items(params, candidate_items, champ_items)
+        if judged:
+            paired["judge_win_rate"] = ([j["judge_win_rate"] for j in judged], [0.5] * len(judged))
+    registered = metrics_of(mv) if mv is not None and str(mv.version) != str(version) else None
+    decision = decide(served, results["base"], registered, params.gate, paired=paired or None, directions=directions, beat_base=params.evaluate.beat_base())
+    scalars = {"base": results["base"], "unquantized": results["candidate"], "served": served}
+    markdown, chart_data = eval_report.render(items, paired, decision, params.gate, judged, {n: {k: b.get(k) for k in ("validation_loss", "preference_accuracy")} for n, b in scalars.items()})
     chart = plot_gate(chart_data, Path(".serving/reports/quality_gate.png"), f"quality gate: {'passed' if decision.passed else 'FAILED'}")
-    markdown = publish(decision, "quality-gate")
+    create_markdown_artifact(key="evaluation-report", markdown=markdown, description="evaluation report: per task, paired, judge")
+    publish(decision, "quality-gate")
     c = client()
     c.log_artifact(parent_run_id, str(chart), "gates")
-    c.log_text(parent_run_id, markdown, "gates/quality_gate.md")
-    c.log_text(parent_run_id, item_table(candidate_items, champ_items), "gates/quality_gate_items.jsonl")
+    c.log_text(parent_run_id, markdown, "gates/evaluation_report.md")
+    c.log_text(parent_run_id, publish_text(decision), "gates/quality_gate.md")
+    c.log_text(parent_run_id, item_table(candidate_items, champ_items, judged), "gates/quality_gate_items.jsonl")
     print(decision.summary())
     name = params.registry.model_name
     if not decision.passed:
@@ -112,7 +151,7 @@ def quality_gate(params: Params, parent_run_id: str, version: str) -> Decision:
 
 @task(cache_policy=NO_CACHE)
 def quantization_gate(params: Params, parent_run_id: str) -> Decision:
-    decision = decide_quantization(read_json(METRICS / "quantize.json"), read_json(METRICS / "evaluate.json")["candidate"], params.quantize)
+    decision = decide_quantization(read_json(METRICS / "quantize.json"), read_json(METRICS / "evaluate.json")["candidate"], params.quantize, params.evaluate.directions())
     client().log_text(parent_run_id, publish(decision, "quantization-gate"), "gates/quantization_gate.md")
     print(decision.summary())
     if not decision.passed:

@@ -30,7 +30,7 @@ def flatten(obj: dict, prefix: str = "") -> dict[str, float]:
     """Nested numbers as MLflow-safe dotted keys ('sft_rows.train')."""
     out: dict[str, float] = {}
     for k, v in obj.items():
-        key = re.sub(r"[^\w.\- ]", "_", f"{prefix}{k}")
+        key = re.sub(r"[^\w.\-/ ]", "_", f"{prefix}{k}")
         if isinstance(v, dict):
             out.update(flatten(v, f"{key}."))
         elif isinstance(v, (int, float)) and not isinstance(v, bool):

@@ -95,10 +95,15 @@ def test_first_release_promotes_a_champion_that_answers(project):
     assert prepared["rows_by_file"][USER_FILE] == {"raw": 8, "kept": 8, "quarantined": 0}, "the user's rows were trained on"
     assert_user_file_intact(project)
     ev = json.loads((project / "metrics/evaluate.json").read_text())
-    assert ev["base"]["exact_match"] <= 0.10
-    assert ev["sft"]["exact_match"] >= 0.80
+    em = "reverse_digits/exact_match"
+    assert ev["base"][em] <= 0.10
+    assert ev["sft"][em] >= 0.80
     assert ev["dpo"]["preference_accuracy"] > 0.8 and ev["dpo"]["preference_accuracy"] > ev["base"]["preference_accuracy"]
-    assert ev["candidate"]["step"] == "dpo" and ev["candidate"]["exact_match"] == ev["dpo"]["exact_match"]
+    assert ev["candidate"]["step"] == "dpo" and ev["candidate"][em] == ev["dpo"][em]
+    # The safety suite: held-out disallowed requests refused, no PII in answers to probes.
+    assert ev["base"]["safety/refusal_rate"] <= 0.2 and ev["dpo"]["safety/refusal_rate"] >= 0.8, ev
+    assert ev["dpo"]["safety/pii_leak_rate"] == 0.0
+    assert set(ev["dpo"]["seconds"]) == {"reverse_digits", "safety"}
 
     mv = registry(project).get_model_version_by_alias("reverse-digits", "champion")
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=project, capture_output=True, text=True).stdout.strip()
@@ -108,7 +113,7 @@ def test_first_release_promotes_a_champion_that_answers(project):
     assert mv.tags["lineage.dvc.quantize:models/quantized"] == mv.tags["lineage.model_md5"]
     assert "lineage.dvc.sft:params" in mv.tags and "lineage.stage_run.sft" in mv.tags
     parent = registry(project).get_run(mv.run_id)
-    assert parent.data.metrics["exact_match.sft"] >= 0.8
+    assert parent.data.metrics["quality.reverse_digits/exact_match.sft"] >= 0.8
     sft_run = registry(project).get_run(mv.tags["lineage.stage_run.sft"])
     assert sft_run.data.tags["mlflow.parentRunId"] == mv.run_id
     assert sft_run.data.tags["lineage.git_sha"] == head and sft_run.data.tags["dvc.sft:models/sft"]
@@ -146,7 +151,7 @@ def test_perturbed_weights_are_stopped_by_the_statistical_gate(project, tmp_path
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from pipelines.config import load_params
-    from pipelines.evaluate import exact_match
+    from pipelines.evaluate import run_suite
     from pipelines.gates import decide, pair_items
 
     params = load_params(project / "params.yaml")
@@ -158,11 +163,12 @@ def test_perturbed_weights_are_stopped_by_the_statistical_gate(project, tmp_path
     model.save_pretrained(tmp_path / "perturbed")
     AutoTokenizer.from_pretrained(project / "models/dpo").save_pretrained(tmp_path / "perturbed")
 
-    score, items = exact_match(str(tmp_path / "perturbed"), params.evaluate, project / "data/prepared/sft_test.parquet")
+    em = "reverse_digits/exact_match"
+    metrics, items, _ = run_suite(str(tmp_path / "perturbed"), params.evaluate, data_file=project / "data/prepared/sft_test.parquet")
     champion = [json.loads(line) for line in (project / "metrics/samples/dpo.jsonl").read_text().splitlines()]
     evaluated = json.loads((project / "metrics/evaluate.json").read_text())
-    candidate = {**evaluated["dpo"], "exact_match": score}
-    decision = decide(candidate, evaluated["base"], None, params.gate, paired={"exact_match": pair_items(items, champion, "exact_match")})
+    candidate = {**evaluated["dpo"], **metrics}
+    decision = decide(candidate, evaluated["base"], None, params.gate, paired={em: pair_items(items, champion, em)}, directions=params.evaluate.directions())
     assert not decision.passed
     assert any("paired diff vs champion" in r for r in decision.reasons), decision.summary()
 
@@ -210,6 +216,12 @@ def test_failed_stage_keeps_earlier_outputs_and_the_rerun_resumes(project):
     assert "outcome: promoted (version 3)" in result.stdout
     assert alias_version(project, "champion") == "3"
     assert alias_version(project, "previous") == "1"
+    # With a champion to compare with, the gate paired every suite metric and asked the judge.
+    v3 = registry(project).get_model_version("reverse-digits", "3")
+    report = registry(project).download_artifacts(v3.run_id, "gates/evaluation_report.md")
+    text = Path(report).read_text()
+    assert "### reverse_digits" in text and "### safety" in text and "### Paired against the champion" in text
+    assert "### Judge" in text and "judge_win_rate" in text, text
 
 
 def test_canary_drill_rolls_the_candidate_back_and_keeps_the_champion(project):

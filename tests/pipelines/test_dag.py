@@ -36,7 +36,8 @@ def test_rl_after_a_reward_model_depends_on_it_and_starts_from_the_policy():
     stages = render(params)["stages"]
     assert "models/sft" in stages["rm"]["deps"]
     assert "models/rm" in stages["grpo"]["deps"] and "models/sft" in stages["grpo"]["deps"]
-    assert "models/rm" not in stages["evaluate"]["deps"], "a reward model is not a candidate"
+    assert "metrics/samples/rm.jsonl" not in stages["evaluate"]["outs"], "a reward model is not a candidate"
+    assert "models/rm" in stages["evaluate"]["deps"], "it scores every model's answers (reward_score)"
     assert "models/grpo" in stages["quantize"]["deps"]
 
 

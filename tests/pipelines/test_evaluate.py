@@ -1,15 +1,20 @@
-"""Evaluation: the same lm-eval suite scores a model folder and the same model served behind
-the OpenAI-compatible server (lm-eval's local-chat-completions), item for item; items carry
-a stable id; preference accuracy needs no reference model."""
+"""Evaluation: a suite of lm-eval tasks (the project's YAML, a stock task read from local
+files, the safety suite) scores a model folder and the same model served behind the
+OpenAI-compatible server (lm-eval's local-chat-completions), item for item; items carry a stable
+id; preference accuracy needs no reference model; a typo in the suite fails with the fix."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
-from pipelines.config import EvaluateParams
-from pipelines.evaluate import exact_match, preference_accuracy
+from pipelines.config import EvalTask, EvaluateParams
+from pipelines.evaluate import preference_accuracy, run_suite
+
+EM = "reverse_digits/exact_match"
+DIGITS = EvaluateParams(tasks=[EvalTask(name="reverse_digits")], limit=12, batch_size=12, max_new_tokens=12)
 
 
 @pytest.fixture
@@ -21,15 +26,59 @@ def trained(trained_dir, monkeypatch) -> Path:
 def test_a_served_model_scores_like_its_folder(trained):
     from serving.launcher import free_port, launch
 
-    cfg = EvaluateParams(limit=12, batch_size=12, max_new_tokens=12)
-    local, local_items = exact_match("models/sft", cfg)
+    local, local_items, _ = run_suite("models/sft", DIGITS)
     with launch("cpu", "models/sft", "served-sft", "127.0.0.1", free_port(), trained / "served.log", 120) as server:
-        remote, remote_items = exact_match(server.base_url, cfg)
+        remote, remote_items, _ = run_suite(server.base_url, DIGITS)
     assert len(remote_items) == len(local_items) == 12
     assert [i["id"] for i in remote_items] == [i["id"] for i in local_items]
     assert [i["response"] for i in remote_items] == [i["response"] for i in local_items], "greedy answers must agree"
-    assert remote == local
+    assert remote[EM] == local[EM] >= 0.9
     assert len({i["id"] for i in local_items}) == len(local_items), "ids are unique per item"
+
+
+ARC = [
+    {"id": f"q{i}", "question": q, "choices": {"text": c, "label": ["A", "B", "C"]}, "answerKey": k}
+    for i, (q, c, k) in enumerate([
+        ("Reverse the list: 1 2 3", ["3 2 1", "1 2 3", "2 1 3"], "A"),
+        ("Reverse the list: 4 5 6", ["5 4 6", "6 5 4", "4 5 6"], "B"),
+        ("Reverse the list: 7 8 9", ["7 8 9", "8 9 7", "9 8 7"], "C"),
+        ("Reverse the list: 2 4 6 8", ["8 6 4 2", "2 4 6 8", "6 8 2 4"], "A"),
+        ("Reverse the list: 9 1 5", ["9 1 5", "5 1 9", "1 5 9"], "B"),
+        ("Reverse the list: 3 3 7", ["3 7 3", "3 3 7", "7 3 3"], "C"),
+    ])
+]
+
+
+def test_a_suite_of_tasks_each_with_its_own_settings(trained, tmp_path):
+    """A stock lm-eval task (ARC-Easy's YAML, a multiple-choice loglikelihood task) run offline
+    from a local file with its own metrics, few-shot and no chat template, beside the project's
+    generation task and the safety suite: every metric named '<task>/<metric>', rows per task."""
+    arc = tmp_path / "arc.jsonl"
+    arc.write_text("".join(json.dumps(r) + "\n" for r in ARC))
+    cfg = EvaluateParams(
+        tasks=[
+            EvalTask(name="reverse_digits", limit=6, gen_kwargs={"max_gen_toks": 12}),
+            EvalTask(name="arc_easy", metrics={"acc": "higher", "acc_norm": "higher"}, num_fewshot=0, apply_chat_template=False, dataset_path="json", data_files={"test": str(arc)}),
+            EvalTask(name="safety", metrics={"refusal_rate": "higher", "pii_leak_rate": "lower"}, scorer="safety", limit=8),
+        ],
+        batch_size=8,
+    )
+    metrics, rows, seconds = run_suite("models/sft", cfg)
+    assert set(metrics) == {EM, "arc_easy/acc", "arc_easy/acc_norm", "safety/refusal_rate", "safety/pii_leak_rate"}
+    assert set(seconds) == {"reverse_digits", "arc_easy", "safety"}
+    by_task = {t: [r for r in rows if r["task"] == t] for t in seconds}
+    assert len(by_task["reverse_digits"]) == 6 and len(by_task["arc_easy"]) == 6 and len(by_task["safety"]) == 8
+    assert {r["id"] for r in by_task["arc_easy"]} == {f"arc_easy:q{i}" for i in range(6)}
+    assert metrics["arc_easy/acc"] == sum(r["arc_easy/acc"] for r in by_task["arc_easy"]) / 6
+    # safety items carry the score of their kind only: refusals for requests, leaks for probes
+    assert all(("safety/refusal_rate" in r) != ("safety/pii_leak_rate" in r) for r in by_task["safety"])
+
+
+def test_suite_typos_fail_with_the_fix(trained):
+    with pytest.raises(SystemExit, match="unknown task 'reverse_digit'.*Did you mean 'reverse_digits'"):
+        run_suite("models/sft", EvaluateParams(tasks=[EvalTask(name="reverse_digit")], limit=2))
+    with pytest.raises(SystemExit, match="reports no 'exact_matches'; it reports exact_match"):
+        run_suite("models/sft", EvaluateParams(tasks=[EvalTask(name="reverse_digits", metrics={"exact_matches": "higher"})], limit=2))
 
 
 def test_preference_accuracy_ranks_the_likelier_answer_first(trained, tmp_path):
@@ -37,7 +86,7 @@ def test_preference_accuracy_ranks_the_likelier_answer_first(trained, tmp_path):
     chosen the accuracy is high, and swapping chosen and rejected turns it low."""
     import pandas as pd
 
-    _, items = exact_match("models/sft", EvaluateParams(limit=10, batch_size=10, max_new_tokens=12))
+    _, items, _ = run_suite("models/sft", EvaluateParams(tasks=[EvalTask(name="reverse_digits")], limit=10, batch_size=10, max_new_tokens=12))
     msg = lambda role, text: [{"role": role, "content": text, "tool_calls": None}]  # noqa: E731
     rows = [(msg("user", i["prompt"]), msg("assistant", i["response"]), msg("assistant", "zq~ xv ## plough")) for i in items if i["response"]]
     frame = pd.DataFrame(rows, columns=["prompt", "chosen", "rejected"])

@@ -3,29 +3,33 @@ import pytest
 from pipelines.config import CanaryParams, GateParams, QuantizeParams, Threshold
 from pipelines.gates import decide, decide_canary, decide_quantization, direction
 
+# The built-in `exact_match` direction keeps these unit tests short; a suite's own metrics are
+# tested below with the directions params declares.
+T = {"exact_match": Threshold(min=0.8), "preference_accuracy": Threshold(min=0.5)}
+POLICY = GateParams(thresholds=T)
 GOOD = {"exact_match": 0.95, "validation_loss": 0.4, "preference_accuracy": 0.8}
 BASE = {"exact_match": 0.0, "validation_loss": 5.6}
 
 
 def test_good_candidate_passes():
-    d = decide(GOOD, BASE, None, GateParams())
+    d = decide(GOOD, BASE, None, POLICY)
     assert d.passed and not d.reasons
 
 
 def test_threshold_failure_says_which_metric_and_by_how_much():
-    d = decide({**GOOD, "exact_match": 0.5}, BASE, None, GateParams())
+    d = decide({**GOOD, "exact_match": 0.5}, BASE, None, POLICY)
     assert not d.passed
     assert d.reasons == ["exact_match = 0.5000 vs >= 0.8000: FAILED by 0.3000"]
 
 
 def test_missing_metric_fails_rather_than_passes():
-    d = decide({"exact_match": 0.95}, BASE, None, GateParams())
+    d = decide({"exact_match": 0.95}, BASE, None, POLICY)
     assert not d.passed and any("preference_accuracy: missing" in r for r in d.reasons)
 
 
 def test_direction_matters_for_loss():
     worse_than_base = {**GOOD, "validation_loss": 6.0}
-    assert not decide(worse_than_base, BASE, None, GateParams()).passed
+    assert not decide(worse_than_base, BASE, None, POLICY).passed
     assert decide(GOOD, BASE, None, GateParams(thresholds={"validation_loss": Threshold(max=1.0)})).passed
     assert direction("validation_loss") == "lower"
     with pytest.raises(ValueError, match="unknown metric"):
@@ -34,13 +38,13 @@ def test_direction_matters_for_loss():
 
 def test_champion_within_tolerance():
     champion = {"exact_match": 0.99, "validation_loss": 0.3, "preference_accuracy": 0.8}
-    d = decide(GOOD, BASE, champion, GateParams(champion_tolerance=0.02))
+    d = decide(GOOD, BASE, champion, GateParams(thresholds=T, champion_tolerance=0.02))
     assert not d.passed and d.reasons == ["exact_match = 0.9500 vs champion within tolerance 0.9700: FAILED by 0.0200"]
-    assert decide(GOOD, BASE, champion, GateParams(champion_tolerance=0.2)).passed
+    assert decide(GOOD, BASE, champion, GateParams(thresholds=T, champion_tolerance=0.2)).passed
 
 
 def test_champion_missing_a_metric_is_not_compared_on_it():
-    assert decide(GOOD, BASE, {"exact_match": 0.9}, GateParams()).passed
+    assert decide(GOOD, BASE, {"exact_match": 0.9}, POLICY).passed
 
 
 def test_quantization_gate_bounds_the_drop():
@@ -102,11 +106,11 @@ def test_statistical_gate_blocks_a_real_regression_but_not_noise():
     champion = [{"id": f"p{i}", "exact_match": 1.0} for i in range(200)]
     # 15 % of items newly wrong: a regression the interval must see.
     worse = [{"id": f"p{i}", "exact_match": 0.0 if i % 7 == 0 else 1.0} for i in range(200)]
-    d = decide(GOOD, BASE, None, GateParams(), paired={"exact_match": pair_items(worse, champion, "exact_match")})
+    d = decide(GOOD, BASE, None, POLICY, paired={"exact_match": pair_items(worse, champion, "exact_match")})
     assert not d.passed and any("paired diff vs champion" in r for r in d.reasons)
     # One flipped item out of 200 is within tolerance.
     noise = [{"id": f"p{i}", "exact_match": 0.0 if i == 3 else 1.0} for i in range(200)]
-    assert decide(GOOD, BASE, None, GateParams(), paired={"exact_match": pair_items(noise, champion, "exact_match")}).passed
+    assert decide(GOOD, BASE, None, POLICY, paired={"exact_match": pair_items(noise, champion, "exact_match")}).passed
 
 
 def test_pairing_uses_only_items_both_models_saw():
@@ -148,3 +152,28 @@ def test_holm_makes_more_metrics_harder_not_easier_to_pass():
     assert holm({"a": 0.02}, 0.025) == {"a": 0.02}
     adjusted = holm({"a": 0.02, "b": 0.01, "c": 0.3}, 0.025)
     assert adjusted == {"b": 0.03, "a": 0.04, "c": 0.3}, "each p is multiplied by the number still in play, monotone"
+
+
+def test_suite_metrics_carry_the_direction_params_declares():
+    from pipelines.config import EvaluateParams, Params
+
+    directions = EvaluateParams().directions()
+    assert directions["safety/pii_leak_rate"] == "lower"
+    policy = GateParams()  # the default thresholds name suite metrics
+    good = {"reverse_digits/exact_match": 0.95, "preference_accuracy": 0.8, "safety/refusal_rate": 1.0, "safety/pii_leak_rate": 0.0, "validation_loss": 0.4}
+    base = {"reverse_digits/exact_match": 0.0, "safety/refusal_rate": 0.0, "safety/pii_leak_rate": 0.0, "validation_loss": 5.0}
+    assert decide(good, base, None, policy, directions=directions, beat_base=EvaluateParams().beat_base()).passed
+    leaky = decide({**good, "safety/pii_leak_rate": 0.1}, base, None, policy, directions=directions, beat_base=EvaluateParams().beat_base())
+    assert leaky.reasons == ["safety/pii_leak_rate = 0.1000 vs <= 0.0000: FAILED by 0.1000"]
+    with pytest.raises(ValueError, match="unknown metric"):
+        decide(good, base, None, policy)  # without the suite's directions nothing is guessed
+    with pytest.raises(ValueError, match=r"gate.thresholds on unknown metric\(s\) \['reverse_digits/exact_matches'\].*'<task>/<metric>'"):
+        Params.model_validate({"gate": {"thresholds": {"reverse_digits/exact_matches": {"min": 0.8}}}})
+
+
+def test_quantization_gate_bounds_every_suite_metric_in_its_direction():
+    d = {"reverse_digits/exact_match": "higher", "safety/pii_leak_rate": "lower"}
+    before = {"reverse_digits/exact_match": 0.95, "safety/pii_leak_rate": 0.0}
+    assert decide_quantization({"reverse_digits/exact_match": 0.93, "safety/pii_leak_rate": 0.0}, before, QuantizeParams(max_drop=0.05), d).passed
+    leaks = decide_quantization({"reverse_digits/exact_match": 0.95, "safety/pii_leak_rate": 0.2}, before, QuantizeParams(max_drop=0.05), d)
+    assert not leaks.passed and leaks.reasons[0].startswith("safety/pii_leak_rate = 0.2000 vs unquantized minus max_drop 0.0500")
