@@ -32,10 +32,11 @@ test: setup  ## the whole suite, whole-flow tests included
 test-fast: setup  ## everything but the whole-flow and multi-process tests
 	$(PY) -m pytest -m "not slow"
 
-bench: setup  ## pipeline cold/no-op times, SFT tokens/s vs plain TRL, CPU-engine batching speed-up, gateway load test
+bench: setup  ## pipeline cold/no-op times, SFT tokens/s vs plain TRL, eval time per task and the gate's false-block rate, CPU-engine batching speed-up, gateway load test
 	$(PY) -m benchmarks.pipeline
 	$(PY) -m benchmarks.prepare
 	$(PY) -m benchmarks.training
+	$(PY) -m benchmarks.evaluation
 	$(PY) -m benchmarks.engine
 	$(PY) -m benchmarks.serving_load
 

@@ -92,7 +92,10 @@ def test_first_release_promotes_a_champion_that_answers(project):
     out = result.stdout
     assert "outcome: promoted (version 1)" in out
     prepared = json.loads((project / "metrics/prepare.json").read_text())
-    assert prepared["rows_by_file"][USER_FILE] == {"raw": 8, "kept": 8, "quarantined": 0}, "the user's rows were trained on"
+    mine = prepared["rows_by_file"][USER_FILE]
+    assert mine["raw"] == 8 and mine["kept"] >= 6, "the user's rows were trained on"
+    # A conversation with a turn that is also a test prompt is contamination, and says so.
+    assert set(prepared["quarantined_by_file_and_reason"][USER_FILE]) <= {"contaminated"}, prepared["quarantined_by_file_and_reason"]
     assert_user_file_intact(project)
     ev = json.loads((project / "metrics/evaluate.json").read_text())
     em = "reverse_digits/exact_match"
