@@ -94,3 +94,22 @@ def test_preference_accuracy_ranks_the_likelier_answer_first(trained, tmp_path):
     frame.rename(columns={"chosen": "rejected", "rejected": "chosen"}).to_parquet(tmp_path / "swapped.parquet")
     assert preference_accuracy("models/sft", tmp_path / "pairs.parquet") >= 0.9
     assert preference_accuracy("models/sft", tmp_path / "swapped.parquet") <= 0.1
+
+
+def test_a_reward_model_scores_every_answer(trained, tmp_path):
+    """With a reward model in the recipe, each answer of the suite's first task gets its score
+    (`reward_score`, per item and on average) for the gate to pair with the champion's."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from pipelines.evaluate import measure
+
+    rm = tmp_path / "rm"
+    model = AutoModelForSequenceClassification.from_pretrained("models/sft", num_labels=1)
+    model.config.pad_token_id = AutoTokenizer.from_pretrained("models/sft").pad_token_id
+    model.save_pretrained(rm)
+    AutoTokenizer.from_pretrained("models/sft").save_pretrained(rm)
+    block = measure("sft", "models/sft", EvaluateParams(tasks=[EvalTask(name="reverse_digits")], limit=6, batch_size=6, max_new_tokens=12), reward_model=str(rm))
+    rows = [json.loads(line) for line in Path("metrics/samples/sft.jsonl").read_text().splitlines()]
+    assert len(rows) == 6 and all(isinstance(r["reward_score"], float) for r in rows)
+    assert block["reward_score"] == pytest.approx(sum(r["reward_score"] for r in rows) / 6)
+    assert len({round(r["reward_score"], 6) for r in rows}) > 1, "scores depend on the answer"
