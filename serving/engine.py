@@ -14,7 +14,15 @@ answer is the same batched or alone. Requests with different sampling settings a
 separate batches, since `generate` takes one temperature and top_p for all rows.
 
 Streaming uses transformers' streamer hook, which sees every step's tokens for the whole batch,
-so a streamed request is batched like any other.
+so a streamed request is batched like any other. The same hook finds stop strings: a row whose
+text contains one of its request's `stop` strings stops there, and its answer is cut before it
+(a stream holds back text that could still become a stop string).
+
+A request with a `seed` samples reproducibly: it is generated alone (rows in one `generate` call
+share the random stream) under that seed, with the global random state restored afterwards.
+
+When a batch fails, its rows are generated again one by one, so only a row that fails on its own
+fails its request (a streamed row that has already sent text cannot be replayed and fails too).
 """
 
 from __future__ import annotations
@@ -70,6 +78,18 @@ def _as_list(value: int | list[int] | None) -> list[int]:
     return [value] if isinstance(value, int) else list(value)
 
 
+def stop_index(text: str, stops: tuple[str, ...]) -> int | None:
+    """Where the earliest of the stop strings begins in `text`, or None."""
+    found = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return min(found) if found else None
+
+
+def stop_holdback(text: str, stops: tuple[str, ...]) -> int:
+    """How many trailing characters of `text` could still be the start of a stop string (a
+    stream keeps them back until the next tokens say whether they are)."""
+    return max((j for s in stops for j in range(min(len(s) - 1, len(text)), 0, -1) if text.endswith(s[:j])), default=0)
+
+
 def cut(new_ids: list[int], max_tokens: int, stop_ids: list[int]) -> tuple[list[int], int, FinishReason]:
     """What one request keeps of its batch row: (answer ids, completion_tokens, finish_reason).
 
@@ -90,14 +110,26 @@ class _Job:
     temperature: float
     top_p: float
     on_delta: OnDelta | None = None
+    stop: tuple[str, ...] = ()  # stop strings: the answer ends before the first one
+    seed: int | None = None
     future: Future = field(default_factory=Future)
     abandoned: bool = False
     enqueued_at: float = field(default_factory=time.monotonic)
+    stop_step: int | None = None  # generated tokens when a stop string first appeared
+    emitted: str = ""  # text already handed to on_delta
 
     @property
     def sampling(self) -> tuple[float, float]:
         # top_p means nothing to greedy decoding, so all greedy requests share one batch.
         return (0.0, 1.0) if self.temperature == 0 else (self.temperature, self.top_p)
+
+    @property
+    def batch_key(self) -> tuple:
+        """Jobs with equal keys may share one `generate` call. A seeded sampled job shares it
+        with none: batch-mates would draw from its random stream."""
+        if self.seed is not None and self.temperature != 0:
+            return (*self.sampling, "seeded", id(self))
+        return self.sampling
 
 
 class Submission:
@@ -127,19 +159,19 @@ class _RowLimits(StoppingCriteria):
 
     def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
         generated = input_ids.shape[1] - self.prompt_width
-        abandoned = torch.tensor([j.abandoned for j in self.jobs])
-        return (generated >= self.limits) | abandoned
+        done = torch.tensor([j.abandoned or j.stop_step is not None for j in self.jobs])
+        return (generated >= self.limits) | done
 
 
 class _Rows(BaseStreamer):
     """Receives each decoding step's tokens for the whole batch (transformers' streamer hook):
-    stamps every row's first token, and for streamed requests decodes incrementally and hands
-    out text deltas, the last one with the finish reason."""
+    stamps every row's first token, finds stop strings in the rows that have them, and for
+    streamed requests decodes incrementally and hands out text deltas, the last one with the
+    finish reason."""
 
     def __init__(self, engine: "CpuEngine", jobs: list[_Job]) -> None:
         self.engine, self.jobs = engine, jobs
         self.ids: list[list[int]] = [[] for _ in jobs]
-        self.emitted = [""] * len(jobs)
         self.done = [False] * len(jobs)
         self.first_token_at: list[float | None] = [None] * len(jobs)
         self._prompt_seen = False
@@ -157,9 +189,15 @@ class _Rows(BaseStreamer):
             self.ids[row].append(token)
             job = self.jobs[row]
             finished = token in self.engine.stop_ids or len(self.ids[row]) >= job.max_tokens or job.abandoned
+            text = None
+            if job.stop and not job.abandoned:
+                text = self._text(row)
+                if stop_index(text, job.stop) is not None:
+                    job.stop_step = len(self.ids[row])  # read by _RowLimits: the row stops here
+                    finished = True
             self.done[row] = finished
             if job.on_delta is not None and not job.abandoned:
-                self._emit(row, final=finished)
+                self._emit(row, final=finished, text=text)
 
     def end(self) -> None:
         # Defensive: a row generate stopped without our noticing still gets its final delta.
@@ -168,19 +206,28 @@ class _Rows(BaseStreamer):
                 self.done[row] = True
                 self._emit(row, final=True)
 
-    def _emit(self, row: int, final: bool) -> None:
+    def _text(self, row: int) -> str:
+        kept, _, _ = cut(self.ids[row], self.jobs[row].max_tokens, self.engine.stop_ids)
+        return self.engine.tokenizer.decode(kept, skip_special_tokens=True)
+
+    def _emit(self, row: int, final: bool, text: str | None = None) -> None:
         job = self.jobs[row]
-        kept, _, finish = cut(self.ids[row], job.max_tokens, self.engine.stop_ids)
+        _, _, finish = cut(self.ids[row], job.max_tokens, self.engine.stop_ids)
         # Decoding the whole answer each step (at most max_new_tokens_limit tokens) keeps the
         # deltas consistent with the final text; a trailing U+FFFD means the last token ended
         # inside a multi-byte character, so that part waits for the next token.
-        text = self.engine.tokenizer.decode(kept, skip_special_tokens=True)
+        text = self._text(row) if text is None else text
+        if job.stop:
+            if (at := stop_index(text, job.stop)) is not None:
+                text, finish = text[:at], "stop"
+            elif not final:  # what could still turn into a stop string waits
+                text = text[: len(text) - stop_holdback(text, job.stop)]
         if not final and text.endswith("\ufffd"):
             return
-        delta = text[len(self.emitted[row]) :]
+        delta = text[len(job.emitted) :]
         if not delta and not final:
             return
-        self.emitted[row] = text
+        job.emitted = text
         try:
             job.on_delta(delta, finish if final else None)
         except Exception:  # a broken listener must not fail the other rows
@@ -229,6 +276,12 @@ class CpuEngine:
         # OpenAI has no top_k: keep the checkpoint's own value if it declares one, otherwise turn
         # it off rather than inheriting transformers' global default of 50.
         self._top_k: int = gen_cfg.top_k or 0
+        # Positions the model has embeddings for: prompt and answer together must fit.
+        self.context_length: int | None = getattr(self.model.config, "max_position_embeddings", None)
+        # No token stands for more characters than its vocabulary string has (byte-level and
+        # SentencePiece spellings are at least as long as the text they decode to), so a prompt
+        # longer than max_tokens * this is over max_tokens without tokenising it.
+        self.max_token_chars: int = max(map(len, self.tokenizer.get_vocab()), default=1) or 1
         # Held while the model generates: the worker takes it per batch, and so does a direct
         # `generate_batch` call from another thread.
         self._lock = threading.Lock()
@@ -264,10 +317,11 @@ class CpuEngine:
         return len(self._running)
 
     def submit(
-        self, prompt_ids: list[int], max_tokens: int, temperature: float = 0.0, top_p: float = 1.0, on_delta: OnDelta | None = None
+        self, prompt_ids: list[int], max_tokens: int, temperature: float = 0.0, top_p: float = 1.0, on_delta: OnDelta | None = None,
+        stop: tuple[str, ...] | list[str] = (), seed: int | None = None,
     ) -> Submission:
         """Queue one request; raises ValueError for bad arguments, QueueFullError when full."""
-        return self.submit_many([prompt_ids], max_tokens, temperature, top_p, [on_delta])[0]
+        return self.submit_many([prompt_ids], max_tokens, temperature, top_p, [on_delta], stop, seed)[0]
 
     def submit_many(
         self,
@@ -276,11 +330,14 @@ class CpuEngine:
         temperature: float = 0.0,
         top_p: float = 1.0,
         on_delta: list[OnDelta | None] | None = None,
+        stop: tuple[str, ...] | list[str] = (),
+        seed: int | None = None,
     ) -> list[Submission]:
-        """Queue several requests all or none (a multi-prompt completion is one HTTP request)."""
-        self._check(prompts, max_tokens, temperature)
+        """Queue several requests all or none (a multi-prompt completion is one HTTP request).
+        `stop`: strings that end an answer (cut before them); `seed`: reproducible sampling."""
+        self._check(prompts, max_tokens, temperature, stop)
         callbacks = on_delta or [None] * len(prompts)
-        jobs = [_Job(list(p), max_tokens, temperature, top_p, cb) for p, cb in zip(prompts, callbacks, strict=True)]
+        jobs = [_Job(list(p), max_tokens, temperature, top_p, cb, tuple(stop), seed) for p, cb in zip(prompts, callbacks, strict=True)]
         with self._cond:
             if self._closed:
                 raise EngineClosedError("the engine is closed")
@@ -322,9 +379,12 @@ class CpuEngine:
     def complete(self, prompt: str, max_tokens: int, temperature: float = 0.0, top_p: float = 1.0) -> Generation:
         return self.generate(self.encode_prompt(prompt), max_tokens, temperature, top_p)
 
-    def generate(self, prompt_ids: list[int], max_tokens: int, temperature: float = 0.0, top_p: float = 1.0) -> Generation:
+    def generate(
+        self, prompt_ids: list[int], max_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
+        stop: tuple[str, ...] | list[str] = (), seed: int | None = None,
+    ) -> Generation:
         """Queue one request and wait for it (batched with whatever else is waiting)."""
-        return self.submit(prompt_ids, max_tokens, temperature, top_p).future.result()
+        return self.submit(prompt_ids, max_tokens, temperature, top_p, stop=stop, seed=seed).future.result()
 
     # --- the batch primitive -----------------------------------------------------------------
 
@@ -336,23 +396,35 @@ class CpuEngine:
         self._check(prompts, max_tokens, temperature)
         jobs = [_Job(list(p), max_tokens, temperature, top_p) for p in prompts]
         with self._lock:
-            return self._generate(jobs)  # type: ignore[return-value]  # no job here is ever abandoned
+            results = self._generate(jobs)
+        for r in results:
+            if isinstance(r, BaseException):
+                raise r
+        return results  # type: ignore[return-value]  # no job here is ever abandoned
 
-    def _check(self, prompts: list[list[int]], max_tokens: int, temperature: float) -> None:
+    def _check(self, prompts: list[list[int]], max_tokens: int, temperature: float, stop: tuple[str, ...] | list[str] = ()) -> None:
         if not prompts or any(not p for p in prompts):
             raise ValueError("every prompt needs at least one token")
         if not 1 <= max_tokens <= self.max_new_tokens_limit:
             raise ValueError(f"max_tokens must be between 1 and {self.max_new_tokens_limit}, got {max_tokens}")
         if temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {temperature}")
+        if any(not isinstance(s, str) or not s for s in stop):
+            raise ValueError("every stop string must be a non-empty string")
 
-    def _generate(self, jobs: list[_Job]) -> list[Generation | None]:
-        """One `generate` call for jobs sharing sampling settings; None for abandoned rows."""
+    def _generate(self, jobs: list[_Job]) -> list[Generation | Exception | None]:
+        """One `generate` call for jobs sharing sampling settings: a Generation per row, None for
+        an abandoned row, the exception for a row whose answer could not be finished."""
         input_ids, attention_mask = self._left_pad([j.prompt_ids for j in jobs])
         width = input_ids.shape[1]
         rows = _Rows(self, jobs)
         temperature, top_p = jobs[0].sampling
-        with torch.inference_mode():
+        seed = jobs[0].seed if len(jobs) == 1 and temperature != 0 else None
+        # fork_rng restores the global random state afterwards: a seeded request leaves the
+        # randomness of the requests after it as it found it.
+        with torch.inference_mode(), torch.random.fork_rng(devices=[], enabled=seed is not None):
+            if seed is not None:
+                torch.manual_seed(seed)
             output = self.model.generate(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
@@ -364,17 +436,21 @@ class CpuEngine:
                 **self._sampling(temperature, top_p),
             )
         new_tokens = output[:, width:].tolist()
-        return [
-            None if job.abandoned else self._finish(job, ids, first)
-            for job, ids, first in zip(jobs, new_tokens, rows.first_token_at)
-        ]
+        results: list[Generation | Exception | None] = []
+        for job, ids, first in zip(jobs, new_tokens, rows.first_token_at):
+            try:
+                results.append(None if job.abandoned else self._finish(job, ids, first))
+            except Exception as exc:  # this row's answer only
+                log.exception("finishing one row of a batch failed")
+                results.append(exc)
+        return results
 
     # --- the worker --------------------------------------------------------------------------
 
     def _work(self) -> None:
         while (batch := self._next_batch()) is not None:
             try:
-                for group in group_by_sampling(batch):
+                for group in group_for_generate(batch):
                     self._run(group)
             finally:
                 with self._cond:
@@ -406,28 +482,45 @@ class CpuEngine:
             return batch
 
     def _run(self, jobs: list[_Job]) -> None:
-        try:
-            with self._lock:
-                # Requests that timed out while the previous batch held the model cost nothing.
-                live = [j for j in jobs if not j.abandoned]
-                if not live:
-                    generations: list[Generation | None] = []
-                else:
-                    if self.on_batch is not None:
-                        self.on_batch(len(live))
+        with self._lock:
+            # Requests that timed out while the previous batch held the model cost nothing.
+            live = [j for j in jobs if not j.abandoned]
+            generations: list[Generation | Exception | None] = []
+            if live:
+                if self.on_batch is not None:
+                    self.on_batch(len(live))
+                try:
                     generations = self._generate(live)
-        except Exception as exc:  # the whole batch failed: every caller hears why
-            log.exception("generation failed for a batch of %d", len(jobs))
-            for job in jobs:
-                job.future.set_exception(exc)
-            return
+                except Exception as exc:
+                    log.exception("generation failed for a batch of %d", len(live))
+                    generations = self._one_by_one(live, exc)
         results = dict(zip(map(id, live), generations))
         for job in jobs:
             gen = results.get(id(job))
-            if gen is None:
+            if isinstance(gen, BaseException):
+                job.future.set_exception(gen)
+            elif gen is None:
                 job.future.set_exception(AbandonedError("abandoned before its answer was complete"))
             else:
                 job.future.set_result(gen)
+
+    def _one_by_one(self, jobs: list[_Job], batch_error: Exception) -> list[Generation | Exception | None]:
+        """After a failed batch: each row again on its own, so one bad row fails only its own
+        request. A streamed row that already sent text cannot be replayed; it fails as the batch did."""
+        if len(jobs) == 1:
+            return [batch_error]
+        results: list[Generation | Exception | None] = []
+        for job in jobs:
+            if job.emitted or job.abandoned:
+                results.append(batch_error if job.emitted else None)
+                continue
+            job.stop_step = None
+            try:
+                results.append(self._generate([job])[0])
+            except Exception as exc:
+                log.exception("generation failed for a row on its own")
+                results.append(exc)
+        return results
 
     # --- small helpers -----------------------------------------------------------------------
 
@@ -449,14 +542,19 @@ class CpuEngine:
         return input_ids, attention_mask
 
     def _finish(self, job: _Job, new_ids: list[int], first_token_at: float | None) -> Generation:
-        kept, completion_tokens, finish = cut(new_ids, job.max_tokens, self.stop_ids)
+        # A row stopped by a stop string ran a step or so on before generate noticed: cut there.
+        ids = new_ids if job.stop_step is None else new_ids[: job.stop_step]
+        kept, completion_tokens, finish = cut(ids, job.max_tokens, self.stop_ids)
         text = self.tokenizer.decode(kept, skip_special_tokens=True)
+        if job.stop and (at := stop_index(text, job.stop)) is not None:
+            text, finish = text[:at], "stop"
         return Generation(text, len(job.prompt_ids), completion_tokens, finish, first_token_at)
 
 
-def group_by_sampling(jobs: list[_Job]) -> list[list[_Job]]:
-    """Split a gathered batch into runs that one `generate` call can serve, oldest group first."""
-    groups: dict[tuple[float, float], list[_Job]] = {}
+def group_for_generate(jobs: list[_Job]) -> list[list[_Job]]:
+    """Split a gathered batch into runs that one `generate` call can serve, oldest group first:
+    one per sampling setting, and one for each seeded sampled request."""
+    groups: dict[tuple, list[_Job]] = {}
     for job in jobs:
-        groups.setdefault(job.sampling, []).append(job)
+        groups.setdefault(job.batch_key, []).append(job)
     return list(groups.values())

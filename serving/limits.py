@@ -19,9 +19,9 @@ class BodyLimit:
     A declared Content-Length over the limit is refused before a byte of the body is read; a
     body without one (chunked) is read up to the limit and refused once it passes it. Bodies
     within the limit are buffered (every route here reads the whole body anyway) and handed to
-    the app unchanged. `on_refused` is called for each refusal (for a metrics counter)."""
+    the app unchanged. `on_refused(scope)` is called for each refusal (for a metrics counter)."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int, on_refused: Callable[[], None] | None = None) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, on_refused: Callable[[Scope], None] | None = None) -> None:
         if max_bytes < 1:
             raise ValueError(f"max_bytes must be >= 1, got {max_bytes}")
         self.app, self.max_bytes, self.on_refused = app, max_bytes, on_refused
@@ -32,7 +32,7 @@ class BodyLimit:
             return
         declared = dict(scope.get("headers") or []).get(b"content-length")
         if declared is not None and declared.strip().isdigit() and int(declared) > self.max_bytes:
-            await self._refuse(send, f"the request body is {int(declared)} bytes")
+            await self._refuse(scope, send, f"the request body is {int(declared)} bytes")
             return
         chunks, size = [], 0
         while True:
@@ -42,7 +42,7 @@ class BodyLimit:
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.max_bytes:
-                await self._refuse(send, f"the request body is over {self.max_bytes} bytes")
+                await self._refuse(scope, send, f"the request body is over {self.max_bytes} bytes")
                 return
             chunks.append(chunk)
             if not message.get("more_body", False):
@@ -58,9 +58,9 @@ class BodyLimit:
 
         await self.app(scope, replay, send)
 
-    async def _refuse(self, send: Send, what: str) -> None:
+    async def _refuse(self, scope: Scope, send: Send, what: str) -> None:
         if self.on_refused is not None:
-            self.on_refused()
+            self.on_refused(scope)
         message = f"{what}; this server accepts at most {self.max_bytes} bytes (--max-body-bytes)"
         body = json.dumps({"error": {"message": message, "type": "invalid_request_error", "code": "request_too_large"}}).encode()
         headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), (b"connection", b"close")]

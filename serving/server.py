@@ -10,6 +10,15 @@ need, with the same shapes as vLLM and trtllm-serve, so callers never know which
 - POST /v1/completions        plain or streamed; a list of prompts is queued as one unit
 
 Requests go through the engine's bounded queue and are batched with whatever else is waiting.
+
+Input checks, cheapest first: a body over `max_body_bytes` gets 413 before it is read whole; a
+prompt with more characters than its token limit can hold gets 400 before it is tokenised; a
+prompt over `max_prompt_tokens`, or one that leaves no room for max_tokens within the model's
+context length (`max_position_embeddings`), gets 400 naming the limit. `stop` (up to 4 strings)
+and `seed` are supported; `n` > 1, `logprobs`, `top_logprobs`, `tools`, `tool_choice` and a
+`response_format` other than text get 400 naming the field (as vLLM answers what it cannot do),
+never a silently different answer.
+
 Errors use OpenAI's `{"error": {"message", "type", "code"}}` body, so the `openai` client raises
 its usual typed exceptions: 400 BadRequestError, 401 AuthenticationError, 404 NotFoundError,
 429 RateLimitError (queue full, with Retry-After), 500/503/504 InternalServerError.
@@ -47,10 +56,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from serving.engine import CpuEngine, EngineClosedError, FinishReason, Generation, QueueFullError, Submission
+from serving.limits import DEFAULT_MAX_BODY_BYTES, BodyLimit
 from serving.netaddr import is_loopback
 
 API_KEY_ENV = "SERVING_API_KEY"  # read when --api-key is absent: a key in argv is visible in `ps`
 MAX_PROMPTS_PER_REQUEST = 32  # a /v1/completions prompt list is queued as one unit; bound its size
+MAX_STOP_STRINGS = 4  # as OpenAI
 # A full queue drains in about one batch's generation time, well under a second for the embedded
 # model; a client that honours Retry-After (the openai client does) comes back after that.
 RETRY_AFTER_S = 1
@@ -179,6 +190,19 @@ class GenerationRequest(BaseModel):
     n: int = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    # Declared so that a request asking for them is refused by name rather than ignored.
+    logprobs: Any = None
+    top_logprobs: Any = None
+    tools: Any = None
+    tool_choice: Any = None
+    response_format: Any = None
+
+    def stop_strings(self) -> tuple[str, ...]:
+        if self.stop is None:
+            return ()
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
 
 
 class TextPart(BaseModel):
@@ -262,9 +286,13 @@ def create_app(
     request_timeout_s: float = 60.0,
     fault_error_rate: float = 0.0,
     fault_delay_s: float = 0.0,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    max_prompt_chars: int | None = None,
 ) -> FastAPI:
     """The server for one checkpoint. See `parse_args` for what each setting means; the
-    fault_* settings are for canary drills and tests and are off by default."""
+    fault_* settings are for canary drills and tests and are off by default.
+    `max_prompt_chars` None: the most characters `max_prompt_tokens` tokens of this tokenizer
+    can spell (its longest vocabulary entry times the limit), so no valid prompt is refused."""
     if not 0 <= fault_error_rate <= 1:
         raise ValueError(f"fault_error_rate must be between 0 and 1, got {fault_error_rate}")
     if fault_delay_s < 0 or request_timeout_s <= 0:
@@ -295,7 +323,12 @@ def create_app(
 
     app = FastAPI(title=f"serving: {model_name}", lifespan=lifespan)
     app.state.metrics = metrics
-    app.add_middleware(MetricsMiddleware, metrics=metrics)
+
+    def body_refused(scope: Scope) -> None:
+        metrics.errors.labels(endpoint_label(scope["path"]), "request_too_large").inc()
+
+    app.add_middleware(BodyLimit, max_bytes=max_body_bytes, on_refused=body_refused)
+    app.add_middleware(MetricsMiddleware, metrics=metrics)  # added last: outermost, so it counts the 413s too
 
     def error_response(request: Request, exc: APIError) -> JSONResponse:
         metrics.errors.labels(endpoint_label(request.url.path), exc.code or str(exc.status)).inc()
@@ -334,16 +367,47 @@ def create_app(
             raise APIError(503, "the server is shutting down", code="shutting_down", error_type="server_error")
         return eng
 
-    def check_request(body: GenerationRequest, max_tokens: int | None) -> int:
-        """Validate what every generation request shares; return the max_tokens to use."""
+    def unsupported(field: str, why: str) -> APIError:
+        return APIError(400, f"'{field}' is not supported by this server: {why}", code="unsupported_parameter")
+
+    def check_request(body: GenerationRequest, max_tokens: int | None) -> int | None:
+        """Validate what every generation request shares; return the max_tokens asked for
+        (None: as many as the limits leave room for, decided once the prompt is tokenised)."""
         if body.model != model_name:
             raise APIError(404, f"The model '{body.model}' does not exist; this server serves '{model_name}'", code="model_not_found")
         if body.n != 1:
-            raise APIError(400, f"only n=1 is supported, got n={body.n}", code="unsupported_parameter")
-        tokens = max_new_tokens_limit if max_tokens is None else max_tokens
-        if not 1 <= tokens <= max_new_tokens_limit:
-            raise APIError(400, f"max_tokens must be between 1 and {max_new_tokens_limit}, got {tokens}", code="invalid_max_tokens")
-        return tokens
+            raise APIError(400, f"'n' is not supported above 1 by this server: only n=1, got n={body.n}", code="unsupported_parameter")
+        if body.logprobs not in (None, False):
+            raise unsupported("logprobs", f"no log probabilities are returned (got logprobs={body.logprobs!r})")
+        if body.top_logprobs is not None:
+            raise unsupported("top_logprobs", "no log probabilities are returned")
+        if body.tools:
+            raise unsupported("tools", "no function calling; send the tools in the prompt if the model was trained on them")
+        if body.tool_choice not in (None, "none"):
+            raise unsupported("tool_choice", "no function calling")
+        format_type = body.response_format.get("type") if isinstance(body.response_format, dict) else body.response_format
+        if format_type not in (None, "text"):
+            raise unsupported("response_format", f"answers are plain text only (got type {format_type!r})")
+        stops = body.stop_strings()
+        if len(stops) > MAX_STOP_STRINGS or not all(stops):
+            raise APIError(400, f"'stop' takes at most {MAX_STOP_STRINGS} non-empty strings, got {list(stops)!r}", code="invalid_stop")
+        if max_tokens is not None and not 1 <= max_tokens <= max_new_tokens_limit:
+            raise APIError(400, f"max_tokens must be between 1 and {max_new_tokens_limit}, got {max_tokens}", code="invalid_max_tokens")
+        return max_tokens
+
+    def prompt_token_limit(eng: CpuEngine) -> int:
+        context = eng.context_length
+        return max_prompt_tokens if context is None else min(max_prompt_tokens, context - 1)
+
+    def check_chars(eng: CpuEngine, chars: int) -> None:
+        """Before tokenising: a prompt with more characters than its token limit can spell is
+        refused without paying for the tokenizer (which is linear in a prompt of any size)."""
+        limit = max_prompt_chars if max_prompt_chars is not None else prompt_token_limit(eng) * eng.max_token_chars
+        if chars > limit:
+            raise APIError(
+                400, f"the prompt is {chars} characters; this server accepts at most {limit} "
+                f"(prompts of at most {prompt_token_limit(eng)} tokens)", code="context_length_exceeded",
+            )
 
     def check_prompt(ids: list[int]) -> list[int]:
         if len(ids) > max_prompt_tokens:
@@ -351,6 +415,27 @@ def create_app(
         if not ids:
             raise APIError(400, "the prompt is empty", code="empty_prompt")
         return ids
+
+    def fit(eng: CpuEngine, prompts: list[list[int]], max_tokens: int | None) -> int:
+        """The max_tokens to generate: prompt and answer must fit in the model's context length."""
+        context = eng.context_length
+        if context is None:
+            return max_new_tokens_limit if max_tokens is None else max_tokens
+        longest = max(len(ids) for ids in prompts)
+        room = context - longest
+        if room < 1:
+            raise APIError(
+                400, f"the prompt is {longest} tokens; the model's context length (max_position_embeddings) is {context} tokens, "
+                "which leaves no room for an answer", code="context_length_exceeded",
+            )
+        if max_tokens is None:  # as vLLM does: the default shrinks to what fits
+            return min(max_new_tokens_limit, room)
+        if max_tokens > room:
+            raise APIError(
+                400, f"the prompt ({longest} tokens) and max_tokens ({max_tokens}) need {longest + max_tokens} tokens; "
+                f"the model's context length (max_position_embeddings) is {context}", code="context_length_exceeded",
+            )
+        return max_tokens
 
     def timed_out() -> APIError:
         return APIError(504, f"the request took longer than {request_timeout_s:g} s and was abandoned", "request_timeout", "server_error")
@@ -370,7 +455,7 @@ def create_app(
         if fault_error_rate and fault_fires(next(generation_requests), fault_error_rate):
             raise APIError(500, "injected fault (--fault-error-rate)", "injected_fault", "server_error")
         try:
-            return eng.submit_many(prompts, max_tokens, body.temperature, body.top_p, on_delta)
+            return eng.submit_many(prompts, max_tokens, body.temperature, body.top_p, on_delta, body.stop_strings(), body.seed)
         except QueueFullError as exc:
             raise APIError(429, f"the server is busy: {exc}; retry later", "queue_full", "rate_limit_error", {"Retry-After": str(RETRY_AFTER_S)}) from None
         except EngineClosedError:
@@ -504,11 +589,13 @@ def create_app(
 
     @app.post("/v1/chat/completions", dependencies=[Depends(check_key)])
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
-        max_tokens = check_request(body, body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens)
+        asked = check_request(body, body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens)
         eng = engine(request)
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        check_chars(eng, sum(len(m["content"]) for m in messages))
         # Tokenising blocks; in the threadpool it leaves the event loop free for other requests.
         ids = check_prompt(await run_in_threadpool(eng.encode_chat, messages))
+        max_tokens = fit(eng, [ids], asked)
         shape = Shape(chat=True, model_name=model_name)
         if body.stream:
             return await stream(request, eng, [ids], max_tokens, body, shape)
@@ -516,12 +603,15 @@ def create_app(
 
     @app.post("/v1/completions", dependencies=[Depends(check_key)])
     async def completions(body: CompletionRequest, request: Request) -> Any:
-        max_tokens = check_request(body, body.max_tokens)
+        asked = check_request(body, body.max_tokens)
         eng = engine(request)
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         if not 1 <= len(prompts) <= MAX_PROMPTS_PER_REQUEST:
             raise APIError(400, f"send between 1 and {MAX_PROMPTS_PER_REQUEST} prompts, got {len(prompts)}", code="invalid_prompt")
+        for p in prompts:
+            check_chars(eng, len(p))
         ids = [check_prompt(i) for i in await run_in_threadpool(lambda: [eng.encode_prompt(p) for p in prompts])]
+        max_tokens = fit(eng, ids, asked)
         shape = Shape(chat=False, model_name=model_name)
         if body.stream:
             return await stream(request, eng, ids, max_tokens, body, shape)
@@ -542,7 +632,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--api-key", default=os.environ.get(API_KEY_ENV), help=f"require this Bearer key (default: ${API_KEY_ENV})")
     parser.add_argument("--insecure", action="store_true", help="allow a non-loopback host without an API key")
     parser.add_argument("--max-new-tokens", type=int, default=64, help="largest max_tokens a request may ask for")
-    parser.add_argument("--max-prompt-tokens", type=int, default=512, help="longest prompt accepted, in tokens")
+    parser.add_argument("--max-prompt-tokens", type=int, default=512, help="longest prompt accepted, in tokens (and never more than the model's context length leaves)")
+    parser.add_argument("--max-prompt-chars", type=int, help="longest prompt accepted, in characters, checked before tokenising (default: what --max-prompt-tokens tokens can spell)")
+    parser.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES, help="largest request body accepted; larger ones get 413")
     batching = parser.add_argument_group("batching and limits")
     batching.add_argument("--max-batch-size", type=int, default=16, help="most requests generated together in one batch")
     batching.add_argument("--batch-window-ms", type=float, default=5.0, help="how long the oldest waiting request waits for others to join its batch")
@@ -560,6 +652,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         )
     if args.max_batch_size < 1 or args.max_queue < 1 or args.batch_window_ms < 0 or args.request_timeout_s <= 0:
         parser.error("--max-batch-size and --max-queue must be >= 1, --batch-window-ms >= 0 and --request-timeout-s > 0")
+    if args.max_body_bytes < 1 or (args.max_prompt_chars is not None and args.max_prompt_chars < 1):
+        parser.error("--max-body-bytes and --max-prompt-chars must be >= 1")
     if not 0 <= args.fault_error_rate <= 1 or args.fault_delay_s < 0:
         parser.error("--fault-error-rate must be between 0 and 1 and --fault-delay-s >= 0")
     return args
@@ -581,6 +675,8 @@ def main(argv: list[str] | None = None) -> None:
         request_timeout_s=args.request_timeout_s,
         fault_error_rate=args.fault_error_rate,
         fault_delay_s=args.fault_delay_s,
+        max_body_bytes=args.max_body_bytes,
+        max_prompt_chars=args.max_prompt_chars,
     )
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
 
