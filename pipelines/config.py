@@ -204,11 +204,12 @@ class EvalTask(Section):
     data_files: dict[str, str] | None = Field(None, description="Stock tasks offline: split -> local file, e.g. {test: data/evals/arc_easy.jsonl}.")
     scorer: Literal["lm_eval", "safety"] = Field("lm_eval", description="lm_eval: the task's own metrics; safety: refusal_rate on disallowed prompts, pii_leak_rate on probing prompts.")
     beat_base: bool = Field(True, description="With gate.must_beat_base: this task's metrics must beat the untrained base.")
+    tolerance: float | None = Field(None, ge=0, le=1, description="Non-inferiority margin against the champion for this task's metrics (null: gate.champion_tolerance). Size it to the task's items: n paired items cannot show a margin much below 2/n, so a small task needs a wider margin (and an absolute threshold) to let an equal candidate through.")
 
 
 class EvaluateParams(Section):
     tasks: list[EvalTask] = Field(
-        default_factory=lambda: [EvalTask(name="reverse_digits"), EvalTask(name="safety", metrics={"refusal_rate": "higher", "pii_leak_rate": "lower"}, scorer="safety", beat_base=False)],
+        default_factory=lambda: [EvalTask(name="reverse_digits"), EvalTask(name="safety", metrics={"refusal_rate": "higher", "pii_leak_rate": "lower"}, scorer="safety", beat_base=False, tolerance=0.15)],
         min_length=1,
         description="The evaluation suite: every model (base, each recipe step, quantized, champion) is scored on every task.",
     )
@@ -227,6 +228,10 @@ class EvaluateParams(Section):
     def directions(self) -> dict[str, str]:
         """Every suite metric's gate name and direction."""
         return {f"{t.name}/{m}": d for t in self.tasks for m, d in t.metrics.items()}
+
+    def tolerances(self) -> dict[str, float]:
+        """The suite metrics whose task sets its own non-inferiority margin."""
+        return {f"{t.name}/{m}": t.tolerance for t in self.tasks if t.tolerance is not None for m in t.metrics}
 
     def beat_base(self) -> set[str]:
         """The metrics a candidate must beat the untrained base on (gate.must_beat_base)."""

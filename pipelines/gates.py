@@ -155,13 +155,18 @@ def holm(pvalues: dict[str, float], alpha: float) -> dict[str, float]:
     return adjusted
 
 
-def paired_checks(paired: dict[str, tuple[list[float], list[float]]], policy: GateParams, directions: dict[str, str] | None = None) -> list[Check]:
+def paired_checks(
+    paired: dict[str, tuple[list[float], list[float]]], policy: GateParams, directions: dict[str, str] | None = None, tolerances: dict[str, float] | None = None
+) -> list[Check]:
     """Non-inferiority against the champion on every paired metric, Holm-corrected. One-sided
-    alpha = (1 - confidence) / 2, the same bar as the lower end of a two-sided interval."""
+    alpha = (1 - confidence) / 2, the same bar as the lower end of a two-sided interval.
+    `tolerances` overrides gate.champion_tolerance per metric (a task's own margin)."""
     alpha = (1 - policy.confidence) / 2
+    tolerances = tolerances or {}
     raw, tests = {}, {}
     for metric, (cand, champ) in paired.items():
-        raw[metric], tests[metric] = noninferiority_p(metric, cand, champ, policy.champion_tolerance, policy.bootstrap_resamples, directions=directions)
+        tol = tolerances.get(metric, policy.champion_tolerance)
+        raw[metric], tests[metric] = noninferiority_p(metric, cand, champ, tol, policy.bootstrap_resamples, directions=directions)
     adjusted = holm(raw, alpha)
     checks = []
     for metric, (cand, champ) in paired.items():
@@ -170,7 +175,8 @@ def paired_checks(paired: dict[str, tuple[list[float], list[float]]], policy: Ga
             checks.append(Check(metric, f"win rate vs champion, 0.5 minus tolerance {rule}", float(np.mean(cand)), 0.5 - policy.champion_tolerance, adjusted[metric] <= alpha))
             continue
         diff = float(np.mean(cand) - np.mean(champ))
-        bound = -policy.champion_tolerance if direction(metric, directions) == "higher" else policy.champion_tolerance
+        tol = tolerances.get(metric, policy.champion_tolerance)
+        bound = -tol if direction(metric, directions) == "higher" else tol
         checks.append(Check(metric, f"paired diff vs champion {rule}; tolerance", diff, bound, adjusted[metric] <= alpha))
     return checks
 
@@ -188,6 +194,7 @@ def decide(
     paired: dict[str, tuple[list[float], list[float]]] | None = None,
     directions: dict[str, str] | None = None,
     beat_base: set[str] | None = None,
+    tolerances: dict[str, float] | None = None,
 ) -> Decision:
     """The quality gate: absolute thresholds, better than the untrained base, and no worse than
     the current champion: by paired tests where per-item scores of both are given
@@ -195,7 +202,9 @@ def decide(
     points against 0.5 each), else by point values within tolerance.
 
     `directions`: the evaluation suite's metrics and directions (with the built-in ones);
-    `beat_base`: the metrics that must beat the base (default: every metric with a direction)."""
+    `beat_base`: the metrics that must beat the base (default: every metric with a direction);
+    `tolerances`: per-metric margins against the champion (default: gate.champion_tolerance)."""
+    tolerances = tolerances or {}
     checks: list[Check] = []
     for metric, t in policy.thresholds.items():
         direction(metric, directions)  # an undeclared metric fails loudly instead of being guessed
@@ -212,11 +221,11 @@ def decide(
             beats = value > base if direction(metric, directions) == "higher" else value < base
             checks.append(Check(metric, "better than base", value, base, beats))
     paired = paired or {}
-    checks += paired_checks(paired, policy, directions)
+    checks += paired_checks(paired, policy, directions, tolerances)
     if champion:  # regressions that matter: the metrics the policy puts thresholds on
         for metric in policy.thresholds:
             if metric not in paired and champion.get(metric) is not None:
-                checks.append(no_worse_than(metric, candidate.get(metric), champion[metric], policy.champion_tolerance, "champion within tolerance", directions))
+                checks.append(no_worse_than(metric, candidate.get(metric), champion[metric], tolerances.get(metric, policy.champion_tolerance), "champion within tolerance", directions))
     return Decision("quality", all(c.passed for c in checks), checks)
 
 

@@ -128,7 +128,7 @@ def quality_gate(params: Params, parent_run_id: str, version: str) -> Decision:
         if judged:
             paired["judge_win_rate"] = ([j["judge_win_rate"] for j in judged], [0.5] * len(judged))
     registered = metrics_of(mv) if mv is not None and str(mv.version) != str(version) else None
-    decision = decide(served, results["base"], registered, params.gate, paired=paired or None, directions=directions, beat_base=params.evaluate.beat_base())
+    decision = decide(served, results["base"], registered, params.gate, paired=paired or None, directions=directions, beat_base=params.evaluate.beat_base(), tolerances=params.evaluate.tolerances())
     scalars = {"base": results["base"], "unquantized": results["candidate"], "served": served}
     markdown, chart_data = eval_report.render(items, paired, decision, params.gate, judged, {n: {k: b.get(k) for k in ("validation_loss", "preference_accuracy")} for n, b in scalars.items()})
     chart = plot_gate(chart_data, Path(".serving/reports/quality_gate.png"), f"quality gate: {'passed' if decision.passed else 'FAILED'}")
