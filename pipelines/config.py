@@ -280,6 +280,12 @@ class ServeParams(Section):
     startup_timeout_s: float = Field(120, gt=0, description="How long to wait for /health after launch.")
     max_new_tokens: int = Field(64, ge=1, description="Upper bound on max_tokens per request.")
     cpu_threads: int = Field(0, ge=0, description="torch threads per CPU-engine server; 0 = this machine's cores divided by the servers running side by side (a canary runs two: oversubscribed cores cost ~8x throughput).")
+    cache_entries: int = Field(1024, ge=0, description="Answers to deterministic requests (temperature 0 or a fixed seed; not streams) the gateway's in-memory cache keeps, keyed by model version (0 = no cache; with redis_url, Redis holds them within its maxmemory).")
+    cache_ttl_s: float = Field(300, gt=0, description="How long a cached answer is served before the backend is asked again.")
+    queue_capacity: int = Field(16, ge=1, description="Requests the gateway forwards at once per engine replica (the CPU engine's batch size keeps it busy); the rest wait in its priority queue, where higher tiers go first. Higher only moves the queue into the engines, where priority is not seen.")
+    queue_max_waiting: int = Field(128, ge=0, description="Requests that may wait in the gateway's queue; beyond it a request gets 429 with Retry-After at once.")
+    keys_file: str | None = Field(None, description="YAML file mapping API keys to tiers {priority, rpm, tpm} (serving/keys.py); keep it out of git. null = no per-key tiers or rate limits.")
+    redis_url: str | None = Field(None, description="redis://host:port/db shared by gateway replicas for the response cache and the rate limits; null = each gateway keeps its own in memory.")
 
 
 class CanaryParams(Section):
