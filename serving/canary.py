@@ -10,7 +10,7 @@ from pathlib import Path
 import pandas as pd
 
 from serving.client import chat_once, client
-from serving.gateway import percentile
+from serving.routing import percentile
 
 
 @dataclass

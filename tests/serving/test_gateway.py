@@ -22,6 +22,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from prometheus_client.parser import text_string_to_metric_families
 
+from serving.proxy import STABLE_RETRIES
 from serving.gateway import Backend, Gateway, NoCanaryError, classify, create_gateway, parse_args, percentile, rewrite_sse_line, sse_data, shadow_agreement
 from serving.launcher import free_port, launch
 from tests.serving.conftest import wait_until
@@ -385,7 +386,7 @@ class DroppingBackend:
         self.listener.close()
 
 
-def test_stable_dropping_a_connection_before_answering_is_retried_once_on_a_new_one(start_gateway):
+def test_stable_dropping_a_connection_before_answering_is_retried_on_a_new_one(start_gateway):
     backend = DroppingBackend()
     try:
         gw = start_gateway(canary=False, stable=Backend("flaky", backend.url, "flaky-model"))
@@ -396,7 +397,11 @@ def test_stable_dropping_a_connection_before_answering_is_retried_once_on_a_new_
         stable = gw.gateway.snapshot()["stable"]
         assert (stable["requests"], stable["failures"], stable["retried_to_stable"], stable["retries_served"]) == (3, 1, 1, 1)
 
-        backend.drop = 2  # dropped again on the retry: once is all, the client hears why
+        backend.drop = 3  # a restart: dropped twice more, answered on the third retry (after pauses)
+        assert gw.answers(1) == [backend.text]
+        assert gw.gateway.snapshot()["stable"]["retried_to_stable"] == 1 + 3
+
+        backend.drop = STABLE_RETRIES + 1  # never answers within the retries: the client hears why
         with pytest.raises(openai.APIStatusError) as err:
             gw.ask()
         assert err.value.status_code == 502 and "flaky" in err.value.message

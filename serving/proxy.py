@@ -1,0 +1,316 @@
+"""Sending one client request to a version's replica, and retrying it where the client cannot see.
+
+When the canary fails a request (HTTP 5xx or 429, connection refused or reset, no answer within
+`retry_timeout_s`), it is retried on stable, so a bad canary costs clients latency, never an
+error; the failure still counts against the canary in the statistics the release controller
+analyses. A stable replica that refused, reset or closed the connection before answering (a
+pooled keep-alive connection it had just closed, a process that died) is retried on another
+healthy replica, or on a new connection after a short pause while the supervisor restarts it:
+nothing had reached the client, so the retry is invisible to it. A stream is retried only while
+nothing has reached the client; once bytes are out, a failure ends the stream with an OpenAI
+error event. Other 4xx are the caller's own errors and are passed through.
+
+Every answer names the replica that gave it in `x-gateway-backend` and its model version in
+`x-gateway-version`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from contextlib import suppress
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+from fastapi.responses import Response, StreamingResponse
+
+from serving import auth
+from serving.routing import FAILURES, Backend, Gateway, Slot, Target, classify
+
+PASSED_HEADERS = ("retry-after",)  # upstream headers a client may act on
+# Stable's dropped connections: retried this many times, on another replica when there is one,
+# else after a pause doubling from RETRY_PAUSE_S (the supervisor's time to notice and restart).
+STABLE_RETRIES = 5
+RETRY_PAUSE_S = 0.25
+
+
+def error_body(message: str, error_type: str = "server_error", code: str | None = None) -> bytes:
+    return json.dumps({"error": {"message": message, "type": error_type, "code": code}}).encode()
+
+
+@dataclass
+class Attempt:
+    """One backend's answer, or a synthesised 502/503/504 when it gave none."""
+
+    outcome: str
+    latency_s: float
+    status: int
+    body: bytes = b""
+    content_type: str = "application/json"
+    backend: Backend | None = None  # who answered, for the x-gateway-* headers
+    headers: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def answered(cls, r: httpx.Response, body: bytes, latency_s: float) -> "Attempt":
+        kept = {h: r.headers[h] for h in PASSED_HEADERS if h in r.headers}
+        return cls(classify(r.status_code), latency_s, r.status_code, body, r.headers.get("content-type", "application/json"), headers=kept)
+
+
+def backend_headers(backend: Backend | None) -> dict[str, str]:
+    if backend is None:
+        return {"x-gateway-backend": ""}
+    headers = {"x-gateway-backend": backend.name}
+    if backend.version is not None:
+        headers["x-gateway-version"] = backend.version
+    return headers
+
+
+def unanswered(backend: Backend, exc: BaseException, latency_s: float, timeout_s: float) -> Attempt:
+    if isinstance(exc, (TimeoutError, httpx.TimeoutException)):
+        return Attempt("timeout", latency_s, 504, error_body(f"backend '{backend.name}' gave no answer within {timeout_s:g}s", code="backend_timeout"))
+    return Attempt("connection_error", latency_s, 502, error_body(f"backend '{backend.name}' unreachable: {type(exc).__name__}: {exc}", code="backend_unreachable"))
+
+
+def with_public_model(payload: Any, public_model: str) -> Any:
+    """Backends answer with their own served name; clients asked for the public one."""
+    if isinstance(payload, dict) and "model" in payload:
+        payload["model"] = public_model
+    return payload
+
+
+def sse_data(line: str) -> Any:
+    """The JSON of an SSE `data:` line, or None for other lines, [DONE] and non-JSON data."""
+    if not line.startswith("data:"):
+        return None
+    data = line[5:].strip()
+    if data == "[DONE]":
+        return None
+    try:
+        return json.loads(data)
+    except ValueError:
+        return None
+
+
+def is_error_event(payload: Any) -> bool:
+    """vLLM reports a failure that happens after the 200 as a `data: {"error": ...}` event."""
+    return isinstance(payload, dict) and bool(payload.get("error"))
+
+
+def rewrite_sse_line(line: str, payload: Any, public_model: str) -> str:
+    if isinstance(payload, dict) and "model" in payload:
+        return "data: " + json.dumps(with_public_model(payload, public_model), separators=(",", ":"))
+    return line
+
+
+def answer_texts(body: bytes) -> list[str] | None:
+    """The texts of a completion's choices (chat or legacy), for comparing two answers."""
+    try:
+        data = json.loads(body)
+        return [(c.get("message") or {}).get("content") or c.get("text") or "" for c in data["choices"]]
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
+def deterministic(payload: dict) -> bool:
+    """Greedy decoding: the same model must give the same answer, so two answers can be compared."""
+    return payload.get("temperature") == 0 and not payload.get("stream")
+
+
+class Proxy:
+    """Sends one client request to the chosen version, and to stable if the canary fails it.
+
+    `http` pools keep-alive connections; `fresh` keeps none, so a request sent through it
+    always opens a new connection (the retry after a dropped one)."""
+
+    def __init__(self, gateway: Gateway, http: httpx.AsyncClient, retry_timeout_s: float, timeout_s: float, fresh: httpx.AsyncClient | None = None) -> None:
+        self.gateway, self.http, self.fresh = gateway, http, fresh or http
+        self.retry_timeout_s, self.timeout_s = retry_timeout_s, timeout_s
+        self._background: set[asyncio.Task] = set()
+
+    def _request(self, http: httpx.AsyncClient, backend: Backend, path: str, payload: dict, timeout_s: float) -> httpx.Request:
+        return http.build_request(
+            "POST", backend.base_url + path, json={**payload, "model": backend.model}, headers=auth.bearer_headers(backend.api_key),
+            # A read timeout bounds each silence; the asyncio.timeout around the call bounds the total.
+            timeout=httpx.Timeout(timeout_s, connect=min(timeout_s, 10.0)),
+        )
+
+    async def _acquire(self, slot: Slot, exclude: frozenset[str], wait_s: float) -> Backend | None:
+        """A healthy replica, preferring those not in `exclude`; while every replica is out of
+        rotation (restarting), wait up to `wait_s` for one to come back."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            backend = self.gateway.acquire(slot, exclude) or self.gateway.acquire(slot)
+            if backend is not None or time.monotonic() >= deadline:
+                return backend
+            await asyncio.sleep(0.05)
+
+    async def forward(self, path: str, payload: dict) -> Response:
+        chosen, stable = self.gateway.route()
+        stream = bool(payload.get("stream"))
+        send = self._open_stream if stream else self._call
+        canary_first = chosen.slot is not stable.slot
+        result = await send(chosen, path, payload, retry=False, fallback=canary_first)
+        if canary_first and result.outcome in FAILURES:
+            self.gateway.record_retry(chosen, result.backend)
+            result = await send(stable, path, payload, retry=True, fallback=False)
+        tried: set[str] = set()
+        for n in range(STABLE_RETRIES):
+            if result.outcome != "connection_error":
+                break
+            # Stable's replica refused, reset or closed the connection before any answer: nothing
+            # reached the client. Another replica if one is left untried, else a pause (the
+            # supervisor's time to take a dead one out of rotation) and a new connection.
+            self.gateway.record_retry(stable, result.backend)
+            if result.backend is not None:
+                tried.add(result.backend.name)
+            if not [b for b in stable.slot.backends if b.name not in tried and not self.gateway.is_down(b.name)]:
+                tried.clear()
+                if n:  # the first retry at once: a keep-alive connection closed under us is the common case
+                    await asyncio.sleep(RETRY_PAUSE_S * 2 ** (n - 1))
+            result = await send(stable, path, payload, retry=True, fallback=False, fresh=True, exclude=frozenset(tried))
+        if isinstance(result, StreamStart):
+            return result.response(self.gateway)
+        if result.outcome in FAILURES:
+            self.gateway.metrics.lost.inc()
+        elif result.outcome == "ok" and chosen.slot is stable.slot:
+            mirror = self.gateway.mirror_target()
+            if mirror is not None:
+                task = asyncio.create_task(self._mirror(mirror, path, payload, result.body))
+                self._background.add(task)
+                task.add_done_callback(self._background.discard)
+        return self._respond(result)
+
+    def _respond(self, attempt: Attempt) -> Response:
+        body = attempt.body
+        if attempt.outcome == "ok":
+            with suppress(ValueError):  # not JSON: pass it on untouched
+                body = json.dumps(with_public_model(json.loads(body), self.gateway.public_model)).encode()
+        return Response(body, status_code=attempt.status, media_type=attempt.content_type, headers={**attempt.headers, **backend_headers(attempt.backend)})
+
+    async def _call(self, target: Target, path: str, payload: dict, retry: bool, fallback: bool, fresh: bool = False, exclude: frozenset[str] = frozenset()) -> Attempt:
+        timeout_s = self.retry_timeout_s if fallback else self.timeout_s  # stable waits longer: nobody is behind it
+        http = self.fresh if fresh else self.http
+        started = time.perf_counter()
+        backend = await self._acquire(target.slot, exclude, timeout_s)
+        if backend is None:
+            attempt = Attempt("server_error", time.perf_counter() - started, 503, error_body(f"no healthy replica of '{target.backend.name}' within {timeout_s:g}s", code="no_healthy_replica"))
+            self.gateway.record(target, attempt.outcome, attempt.latency_s, retry)
+            return attempt
+        try:
+            async with asyncio.timeout(timeout_s):
+                r = await http.send(self._request(http, backend, path, payload, timeout_s))
+            attempt = Attempt.answered(r, r.content, time.perf_counter() - started)
+        except (TimeoutError, httpx.TransportError) as exc:
+            attempt = unanswered(backend, exc, time.perf_counter() - started, timeout_s)
+        finally:
+            self.gateway.release(backend)
+        attempt.backend = backend
+        self.gateway.record(target, attempt.outcome, attempt.latency_s, retry, backend)
+        return attempt
+
+    async def _mirror(self, target: Target, path: str, payload: dict, stable_body: bytes) -> None:
+        """A copy for the canary (blue-green analysis, shadow releases): recorded as its own,
+        compared with stable's answer when decoding is greedy, never seen by a client."""
+        attempt = await self._call(target, path, payload, retry=False, fallback=True)
+        if attempt.outcome == "ok" and deterministic(payload):
+            ours, theirs = answer_texts(attempt.body), answer_texts(stable_body)
+            if ours is not None and theirs is not None:
+                self.gateway.record_agreement(target, [t.strip() for t in ours] == [t.strip() for t in theirs])
+
+    async def _open_stream(self, target: Target, path: str, payload: dict, retry: bool, fallback: bool, fresh: bool = False, exclude: frozenset[str] = frozenset()) -> "Attempt | StreamStart":
+        """Open the backend's stream and read up to its first event, sending nothing to the client
+        yet: until then a failure can still be retried on stable."""
+        timeout_s = self.retry_timeout_s if fallback else self.timeout_s  # stable waits longer: nobody is behind it
+        http = self.fresh if fresh else self.http
+        started = time.perf_counter()
+        backend = await self._acquire(target.slot, exclude, timeout_s)
+        if backend is None:
+            attempt = Attempt("server_error", time.perf_counter() - started, 503, error_body(f"no healthy replica of '{target.backend.name}' within {timeout_s:g}s", code="no_healthy_replica"))
+            self.gateway.record(target, attempt.outcome, attempt.latency_s, retry)
+            return attempt
+        response: httpx.Response | None = None
+        try:
+            async with asyncio.timeout(timeout_s):
+                response = await http.send(self._request(http, backend, path, payload, timeout_s), stream=True)
+                if response.status_code >= 400:
+                    body = await response.aread()
+                    await response.aclose()
+                    attempt = Attempt.answered(response, body, time.perf_counter() - started)
+                else:
+                    lines = response.aiter_lines()
+                    head = [await anext(lines)]
+                    while not head[-1].startswith("data:"):  # comments or `event:` lines before the first data
+                        head.append(await anext(lines))
+                    first = sse_data(head[-1])
+                    if not is_error_event(first):  # recorded, and released, when the stream ends
+                        return StreamStart(target, backend, response, lines, head, first, started, retry)
+                    await response.aclose()
+                    attempt = Attempt("server_error", time.perf_counter() - started, 502, json.dumps(first).encode())
+        except StopAsyncIteration:  # 200 and then nothing
+            attempt = Attempt("server_error", time.perf_counter() - started, 502, error_body(f"backend '{backend.name}' sent an empty stream"))
+        except (TimeoutError, httpx.TransportError) as exc:
+            attempt = unanswered(backend, exc, time.perf_counter() - started, timeout_s)
+        if response is not None and not response.is_closed:
+            await response.aclose()
+        self.gateway.release(backend)
+        attempt.backend = backend
+        self.gateway.record(target, attempt.outcome, attempt.latency_s, retry, backend)
+        return attempt
+
+
+@dataclass
+class StreamStart:
+    """A backend stream whose first event has arrived and nothing has been sent on yet."""
+
+    target: Target
+    backend: Backend
+    upstream: httpx.Response
+    lines: AsyncIterator[str]
+    head: list[str]
+    first: Any
+    started: float
+    retry: bool
+    outcome: str = "ok"  # so far: Proxy.forward retries only failed Attempts
+
+    def response(self, gateway: Gateway) -> StreamingResponse:
+        return StreamingResponse(self.relay(gateway), media_type="text/event-stream", headers={**backend_headers(self.backend), "cache-control": "no-cache"})
+
+    async def relay(self, gateway: Gateway) -> AsyncIterator[str]:
+        public = gateway.public_model
+        recorded = False
+
+        def finish(outcome: str) -> None:
+            # Called before the last bytes go out: a client that has read them may look at the
+            # statistics at once, and a cancelled generator may never get past its next await.
+            nonlocal recorded
+            if not recorded:
+                recorded = True
+                gateway.release(self.backend)
+                gateway.record(self.target, outcome, time.perf_counter() - self.started, self.retry, self.backend)
+                if outcome in FAILURES:
+                    gateway.metrics.lost.inc()  # bytes were out, so the client sees this one
+
+        try:
+            for line in self.head[:-1]:
+                yield line + "\n"
+            yield rewrite_sse_line(self.head[-1], self.first, public) + "\n"
+            failed = False
+            async for line in self.lines:
+                payload = sse_data(line)
+                failed = failed or is_error_event(payload)  # the backend's own error event
+                if line.startswith("data:") and line[5:].strip() == "[DONE]":
+                    finish("server_error" if failed else "ok")
+                yield rewrite_sse_line(line, payload, public) + "\n"
+            finish("server_error" if failed else "ok")
+        except (httpx.TransportError, TimeoutError) as exc:
+            finish("timeout" if isinstance(exc, (TimeoutError, httpx.TimeoutException)) else "connection_error")
+            # No retry once bytes are out: end with an error event, which the openai client
+            # raises as APIError, rather than a silently truncated answer.
+            message = f"backend '{self.backend.name}' failed mid-stream: {type(exc).__name__}: {exc}"
+            yield "data: " + error_body(message, code="backend_stream_failed").decode() + "\n\n"
+        finally:
+            finish("aborted")  # the client went away: neither a success nor the backend's fault
+            await self.upstream.aclose()
