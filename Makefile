@@ -47,10 +47,10 @@ data-add: setup  ## add your data: make data-add FILE=path [FORMAT=auto] (copied
 dvc-repro: setup  ## the artifact stages alone, without Prefect
 	$(VENV)/bin/dvc repro
 
-serve: setup  ## serve the current champion on serve.port (OpenAI-compatible)
-	$(PY) -m registry.cli serve
+serve: setup  ## the serving plane: gateway on serve.port, the champion's engines behind it, releases go into it (Ctrl-C stops it)
+	$(PY) -m serving.plane
 
-rollback: setup  ## move alias `champion` back to `previous`
+rollback: setup  ## champion <- previous: on a running plane, switched live (no restart); else the aliases alone
 	$(PY) -m registry.cli rollback
 
 schedule: setup  ## serve the flow with its cron schedule and data-changed trigger (needs `make ui-prefect`)

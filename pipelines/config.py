@@ -286,6 +286,10 @@ class ServeParams(Section):
     queue_max_waiting: int = Field(128, ge=0, description="Requests that may wait in the gateway's queue; beyond it a request gets 429 with Retry-After at once.")
     keys_file: str | None = Field(None, description="YAML file mapping API keys to tiers {priority, rpm, tpm} (serving/keys.py); keep it out of git. null = no per-key tiers or rate limits.")
     redis_url: str | None = Field(None, description="redis://host:port/db shared by gateway replicas for the response cache and the rate limits; null = each gateway keeps its own in memory.")
+    replicas: int = Field(1, ge=1, description="Engine processes per version in the serving plane (`make serve`), balanced by fewest requests outstanding.")
+    plane_url: str | None = Field("auto", description="The running plane releases go into: 'auto' = http://host:port when a plane answers there for this registry; a URL; null = always an ephemeral gateway for the release.")
+    drain_timeout_s: float = Field(60, gt=0, description="How long a version leaving the plane (promoted away, rolled back) may finish its requests in flight before it is stopped.")
+    supervise_interval_s: float = Field(0.5, gt=0, description="How often the plane's supervisor checks each engine process (exited, or failing /health 3 times in a row: restarted).")
 
 
 class CanaryParams(Section):

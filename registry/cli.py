@@ -1,8 +1,8 @@
 """Registry commands for people: which version is where, serve the champion, roll back.
 
     python -m registry.cli show       # aliases and their versions' key metrics
-    python -m registry.cli serve      # the champion on serve.host:serve.port (make serve)
-    python -m registry.cli rollback   # champion <- previous (make rollback)
+    python -m registry.cli serve      # the champion alone on serve.host:serve.port (no plane)
+    python -m registry.cli rollback   # champion <- previous, switched live on a running plane (make rollback)
     python -m registry.cli approve 7 --reason "flaky canary host, re-run"   # lift a rejection
 """
 
@@ -24,6 +24,32 @@ def show(name: str) -> None:
         mv = by_alias(name, alias)
         detail = f"version {mv.version}  {metrics_of(mv)}  git {mv.tags.get('lineage.git_sha', '?')[:8]}" if mv else "-"
         print(f"{alias:>9}: {detail}")
+
+
+def rollback_plane(params, plane) -> None:
+    """`make rollback` on a running plane: start `previous`'s engine beside the champion, check it
+    answers, move the aliases, then switch all traffic to it; the old champion drains and stops.
+    No restart, and no request is dropped (the gateway keeps serving throughout)."""
+    from pipelines.common import PREPARED
+    from serving.canary import golden_prompts, probe
+    from serving.plane_client import backends_of
+
+    name = params.registry.model_name
+    previous = by_alias(name, PREVIOUS)
+    if previous is None:
+        raise SystemExit(f"model '{name}' has no 'previous' version to roll back to")
+    print(f"starting version {previous.version} in the plane at {plane.root_url} ...", flush=True)
+    state = plane.attach_canary(str(previous.version), 0.0)
+    target = backends_of(state, "canary")[0]
+    test_file = PREPARED / "sft_test.parquet"
+    prompts = golden_prompts(test_file, 5) if test_file.exists() else [("Say OK.", "")]
+    checked = probe({"previous": (f"{target.base_url}/v1", target.model)}, prompts, params.serve.max_new_tokens, api_key=target.api_key)["previous"]
+    if checked["error_rate"]:
+        plane.rollback()
+        raise SystemExit(f"version {previous.version} failed {checked['error_rate']:.0%} of its checks ({checked['errors_seen']}): not switched; the champion keeps serving")
+    old, new = rollback(name)
+    plane.promote()
+    print(f"rolled back '{name}': version {new} now serves all traffic at {plane.base_url} (version {old} drained and stopped)")
 
 
 def serve(params) -> None:
@@ -70,8 +96,17 @@ def main(argv: list[str] | None = None) -> None:
         mv = approve(name, args.version, args.reason, getpass.getuser())
         print(f"approved version {mv.version} (was {mv.tags.get(STATUS)}): {args.reason}; the next run may release it again")
     else:
+        from serving.plane_client import discover
+
+        plane = discover(params)
+        if plane is not None:
+            try:
+                rollback_plane(params, plane)
+            finally:
+                plane.close()
+            return
         old, new = rollback(name)
-        print(f"rolled back '{name}': champion is now version {new} (was {old}); restart `make serve` to serve it")
+        print(f"rolled back '{name}': champion is now version {new} (was {old}); no plane is running, so `make serve` will serve it")
 
 
 if __name__ == "__main__":

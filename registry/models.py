@@ -142,6 +142,17 @@ def rollback(name: str) -> tuple[str, str]:
     return (str(current.version) if current else "none"), str(previous.version)
 
 
+def log_release(name: str, version: str, history: dict, markdown: str) -> None:
+    """The release history of a version (what went where, when, why, each step's analysis),
+    stored with the version's run: release/v<N>.json and .md; the tag points at them."""
+    c = client()
+    mv = c.get_model_version(name, str(version))
+    if mv.run_id:
+        c.log_dict(mv.run_id, history, f"release/v{version}.json")
+        c.log_text(mv.run_id, markdown, f"release/v{version}.md")
+        c.set_model_version_tag(name, str(version), "release.history", f"runs:/{mv.run_id}/release/v{version}.json")
+
+
 def download(mv: ModelVersion, dst: Path) -> Path:
     """Fetch a version's model folder (what serving loads)."""
     dst.mkdir(parents=True, exist_ok=True)

@@ -15,6 +15,7 @@ must be none: canary failures are retried on stable by the gateway.
 
 from __future__ import annotations
 
+import datetime
 import itertools
 import math
 import threading
@@ -38,9 +39,11 @@ class StepReport:
     decision: Decision
     client_requests: int
     client_errors: int
+    at: str = field(default_factory=lambda: datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"))
 
     def as_dict(self) -> dict:
         return {
+            "at": self.at,
             "weight": self.weight,
             "canary": self.canary,
             "stable": self.stable,
@@ -133,13 +136,16 @@ def run_rollout(
     max_tokens: int,
     on_step: Callable[[int], None] | None = None,
     gateway_api_key: str | None = None,
+    top_up_concurrency: int = 4,
 ) -> RolloutResult:
     """Shift traffic to `canary` step by step behind `gateway` (served at `gateway_url`, the
     OpenAI base URL). Rolls back by removing the canary; on success leaves the promotion
     itself (gateway swap, registry aliases) to the caller. `on_step(i)` runs when step i's
     weight is set, before its traffic: drills use it to break the canary mid-rollout.
     Probes send each backend its own key (`Backend.api_key`), the synthetic users send
-    `gateway_api_key` to the gateway."""
+    `gateway_api_key` to the gateway. `gateway` is the in-process `Gateway` or a running
+    plane's `serving.plane_client.RemoteGateway`: on a plane, real clients' traffic counts
+    too, and the synthetic users (`top_up_concurrency` of them) only top it up."""
     stable = gateway.stable
     golden_stable = probe({"stable": v1(stable)}, golden, max_tokens, api_key=stable.api_key)["stable"]
     shadow = [p for p, _ in golden[: policy.shadow_prompts]]
@@ -162,7 +168,7 @@ def run_rollout(
 
         # Enough synthetic requests for the canary to see step_requests at this weight, with margin.
         budget = 4 * math.ceil(policy.step_requests * 100 / weight) + 50
-        sent, errors = drive_traffic(gateway_url, gateway.public_model, traffic, done, budget, max_tokens, api_key=gateway_api_key)
+        sent, errors = drive_traffic(gateway_url, gateway.public_model, traffic, done, budget, max_tokens, top_up_concurrency, api_key=gateway_api_key)
         stats = gateway.window()
         golden_canary = probe({"canary": v1(canary)}, golden, max_tokens, api_key=canary.api_key)["canary"]
         canary_metrics = {

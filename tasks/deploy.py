@@ -17,8 +17,10 @@ $GATEWAY_API_KEY, or else the same key, from the synthetic users.
 
 from __future__ import annotations
 
+import datetime
 import os
 import shutil
+from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -29,7 +31,7 @@ from prefect.cache_policies import NO_CACHE
 from pipelines.common import PREPARED
 from pipelines.config import Params
 from pipelines.gates import decide_canary
-from registry.models import CANDIDATE, CHAMPION, by_alias, download, promote, reject
+from registry.models import CANDIDATE, CHAMPION, by_alias, download, log_release, promote, reject
 from registry.store import client
 from serving import auth
 from serving.background import ThreadedServer
@@ -37,6 +39,7 @@ from serving.canary import golden_prompts, probe
 from serving.gateway import API_KEY_ENV as GATEWAY_KEY_ENV
 from serving.gateway import Backend, create_gateway
 from serving.launcher import ServerProcess, ServerStartError, free_port, launch
+from serving.plane_client import PlaneAPIError, PlaneClient, RemoteGateway, backends_of, discover
 from serving.rollout import RolloutResult, StepReport, run_rollout
 
 SERVING_DIR = Path(".serving")  # downloaded model versions and server logs (git-ignored)
@@ -108,6 +111,52 @@ def abort(name: str, version: str, what: str, exc: Exception) -> None:
     raise ReleaseAborted(message) from exc
 
 
+def release_into_plane(params: Params, plane: PlaneClient, version: str, golden: list[tuple[str, str]], drill: list[str] | None) -> tuple[RolloutResult, int]:
+    """The candidate joins the running plane as its canary and is judged on the plane's real
+    traffic (topped up by synthetic users when it is thin). A rollback has stopped it already;
+    promotion is left to the caller (registry first, then the plane). Returns the result and
+    where the plane's event history stood before."""
+    name = params.registry.model_name
+    before = len(plane.state()["history"])
+    try:
+        state = plane.attach_canary(version, 0.0, drill)
+    except PlaneAPIError as exc:
+        if exc.status != 502:  # 409: the plane is busy with another canary; nothing was judged
+            abort(name, version, f"the running plane at {plane.root_url} refused the canary ({exc.message})", exc)
+        return unservable(params, exc), before
+    remote = RemoteGateway(plane)
+    candidate = backends_of(state, "canary")[0]
+    gateway_key = auth.env_key(GATEWAY_KEY_ENV) or auth.backend_key()
+    result = run_rollout(remote, plane.base_url, candidate, golden, params.canary, params.serve.max_new_tokens, gateway_api_key=gateway_key, top_up_concurrency=2)
+    return result, before
+
+
+def plane_events(plane: PlaneClient, before: int) -> list[dict]:
+    events = plane.state()["history"]
+    return events[before:] if len(events) > before else events[-10:]
+
+
+def history_markdown(history: dict) -> str:
+    lines = [
+        f"## release of version {history['version']}: {history['outcome']}",
+        "",
+        f"- where: {history['where']}",
+        f"- from {history['started_at']} to {history['finished_at']}",
+        f"- stable before: version {history['stable_before']}",
+        "",
+        "| at | canary weight | canary requests | error rate | p95 canary / stable | golden EM | agreement | verdict |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for s in history["steps"]:
+        c, st = s["canary"], s["stable"]
+        p95 = f"{c.get('p95_latency_s') or 0:.3f} / {st.get('p95_latency_s') or 0:.3f} s"
+        verdict = "passed" if s["passed"] else "FAILED: " + "; ".join(s["reasons"])
+        lines.append(f"| {s['at']} | {s['weight']}% | {c.get('requests')} | {c.get('error_rate')} | {p95} | {c.get('exact_match')} | {c.get('agreement')} | {verdict} |")
+    if history["plane_events"]:
+        lines += ["", "Plane events:", ""] + [f"- {e['at']} {e['event']}: " + ", ".join(f"{k}={v}" for k, v in e.items() if k not in ("at", "event")) for e in history["plane_events"]]
+    return "\n".join(lines) + "\n"
+
+
 @task(cache_policy=NO_CACHE)
 def canary_release(params: Params, version: str, drill: list[str] | None = None) -> dict:
     name = params.registry.model_name
@@ -117,6 +166,22 @@ def canary_release(params: Params, version: str, drill: list[str] | None = None)
         print(f"version {version} is already the champion: nothing to deploy")
         return {"outcome": "unchanged", "version": version}
     golden = golden_prompts(PREPARED / "sft_test.parquet", params.canary.golden_prompts)
+    started_at = now()
+    plane = discover(params) if champion is not None else None
+    events: list[dict] = []
+    if plane is not None:
+        stable_before = plane.state()["stable"]
+        where = f"the running plane at {plane.root_url}"
+        print(f"releasing version {version} into {where} (stable: version {stable_before})")
+        try:
+            result, before = release_into_plane(params, plane, version, golden, drill)
+            # The registry first: a plane that stops before its own promotion finishes it on restart
+            # (its canary is the champion); then the plane, whose old stable drains and stops.
+            return finish(params, version, champion, result, where, started_at, stable_before, plane.promote, lambda: plane_events(plane, before))
+        finally:
+            plane.close()
+    where = "an ephemeral gateway (no plane was running: `make serve` starts one)"
+    print(f"releasing version {version} through {where}")
     servers = 1 if champion is None else 2
     with ExitStack() as stack:
         stable = None
@@ -145,14 +210,37 @@ def canary_release(params: Params, version: str, drill: list[str] | None = None)
                     if result.outcome == "promoted":
                         old = gateway.promote_canary()  # the gateway now serves the candidate as stable
                         print(f"gateway: stable is now {gateway.stable.model}; stopping {old.model}")
+    return finish(params, version, champion, result, where, started_at, str(champion.version) if champion else None)
+
+
+def now() -> str:
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+
+
+def finish(
+    params: Params, version: str, champion, result: RolloutResult, where: str, started_at: str, stable_before: str | None,
+    then_promote: Callable[[], object] | None = None, events: Callable[[], list[dict]] | None = None,
+) -> dict:
+    """Record the outcome in the registry (then `then_promote()`, the plane's own promotion), and
+    the release history in MLflow and Prefect."""
+    name = params.registry.model_name
     report = result.summary()
     print(report)
     if result.outcome == "promoted":
         old = promote(name, version)
+        if then_promote is not None:
+            then_promote()
         outcome = {"outcome": "promoted", "version": version, "previous": str(old.version) if old else None}
     else:
         reject(name, version, report)
         outcome = {"outcome": "rolled_back", "version": version, "champion": str(champion.version) if champion else None}
+    history = {
+        "version": version, "outcome": result.outcome, "where": where, "started_at": started_at, "finished_at": now(),
+        "stable_before": stable_before, "steps": [s.as_dict() for s in result.steps], "plane_events": events() if events else [],
+    }
+    markdown = history_markdown(history)
+    log_release(name, version, history, markdown)
+    create_markdown_artifact(key="release-history", markdown=markdown, description=f"release history of version {version}")
     create_markdown_artifact(key="canary", markdown=f"## canary: {outcome['outcome']}\n\n```\n{report}\n```\n", description="canary analysis")
     shutil.rmtree(SERVING_DIR / "models", ignore_errors=True)  # copies; the registry keeps the originals
-    return {**outcome, "steps": [s.as_dict() for s in result.steps], "client_errors": result.client_errors, "reasons": result.reasons}
+    return {**outcome, "where": where, "steps": [s.as_dict() for s in result.steps], "client_errors": result.client_errors, "reasons": result.reasons, "history": history}
