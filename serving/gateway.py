@@ -22,6 +22,7 @@ import argparse
 import json
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -32,6 +33,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from serving import auth
 from serving.limits import DEFAULT_MAX_BODY_BYTES, BodyLimit
 from serving.netaddr import is_loopback
+from serving.cache import MemoryCache, RedisCache, ResponseCache
+from serving.keys import PRIORITY_HEADER, BadPriority, KeyTable, Tier, load_keys, request_priority
+from serving.queue import AdmissionQueue, ClientDisconnected, QueueFull
+from serving.ratelimit import MemoryRateLimiter, RateLimited, RateLimiter, RedisRateLimiter, estimate_tokens
 from serving.proxy import Attempt, Proxy, StreamStart, error_body, rewrite_sse_line, sse_data
 from serving.routing import FAILURES, LATENCY_SAMPLES, Backend, Gateway, NoCanaryError, Slot, Stats, Target, check_weight, classify, percentile
 
@@ -39,6 +44,36 @@ API_KEY_ENV = "GATEWAY_API_KEY"  # keys come from the environment: a key in argv
 ADMIN_KEY_ENV = auth.ADMIN_KEY_ENV
 LEGACY_ADMIN_KEY_ENV = "GATEWAY_ADMIN_KEY"  # still read, after $SERVING_ADMIN_KEY
 BACKEND_KEY_ENV = auth.API_KEY_ENV  # what serving.server reads, so one variable serves both sides
+
+# Callers without a tier (no keys file, or the gateway's own key): priority 0 unless the header
+# asks for less; no rate limit.
+UNTIERED = Tier("untiered", 0, 0, 0)
+
+
+@dataclass
+class FrontDoor:
+    """What stands in front of the engines, each part optional: a response cache for
+    deterministic requests (keyed by model version), a priority queue with backpressure, and
+    per-key tiers with their rate limits. In memory, or in Redis shared by gateway replicas."""
+
+    cache: ResponseCache | None = None
+    cache_ttl_s: float = 300
+    queue: AdmissionQueue | None = None
+    keys: KeyTable | None = None
+    limiter: RateLimiter | None = None
+    default_max_tokens: int = 64
+
+    @classmethod
+    def from_params(cls, serve, replicas: int = 1) -> "FrontDoor":
+        """From `serve:` params; `replicas` sizes the queue's in-flight slots."""
+        cache = None
+        if serve.cache_entries:
+            cache = RedisCache.from_url(serve.redis_url) if serve.redis_url else MemoryCache(serve.cache_entries)
+        keys = load_keys(serve.keys_file) if serve.keys_file else None
+        limiter = (RedisRateLimiter.from_url(serve.redis_url) if serve.redis_url else MemoryRateLimiter()) if keys else None
+        queue = AdmissionQueue(serve.queue_capacity * max(1, replicas), serve.queue_max_waiting)
+        return cls(cache, serve.cache_ttl_s, queue, keys, limiter, serve.max_new_tokens)
+
 
 __all__ = [  # the routing state and the proxy live in their own modules; re-exported for callers
     "FAILURES", "LATENCY_SAMPLES", "Attempt", "Backend", "Gateway", "NoCanaryError", "Proxy", "Slot", "Stats", "StreamStart", "Target",
@@ -71,6 +106,7 @@ def create_gateway(
     admin_key: str | None = None,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     on_change: Callable[[], None] | None = None,
+    front: FrontDoor | None = None,
 ) -> FastAPI:
     """The gateway app; its controller is `app.state.gateway`.
 
@@ -81,7 +117,9 @@ def create_gateway(
     `admin_key` (default: $SERVING_ADMIN_KEY, else $GATEWAY_ADMIN_KEY); everyone else gets 403.
     A request body over `max_body_bytes` is refused with 413 before it is read whole.
     `stable` may be a ready `Gateway` (the plane's); `on_change()` runs after an admin route
-    moved traffic (the plane persists its routing there)."""
+    moved traffic (the plane persists its routing there). `front` is what stands before the
+    engines: the response cache, the priority queue, the keys file and its rate limits."""
+    front = front or FrontDoor()
     gateway = stable if isinstance(stable, Gateway) else Gateway(stable, canary, canary_weight, seed, public_model)
     if admin_key is None:
         admin_key = auth.env_key(ADMIN_KEY_ENV) or auth.env_key(LEGACY_ADMIN_KEY_ENV)
@@ -102,6 +140,17 @@ def create_gateway(
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
         return JSONResponse(status_code=exc.status, content={"error": {"message": exc.message, "type": exc.error_type, "code": exc.code}})
+
+    for refusal in (QueueFull, RateLimited, BadPriority):
+
+        @app.exception_handler(refusal)
+        async def _refused(request: Request, exc: Exception) -> JSONResponse:
+            gateway.metrics.refused.labels(type(exc).__name__).inc()
+            return JSONResponse(exc.error, status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(ClientDisconnected)
+    async def _gone(request: Request, exc: ClientDisconnected) -> Response:
+        return Response(status_code=499)  # nobody is listening; counted by the queue
 
     def require(request: Request, key: str | None) -> None:
         if key is not None and not bearer_matches(request.headers.get("authorization", ""), key):
@@ -129,12 +178,33 @@ def create_gateway(
             raise APIError(400, "the body must be a JSON object")
         return body
 
+    def caller(request: Request) -> tuple[str | None, Tier | None]:
+        """(key, tier) of a caller named in the keys file; (None, None) for one holding the
+        gateway's own key, or for anyone when no key is required. Else 401."""
+        header = request.headers.get("authorization", "")
+        found = front.keys.from_authorization(header) if front.keys is not None else None
+        if found is not None:
+            return found
+        if api_key is None and front.keys is None:
+            return None, None
+        if api_key is not None and bearer_matches(header, api_key):
+            return None, None
+        raise APIError(401, "missing or invalid API key: send 'Authorization: Bearer <key>'", code="invalid_api_key")
+
     async def proxied(request: Request, path: str) -> Response:
-        require(request, api_key)
+        key, tier = caller(request)
         payload = await json_body(request)
         if payload.get("model") != gateway.public_model:
             raise APIError(404, f"The model '{payload.get('model')}' does not exist; this gateway serves '{gateway.public_model}'", code="model_not_found")
-        return await request.app.state.proxy.forward(path, payload)
+        asked = request.headers.get(PRIORITY_HEADER)
+        priority = request_priority(tier or UNTIERED, asked)
+        limit_headers = {}
+        if tier is not None and front.limiter is not None:
+            limit_headers = await front.limiter.acquire(key, tier.rpm, tier.tpm, estimate_tokens(payload, front.default_max_tokens))
+        cached = "no-cache" not in request.headers.get("cache-control", "").lower()
+        response = await request.app.state.proxy.forward(path, payload, front, priority, request.is_disconnected, cached)
+        response.headers.update(limit_headers)
+        return response
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
@@ -157,6 +227,8 @@ def create_gateway(
 
     @app.get("/metrics")
     async def metrics() -> Response:
+        if front.queue is not None:
+            gateway.metrics.observe_queue(front.queue.stats())
         return Response(generate_latest(gateway.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/admin/backends")

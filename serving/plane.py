@@ -48,7 +48,7 @@ from fastapi import FastAPI, Request
 
 from pipelines.config import Params
 from serving import auth
-from serving.gateway import APIError, create_gateway
+from serving.gateway import APIError, FrontDoor, create_gateway
 from serving.launcher import ServerProcess, ServerStartError, free_port, launch
 from serving.routing import Backend, Gateway, NoCanaryError
 
@@ -465,7 +465,8 @@ def create_plane_app(plane: Plane, *, supervise: bool = True, api_key: str | Non
     from serving.supervisor import Supervisor
 
     gateway = plane.require_gateway()
-    app = create_gateway(gateway, api_key=api_key, admin_key=admin_key, on_change=plane.save, **gateway_kwargs)
+    front = gateway_kwargs.pop("front", None) or FrontDoor.from_params(plane.params.serve, plane.params.serve.replicas)
+    app = create_gateway(gateway, api_key=api_key, admin_key=admin_key, on_change=plane.save, front=front, **gateway_kwargs)
     require_admin = app.state.require_admin
     supervisor = Supervisor(plane, plane.params.serve.supervise_interval_s)
     app.state.plane, app.state.supervisor = plane, supervisor

@@ -28,6 +28,7 @@ import httpx
 from fastapi.responses import Response, StreamingResponse
 
 from serving import auth
+from serving.cache import cache_key
 from serving.routing import FAILURES, Backend, Gateway, Slot, Target, classify
 
 PASSED_HEADERS = ("retry-after",)  # upstream headers a client may act on
@@ -59,13 +60,16 @@ class Attempt:
         return cls(classify(r.status_code), latency_s, r.status_code, body, r.headers.get("content-type", "application/json"), headers=kept)
 
 
-def backend_headers(backend: Backend | None) -> dict[str, str]:
+def version_of(backend: Backend) -> str:
+    """What a cached answer is keyed by: the registered version, else the served model name
+    (distinct per version wherever this project starts the engines)."""
+    return backend.version if backend.version is not None else f"model:{backend.model}"
+
+
+def backend_headers(backend: Backend | None, replica: str | None = None) -> dict[str, str]:
     if backend is None:
         return {"x-gateway-backend": ""}
-    headers = {"x-gateway-backend": backend.name}
-    if backend.version is not None:
-        headers["x-gateway-version"] = backend.version
-    return headers
+    return {"x-gateway-backend": replica or backend.name, "x-gateway-version": version_of(backend)}
 
 
 def unanswered(backend: Backend, exc: BaseException, latency_s: float, timeout_s: float) -> Attempt:
@@ -147,9 +151,38 @@ class Proxy:
                 return backend
             await asyncio.sleep(0.05)
 
-    async def forward(self, path: str, payload: dict) -> Response:
+    async def forward(self, path: str, payload: dict, front: Any = None, priority: int = 0, disconnected: Any = None, cached: bool = True) -> Response:
+        """Route, then (with a `front`, the gateway's FrontDoor) answer from the cache if the
+        chosen version answered this deterministic request before, else wait for a slot in the
+        priority queue, send, and store a deterministic answer under the version that gave it.
+        `cached=False` (the client sent `Cache-Control: no-cache`) always asks a backend."""
         chosen, stable = self.gateway.route()
         stream = bool(payload.get("stream"))
+        cache = None if front is None or stream or not cached else front.cache
+        if cache is not None:
+            key = cache_key(version_of(chosen.backend), path, payload)
+            if key is not None:
+                body = await cache.get(key)
+                self.gateway.metrics.cache.labels("hit" if body is not None else "miss").inc()
+                if body is not None:  # never recorded in a version's statistics: no backend answered
+                    return Response(body, media_type="application/json", headers={"x-gateway-cache": "hit", **backend_headers(chosen.backend, replica="cache")})
+        queue = None if front is None else front.queue
+        admission = await queue.acquire(priority, disconnected) if queue is not None else None
+        try:
+            response = await self._forward(chosen, stable, path, payload, stream, admission)
+        except BaseException:
+            if admission is not None:
+                admission.release()
+            raise
+        if admission is not None and not isinstance(response, StreamingResponse):
+            admission.release()  # a stream releases its slot when it ends
+        if cache is not None and response.status_code == 200 and response.headers.get("x-gateway-version") is not None:
+            key = cache_key(response.headers["x-gateway-version"], path, payload)  # the version that answered
+            if key is not None:
+                await cache.put(key, response.body, front.cache_ttl_s)
+        return response
+
+    async def _forward(self, chosen: Target, stable: Target, path: str, payload: dict, stream: bool, admission: Any) -> Response:
         send = self._open_stream if stream else self._call
         canary_first = chosen.slot is not stable.slot
         result = await send(chosen, path, payload, retry=False, fallback=canary_first)
@@ -172,6 +205,7 @@ class Proxy:
                     await asyncio.sleep(RETRY_PAUSE_S * 2 ** (n - 1))
             result = await send(stable, path, payload, retry=True, fallback=False, fresh=True, exclude=frozenset(tried))
         if isinstance(result, StreamStart):
+            result.on_close = admission.release if admission is not None else None
             return result.response(self.gateway)
         if result.outcome in FAILURES:
             self.gateway.metrics.lost.inc()
@@ -274,6 +308,7 @@ class StreamStart:
     started: float
     retry: bool
     outcome: str = "ok"  # so far: Proxy.forward retries only failed Attempts
+    on_close: Any = None  # called once the stream is over (the queue slot it held)
 
     def response(self, gateway: Gateway) -> StreamingResponse:
         return StreamingResponse(self.relay(gateway), media_type="text/event-stream", headers={**backend_headers(self.backend), "cache-control": "no-cache"})
@@ -313,4 +348,6 @@ class StreamStart:
             yield "data: " + error_body(message, code="backend_stream_failed").decode() + "\n\n"
         finally:
             finish("aborted")  # the client went away: neither a success nor the backend's fault
+            if self.on_close is not None:
+                self.on_close()
             await self.upstream.aclose()

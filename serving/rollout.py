@@ -107,7 +107,8 @@ def drive_traffic(
                 return
             try:
                 api.chat.completions.create(
-                    model=model, messages=[{"role": "user", "content": prompts[n % len(prompts)]}], max_tokens=max_tokens, temperature=0
+                    model=model, messages=[{"role": "user", "content": prompts[n % len(prompts)]}], max_tokens=max_tokens, temperature=0,
+                    extra_headers={"cache-control": "no-cache"},  # evidence for the analysis: a cached answer shows nothing
                 )
                 ok = True
             except Exception:  # a client-visible failure: exactly what the gateway must prevent

@@ -162,6 +162,17 @@ class Metrics:
         self.weight = Gauge("gateway_canary_weight", "Share of requests routed to the canary.", registry=self.registry)
         self.outstanding = Gauge("gateway_outstanding_requests", "Requests in flight on a replica.", ["backend"], registry=self.registry)
         self.healthy = Gauge("gateway_replica_healthy", "1 while a replica is in rotation, 0 while it is out (restarting, draining).", ["backend"], registry=self.registry)
+        self.cache = Counter("gateway_cache_requests", "Cacheable requests by result: hit (answered from the cache) or miss.", ["result"], registry=self.registry)
+        self.refused = Counter("gateway_refused_requests", "Requests refused before any backend: QueueFull, RateLimited, BadPriority.", ["reason"], registry=self.registry)
+        self.queue = Gauge("gateway_queue", "The admission queue: in_flight, waiting, and its running totals (admitted, rejected_full, dropped_disconnected, cancelled).", ["state"], registry=self.registry)
+        self.queue_wait = Gauge("gateway_queue_wait_p95_seconds", "p95 wait in the queue by priority (recent requests).", ["priority"], registry=self.registry)
+
+    def observe_queue(self, stats: dict[str, Any]) -> None:
+        for state in ("in_flight", "waiting", "admitted", "rejected_full", "dropped_disconnected", "cancelled"):
+            self.queue.labels(state).set(stats[state])
+        for priority, wait in stats["wait_s"].items():
+            if wait["p95"] is not None:
+                self.queue_wait.labels(str(priority)).set(wait["p95"])
 
 
 class NoCanaryError(LookupError):
