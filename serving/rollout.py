@@ -174,13 +174,19 @@ def run_rollout(
         golden_canary = probe({"canary": v1(canary)}, golden, max_tokens, api_key=canary.api_key)["canary"]
         canary_metrics = {
             "requests": stats["canary"]["requests"],
+            "failures": stats["canary"]["failures"],
             "error_rate": stats["canary"]["error_rate"],
             "p95_latency_s": stats["canary"]["p95_latency_s"],
             "exact_match": golden_canary["exact_match"],
         }
         if shadow:
             canary_metrics["agreement"] = shadow_agreement(stable, canary, shadow, max_tokens)
-        stable_metrics = {"p95_latency_s": stats["stable"]["p95_latency_s"], "exact_match": golden_stable["exact_match"]}
+        stable_metrics = {
+            "requests": stats["stable"]["requests"],
+            "failures": stats["stable"]["failures"],
+            "p95_latency_s": stats["stable"]["p95_latency_s"],
+            "exact_match": golden_stable["exact_match"],
+        }
         decision = decide_canary(canary_metrics, stable_metrics, policy)
         decisions.append(decision)
         result.steps.append(StepReport(weight, canary_metrics, stable_metrics, decision, sent, errors))
