@@ -1,0 +1,200 @@
+"""Releases into a running serving plane (`python -m serving.plane`, a real process, as `make serve`
+starts it) with a real MLflow registry, while 16 clients send requests without pause:
+a full release (canary steps, promotion) and then `make rollback`, a bad candidate rolled back,
+and the plane killed mid-canary and restarted. No client may see an error, and every answer
+names the version that gave it.
+
+One plane for the module; the versions are the same tiny checkpoint registered several times,
+so their greedy answers agree and a healthy candidate is promoted."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from pipelines.config import CanaryParams, ServeParams
+from registry import models
+from registry.store import client
+from serving.launcher import free_port
+from serving.plane_client import PlaneClient
+from tasks.deploy import canary_release
+from tests.conftest import ROOT, tiny_params
+from tests.serving.conftest import wait_until
+
+NAME = "reverse-digits"
+
+
+class Plane:
+    """The plane as a user runs it: its own process, its own log."""
+
+    def __init__(self, workdir: Path, port: int) -> None:
+        self.workdir, self.port = workdir, port
+        self.url = f"http://127.0.0.1:{port}"
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> "Plane":
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+        log = (self.workdir / "plane.log").open("ab")
+        self.process = subprocess.Popen([sys.executable, "-m", "serving.plane"], cwd=self.workdir, env=env, stdout=log, stderr=subprocess.STDOUT)
+        wait_until(self.ready, f"the plane answering on {self.url} (log: {self.workdir / 'plane.log'})", 180)
+        return self
+
+    def ready(self) -> bool:
+        assert self.process is not None and self.process.poll() is None, (self.workdir / "plane.log").read_text()[-3000:]
+        try:
+            return httpx.get(f"{self.url}/health", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def state(self) -> dict:
+        return httpx.get(f"{self.url}/admin/state", timeout=30).json()
+
+    def stop(self, sig: signal.Signals = signal.SIGINT) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(sig)
+            self.process.wait(timeout=60)
+
+
+class Clients:
+    """16 clients sending without pause; every answer: (sent, done, status, version)."""
+
+    def __init__(self, url: str, n: int = 16) -> None:
+        self.url, self.stop_event, self.lock = url, threading.Event(), threading.Lock()
+        self.answers: list[tuple[float, float, int, str]] = []
+        self.threads = [threading.Thread(target=self.run, args=(i,), daemon=True) for i in range(n)]
+
+    def run(self, i: int) -> None:
+        with httpx.Client(timeout=180) as http:
+            while not self.stop_event.is_set():
+                sent = time.monotonic()
+                body = {"model": NAME, "messages": [{"role": "user", "content": f"{i % 10} {(i * 3) % 10}"}], "max_tokens": 4, "temperature": 0}
+                try:
+                    r = http.post(f"{self.url}/v1/chat/completions", json=body, headers={"cache-control": "no-cache"})
+                    status, version = r.status_code, r.headers.get("x-gateway-version", "")
+                except httpx.HTTPError as exc:
+                    status, version = 0, type(exc).__name__
+                with self.lock:
+                    self.answers.append((sent, time.monotonic(), status, version))
+
+    def __enter__(self) -> "Clients":
+        for t in self.threads:
+            t.start()
+        wait_until(lambda: len(self.answers) >= 16, "the clients' first answers", 120)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop_event.set()
+        for t in self.threads:
+            t.join(timeout=180)
+
+    def failed(self) -> list:
+        return [a for a in self.answers if a[2] != 200]
+
+    def versions_sent_after(self, t: float) -> set[str]:
+        return {a[3] for a in self.answers if a[0] > t}
+
+
+CANARY = CanaryParams(steps=[50, 100], step_requests=3, golden_prompts=4, shadow_prompts=2, min_exact_match=0.0, max_latency_ratio=50)
+
+
+@pytest.fixture(scope="module")
+def plane(prepared_dir, tmp_path_factory):
+    work = tmp_path_factory.mktemp("plane-release")
+    for sub in ("data", "models"):
+        shutil.copytree(prepared_dir / sub, work / sub)
+    port = free_port()
+    serve = ServeParams(port=port, replicas=1, max_new_tokens=8, startup_timeout_s=90, supervise_interval_s=0.3, drain_timeout_s=60)
+    params = tiny_params(serve=serve, canary=CANARY)
+    (work / "params.yaml").write_text(yaml.safe_dump({"serve": serve.model_dump(mode="json"), "canary": CANARY.model_dump(mode="json")}))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(work)
+        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{work / 'mlflow.db'}")
+        from registry.store import experiment_id
+
+        c, exp = client(), experiment_id("test")
+        versions = [str(models.register(NAME, work / "models/base", c.create_run(exp).info.run_id, f"md5-{i}", {}).version) for i in range(4)]
+        models.promote(NAME, versions[0])
+        running = Plane(work, port).start()
+        running.params, running.versions = params, versions
+        try:
+            yield running
+        finally:
+            running.stop()
+
+
+def alias(name: str) -> str | None:
+    mv = models.by_alias(NAME, name)
+    return str(mv.version) if mv else None
+
+
+def test_a_release_and_a_rollback_under_load_lose_nothing_and_leave_registry_routing_and_engines_agreeing(plane):
+    v1, v2 = plane.versions[:2]
+    assert plane.state()["stable"] == v1
+    with Clients(plane.url) as clients:
+        outcome = canary_release.fn(plane.params, v2)
+        promoted_at = time.monotonic()
+        assert outcome["outcome"] == "promoted", outcome["reasons"]
+        assert outcome["where"].startswith("the running plane")
+        wait_until(lambda: len(clients.versions_sent_after(promoted_at)) and len(clients.answers) > 0, "answers after the promotion")
+        time.sleep(1)
+        from registry.cli import main as cli
+
+        rollback_started = time.monotonic()
+        cli(["rollback"])  # make rollback, on the running plane
+        rolled_back_at = time.monotonic()
+        wait_until(lambda: clients.versions_sent_after(rolled_back_at + 0.5), "answers after the rollback", 60)
+    assert clients.failed() == [], f"{len(clients.failed())} of {len(clients.answers)} requests failed: {clients.failed()[:3]}"
+    assert {a[3] for a in clients.answers} == {v1, v2}, "clients were answered by the champion, then the candidate, then the champion"
+    during = {a[3] for a in clients.answers if promoted_at < a[0] < rollback_started}
+    assert during == {v2}, "after the promotion every new request went to the new stable"
+    assert clients.versions_sent_after(rolled_back_at) == {v1}, "after the rollback every new request went back"
+    assert [s["weight"] for s in outcome["steps"]] == [50, 100]
+
+    state = plane.state()
+    assert (alias("champion"), alias("previous")) == (v1, v2)
+    assert (state["stable"], state["canary"]) == (v1, None)
+    assert list(state["replicas"]) == [v1], "only the champion's engine is running"
+    assert httpx.post(f"{plane.url}/v1/chat/completions", json={"model": NAME, "messages": [{"role": "user", "content": "1"}], "max_tokens": 2}).headers["x-gateway-version"] == v1
+    events = [(e["event"], e.get("version")) for e in state["history"]]
+    assert [("canary_attached", v2), ("promoted", v2), ("canary_attached", v1), ("promoted", v1)] == [e for e in events if e[0] in ("canary_attached", "promoted")]
+    tags = client().get_model_version(NAME, v2).tags
+    assert tags["release.history"].endswith(f"release/v{v2}.json"), "the release history is stored with the version"
+
+
+def test_a_bad_candidate_released_into_the_plane_is_rolled_back_while_clients_keep_sending(plane):
+    v1, v3 = plane.versions[0], plane.versions[2]
+    with Clients(plane.url) as clients:
+        outcome = canary_release.fn(plane.params, v3, drill=["--fault-error-rate", "1.0"])
+    assert outcome["outcome"] == "rolled_back" and any(r.startswith("error_rate") for r in outcome["reasons"])
+    assert clients.failed() == [], "the canary's failures are retried on stable"
+    assert {a[3] for a in clients.answers} == {v1}
+    state = plane.state()
+    assert (state["stable"], state["canary"], alias("champion")) == (v1, None, v1)
+    assert list(state["replicas"]) == [v1]
+
+
+def test_a_plane_killed_mid_canary_resumes_the_same_routing_on_restart(plane):
+    v1, v4 = plane.versions[0], plane.versions[3]
+    admin = PlaneClient(plane.url)
+    admin.attach_canary(v4, 0.5)
+    before = plane.state()
+    plane.stop(signal.SIGKILL)  # a crash: the engines, in their own process groups, live on
+    plane.start()
+    after = plane.state()
+    assert (after["stable"], after["canary"], after["weight"]) == (v1, v4, 0.5)
+    assert after["replicas"] == before["replicas"], "the running engines were adopted, not restarted"
+    assert any(e["event"] == "adopted" for e in after["history"])
+    seen = {httpx.post(f"{plane.url}/v1/chat/completions", json={"model": NAME, "messages": [{"role": "user", "content": str(i)}], "max_tokens": 2, "temperature": 0}).headers["x-gateway-version"] for i in range(30)}
+    assert seen == {v1, v4}, "half the traffic still goes to the canary"
+    admin.rollback()
+    admin.close()
