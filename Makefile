@@ -32,13 +32,14 @@ test: setup  ## the whole suite, whole-flow tests included
 test-fast: setup  ## everything but the whole-flow and multi-process tests
 	$(PY) -m pytest -m "not slow"
 
-bench: setup  ## pipeline cold/no-op times, SFT tokens/s vs plain TRL, eval time per task and the gate's false-block rate, CPU-engine batching speed-up, gateway load test
+bench: setup  ## pipeline cold/no-op times, SFT tokens/s vs plain TRL, eval time per task and the gate's false-block rate, CPU-engine batching speed-up, gateway load test, the plane's overhead, cache speed-up and requests lost during a release
 	$(PY) -m benchmarks.pipeline
 	$(PY) -m benchmarks.prepare
 	$(PY) -m benchmarks.training
 	$(PY) -m benchmarks.evaluation
 	$(PY) -m benchmarks.engine
 	$(PY) -m benchmarks.serving_load
+	$(PY) -m benchmarks.plane
 
 data-add: setup  ## add your data: make data-add FILE=path [FORMAT=auto] (copied to data/raw/, tracked by DVC)
 	@test -n "$(FILE)" || { echo "usage: make data-add FILE=path/to/data.jsonl [FORMAT=alpaca|sharegpt|openai|...]"; exit 2; }
