@@ -294,17 +294,27 @@ class ServeParams(Section):
 
 class CanaryParams(Section):
     """Progressive delivery with the semantics of Argo Rollouts / Flagger: traffic weight steps,
-    a minimum amount of evidence per step, metric checks, and a failure limit."""
+    a minimum amount of evidence per step, metric checks, and a failure limit.
+
+    The canary's error rate is judged by a sequential test against stable's own rate in the
+    same step (`pipelines.gates.ErrorRateTest`, Wald's SPRT): H0 "canary <= stable +
+    error_rate_margin" against H1 "canary >= stable + error_rate_effect", with error
+    probabilities error_rate_alpha and error_rate_beta. How many requests that takes follows
+    from the effect, so `step_requests` is a floor raised to `min_step_requests`."""
 
     steps: list[int] = Field(default_factory=lambda: [10, 25, 50, 100], description="Canary traffic weight (percent) at each step; the last should be 100.")
-    step_requests: int = Field(20, ge=1, description="Fewest requests the canary must answer at each step before it is analysed.")
+    step_requests: int = Field(20, ge=1, description="Fewest requests the canary must answer at each step before it is analysed; raised to min_step_requests, the fewest at which the error-rate test can pass a step.")
     interval_s: float = Field(0.0, ge=0, description="Shortest time spent at each step (real traffic needs minutes; the embedded demo drives its own).")
     golden_prompts: int = Field(20, ge=1, description="Held-out prompts sent straight to the canary; their exact match is checked.")
     shadow_prompts: int = Field(10, ge=0, description="Prompts sent to both stable and canary; their agreement is checked (0 = off).")
     min_exact_match: float = Field(0.8, ge=0, le=1, description="Canary's golden-prompt exact match must reach this.")
     champion_tolerance: float = Field(0.05, ge=0, le=1, description="Canary's golden exact match may trail stable's by at most this.")
     min_agreement: float = Field(0.8, ge=0, le=1, description="Share of shadowed prompts where canary and stable answer alike.")
-    max_error_rate: float = Field(0.0, ge=0, le=1, description="Largest share of failed canary requests (5xx, refused, timeout) in a step.")
+    max_error_rate: float = Field(0.0, ge=0, le=1, description="Error rate (5xx, refused, timeout) a release is held to when stable served nothing to compare with: the largest share a first release may fail, and stable's rate in the error-rate test at a step where stable got no traffic (the 100% step).")
+    error_rate_margin: float = Field(0.001, ge=0, lt=1, description="Error-rate test, H0: the canary's error rate is at most stable's plus this (absolute). 0 says a canary may not fail more often than stable at all: against a stable without failures its first failure then fails the step.")
+    error_rate_effect: float = Field(0.01, gt=0, lt=1, description="Error-rate test, H1: the canary's error rate is at least stable's plus this (absolute): the smallest degradation a step must catch, with probability 1 - error_rate_beta.")
+    error_rate_alpha: float = Field(0.05, gt=0, lt=1, description="Largest probability that the error-rate test fails a step whose canary is within error_rate_margin of stable (a false rollback).")
+    error_rate_beta: float = Field(0.1, gt=0, lt=1, description="Largest probability that the error-rate test passes a step whose canary is worse than stable by error_rate_effect (a missed regression).")
     max_latency_ratio: float = Field(2.5, gt=0, description="Canary p95 latency may be at most this multiple of stable's in the same step.")
     failure_limit: int = Field(0, ge=0, description="Failed analyses tolerated before rolling back (0: the first failure rolls back).")
 
@@ -313,6 +323,28 @@ class CanaryParams(Section):
         if not self.steps or any(not 0 < w <= 100 for w in self.steps) or self.steps != sorted(self.steps):
             raise ValueError(f"steps must be increasing percentages in (0, 100], got {self.steps}")
         return self
+
+    @model_validator(mode="after")
+    def _error_rate_test(self) -> "CanaryParams":
+        if self.error_rate_effect <= self.error_rate_margin:
+            raise ValueError(f"error_rate_effect ({self.error_rate_effect}) must exceed error_rate_margin ({self.error_rate_margin}): the test tells the two apart")
+        # A step analysed earlier could never pass: raise the floor rather than fail every step.
+        # (The model is frozen; this is its own validation, so it sets the field directly.)
+        object.__setattr__(self, "step_requests", max(self.step_requests, self.min_step_requests))
+        return self
+
+    @property
+    def min_step_requests(self) -> int:
+        """The fewest canary requests at which the error-rate test can pass a step: every answer
+        without a failure lowers the log-likelihood ratio by ln((1 - margin) / (1 - effect)), and
+        H0 is accepted at ln(beta), so a spotless canary against a spotless stable needs
+        ceil(ln(1 / beta) / ln((1 - margin) / (1 - effect))). The same bound as
+        pipelines.gates.ErrorRateTest.floor at stable's rate 0 (the largest: a stable that
+        fails too lowers it)."""
+        import math
+
+        per_answer = math.log((1 - self.error_rate_margin) / (1 - self.error_rate_effect))
+        return math.ceil(math.log(1 / self.error_rate_beta) / per_answer)
 
 
 class Params(Section):

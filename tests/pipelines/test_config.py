@@ -72,6 +72,15 @@ def test_real_model_config_is_valid():
     params = load_params("configs/real-model.yaml")
     assert not params.bootstrapped and params.serve.engine == "vllm"
     assert params.sft.deepspeed == "configs/deepspeed/zero2.json" and params.sft.peft.modules_to_save == []
+    # Its canary asks for what its error-rate test needs, no less (a smaller value would be raised).
+    assert params.canary.step_requests == params.canary.min_step_requests == 255
+
+
+def test_canary_error_rate_test_is_checked_and_sets_the_step_floor(tmp_path):
+    with pytest.raises(ConfigError, match="error_rate_effect .* must exceed error_rate_margin"):
+        load_params(write(tmp_path, "canary:\n  error_rate_margin: 0.02\n  error_rate_effect: 0.01\n"))
+    coarse = load_params(write(tmp_path, "canary:\n  step_requests: 2\n  error_rate_effect: 0.5\n")).canary
+    assert coarse.step_requests == 4, "ceil(ln(1 / 0.1) / ln(0.999 / 0.5)): a floor, raised"
 
 
 def test_recipe_errors_name_the_step(tmp_path):
