@@ -28,7 +28,7 @@ SMALL = {
     "quantize": {"calibration_samples": 32},
     # Latency is compared on a shared, noisy test machine: bound it loosely here; the
     # latency check itself is unit-tested in tests/pipelines/test_gates.py.
-    "canary": {"golden_prompts": 20, "step_requests": 10, "max_latency_ratio": 10.0},
+    "canary": {"golden_prompts": 20, "step_requests": 10, "max_latency_ratio": 10.0, "error_rate_effect": 0.5},
 }
 
 

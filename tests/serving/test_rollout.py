@@ -16,7 +16,7 @@ from serving.rollout import run_rollout
 PROMPTS = [f"Reverse the list:\n{a} {b} {c}" for a, b, c in [(1, 2, 3), (4, 5, 6), (7, 8, 9), (3, 1, 4), (1, 5, 9), (2, 6, 5)]]
 # p95 over a handful of requests on a shared 2-core machine is noisy: the bound is loose here,
 # and the slow-canary drill adds a delay far beyond it.
-POLICY = CanaryParams(steps=[25, 100], step_requests=4, golden_prompts=6, shadow_prompts=3, min_exact_match=0.9, max_latency_ratio=5.0)
+POLICY = CanaryParams(steps=[25, 100], step_requests=4, error_rate_effect=0.5, golden_prompts=6, shadow_prompts=3, min_exact_match=0.9, max_latency_ratio=5.0)
 MAX_TOKENS = 8
 
 

@@ -104,7 +104,9 @@ class Clients:
         return {a[3] for a in self.answers if a[0] > t}
 
 
-CANARY = CanaryParams(steps=[50, 100], step_requests=3, golden_prompts=4, shadow_prompts=2, min_exact_match=0.0, max_latency_ratio=50)
+# A coarse error-rate effect (4 requests a step): these tests are about the plane, not the
+# error-rate test's power (tests/pipelines/test_gates.py).
+CANARY = CanaryParams(steps=[50, 100], step_requests=3, error_rate_effect=0.5, golden_prompts=4, shadow_prompts=2, min_exact_match=0.0, max_latency_ratio=50)
 
 
 @pytest.fixture(scope="module")
