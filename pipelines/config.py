@@ -302,6 +302,7 @@ class CanaryParams(Section):
     probabilities error_rate_alpha and error_rate_beta. How many requests that takes follows
     from the effect, so `step_requests` is a floor raised to `min_step_requests`."""
 
+    strategy: Literal["canary", "blue_green", "shadow"] = Field("canary", description="canary: weighted steps on live traffic; blue_green: the candidate is analysed on mirrored traffic (step_requests copies, answers compared with stable's), then all traffic switches at once; shadow: mirrored and reported, never promoted.")
     steps: list[int] = Field(default_factory=lambda: [10, 25, 50, 100], description="Canary traffic weight (percent) at each step; the last should be 100.")
     step_requests: int = Field(20, ge=1, description="Fewest requests the canary must answer at each step before it is analysed; raised to min_step_requests, the fewest at which the error-rate test can pass a step.")
     interval_s: float = Field(0.0, ge=0, description="Shortest time spent at each step (real traffic needs minutes; the embedded demo drives its own).")

@@ -129,6 +129,15 @@ def reject(name: str, version: str, report: str) -> None:
     set_status(name, version, ROLLED_BACK, "canary rolled back: " + report[:4800])
 
 
+def shadowed(name: str, version: str, report: str) -> None:
+    """A candidate released in shadow (mirrored traffic, never promoted): the comparison is its
+    record; it is no longer under evaluation, and may be released for real later."""
+    c = client()
+    c.set_model_version_tag(name, str(version), "canary", "shadowed")
+    c.set_model_version_tag(name, str(version), "canary.report", report[:4900])
+    _drop_alias(name, CANDIDATE)
+
+
 def rollback(name: str) -> tuple[str, str]:
     """Move `champion` back to `previous` by hand; returns (from_version, to_version)."""
     current, previous = by_alias(name, CHAMPION), by_alias(name, PREVIOUS)

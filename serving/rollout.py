@@ -56,7 +56,7 @@ class StepReport:
 
 @dataclass
 class RolloutResult:
-    outcome: str  # "promoted" | "rolled_back"
+    outcome: str  # "promoted" | "rolled_back" | "shadowed" (strategy shadow: compared, never promoted)
     steps: list[StepReport] = field(default_factory=list)
 
     @property
@@ -123,6 +123,61 @@ def drive_traffic(
     return sent, errors
 
 
+def step_metrics(
+    stats: dict, stable: Backend, canary: Backend, golden: list[tuple[str, str]], golden_stable: dict, shadow: list[str], max_tokens: int,
+) -> tuple[dict, dict]:
+    """What `decide_canary` reads about a step: the gateway's window for both versions, the
+    canary's golden-prompt exact match, and its agreement with stable (on mirrored real traffic
+    when there was any, else on the shadowed golden prompts)."""
+    golden_canary = probe({"canary": v1(canary)}, golden, max_tokens, api_key=canary.api_key)["canary"]
+    c, s = stats["canary"], stats["stable"]
+    canary_metrics = {
+        "requests": c["requests"], "failures": c["failures"], "error_rate": c["error_rate"], "p95_latency_s": c["p95_latency_s"],
+        "exact_match": golden_canary["exact_match"],
+    }
+    if c.get("agreement") is not None:
+        canary_metrics["agreement"] = c["agreement"]
+        canary_metrics["mirrored_compared"] = c["mirrored_compared"]
+    elif shadow:
+        canary_metrics["agreement"] = shadow_agreement(stable, canary, shadow, max_tokens)
+    stable_metrics = {"requests": s["requests"], "failures": s["failures"], "p95_latency_s": s["p95_latency_s"], "exact_match": golden_stable["exact_match"]}
+    return canary_metrics, stable_metrics
+
+
+def mirrored_release(
+    gateway, gateway_url: str, canary: Backend, golden: list[tuple[str, str]], golden_stable: dict, policy: CanaryParams,
+    max_tokens: int, gateway_api_key: str | None, top_up_concurrency: int,
+) -> RolloutResult:
+    """blue_green and shadow: the candidate takes no client traffic; a copy of what stable
+    answers is mirrored to it and the answers compared, for `step_requests` requests. Then one
+    analysis: blue_green promotes on a pass (the caller switches all traffic at once), shadow
+    only reports (outcome "shadowed"); a failure rolls back either way."""
+    stable = gateway.stable
+    gateway.set_mirror(True)
+    gateway.window()
+    started = time.monotonic()
+
+    def done() -> bool:
+        return gateway.canary_requests() >= policy.step_requests and time.monotonic() - started >= policy.interval_s
+
+    sent, errors = drive_traffic(gateway_url, gateway.public_model, [p for p, _ in golden], done, 4 * policy.step_requests + 50, max_tokens, top_up_concurrency, api_key=gateway_api_key)
+    # Mirrored copies finish after the answers clients got: wait a little for the stragglers.
+    deadline = time.monotonic() + 30
+    while gateway.canary_requests() < min(policy.step_requests, sent) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    canary_metrics, stable_metrics = step_metrics(gateway.window(), stable, canary, golden, golden_stable, [p for p, _ in golden[: policy.shadow_prompts]], max_tokens)
+    decision = decide_canary(canary_metrics, stable_metrics, policy)
+    result = RolloutResult("rolled_back", [StepReport(0, canary_metrics, stable_metrics, decision, sent, errors)])
+    gateway.set_mirror(False)
+    if decision.passed and policy.strategy == "blue_green":
+        result.outcome = "promoted"
+    else:
+        if decision.passed:
+            result.outcome = "shadowed"
+        gateway.remove_canary()
+    return result
+
+
 def v1(backend: Backend) -> tuple[str, str]:
     """(OpenAI base URL, served model name) of a backend, as the probe's clients want them."""
     return f"{backend.base_url}/v1", backend.model
@@ -155,6 +210,8 @@ def run_rollout(
     # its first requests; they say nothing about the model and must not count as its latency.
     probe({"canary": v1(canary)}, golden[:3], max_tokens, api_key=canary.api_key)
     gateway.set_canary(canary, 0.0)
+    if policy.strategy != "canary":
+        return mirrored_release(gateway, gateway_url, canary, golden, golden_stable, policy, max_tokens, gateway_api_key, top_up_concurrency)
     decisions: list[Decision] = []
     result = RolloutResult("rolled_back")
     for i, weight in enumerate(policy.steps):
@@ -170,23 +227,7 @@ def run_rollout(
         # Enough synthetic requests for the canary to see step_requests at this weight, with margin.
         budget = 4 * math.ceil(policy.step_requests * 100 / weight) + 50
         sent, errors = drive_traffic(gateway_url, gateway.public_model, traffic, done, budget, max_tokens, top_up_concurrency, api_key=gateway_api_key)
-        stats = gateway.window()
-        golden_canary = probe({"canary": v1(canary)}, golden, max_tokens, api_key=canary.api_key)["canary"]
-        canary_metrics = {
-            "requests": stats["canary"]["requests"],
-            "failures": stats["canary"]["failures"],
-            "error_rate": stats["canary"]["error_rate"],
-            "p95_latency_s": stats["canary"]["p95_latency_s"],
-            "exact_match": golden_canary["exact_match"],
-        }
-        if shadow:
-            canary_metrics["agreement"] = shadow_agreement(stable, canary, shadow, max_tokens)
-        stable_metrics = {
-            "requests": stats["stable"]["requests"],
-            "failures": stats["stable"]["failures"],
-            "p95_latency_s": stats["stable"]["p95_latency_s"],
-            "exact_match": golden_stable["exact_match"],
-        }
+        canary_metrics, stable_metrics = step_metrics(gateway.window(), stable, canary, golden, golden_stable, shadow, max_tokens)
         decision = decide_canary(canary_metrics, stable_metrics, policy)
         decisions.append(decision)
         result.steps.append(StepReport(weight, canary_metrics, stable_metrics, decision, sent, errors))

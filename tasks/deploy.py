@@ -31,7 +31,7 @@ from prefect.cache_policies import NO_CACHE
 from pipelines.common import PREPARED
 from pipelines.config import Params
 from pipelines.gates import decide_canary
-from registry.models import CANDIDATE, CHAMPION, by_alias, download, log_release, promote, reject
+from registry.models import CANDIDATE, CHAMPION, by_alias, download, log_release, promote, reject, shadowed
 from registry.store import client
 from serving import auth
 from serving.background import ThreadedServer
@@ -231,6 +231,9 @@ def finish(
         if then_promote is not None:
             then_promote()
         outcome = {"outcome": "promoted", "version": version, "previous": str(old.version) if old else None}
+    elif result.outcome == "shadowed":  # compared on mirrored traffic and reported; never promoted
+        shadowed(name, version, report)
+        outcome = {"outcome": "shadowed", "version": version, "champion": str(champion.version) if champion else None}
     else:
         reject(name, version, report)
         outcome = {"outcome": "rolled_back", "version": version, "champion": str(champion.version) if champion else None}

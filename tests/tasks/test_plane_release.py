@@ -200,3 +200,31 @@ def test_a_plane_killed_mid_canary_resumes_the_same_routing_on_restart(plane):
     assert seen == {v1, v4}, "half the traffic still goes to the canary"
     admin.rollback()
     admin.close()
+
+
+def test_blue_green_switches_all_traffic_at_once_after_an_analysis_on_mirrored_traffic(plane):
+    v1, v4 = plane.versions[0], plane.versions[3]
+    params = plane.params.model_copy(update={"canary": CANARY.model_copy(update={"strategy": "blue_green", "step_requests": 20})})
+    with Clients(plane.url, 8) as clients:
+        started = time.monotonic()
+        outcome = canary_release.fn(params, v4)
+        switched = time.monotonic()
+        wait_until(lambda: clients.versions_sent_after(switched), "answers after the switch", 60)
+    assert outcome["outcome"] == "promoted", outcome["reasons"]
+    (step,) = outcome["steps"]
+    assert step["weight"] == 0 and step["canary"]["mirrored_compared"] >= 1 and step["canary"]["agreement"] == 1.0
+    assert {a[3] for a in clients.answers if started < a[0] and a[1] < switched - 5} <= {v1}, "no client is answered by the candidate before the switch"
+    assert clients.versions_sent_after(switched) == {v4} and clients.failed() == []
+    assert (alias("champion"), plane.state()["stable"]) == (v4, v4)
+
+
+def test_shadow_compares_and_reports_but_never_promotes(plane):
+    v4, v2 = plane.versions[3], plane.versions[1]
+    params = plane.params.model_copy(update={"canary": CANARY.model_copy(update={"strategy": "shadow", "step_requests": 10})})
+    with Clients(plane.url, 4) as clients:
+        outcome = canary_release.fn(params, v2)
+    assert outcome["outcome"] == "shadowed" and outcome["steps"][0]["passed"]
+    assert {a[3] for a in clients.answers} == {v4} and clients.failed() == []
+    state = plane.state()
+    assert (alias("champion"), alias("candidate"), state["stable"], state["canary"]) == (v4, None, v4, None)
+    assert client().get_model_version(NAME, v2).tags["canary"] == "shadowed"
