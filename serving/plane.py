@@ -181,6 +181,7 @@ class Plane:
         self.gateway: Gateway | None = None
         self.ops = threading.RLock()
         self.extra_args: dict[str, list[str]] = {}  # version -> drill flags it was started with
+        self.closing = False  # set by stop_all: an engine started after that is stopped at once
 
     # --- engines ---
 
@@ -404,7 +405,7 @@ class Plane:
         new = self.start_engine(replica.version, index)
         new.restarts = replica.restarts + 1
         with self.ops:
-            if self.replicas.get(name) is not replica:  # promoted away or rolled back meanwhile
+            if self.closing or self.replicas.get(name) is not replica:  # stopping, or promoted away / rolled back meanwhile
                 new.process.stop()
                 return
             self.replicas[name] = new
@@ -440,6 +441,7 @@ class Plane:
 
     def stop_all(self) -> None:
         """Ctrl-C: every engine this plane runs is stopped; the state file keeps the routing."""
+        self.closing = True
         with self.ops:
             self.save()
             for r in list(self.replicas.values()):

@@ -1,5 +1,6 @@
 """The plane's supervisor: an engine process that exits, or fails its health check three times
-in a row, is taken out of rotation at once and replaced by a new process of the same version,
+in a row over at least `UNHEALTHY_AFTER_S` (a busy engine answers /health slowly; a hung one not
+at all), is taken out of rotation at once and replaced by a new process of the same version,
 which rejoins once healthy. Requests in flight on a dead engine are retried on a healthy replica
 by the proxy (nothing had reached their clients), and while a version has no healthy replica the
 proxy waits for one instead of failing.
@@ -17,7 +18,8 @@ import time
 from serving.plane import Plane, healthy
 
 log = logging.getLogger("serving.supervisor")
-FAILED_CHECKS = 3  # consecutive /health failures that make a live process "dead"
+FAILED_CHECKS = 3  # consecutive /health failures that make a live process "dead"...
+UNHEALTHY_AFTER_S = 30.0  # ...when they span at least this long: saturation is not death
 MAX_BACKOFF_S = 60.0
 
 
@@ -27,6 +29,7 @@ class Supervisor:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._failed: dict[str, int] = {}
+        self._failing_since: dict[str, float] = {}
         self._restarting: set[str] = set()
         self._last_restart: dict[str, float] = {}
         self._backoff: dict[str, float] = {}
@@ -38,6 +41,7 @@ class Supervisor:
             self._thread.start()
 
     def stop(self) -> None:
+        """No new checks or restarts; a restart under way is stopped by the plane's closing."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=30)
@@ -58,11 +62,13 @@ class Supervisor:
             if code is None:
                 if healthy(replica.backend.base_url, timeout_s=5.0):
                     self._failed[name] = 0
+                    self._failing_since.pop(name, None)
                     continue
                 self._failed[name] = self._failed.get(name, 0) + 1
-                if self._failed[name] < FAILED_CHECKS:
+                since = self._failing_since.setdefault(name, time.monotonic())
+                if self._failed[name] < FAILED_CHECKS or time.monotonic() - since < UNHEALTHY_AFTER_S:
                     continue
-                why = f"failed /health {FAILED_CHECKS} times in a row"
+                why = f"failed /health {self._failed[name]} times in a row over {time.monotonic() - since:.0f}s"
             else:
                 why = f"exited with code {code}"
             self._restart(name, why)
@@ -90,4 +96,5 @@ class Supervisor:
             self.plane.event("restart_failed", replica=name, why=f"{why}; then {type(exc).__name__}: {str(exc)[:300]}")
         finally:
             self._failed[name] = 0
+            self._failing_since.pop(name, None)
             self._restarting.discard(name)

@@ -25,6 +25,7 @@ from tests.conftest import tiny_params
 from tests.serving.conftest import wait_until
 
 PUBLIC = "reverse-digits"
+NO_CACHE = {"cache-control": "no-cache"}  # every request reaches an engine (the cache has its own tests)
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +43,7 @@ def plane(model_dir, tmp_path_factory):
 
 def ask(url: str, prompt: str = "1 2 3", **extra) -> httpx.Response:
     body = {"model": PUBLIC, "messages": [{"role": "user", "content": prompt}], "max_tokens": 4, "temperature": 0, **extra}
-    return httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60)
+    return httpx.post(f"{url}/v1/chat/completions", json=body, headers=NO_CACHE, timeout=60)
 
 
 class Clients:
@@ -60,7 +61,7 @@ class Clients:
                 sent = time.monotonic()
                 body = {"model": PUBLIC, "messages": [{"role": "user", "content": f"{i} {i + 1}"}], "max_tokens": 4, "temperature": 0}
                 try:
-                    r = http.post(f"{self.url}/v1/chat/completions", json=body)
+                    r = http.post(f"{self.url}/v1/chat/completions", json=body, headers=NO_CACHE)
                     record = (sent, r.status_code, r.headers.get("x-gateway-backend", ""), r.headers.get("x-gateway-version", ""))
                 except httpx.HTTPError as exc:
                     record = (sent, 0, type(exc).__name__, "")
