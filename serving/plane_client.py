@@ -139,10 +139,12 @@ class RemoteGateway:
         self.set_weight(weight)
 
     def set_weight(self, weight: float) -> None:
-        self._state = self.plane.set_weight(weight)
+        self.plane.set_weight(weight)  # the gateway's route: it answers with the weight alone
+        self.refresh()
 
     def set_mirror(self, on: bool) -> None:
-        self._state = self.plane.set_mirror(on)
+        self.plane.set_mirror(on)
+        self.refresh()
 
     def window(self) -> dict[str, Any]:
         return self.plane.window()

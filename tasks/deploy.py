@@ -17,6 +17,7 @@ $GATEWAY_API_KEY, or else the same key, from the synthetic users.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import shutil
@@ -127,7 +128,13 @@ def release_into_plane(params: Params, plane: PlaneClient, version: str, golden:
     remote = RemoteGateway(plane)
     candidate = backends_of(state, "canary")[0]
     gateway_key = auth.env_key(GATEWAY_KEY_ENV) or auth.backend_key()
-    result = run_rollout(remote, plane.base_url, candidate, golden, params.canary, params.serve.max_new_tokens, gateway_api_key=gateway_key, top_up_concurrency=2)
+    try:
+        result = run_rollout(remote, plane.base_url, candidate, golden, params.canary, params.serve.max_new_tokens, gateway_api_key=gateway_key, top_up_concurrency=2)
+    except BaseException:
+        with contextlib.suppress(Exception):  # the release broke: the plane must not keep a canary nobody drives
+            if plane.state()["canary"] == version:
+                plane.rollback()
+        raise
     return result, before
 
 
