@@ -17,6 +17,11 @@ import time
 from pathlib import Path
 
 RERUNS = int(os.environ.get("BENCH_GATE_RERUNS", "20"))
+# Trained to convergence: at 250 steps and lr 3e-3, some seeds had not learned the task yet
+# (exact match 0.1 to 0.87 against the champion's 0.91): worse candidates, rightly blocked,
+# not equal ones. At 800 steps and lr 1e-3 every seed tried reached the champion's level.
+STEPS = int(os.environ.get("BENCH_SFT_STEPS", "800"))
+LR = float(os.environ.get("BENCH_SFT_LR", "1e-3"))
 TARGET = 0.05
 
 
@@ -33,7 +38,7 @@ def main() -> None:
         evaluate = EvaluateParams(batch_size=64, max_new_tokens=12)
 
         def params(seed: int):
-            sft_cfg = SftParams(peft=PeftParams(method="full"), max_steps=250, batch_size=32, save_steps=250, learning_rate=3e-3, seed=seed, warmup_steps=0)
+            sft_cfg = SftParams(peft=PeftParams(method="full"), max_steps=STEPS, batch_size=32, save_steps=STEPS, learning_rate=LR, seed=seed, warmup_steps=0)
             return tiny_params(model=ModelParams(), generate=GenerateParams(), sft=sft_cfg, evaluate=evaluate)  # the demo's full data
 
         base = params(0)
@@ -69,7 +74,7 @@ def main() -> None:
             paired["judge_win_rate"] = ([j["judge_win_rate"] for j in judged], [0.5] * len(judged))
             # Absolute thresholds aside (this tiny recipe is not tuned to pass them): only the
             # paired comparison with the champion, which is what noise could trip.
-            decision = decide({}, None, None, p.gate.model_copy(update={"thresholds": {}}), paired=paired, directions=directions)
+            decision = decide({}, None, None, p.gate.model_copy(update={"thresholds": {}}), paired=paired, directions=directions, tolerances=evaluate.tolerances())
             em = metrics[f"{task}/exact_match"]
             print(f"  rerun {seed:2d}: {task}/exact_match {em:.3f} (champion {champ_metrics[f'{task}/exact_match']:.3f}), judge {sum(j['judge_win_rate'] for j in judged) / len(judged):.3f}: {'BLOCKED ' + '; '.join(decision.reasons) if not decision.passed else 'passed'}")
             blocked.append(not decision.passed)
