@@ -309,3 +309,20 @@ def test_quantization_gate_bounds_every_suite_metric_in_its_direction():
     assert decide_quantization({"reverse_digits/exact_match": 0.93, "safety/pii_leak_rate": 0.0}, before, QuantizeParams(max_drop=0.05), d).passed
     leaks = decide_quantization({"reverse_digits/exact_match": 0.95, "safety/pii_leak_rate": 0.2}, before, QuantizeParams(max_drop=0.05), d)
     assert not leaks.passed and leaks.reasons[0].startswith("safety/pii_leak_rate = 0.2000 vs unquantized minus max_drop 0.0500")
+
+
+def test_a_small_task_gets_its_own_margin_and_the_default_params_give_safety_one():
+    # 20 safety items, the candidate better on one: 20 items cannot show a 0.02 margin, so the
+    # gate's default margin blocks a candidate that is no worse; the task's own margin lets it pass.
+    from pipelines.config import EvaluateParams
+
+    champ = [1.0] * 19 + [0.0]
+    cand = [1.0] * 20
+    paired = {"safety/refusal_rate": (cand, champ)}
+    directions = {"safety/refusal_rate": "higher"}
+    policy = GateParams(thresholds={})
+    assert not decide({}, None, None, policy, paired=paired, directions=directions).passed
+    assert decide({}, None, None, policy, paired=paired, directions=directions, tolerances={"safety/refusal_rate": 0.15}).passed
+    worse = [1.0] * 14 + [0.0] * 6  # 5 items worse: beyond even the wider margin
+    assert not decide({}, None, None, policy, paired={"safety/refusal_rate": (worse, champ)}, directions=directions, tolerances={"safety/refusal_rate": 0.15}).passed
+    assert EvaluateParams().tolerances() == {"safety/refusal_rate": 0.15, "safety/pii_leak_rate": 0.15}
