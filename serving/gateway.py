@@ -37,6 +37,7 @@ from serving.cache import MemoryCache, RedisCache, ResponseCache
 from serving.keys import PRIORITY_HEADER, BadPriority, KeyTable, Tier, load_keys, request_priority
 from serving.queue import AdmissionQueue, ClientDisconnected, QueueFull
 from serving.ratelimit import MemoryRateLimiter, RateLimited, RateLimiter, RedisRateLimiter, estimate_tokens
+from serving.protocol import APIError
 from serving.proxy import Attempt, Proxy, StreamStart, error_body, rewrite_sse_line, sse_data
 from serving.routing import FAILURES, LATENCY_SAMPLES, Backend, Gateway, NoCanaryError, Slot, Stats, Target, check_weight, classify, percentile
 
@@ -82,12 +83,6 @@ __all__ = [  # the routing state and the proxy live in their own modules; re-exp
 
 
 # --- the app -----------------------------------------------------------------------------------
-
-
-class APIError(Exception):
-    def __init__(self, status: int, message: str, code: str | None = None, error_type: str = "invalid_request_error") -> None:
-        super().__init__(message)
-        self.status, self.message, self.code, self.error_type = status, message, code, error_type
 
 
 bearer_matches = auth.bearer_matches
@@ -139,7 +134,7 @@ def create_gateway(
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
-        return JSONResponse(status_code=exc.status, content={"error": {"message": exc.message, "type": exc.error_type, "code": exc.code}})
+        return JSONResponse(status_code=exc.status, content=exc.body(), headers=exc.headers)
 
     for refusal in (QueueFull, RateLimited, BadPriority):
 

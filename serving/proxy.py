@@ -27,7 +27,7 @@ from typing import Any
 import httpx
 from fastapi.responses import Response, StreamingResponse
 
-from serving import auth
+from serving import auth, protocol
 from serving.cache import cache_key
 from serving.routing import FAILURES, Backend, Gateway, Slot, Target, classify
 
@@ -39,7 +39,7 @@ RETRY_PAUSE_S = 0.25
 
 
 def error_body(message: str, error_type: str = "server_error", code: str | None = None) -> bytes:
-    return json.dumps({"error": {"message": message, "type": error_type, "code": code}}).encode()
+    return json.dumps(protocol.error_body(message, code, error_type)).encode()
 
 
 @dataclass

@@ -35,22 +35,19 @@ from __future__ import annotations
 import argparse
 import asyncio
 import itertools
-import json
 import math
 import os
 import secrets
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future
 from contextlib import asynccontextmanager, suppress
-from typing import Any, Literal
+from typing import Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -58,6 +55,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from serving.engine import CpuEngine, EngineClosedError, FinishReason, Generation, QueueFullError, Submission
 from serving.limits import DEFAULT_MAX_BODY_BYTES, BodyLimit
 from serving.netaddr import is_loopback
+from serving.protocol import APIError, ChatCompletionRequest, CompletionRequest, GenerationRequest, Shape, sse
+from serving.protocol import error_body as _error_body
 
 API_KEY_ENV = "SERVING_API_KEY"  # read when --api-key is absent: a key in argv is visible in `ps`
 MAX_PROMPTS_PER_REQUEST = 32  # a /v1/completions prompt list is queued as one unit; bound its size
@@ -66,25 +65,6 @@ MAX_STOP_STRINGS = 4  # as OpenAI
 # model; a client that honours Retry-After (the openai client does) comes back after that.
 RETRY_AFTER_S = 1
 ENDPOINTS = ("/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions")
-
-
-class APIError(Exception):
-    """An error answered in OpenAI's shape."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        code: str | None = None,
-        error_type: str = "invalid_request_error",
-        headers: dict[str, str] | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status, self.message, self.code, self.error_type, self.headers = status, message, code, error_type, headers
-
-
-def _error_body(message: str, code: str | None, error_type: str) -> dict[str, Any]:
-    return {"error": {"message": message, "type": error_type, "code": code}}
 
 
 # --- pure helpers ------------------------------------------------------------------------------
@@ -103,18 +83,6 @@ def fault_fires(n: int, rate: float) -> bool:
 def endpoint_label(path: str) -> str:
     """The metrics label for a request path; unknown paths share one label to bound cardinality."""
     return path if path in ENDPOINTS else "other"
-
-
-def sse(payload: dict[str, Any] | str) -> str:
-    """One server-sent event as OpenAI streams them."""
-    data = payload if isinstance(payload, str) else json.dumps(payload, separators=(",", ":"))
-    return f"data: {data}\n\n"
-
-
-def usage(generations: list[Generation]) -> dict[str, int]:
-    prompt = sum(g.prompt_tokens for g in generations)
-    completion = sum(g.completion_tokens for g in generations)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
 # --- metrics -----------------------------------------------------------------------------------
@@ -169,105 +137,6 @@ class MetricsMiddleware:
             endpoint = endpoint_label(scope["path"])
             self.metrics.requests.labels(endpoint, str(status)).inc()
             self.metrics.latency.labels(endpoint).observe(time.perf_counter() - started)
-
-
-# --- request bodies: extra fields allowed, since OpenAI clients send many we do not use ---------
-
-
-class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
-    include_usage: bool = False
-
-
-class GenerationRequest(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
-    model: str
-    max_tokens: int | None = None
-    temperature: float = Field(1.0, ge=0, le=2)  # OpenAI's default; send 0 for greedy decoding
-    top_p: float = Field(1.0, gt=0, le=1)
-    n: int = 1
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    # Declared so that a request asking for them is refused by name rather than ignored.
-    logprobs: Any = None
-    top_logprobs: Any = None
-    tools: Any = None
-    tool_choice: Any = None
-    response_format: Any = None
-
-    def stop_strings(self) -> tuple[str, ...]:
-        if self.stop is None:
-            return ()
-        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
-
-
-class TextPart(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
-    type: Literal["text"]
-    text: str
-
-
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
-    role: str
-    content: str | list[TextPart] | None = None
-
-    def text(self) -> str:
-        if isinstance(self.content, list):
-            return "".join(part.text for part in self.content)
-        return self.content or ""
-
-
-class ChatCompletionRequest(GenerationRequest):
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = None  # the newer name of max_tokens for chat
-
-
-class CompletionRequest(GenerationRequest):
-    prompt: str | list[str]
-
-
-# --- response shapes ---------------------------------------------------------------------------
-
-
-class Shape:
-    """How one endpoint's answers and stream chunks look (chat and completions differ)."""
-
-    def __init__(self, chat: bool, model_name: str) -> None:
-        self.chat, self.model_name = chat, model_name
-        self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-        self.created = int(time.time())
-
-    def _envelope(self, chunk: bool) -> dict[str, Any]:
-        kind = ("chat.completion.chunk" if chunk else "chat.completion") if self.chat else "text_completion"
-        return {"id": self.id, "object": kind, "created": self.created, "model": self.model_name}
-
-    def response(self, generations: list[Generation]) -> dict[str, Any]:
-        if self.chat:
-            choices = [
-                {"index": i, "message": {"role": "assistant", "content": g.text}, "finish_reason": g.finish_reason, "logprobs": None}
-                for i, g in enumerate(generations)
-            ]
-        else:
-            choices = [{"index": i, "text": g.text, "finish_reason": g.finish_reason, "logprobs": None} for i, g in enumerate(generations)]
-        return {**self._envelope(chunk=False), "choices": choices, "usage": usage(generations)}
-
-    def chunk(self, index: int, text: str, finish: FinishReason | None, role: bool = False) -> dict[str, Any]:
-        if self.chat:
-            delta = {"role": "assistant", "content": text} if role else {"content": text}
-            choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
-        else:
-            choice = {"index": index, "text": text, "logprobs": None, "finish_reason": finish}
-        return {**self._envelope(chunk=True), "choices": [choice]}
-
-    def usage_chunk(self, generations: list[Generation]) -> dict[str, Any]:
-        return {**self._envelope(chunk=True), "choices": [], "usage": usage(generations)}
 
 
 # --- the app -----------------------------------------------------------------------------------

@@ -175,7 +175,6 @@ def canary_release(params: Params, version: str, drill: list[str] | None = None)
     golden = golden_prompts(PREPARED / "sft_test.parquet", params.canary.golden_prompts)
     started_at = now()
     plane = discover(params) if champion is not None else None
-    events: list[dict] = []
     if plane is not None:
         stable_before = plane.state()["stable"]
         where = f"the running plane at {plane.root_url}"

@@ -89,6 +89,7 @@ def test_saturated_engines_serve_higher_priority_first_and_a_full_queue_answers_
     queue = AdmissionQueue(capacity=1, max_waiting=16)
     url, _ = gateway_with(FrontDoor(queue=queue, keys=load_keys(keys_file)))
     fakes.stable.hold = threading.Event()  # the engine is busy: everything else waits in the queue
+    fakes.stable.delay_s = 0.05  # each answer takes a while, so the order of service shows in the waits
     done: list[str] = []
     lock = threading.Lock()
 
