@@ -297,7 +297,7 @@ class CanaryParams(Section):
     a minimum amount of evidence per step, metric checks, and a failure limit.
 
     The canary's error rate is judged by a sequential test against stable's own rate in the
-    same step (`pipelines.gates.ErrorRateTest`, Wald's SPRT): H0 "canary <= stable +
+    same step (`serving.analysis.ErrorRateTest`, Wald's SPRT): H0 "canary <= stable +
     error_rate_margin" against H1 "canary >= stable + error_rate_effect", with error
     probabilities error_rate_alpha and error_rate_beta. How many requests that takes follows
     from the effect, so `step_requests` is a floor raised to `min_step_requests`."""
@@ -340,7 +340,7 @@ class CanaryParams(Section):
         without a failure lowers the log-likelihood ratio by ln((1 - margin) / (1 - effect)), and
         H0 is accepted at ln(beta), so a spotless canary against a spotless stable needs
         ceil(ln(1 / beta) / ln((1 - margin) / (1 - effect))). The same bound as
-        pipelines.gates.ErrorRateTest.floor at stable's rate 0 (the largest: a stable that
+        serving.analysis.ErrorRateTest.floor at stable's rate 0 (the largest: a stable that
         fails too lowers it)."""
         import math
 

@@ -1,6 +1,6 @@
 """Canary probing: send the same held-out golden prompts to the candidate and the champion
 through the real OpenAI client, and summarise what each did. The promote/rollback decision
-is `pipelines.gates.decide_canary`, a pure function of these summaries."""
+is `serving.analysis.decide_canary`, a pure function of these summaries."""
 
 from __future__ import annotations
 

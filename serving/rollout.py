@@ -3,7 +3,7 @@
 Semantics of Argo Rollouts / Flagger, driven from params (`canary:`): for each weight step
 the gateway sends that share of traffic to the canary; once the canary has answered
 `step_requests` requests (and `interval_s` has passed), the step is analysed by the pure
-`pipelines.gates.decide_canary` over what was collected: the gateway's per-backend error
+`serving.analysis.decide_canary` over what was collected: the gateway's per-backend error
 rate and p95 latency for this step, golden-prompt exact match, and agreement with stable on
 shadowed prompts. `rollout_action` then advances, promotes (canary becomes stable) or rolls
 back (canary removed; stable keeps all traffic).
@@ -25,7 +25,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from pipelines.config import CanaryParams
-from pipelines.gates import Decision, decide_canary, rollout_action
+from pipelines.gates import Decision
+from serving.analysis import decide_canary, rollout_action
 from serving.canary import probe
 from serving.client import client
 from serving.gateway import Backend, Gateway, shadow_agreement

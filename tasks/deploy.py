@@ -31,7 +31,7 @@ from prefect.cache_policies import NO_CACHE
 
 from pipelines.common import PREPARED
 from pipelines.config import Params
-from pipelines.gates import decide_canary
+from serving.analysis import decide_canary
 from registry.models import CANDIDATE, CHAMPION, by_alias, download, log_release, promote, reject, shadowed
 from registry.store import client
 from serving import auth
