@@ -60,11 +60,15 @@ def percentile(sorted_values: list[float], q: float) -> float | None:
 
 def classify(status: int) -> str:
     """The outcome of an answered request: 4xx are the caller's fault, 5xx the backend's, and so
-    is 429: a full queue says the backend cannot carry its share, not that the request was bad."""
+    is 429 (a full queue says the backend cannot carry its share, not that the request was bad)
+    and so are 401/403 (a misconfigured backend key: a canary with the wrong key is retried on
+    stable and counted against itself, never blamed on the client)."""
     if status < 400:
         return "ok"
     if status == 429:
         return "overloaded"
+    if status in (401, 403):  # the client passed the gateway's check: the gateway's key to the backend is wrong
+        return "server_error"
     return "client_error" if status < 500 else "server_error"
 
 

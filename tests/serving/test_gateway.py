@@ -552,6 +552,7 @@ def test_pure_helpers():
     assert percentile([], 0.95) is None
     assert percentile([1.0, 2.0, 3.0, 4.0], 0.5) == 3.0 and percentile([1.0, 2.0, 3.0, 4.0], 0.95) == 4.0
     assert [classify(s) for s in (200, 404, 429, 500, 503)] == ["ok", "client_error", "overloaded", "server_error", "server_error"]
+    assert [classify(s) for s in (400, 401, 403)] == ["client_error", "server_error", "server_error"]
     line = 'data: {"model": "backend-name", "choices": []}'
     assert rewrite_sse_line(line, sse_data(line), PUBLIC) == f'data: {{"model":"{PUBLIC}","choices":[]}}'
     assert sse_data("data: [DONE]") is None and rewrite_sse_line("data: [DONE]", None, PUBLIC) == "data: [DONE]"
