@@ -11,7 +11,7 @@ export MLFLOW_TRACKING_URI ?= sqlite:///$(CURDIR)/mlflow.db
 export TOKENIZERS_PARALLELISM := false
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup pipeline test test-fast bench serve rollback ui-prefect ui-mlflow schedule dvc-repro data-add clean
+.PHONY: setup pipeline test test-fast bench serve rollback ui-prefect ui-mlflow schedule dvc-repro data-add clean clean-all
 
 setup: $(STAMP)
 
@@ -63,5 +63,12 @@ ui-prefect: setup  ## Prefect UI on http://127.0.0.1:4200
 ui-mlflow: setup  ## MLflow UI on http://127.0.0.1:5000
 	$(VENV)/bin/mlflow ui --backend-store-uri $(MLFLOW_TRACKING_URI) --port 5000
 
-clean:  ## remove generated data, models, metrics and local stores (keeps .venv and your files in data/raw)
-	rm -rf data/generated data/prepared models metrics reports mlflow.db mlartifacts .prefect .dvc-remote dvc.lock
+clean:  ## remove generated data, models, metrics and caches (keeps .venv, your files in data/raw, the model registry and the DVC remote)
+	rm -rf data/generated data/prepared models metrics reports .prefect dvc.lock
+
+clean-all: clean  ## also delete the model registry (mlflow.db, mlartifacts/) and the DVC remote: every released model; asks first (FORCE=1 skips)
+	@if [ "$(FORCE)" != 1 ]; then \
+	  printf 'This deletes mlflow.db, mlartifacts/ and .dvc-remote/: every registered model version and the only copies of released models. Type "delete" to go on: '; \
+	  read answer; [ "$$answer" = delete ] || { echo "kept the registry and the DVC remote"; exit 1; }; \
+	fi
+	rm -rf mlflow.db mlartifacts .dvc-remote

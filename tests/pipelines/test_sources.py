@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -89,3 +90,24 @@ def test_make_data_add_runs_exactly_this_command():
 def test_make_clean_leaves_the_users_files_alone():
     out = "\n".join(make_dry_run("clean"))
     assert "data/generated" in out and "data/raw" not in out
+    assert not any(store in out for store in ("mlflow.db", "mlartifacts", ".dvc-remote")), "the registry and the DVC remote are the only copies of released models"
+
+
+def test_make_clean_all_deletes_the_registry_only_when_confirmed(tmp_path):
+    shutil.copy(ROOT / "Makefile", tmp_path / "Makefile")
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS")}
+
+    def stores() -> list[Path]:
+        for name in ("mlflow.db", "mlartifacts/m", ".dvc-remote/x"):
+            (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+            (tmp_path / name).touch()
+        return [tmp_path / "mlflow.db", tmp_path / "mlartifacts", tmp_path / ".dvc-remote"]
+
+    kept = stores()
+    refused = subprocess.run(["make", "clean-all"], cwd=tmp_path, input="yes\n", capture_output=True, text=True, env=env)
+    assert refused.returncode != 0 and "kept the registry" in refused.stdout and all(p.exists() for p in kept)
+    confirmed = subprocess.run(["make", "clean-all"], cwd=tmp_path, input="delete\n", capture_output=True, text=True, env=env)
+    assert confirmed.returncode == 0 and not any(p.exists() for p in kept)
+    kept = stores()
+    forced = subprocess.run(["make", "clean-all", "FORCE=1"], cwd=tmp_path, stdin=subprocess.DEVNULL, capture_output=True, text=True, env=env)
+    assert forced.returncode == 0 and not any(p.exists() for p in kept)
