@@ -145,6 +145,23 @@ def step_metrics(
     return canary_metrics, stable_metrics
 
 
+def merge_windows(before: dict, after: dict) -> dict:
+    """One step's statistics over two windows: counts add up, latency is the later window's."""
+    merged = dict(after)
+    for role in ("stable", "canary"):
+        a, b = before.get(role), after.get(role)
+        if not a or not b:
+            continue
+        m = dict(b)
+        for key in ("requests", "failures", "client_errors", "mirrored_compared"):
+            m[key] = (a.get(key) or 0) + (b.get(key) or 0)
+        m["error_rate"] = m["failures"] / m["requests"] if m["requests"] else None
+        for key in ("p50_latency_s", "p95_latency_s", "agreement"):
+            m[key] = b.get(key) if b.get(key) is not None else a.get(key)
+        merged[role] = m
+    return merged
+
+
 def mirrored_release(
     gateway, gateway_url: str, canary: Backend, golden: list[tuple[str, str]], golden_stable: dict, policy: CanaryParams,
     max_tokens: int, gateway_api_key: str | None, top_up_concurrency: int,
@@ -228,8 +245,21 @@ def run_rollout(
         # Enough synthetic requests for the canary to see step_requests at this weight, with margin.
         budget = 4 * math.ceil(policy.step_requests * 100 / weight) + 50
         sent, errors = drive_traffic(gateway_url, gateway.public_model, traffic, done, budget, max_tokens, top_up_concurrency, api_key=gateway_api_key)
-        canary_metrics, stable_metrics = step_metrics(gateway.window(), stable, canary, golden, golden_stable, shadow, max_tokens)
+        stats = gateway.window()
+        canary_metrics, stable_metrics = step_metrics(stats, stable, canary, golden, golden_stable, shadow, max_tokens)
         decision = decide_canary(canary_metrics, stable_metrics, policy)
+        while decision.outcome == "continue":
+            # The error-rate test has not decided: same weight, more evidence (it fails the
+            # step by itself at its cap, so this ends).
+            started = time.monotonic()
+            sent_more, errors_more = drive_traffic(gateway_url, gateway.public_model, traffic, done, budget, max_tokens, top_up_concurrency, api_key=gateway_api_key)
+            sent, errors = sent + sent_more, errors + errors_more
+            window = gateway.window()
+            if not (window["canary"] or {}).get("requests"):  # no new evidence can come: undecided fails (the safe side)
+                break
+            stats = merge_windows(stats, window)
+            canary_metrics, stable_metrics = step_metrics(stats, stable, canary, golden, golden_stable, shadow, max_tokens)
+            decision = decide_canary(canary_metrics, stable_metrics, policy)
         decisions.append(decision)
         result.steps.append(StepReport(weight, canary_metrics, stable_metrics, decision, sent, errors))
         action = rollout_action(decisions, i, policy)

@@ -80,3 +80,54 @@ def test_slow_canary_is_rolled_back_on_latency(model_dir, stable, golden, tmp_pa
     assert result.outcome == "rolled_back"
     assert any(r.startswith("p95_latency_ratio") for r in result.reasons), result.summary()
     assert result.client_errors == 0 and gateway.canary is None
+
+
+class ScriptedGateway:
+    """The controller's view of a gateway, replaying scripted windows: the analysis logic of a
+    step without servers (the drills above run it with real ones)."""
+
+    def __init__(self, windows: list[dict]) -> None:
+        self.windows, self.public_model, self.weights, self.removed = list(windows), "m", [], False
+        self.stable = Backend("stable", "http://127.0.0.1:1", "s")
+
+    def set_canary(self, backend, weight=0.0) -> None: ...
+
+    def set_weight(self, weight: float) -> None:
+        self.weights.append(weight)
+
+    def canary_requests(self) -> int:
+        return 10**6
+
+    def window(self) -> dict:
+        return self.windows.pop(0)
+
+    def remove_canary(self) -> None:
+        self.removed = True
+
+
+def counts(canary_failures: int, canary_requests: int = 255) -> dict:
+    side = {"p95_latency_s": 0.1, "p50_latency_s": 0.1, "client_errors": 0, "mirrored_compared": 0, "agreement": None}
+    return {
+        "stable": {**side, "requests": 9 * canary_requests, "failures": 0, "error_rate": 0.0},
+        "canary": {**side, "requests": canary_requests, "failures": canary_failures, "error_rate": canary_failures / canary_requests},
+    }
+
+
+def test_an_undecided_step_keeps_collecting_at_the_same_weight_until_the_error_test_decides(monkeypatch):
+    import serving.rollout as rollout_module
+
+    monkeypatch.setattr(rollout_module, "probe", lambda backends, prompts, max_tokens, api_key=None: {k: {"exact_match": 1.0} for k in backends})
+    monkeypatch.setattr(rollout_module, "drive_traffic", lambda *a, **k: (10, 0))
+    policy = CanaryParams(steps=[50], shadow_prompts=0, golden_prompts=1)  # the default error-rate test: 255 a look
+    # One failure in the first 255 leaves the test undecided; 255 clean ones more pass it.
+    opening = {"stable": None, "canary": None}  # the window() that starts a step
+    gateway = ScriptedGateway([opening, counts(1), counts(0)])
+    result = run_rollout(gateway, "http://unused/v1", Backend("canary", "http://127.0.0.1:2", "c"), [("p", "a")], policy, 4)
+    (step,) = result.steps
+    assert result.outcome == "promoted" and gateway.weights == [0.5], "one weight, two looks"
+    assert (step.canary["requests"], step.canary["failures"]) == (510, 1)
+    # Failures keep coming: the test fails the step (it never stays undecided past its cap).
+    gateway = ScriptedGateway([opening, counts(1), *[counts(2)] * 5])
+    result = run_rollout(gateway, "http://unused/v1", Backend("canary", "http://127.0.0.1:2", "c"), [("p", "a")], policy, 4)
+    assert result.outcome == "rolled_back" and gateway.removed and result.steps[0].decision.outcome == "fail"
+    assert result.steps[0].canary["requests"] > 255, "decided on more than the first look"
