@@ -224,15 +224,22 @@ class Proxy:
                 body = json.dumps(with_public_model(json.loads(body), self.gateway.public_model)).encode()
         return Response(body, status_code=attempt.status, media_type=attempt.content_type, headers={**attempt.headers, **backend_headers(attempt.backend)})
 
+    def _budget(self, fallback: bool, fresh: bool) -> tuple[float, httpx.AsyncClient, float]:
+        """(timeout, client, start) of one attempt: stable waits longer (nobody is behind it), a
+        retry after a dropped connection goes out on a new one."""
+        return (self.retry_timeout_s if fallback else self.timeout_s), (self.fresh if fresh else self.http), time.perf_counter()
+
+    def _no_replica(self, target: Target, started: float, timeout_s: float, retry: bool) -> Attempt:
+        message = f"no healthy replica of '{target.backend.name}' within {timeout_s:g}s"
+        attempt = Attempt("server_error", time.perf_counter() - started, 503, error_body(message, code="no_healthy_replica"))
+        self.gateway.record(target, attempt.outcome, attempt.latency_s, retry)
+        return attempt
+
     async def _call(self, target: Target, path: str, payload: dict, retry: bool, fallback: bool, fresh: bool = False, exclude: frozenset[str] = frozenset()) -> Attempt:
-        timeout_s = self.retry_timeout_s if fallback else self.timeout_s  # stable waits longer: nobody is behind it
-        http = self.fresh if fresh else self.http
-        started = time.perf_counter()
+        timeout_s, http, started = self._budget(fallback, fresh)
         backend = await self._acquire(target.slot, exclude, timeout_s)
         if backend is None:
-            attempt = Attempt("server_error", time.perf_counter() - started, 503, error_body(f"no healthy replica of '{target.backend.name}' within {timeout_s:g}s", code="no_healthy_replica"))
-            self.gateway.record(target, attempt.outcome, attempt.latency_s, retry)
-            return attempt
+            return self._no_replica(target, started, timeout_s, retry)
         try:
             async with asyncio.timeout(timeout_s):
                 r = await http.send(self._request(http, backend, path, payload, timeout_s))
@@ -257,14 +264,10 @@ class Proxy:
     async def _open_stream(self, target: Target, path: str, payload: dict, retry: bool, fallback: bool, fresh: bool = False, exclude: frozenset[str] = frozenset()) -> "Attempt | StreamStart":
         """Open the backend's stream and read up to its first event, sending nothing to the client
         yet: until then a failure can still be retried on stable."""
-        timeout_s = self.retry_timeout_s if fallback else self.timeout_s  # stable waits longer: nobody is behind it
-        http = self.fresh if fresh else self.http
-        started = time.perf_counter()
+        timeout_s, http, started = self._budget(fallback, fresh)
         backend = await self._acquire(target.slot, exclude, timeout_s)
         if backend is None:
-            attempt = Attempt("server_error", time.perf_counter() - started, 503, error_body(f"no healthy replica of '{target.backend.name}' within {timeout_s:g}s", code="no_healthy_replica"))
-            self.gateway.record(target, attempt.outcome, attempt.latency_s, retry)
-            return attempt
+            return self._no_replica(target, started, timeout_s, retry)
         response: httpx.Response | None = None
         try:
             async with asyncio.timeout(timeout_s):

@@ -90,7 +90,8 @@ class ScriptedGateway:
         self.windows, self.public_model, self.weights, self.removed = list(windows), "m", [], False
         self.stable = Backend("stable", "http://127.0.0.1:1", "s")
 
-    def set_canary(self, backend, weight=0.0) -> None: ...
+    def set_canary(self, backend, weight=0.0) -> None:
+        """Attached already: the scripted windows stand for its traffic."""
 
     def set_weight(self, weight: float) -> None:
         self.weights.append(weight)
