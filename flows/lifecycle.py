@@ -60,7 +60,7 @@ def lifecycle(deploy: bool = True, canary_drill: list[str] | None = None) -> dic
     started = time.perf_counter()
 
     def stage(name: str) -> None:
-        result = repro(name)
+        result = repro(name, params.stage_timeout_s)
         stages.append(result)
         stage_runs[name] = log_stage(parent, params, result)
 

@@ -350,6 +350,7 @@ class CanaryParams(Section):
 
 class Params(Section):
     recipe: list[str] = Field(default_factory=lambda: list(DEFAULT_RECIPE), description="Training steps in order, e.g. [sft, dpo], [sft, kto], [sft, rm, grpo]; each names an algorithm in pipelines/recipe.py and reads the params section of the same name.")
+    stage_timeout_s: float | None = Field(None, gt=0, description="Longest one stage (`dvc repro <stage>`) may run; past it the stage and everything it started are stopped and the flow fails naming it (a hung stage otherwise hangs the flow). null = no limit.")
     data: DataParams = Field(default_factory=DataParams)
     generate: GenerateParams = Field(default_factory=GenerateParams)
     prepare: PrepareParams = Field(default_factory=PrepareParams)

@@ -3,9 +3,12 @@ must run (code, deps or params changed) or is skipped; Prefect only orchestrates
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -24,24 +27,53 @@ def dvc_env() -> dict[str, str]:
     return env
 
 
-def run_streaming(cmd: list[str]) -> tuple[int, str]:
+class StageTimedOut(StageFailed):
+    """A stage ran past `stage_timeout_s` and was stopped (its whole process group)."""
+
+
+def run_streaming(cmd: list[str], timeout_s: float | None = None) -> tuple[int, str]:
     """Run a command, passing its output through unchanged (progress bars keep working)
-    while keeping a copy to read what happened."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=dvc_env())
+    while keeping a copy to read what happened. Past `timeout_s` the command and everything it
+    started (its own process group: DVC's stage, a training launcher's workers) are stopped,
+    SIGTERM then SIGKILL, and StageTimedOut is raised with the output so far."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=dvc_env(), start_new_session=True)
+    timed_out = threading.Event()
+
+    def stop() -> None:
+        timed_out.set()
+        for sig, grace in ((signal.SIGTERM, 10), (signal.SIGKILL, 0)):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, sig)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=grace or None)
+                return
+
+    watchdog = threading.Timer(timeout_s, stop) if timeout_s else None
+    if watchdog is not None:
+        watchdog.daemon = True
+        watchdog.start()
     captured = bytearray()
     assert proc.stdout is not None
-    while chunk := proc.stdout.read1(4096):
-        captured += chunk
-        sys.stdout.buffer.write(chunk)
-        sys.stdout.flush()
-    return proc.wait(), captured.decode(errors="replace")
+    try:
+        while chunk := proc.stdout.read1(4096):
+            captured += chunk
+            sys.stdout.buffer.write(chunk)
+            sys.stdout.flush()
+        code = proc.wait()
+    finally:
+        if watchdog is not None:
+            watchdog.cancel()
+    output = captured.decode(errors="replace")
+    if timed_out.is_set():
+        raise StageTimedOut(f"`{' '.join(cmd)}` ran past its timeout of {timeout_s:g}s (stage_timeout_s in params.yaml) and was stopped\n" + "\n".join(output.strip().splitlines()[-15:]))
+    return code, output
 
 
 # DVC owns the caching of artifact stages, so Prefect must not cache them a second time.
 @task(task_run_name="dvc repro {stage}", cache_policy=NO_CACHE)
-def repro(stage: str) -> dict:
+def repro(stage: str, timeout_s: float | None = None) -> dict:
     started = time.perf_counter()
-    code, output = run_streaming([sys.executable, "-m", "dvc", "repro", stage])
+    code, output = run_streaming([sys.executable, "-m", "dvc", "repro", stage], timeout_s)
     seconds = time.perf_counter() - started
     if code != 0:
         tail = "\n".join(output.strip().splitlines()[-15:])
