@@ -10,8 +10,12 @@ export PREFECT_HOME := $(CURDIR)/.prefect
 export MLFLOW_TRACKING_URI ?= sqlite:///$(CURDIR)/mlflow.db
 export TOKENIZERS_PARALLELISM := false
 export PYTHONUNBUFFERED := 1
+# The UIs (`make ui`): loopback only. Flows and `make serve-flows` talk to the Prefect server
+# when PREFECT_API_URL points at it (export PREFECT_API_URL=http://127.0.0.1:4200/api).
+PREFECT_UI_PORT ?= 4200
+MLFLOW_UI_PORT ?= 5000
 
-.PHONY: setup pipeline test test-fast bench serve rollback ui-prefect ui-mlflow schedule dvc-repro data-add clean clean-all
+.PHONY: setup pipeline test test-fast bench serve status lineage reproduce rollback ui ui-prefect ui-mlflow serve-flows schedule dvc-repro data-add sweep clean clean-all
 
 setup: $(STAMP)
 
@@ -21,6 +25,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	$(PY) -m pip install -q --no-deps -c constraints.txt kserve==0.21.0  # KServe's SDK models (serving/kserve.py); its model-server pins (psutil<6, pandas<3, protobuf<7) conflict with ours and are not needed to render and validate
 	@touch $@
 
 pipeline: setup  ## run the whole lifecycle on params.yaml (reruns skip what did not change)
@@ -32,8 +37,9 @@ test: setup  ## the whole suite, whole-flow tests included
 test-fast: setup  ## everything but the whole-flow and multi-process tests
 	$(PY) -m pytest -m "not slow"
 
-bench: setup  ## pipeline cold/no-op times, SFT tokens/s vs plain TRL, eval time per task and the gate's false-block rate, CPU-engine batching speed-up, gateway load test, the plane's overhead, cache speed-up and requests lost during a release
+bench: setup  ## pipeline cold/no-op times, orchestration overhead (flow vs its stages run directly), SFT tokens/s vs plain TRL, eval time per task and the gate's false-block rate, CPU-engine batching speed-up, gateway load test, the plane's overhead, cache speed-up and requests lost during a release
 	$(PY) -m benchmarks.pipeline
+	$(PY) -m benchmarks.orchestration
 	$(PY) -m benchmarks.prepare
 	$(PY) -m benchmarks.training
 	$(PY) -m benchmarks.evaluation
@@ -44,24 +50,50 @@ bench: setup  ## pipeline cold/no-op times, SFT tokens/s vs plain TRL, eval time
 data-add: setup  ## add your data: make data-add FILE=path [FORMAT=auto] (copied to data/raw/, tracked by DVC)
 	@test -n "$(FILE)" || { echo "usage: make data-add FILE=path/to/data.jsonl [FORMAT=alpaca|sharegpt|openai|...]"; exit 2; }
 	$(PY) -m pipelines.sources add "$(FILE)" --format $(or $(FORMAT),auto)
+	@$(PY) -m flows.deployments data-added "$(FILE)"
 
 dvc-repro: setup  ## the artifact stages alone, without Prefect
 	$(VENV)/bin/dvc repro
 
+sweep: setup  ## SFT hyperparameter sweep (params.yaml `sweep`): trials side by side, on Ray with RUNNER=ray or $$RAY_ADDRESS; only the best is registered (<model>-sweep)
+	$(PY) -m flows.sweep $(if $(RUNNER),--runner $(RUNNER))
+
 serve: setup  ## the serving plane: gateway on serve.port, the champion's engines behind it, releases go into it (Ctrl-C stops it)
 	$(PY) -m serving.plane
+
+status: setup  ## champion, previous and candidate: metrics, ages, the latest versions and the champion's release history
+	$(PY) -m registry.cli status
+
+lineage: setup  ## what made a version: make lineage VERSION=3 (text, and lineage-v3.png)
+	@test -n "$(VERSION)" || { echo "usage: make lineage VERSION=N   (make status lists the versions)"; exit 2; }
+	$(PY) -m registry.cli lineage $(VERSION)
+
+reproduce: setup  ## rebuild a version from its record in a scratch worktree and compare every hash: make reproduce VERSION=3
+	@test -n "$(VERSION)" || { echo "usage: make reproduce VERSION=N   (make status lists the versions)"; exit 2; }
+	$(PY) -m registry.cli reproduce $(VERSION)
 
 rollback: setup  ## champion <- previous: on a running plane, switched live (no restart); else the aliases alone
 	$(PY) -m registry.cli rollback
 
-schedule: setup  ## serve the flow with its cron schedule and data-changed trigger (needs `make ui-prefect`)
-	$(PY) -m flows.schedule serve
+serve-flows: setup  ## serve the deployments (lifecycle on orchestration.cron and on new data, release, rollback) against the Prefect server of `make ui`
+	PREFECT_API_URL=$${PREFECT_API_URL:-http://127.0.0.1:$(PREFECT_UI_PORT)/api} $(PY) -m flows.deployments serve
+
+schedule: serve-flows  ## alias of serve-flows
+
+ui: setup  ## the Prefect UI and the MLflow UI together (Ctrl-C stops both)
+	@PREFECT_UI_API_URL=http://127.0.0.1:$(PREFECT_UI_PORT)/api $(VENV)/bin/prefect server start --host 127.0.0.1 --port $(PREFECT_UI_PORT) & prefect_pid=$$!; \
+	$(VENV)/bin/mlflow ui --backend-store-uri $(MLFLOW_TRACKING_URI) --host 127.0.0.1 --port $(MLFLOW_UI_PORT) & mlflow_pid=$$!; \
+	trap 'kill $$prefect_pid $$mlflow_pid 2>/dev/null' INT TERM EXIT; \
+	sleep 3; \
+	echo; echo "Prefect UI: http://127.0.0.1:$(PREFECT_UI_PORT)   (flows: export PREFECT_API_URL=http://127.0.0.1:$(PREFECT_UI_PORT)/api)"; \
+	echo "MLflow UI:  http://127.0.0.1:$(MLFLOW_UI_PORT)"; echo; \
+	wait
 
 ui-prefect: setup  ## Prefect UI on http://127.0.0.1:4200
-	$(VENV)/bin/prefect server start
+	PREFECT_UI_API_URL=http://127.0.0.1:$(PREFECT_UI_PORT)/api $(VENV)/bin/prefect server start --host 127.0.0.1 --port $(PREFECT_UI_PORT)
 
 ui-mlflow: setup  ## MLflow UI on http://127.0.0.1:5000
-	$(VENV)/bin/mlflow ui --backend-store-uri $(MLFLOW_TRACKING_URI) --port 5000
+	$(VENV)/bin/mlflow ui --backend-store-uri $(MLFLOW_TRACKING_URI) --host 127.0.0.1 --port $(MLFLOW_UI_PORT)
 
 clean:  ## remove generated data, models, metrics and caches (keeps .venv, your files in data/raw, the model registry and the DVC remote)
 	rm -rf data/generated data/prepared models metrics reports .prefect dvc.lock

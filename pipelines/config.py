@@ -103,6 +103,48 @@ class SftParams(TrainParams):
     packing: bool = Field(False, description="Pack several short examples into one sequence (TRL packing).")
 
 
+class SweepParams(Section):
+    """An SFT hyperparameter sweep (`make sweep`, flows/sweep.py): every combination of `grid`
+    over the sft section is one trial, trained from the prepared data and the base model in its
+    own folder (models/sweeps/); every trial is recorded in MLflow and only the best by `metric`
+    is registered, under its own registered model."""
+
+    grid: dict[str, list[Any]] = Field(default_factory=lambda: {"learning_rate": [1e-3, 3e-3, 1e-2]}, description="sft keys and the values to try, e.g. {learning_rate: [1e-3, 3e-3], peft: [{method: lora}, {method: full}]}; the trials are every combination, each applied over the sft section.")
+    metric: str = Field("eval_loss", description="What picks the winner: a number in the trial's training metrics (eval_loss: validation loss after training, final_train_loss) or, with evaluate on, in its evaluation (validation_loss, preference_accuracy, '<task>/<metric>').")
+    direction: Literal["lower", "higher"] = Field("lower", description="Whether a lower or a higher `metric` wins.")
+    evaluate: bool = Field(False, description="Also run the evaluation suite (the evaluate section) on every trial's model, fanned out like the training.")
+    runner: Literal["local", "ray"] = Field("local", description="local: trials side by side in this process's thread pool (each trains in its own process); ray: Ray tasks through prefect-ray (`pip install -e '.[ray]'`), on a local Ray instance or the cluster at ray_address. $RAY_ADDRESS set means ray too.")
+    ray_address: str | None = Field(None, description="Ray cluster to join (ray://head:10001, host:6379, or auto: the one `ray start` runs on this machine); null: $RAY_ADDRESS when set, else a Ray instance started for the sweep. A multi-node cluster must see the project folder at the same path (shared storage).")
+    cpus_per_trial: int = Field(1, ge=1, description="Cores per trial: its torch threads and its Ray num_cpus. The local runner runs cores // cpus_per_trial trials at once.")
+    max_trials: int = Field(16, ge=1, description="Refuse a grid with more combinations than this (a typo in a list should not start a hundred trainings).")
+    registered_model: str | None = Field(None, description="Registered model that receives the winner; null: '<registry.model_name>-sweep'. Never the lifecycle's model: a sweep winner is an unquantized, ungated SFT checkpoint, not a release candidate.")
+
+    @model_validator(mode="after")
+    def _grid(self) -> "SweepParams":
+        import math
+
+        problems = []
+        for key, values in self.grid.items():
+            if key not in SftParams.model_fields:
+                close = difflib.get_close_matches(key, list(SftParams.model_fields), n=1)
+                hint = f"did you mean '{close[0]}'?" if close else f"sft keys: {', '.join(SftParams.model_fields)}"
+                problems.append(f"grid key '{key}' is not an sft setting ({hint})")
+                continue
+            if not values:
+                problems.append(f"grid key '{key}' has no values to try")
+            for value in values:
+                try:
+                    SftParams.model_validate({key: value})
+                except ValidationError as exc:
+                    problems.append(f"grid value {key}={value!r}: {exc.errors()[0]['msg']}")
+        trials = math.prod(len(v) for v in self.grid.values())
+        if trials > self.max_trials:
+            problems.append(f"grid makes {trials} trials, more than max_trials ({self.max_trials}): trim it or raise max_trials")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
 class AlignParams(TrainParams):
     """What the offline preference steps (dpo, kto, orpo, cpo) share: a small adapter on the
     previous policy (for DPO and KTO the reference is that adapter switched off)."""
@@ -290,6 +332,35 @@ class ServeParams(Section):
     plane_url: str | None = Field("auto", description="The running plane releases go into: 'auto' = http://host:port when a plane answers there for this registry; a URL; null = always an ephemeral gateway for the release.")
     drain_timeout_s: float = Field(60, gt=0, description="How long a version leaving the plane (promoted away, rolled back) may finish its requests in flight before it is stopped.")
     supervise_interval_s: float = Field(0.5, gt=0, description="How often the plane's supervisor checks each engine process (exited, or failing /health 3 times in a row: restarted).")
+    target: Literal["local", "kserve"] = Field("local", description="Where a release goes: 'local' serves and judges it on this machine (the plane or an ephemeral gateway); 'kserve' renders a KServe InferenceService per canary step into kserve.out_dir for a cluster to apply (serving/kserve.py) and serves nothing here.")
+
+
+class KServeParams(Section):
+    """Serving on a cluster (serve.target: kserve): the InferenceService the release renders for
+    each canary step, with KServe's Hugging Face runtime and its vLLM backend (serving/kserve.py).
+    Rendered and validated here, never applied: `kubectl apply -f` does that on the cluster."""
+
+    name: str | None = Field(None, description="InferenceService name (a DNS label); null: registry.model_name.")
+    namespace: str = Field("default", description="Kubernetes namespace of the InferenceService.")
+    runtime: str | None = Field(None, description="ServingRuntime or ClusterServingRuntime to use; null: KServe picks its Hugging Face runtime for modelFormat huggingface (vLLM backend).")
+    storage_uri: str | None = Field(None, description="Where a version's model folder lives for the cluster, with {name} and {version}, e.g. s3://models/{name}/v{version}; null: the version's MLflow artifact location, which must then be object storage (s3://, gs://, ...).")
+    gpus: int = Field(1, ge=0, description="nvidia.com/gpu per replica (requests = limits); more than 1 also sets vLLM's --tensor-parallel-size. 0: no GPU requested.")
+    cpu: str = Field("4", description="CPU per replica (Kubernetes quantity; requests = limits).")
+    memory: str = Field("32Gi", description="Memory per replica (Kubernetes quantity; requests = limits).")
+    min_replicas: int = Field(1, ge=0, description="Fewest predictor replicas (0 lets Knative scale to zero).")
+    max_replicas: int = Field(1, ge=1, description="Most predictor replicas.")
+    api_key_secret: str = Field("llm-serving-api-key", description="Kubernetes Secret holding the key clients must send (read as $VLLM_API_KEY); the key itself never appears in a manifest.")
+    api_key_secret_key: str = Field("api-key", description="The key inside api_key_secret that holds the API key.")
+    service_account: str | None = Field(None, description="Service account whose secret gives the storage initializer access to storage_uri (KServe's S3/GCS credentials); null: the namespace default.")
+    deployment_mode: Literal["Serverless", "Knative"] = Field("Serverless", description="serving.kserve.io/deploymentMode: canaryTrafficPercent only splits traffic in Knative mode ('Serverless'; KServe >= 0.16 also calls it 'Knative').")
+    extra_args: list[str] = Field(default_factory=list, description="More runtime arguments, verbatim (e.g. --max-model-len=4096).")
+    out_dir: str = Field("deploy/kserve", description="Where the release writes the manifests: <out_dir>/v<N>/step-<w>.yaml, promote.yaml, rollback.yaml.")
+
+    @model_validator(mode="after")
+    def _replicas(self) -> "KServeParams":
+        if self.max_replicas < self.min_replicas:
+            raise ValueError(f"max_replicas ({self.max_replicas}) is below min_replicas ({self.min_replicas})")
+        return self
 
 
 class CanaryParams(Section):
@@ -348,6 +419,27 @@ class CanaryParams(Section):
         return math.ceil(math.log(1 / self.error_rate_beta) / per_answer)
 
 
+class NotifyParams(Section):
+    """Who hears about releases: a JSON POST to a webhook (Slack/Teams/Mattermost incoming
+    webhooks read its `text`) on gate failure, rollback and promotion (tasks/notify.py)."""
+
+    webhook_url: str | None = Field(None, description="URL the notifications are POSTed to; null = none (a URL with a secret in it belongs in webhook_url_env's variable, not here).")
+    webhook_url_env: str = Field("LIFECYCLE_WEBHOOK_URL", description="Environment variable holding the webhook URL; it wins over webhook_url when set.")
+    events: list[Literal["gate_failed", "rolled_back", "promoted", "shadowed"]] = Field(
+        default_factory=lambda: ["gate_failed", "rolled_back", "promoted"], description="Which outcomes are sent."
+    )
+    timeout_s: float = Field(5, gt=0, description="Per attempt; a webhook that does not answer never fails or holds up the run (three attempts, then a warning).")
+
+
+class OrchestrationParams(Section):
+    """How the Prefect deployments run the flows (`make serve-flows`, flows/deployments.py)."""
+
+    cron: str = Field("0 3 * * *", description="When the scheduled lifecycle run starts (cron syntax, in `timezone`); nightly at 03:00 by default.")
+    timezone: str = Field("UTC", description="Time zone the cron is read in (an IANA name, e.g. Europe/Berlin).")
+    concurrency_limit: int = Field(1, ge=1, description="Lifecycle and release runs of this project (model name and folder) that may run at once, on one Prefect server: they share the DVC workspace and the registry's aliases.")
+    on_busy: Literal["wait", "drop"] = Field("wait", description="A run started while the limit is taken: 'wait' queues it (AwaitingConcurrencySlot) until a slot frees; 'drop' cancels it at once, its state message saying which run is busy.")
+
+
 class Params(Section):
     recipe: list[str] = Field(default_factory=lambda: list(DEFAULT_RECIPE), description="Training steps in order, e.g. [sft, dpo], [sft, kto], [sft, rm, grpo]; each names an algorithm in pipelines/recipe.py and reads the params section of the same name.")
     stage_timeout_s: float | None = Field(None, gt=0, description="Longest one stage (`dvc repro <stage>`) may run; past it the stage and everything it started are stopped and the flow fails naming it (a hung stage otherwise hangs the flow). null = no limit.")
@@ -357,6 +449,7 @@ class Params(Section):
     model: ModelParams = Field(default_factory=ModelParams)
     compute: ComputeParams = Field(default_factory=ComputeParams)
     sft: SftParams = Field(default_factory=SftParams)
+    sweep: SweepParams = Field(default_factory=SweepParams)
     dpo: DpoParams = Field(default_factory=DpoParams)
     kto: KtoParams = Field(default_factory=KtoParams)
     orpo: OrpoParams = Field(default_factory=OrpoParams)
@@ -370,6 +463,9 @@ class Params(Section):
     registry: RegistryParams = Field(default_factory=RegistryParams)
     serve: ServeParams = Field(default_factory=ServeParams)
     canary: CanaryParams = Field(default_factory=CanaryParams)
+    kserve: KServeParams = Field(default_factory=KServeParams, description="The InferenceService a release renders when serve.target is kserve (serving/kserve.py).")
+    notify: NotifyParams = Field(default_factory=NotifyParams)
+    orchestration: OrchestrationParams = Field(default_factory=OrchestrationParams)
 
     @model_validator(mode="after")
     def _recipe(self) -> "Params":
