@@ -21,6 +21,7 @@ Runs on the GPU when there is one (compute.device), in the plan's precision.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -65,6 +66,25 @@ def eval_items(data_file: Path) -> Path:
     return out
 
 
+@functools.cache
+def stock_index():
+    """lm-eval's index of its stock tasks (~15k YAML files: 4-13 s to build), built once per
+    process and only when a stock task is named."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager()
+
+
+@functools.cache
+def runner_tasks():
+    """The TaskManager `simple_evaluate` is given: tasks reach it as resolved dicts (load_task),
+    so it needs no index. Without one, every call built the full index again (~13 s per task
+    per model on a busy 2-core machine)."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_defaults=False)
+
+
 def load_task(task: EvalTask) -> dict:
     """The task's lm-eval config: the project's YAML, else the stock task's (includes and
     `!function`s resolved by lm-eval's own loader). An unknown name says what exists."""
@@ -73,14 +93,12 @@ def load_task(task: EvalTask) -> dict:
     own = TASKS_DIR / f"{task.name}.yaml"
     if own.exists():
         return load_yaml(own, resolve_func=True)
-    from lm_eval.tasks import TaskManager
-
-    entry = TaskManager().task_index.get(task.name)
+    entry = stock_index().task_index.get(task.name)
     if entry is None or entry.yaml_path is None:
         import difflib
 
         own_names = sorted(p.stem for p in TASKS_DIR.glob("*.yaml"))
-        close = difflib.get_close_matches(task.name, own_names + TaskManager().all_tasks, n=3)
+        close = difflib.get_close_matches(task.name, own_names + stock_index().all_tasks, n=3)
         hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
         raise SystemExit(f"evaluate.tasks: unknown task '{task.name}': neither pipelines/eval_tasks/{task.name}.yaml nor a stock lm-eval task.{hint} Project tasks: {', '.join(own_names)}")
     return load_yaml(entry.yaml_path, resolve_func=True)
@@ -180,6 +198,7 @@ def run_task(lm, task: EvalTask, cfg: EvaluateParams, data_file: Path = TEST_FIL
         apply_chat_template=task.apply_chat_template,
         log_samples=True,
         limit=task.limit or cfg.limit,
+        task_manager=runner_tasks(),
     )
     name = conf["task"]
     rows = []
@@ -198,7 +217,10 @@ def run_task(lm, task: EvalTask, cfg: EvaluateParams, data_file: Path = TEST_FIL
         key = f"{task.name}/{metric}"
         if task.scorer == "safety":
             values = [r[key] for r in rows if key in r]
-            metrics[key] = sum(values) / len(values) if values else float("nan")
+            # No item of this kind (a small `limit` can leave out every PII probe): not measured,
+            # written as null. NaN here used to fail the quantization gate on "nan vs nan", and
+            # a threshold on it now fails as "not measured", never passes.
+            metrics[key] = sum(values) / len(values) if values else None
             continue
         result = out["results"][name]
         found = [v for k, v in result.items() if k.split(",")[0] == metric]
@@ -307,7 +329,7 @@ def measure(name: str, model_ref: str, cfg: EvaluateParams, compute: ComputePara
     pref = preference_accuracy(model_ref, compute=compute)
     reward = add_reward_scores(rows, reward_model, compute, cfg.tasks[0].name)
     write_samples(name, rows)
-    shown = ", ".join(f"{k}={v:.3f}" for k, v in suite.items())
+    shown = ", ".join(f"{k}={v:.3f}" if v is not None else f"{k}=not measured" for k, v in suite.items())
     log.info("%s: %s validation_loss=%.3f preference_accuracy=%s (%d items)", name, shown, loss, pref, len(rows))
     block = {**suite, "validation_loss": loss if math.isfinite(loss) else None, "preference_accuracy": pref, "items": len(rows), "seconds": seconds}
     if reward is not None:

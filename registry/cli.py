@@ -1,6 +1,10 @@
-"""Registry commands for people: which version is where, serve the champion, roll back.
+"""Registry commands for people (`lifecycle ...`, or `python -m registry.cli ...`): which version
+is where, what made it, rebuild it, serve the champion, roll back.
 
-    python -m registry.cli show       # aliases and their versions' key metrics
+    lifecycle status                # champion, previous, candidate: metrics, ages, release history
+    lifecycle lineage 3             # raw sources -> stages -> version 3, as text and lineage-v3.png
+    lifecycle reproduce 3           # rebuild version 3 in a scratch worktree; do all hashes match?
+    python -m registry.cli show       # the aliases alone (short status)
     python -m registry.cli serve      # the champion alone on serve.host:serve.port (no plane)
     python -m registry.cli rollback   # champion <- previous, switched live on a running plane (make rollback)
     python -m registry.cli approve 7 --reason "flaky canary host, re-run"   # lift a rejection
@@ -12,6 +16,7 @@ import argparse
 import getpass
 import os
 import sys
+import time
 from pathlib import Path
 
 from pipelines.config import ConfigError, load_params
@@ -24,6 +29,106 @@ def show(name: str) -> None:
         mv = by_alias(name, alias)
         detail = f"version {mv.version}  {metrics_of(mv)}  git {mv.tags.get('lineage.git_sha', '?')[:8]}" if mv else "-"
         print(f"{alias:>9}: {detail}")
+
+
+def age(ms: int | str) -> str:
+    seconds = max(0, time.time() - int(ms) / 1000)
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f} {unit} ago"
+    return f"{seconds:.0f} s ago"
+
+
+def release_history(mv) -> dict | None:
+    uri = mv.tags.get("release.history")
+    if not uri:
+        return None
+    import mlflow
+
+    from registry.store import tracking_uri
+
+    mlflow.set_tracking_uri(tracking_uri())
+    try:
+        return mlflow.artifacts.load_dict(uri)
+    except Exception:  # a history whose artifact is gone is not worth failing `status` for
+        return None
+
+
+def status(name: str, recent: int = 5) -> None:
+    from registry.store import client, tracking_uri
+
+    print(f"{name}  (registry {tracking_uri()})")
+    for alias in (CHAMPION, PREVIOUS, CANDIDATE):
+        mv = by_alias(name, alias)
+        if mv is None:
+            print(f"{alias:>10}: -")
+            continue
+        metrics = "  ".join(f"{k} {v:.3f}" for k, v in sorted((metrics_of(mv) or {}).items()))
+        print(f"{alias:>10}: v{mv.version}  registered {age(mv.creation_timestamp)}  git {mv.tags.get('lineage.git_sha', '?')[:8]}  {mv.tags.get('recipe', '')}")
+        if metrics:
+            print(f"{'':>12}{metrics}")
+    try:
+        versions = sorted(client().search_model_versions(f"name='{name}'"), key=lambda v: int(v.version), reverse=True)
+    except Exception:
+        versions = []
+    if not versions:
+        print("no versions yet: run `make pipeline`")
+        return
+    print(f"\nlatest {min(recent, len(versions))} of {len(versions)} version(s):")
+    for mv in versions[:recent]:
+        why = (mv.tags.get(f"{STATUS}.reason") or "").splitlines()[0][:90] if mv.tags.get(f"{STATUS}.reason") else ""
+        print(f"  v{mv.version:<4} {mv.tags.get(STATUS, '?'):<12} {age(mv.creation_timestamp):<12} {why}")
+    champion = by_alias(name, CHAMPION)
+    history = release_history(champion) if champion else None
+    if history:
+        steps = " -> ".join(f"{s.get('weight')}%" for s in history.get("steps", []))
+        print(f"\nrelease of the champion v{history['version']}: {history['outcome']} {history.get('finished_at', '')} via {history.get('where', '?')}")
+        if steps:
+            print(f"  steps {steps}; stable before: v{history.get('stable_before')}")
+
+
+def lineage_cmd(name: str, version: str, out: Path | None) -> None:
+    from registry.graph import lineage_text, plot_lineage
+    from registry.lineage import NoRecord, load_record
+    from registry.store import client
+
+    c = client()
+    try:
+        mv = c.get_model_version(name, str(version))
+    except Exception:
+        raise SystemExit(f"model '{name}' has no version {version}: `lifecycle status` lists them")
+    try:
+        record = load_record(mv.run_id)
+    except NoRecord as exc:
+        raise SystemExit(f"version {version} has no lineage record ({exc}); its lineage.* tags are all there is: python -m registry.cli show")
+    print(lineage_text(name, mv, record), end="")
+    png = plot_lineage(name, mv, record, out or Path(f"lineage-v{mv.version}.png"))
+    print(f"graph: {png}")
+
+
+def reproduce_cmd(name: str, version: str, scratch: Path | None, keep: bool) -> int:
+    from registry.lineage import NoRecord
+    from registry.reproduce import ReproduceError, render, reproduce
+
+    try:
+        report = reproduce(name, version, scratch=scratch, keep=keep)
+    except (NoRecord, ReproduceError) as exc:
+        print(f"cannot reproduce version {version}: {exc}", file=sys.stderr)
+        return 2
+    print(render(report))
+    return 0 if report["matched"] else 1
+
+
+def after_rollback(params, old: str, new: str, where: str) -> None:
+    """A rollback by hand is news too: both versions' cards say it, and the webhook hears it."""
+    from registry.card import refresh
+    from tasks.notify import notify
+
+    name = params.registry.model_name
+    for version in (old, new):
+        if version != "none":
+            refresh(name, version)
+    notify(params, "rolled_back", f"rolled back by hand ({getpass.getuser()}): version {new} is champion again, version {old} taken out, via {where}", version=old, champion=new, by=getpass.getuser())
 
 
 def rollback_plane(params, plane) -> None:
@@ -49,6 +154,7 @@ def rollback_plane(params, plane) -> None:
         raise SystemExit(f"version {previous.version} failed {checked['error_rate']:.0%} of its checks ({checked['errors_seen']}): not switched; the champion keeps serving")
     old, new = rollback(name)
     plane.promote()
+    after_rollback(params, old, new, f"the running plane at {plane.base_url}")
     print(f"rolled back '{name}': version {new} now serves all traffic at {plane.base_url} (version {old} drained and stopped)")
 
 
@@ -75,26 +181,45 @@ def serve(params) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m registry.cli", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=["show", "serve", "rollback", "approve"])
-    parser.add_argument("version", nargs="?", help="approve: the version whose rejection a person overrides")
+    parser = argparse.ArgumentParser(prog="lifecycle", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("command", choices=["status", "lineage", "reproduce", "show", "serve", "rollback", "approve"])
+    parser.add_argument("version", nargs="?", help="lineage, reproduce: the version; approve: the version whose rejection a person overrides")
     parser.add_argument("--reason", default="", help="approve: why it may be released despite its status (recorded)")
+    parser.add_argument("--out", type=Path, help="lineage: where the graph image goes (default lineage-v<N>.png)")
+    parser.add_argument("--scratch", type=Path, help="reproduce: the scratch worktree (default: a folder under the system temp dir)")
+    parser.add_argument("--keep", action="store_true", help="reproduce: keep the scratch worktree even when every hash matches")
     args = parser.parse_args(argv)
-    if args.command == "approve" and not args.version:
-        parser.error("approve needs a VERSION")
+    if args.command in ("approve", "lineage", "reproduce") and not args.version:
+        parser.error(f"{args.command} needs a VERSION (`lifecycle status` lists them)")
     try:
         params = load_params()
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         sys.exit(2)
     name = params.registry.model_name
-    if args.command == "show":
+    if args.command == "status":
+        status(name)
+    elif args.command == "lineage":
+        lineage_cmd(name, args.version, args.out)
+    elif args.command == "reproduce":
+        sys.exit(reproduce_cmd(name, args.version, args.scratch, args.keep))
+    elif args.command == "show":
         show(name)
     elif args.command == "serve":
         serve(params)
     elif args.command == "approve":
         mv = approve(name, args.version, args.reason, getpass.getuser())
         print(f"approved version {mv.version} (was {mv.tags.get(STATUS)}): {args.reason}; the next run may release it again")
+    elif params.serve.target == "kserve":  # rendered first: a render error moves no aliases
+        from serving.kserve import write_rollback
+
+        champ, prev = by_alias(name, CHAMPION), by_alias(name, PREVIOUS)
+        if champ is None or prev is None:
+            raise SystemExit(f"model '{name}' has no 'previous' version to roll back to")
+        paths = write_rollback(params, str(champ.version), str(prev.version))
+        old, new = rollback(name)
+        after_rollback(params, old, new, f"KServe manifest {paths[0]}")
+        print(f"rolled back '{name}' to version {new}: kubectl apply -f {paths[0]} (KServe's rollback), or {paths[1]} to declare version {new} again")
     else:
         from serving.plane_client import discover
 
@@ -106,6 +231,7 @@ def main(argv: list[str] | None = None) -> None:
                 plane.close()
             return
         old, new = rollback(name)
+        after_rollback(params, old, new, "the registry's aliases (no plane was running)")
         print(f"rolled back '{name}': champion is now version {new} (was {old}); no plane is running, so `make serve` will serve it")
 
 

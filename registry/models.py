@@ -23,7 +23,7 @@ MODEL_HASH_TAG = "lineage.model_md5"
 # A version's status sticks to its bytes: a version rejected by a gate or rolled back by a
 # canary is never promoted again, however often a rerun produces the same bytes, unless a
 # person approves it with a stated reason (recorded beside the status).
-STATUS, REJECTED, ROLLED_BACK = "status", "rejected", "rolled_back"
+STATUS, REJECTED, ROLLED_BACK, PROMOTED = "status", "rejected", "rolled_back", "promoted"
 BLOCKING = (REJECTED, ROLLED_BACK)
 log = logging.getLogger("registry")
 
@@ -57,8 +57,11 @@ def register(name: str, model_dir: Path, run_id: str, model_md5: str, tags: dict
     """Log the model folder to `run_id` and register it as a new version. It gets no alias
     yet: `candidate` comes only once the quality gate has passed (`mark_candidate`), and a
     gate failure leaves the version as the record of what was rejected and why."""
+    from registry.card import mlmodel_text
+
     c = client()
     c.log_artifacts(run_id, str(model_dir), "model")
+    c.log_text(run_id, mlmodel_text(run_id), "model/MLmodel")  # its signature, for the registry UI
     try:
         c.create_registered_model(name, description="Managed by the LLM lifecycle flow (flows/lifecycle.py).")
     except MlflowException as exc:
@@ -118,6 +121,7 @@ def promote(name: str, version: str) -> ModelVersion | None:
         c.set_registered_model_alias(name, PREVIOUS, str(old.version))
     c.set_registered_model_alias(name, CHAMPION, str(version))
     _drop_alias(name, CANDIDATE)
+    set_status(name, version, PROMOTED, "promoted to champion" + (f" (replacing version {old.version})" if old is not None and str(old.version) != str(version) else ""))
     return old
 
 

@@ -22,5 +22,16 @@ def experiment_id(name: str) -> str:
     exp = c.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
-    artifacts = Path(os.environ.get("MLFLOW_ARTIFACT_ROOT", "mlartifacts")).resolve()
-    return c.create_experiment(name, artifact_location=artifacts.as_uri())
+    return c.create_experiment(name, artifact_location=artifact_location())
+
+
+def artifact_location() -> str | None:
+    """Where a new experiment keeps its artifacts: $MLFLOW_ARTIFACT_ROOT when it is a URL
+    (s3://, gs://, ...), the tracking server's own artifact root when tracking is remote (None),
+    else a local folder beside the SQLite store."""
+    root = os.environ.get("MLFLOW_ARTIFACT_ROOT")
+    if root and "://" in root:
+        return root
+    if tracking_uri().startswith(("http://", "https://", "databricks")):
+        return None
+    return Path(root or "mlartifacts").resolve().as_uri()

@@ -33,6 +33,7 @@ from pipelines.common import PREPARED
 from pipelines.config import Params
 from serving.analysis import decide_canary
 from registry.models import CANDIDATE, CHAMPION, by_alias, download, log_release, promote, reject, shadowed
+from registry.card import refresh as refresh_card
 from registry.store import client
 from serving import auth
 from serving.background import ThreadedServer
@@ -42,6 +43,7 @@ from serving.gateway import Backend, create_gateway
 from serving.launcher import ServerProcess, ServerStartError, free_port, launch
 from serving.plane_client import PlaneAPIError, PlaneClient, RemoteGateway, backends_of, discover
 from serving.rollout import RolloutResult, StepReport, run_rollout
+from tasks.notify import notify
 
 SERVING_DIR = Path(".serving")  # downloaded model versions and server logs (git-ignored)
 
@@ -164,7 +166,7 @@ def history_markdown(history: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-@task(cache_policy=NO_CACHE)
+@task(task_run_name="release v{version}", cache_policy=NO_CACHE)
 def canary_release(params: Params, version: str, drill: list[str] | None = None) -> dict:
     name = params.registry.model_name
     version = str(version)
@@ -172,6 +174,12 @@ def canary_release(params: Params, version: str, drill: list[str] | None = None)
     if champion is not None and str(champion.version) == version:
         print(f"version {version} is already the champion: nothing to deploy")
         return {"outcome": "unchanged", "version": version}
+    if params.serve.target == "kserve":  # the cluster applies the manifests; nothing is served or judged here
+        from serving.kserve import write_release
+
+        paths = write_release(params, version, str(champion.version) if champion else None)
+        print(f"rendered KServe manifests for version {version}: " + ", ".join(str(p) for p in paths))
+        return {"outcome": "rendered", "version": version, "manifests": [str(p) for p in paths]}
     golden = golden_prompts(PREPARED / "sft_test.parquet", params.canary.golden_prompts)
     started_at = now()
     plane = discover(params) if champion is not None else None
@@ -243,12 +251,19 @@ def finish(
     else:
         reject(name, version, report)
         outcome = {"outcome": "rolled_back", "version": version, "champion": str(champion.version) if champion else None}
+    said = {
+        "promoted": f"version {version} promoted to champion (was {outcome.get('previous')}) via {where}",
+        "rolled_back": f"version {version} rolled back; champion {outcome.get('champion')} keeps serving: " + "; ".join(result.reasons),
+        "shadowed": f"version {version} compared on mirrored traffic (shadow): " + ("; ".join(result.reasons) or "no difference found"),
+    }[outcome["outcome"]]
+    notify(params, outcome["outcome"], said, **outcome, reasons=result.reasons)
     history = {
         "version": version, "outcome": result.outcome, "where": where, "started_at": started_at, "finished_at": now(),
         "stable_before": stable_before, "steps": [s.as_dict() for s in result.steps], "plane_events": events() if events else [],
     }
     markdown = history_markdown(history)
     log_release(name, version, history, markdown)
+    refresh_card(name, version)
     create_markdown_artifact(key="release-history", markdown=markdown, description=f"release history of version {version}")
     create_markdown_artifact(key="canary", markdown=f"## canary: {outcome['outcome']}\n\n```\n{report}\n```\n", description="canary analysis")
     shutil.rmtree(SERVING_DIR / "models", ignore_errors=True)  # copies; the registry keeps the originals

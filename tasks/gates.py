@@ -17,13 +17,21 @@ from pipelines import eval_report
 from pipelines.gates import Decision, decide, decide_quantization, pair_items
 from pipelines.plots import plot_gate
 from registry.models import CHAMPION, REJECTED, by_alias, download, mark_candidate, metrics_of, set_status
+from registry.card import record_gate
 from registry.store import client
+from tasks.notify import notify
 
 GATE_DIR = Path(".serving/gate")  # the champion, downloaded to be re-scored (removed after)
 
 
 class GateFailed(RuntimeError):
     """Raised to stop the flow; the message says which metric failed and by how much."""
+
+
+def notified(exc: GateFailed) -> GateFailed:
+    """Marks a failure whose notification this module already sent (the flow sends none again)."""
+    exc.notified = True
+    return exc
 
 
 def publish_text(decision: Decision) -> str:
@@ -101,7 +109,7 @@ def item_table(candidate: list[dict], champion: list[dict] | None, judged: list[
     return "".join(json.dumps(r) + "\n" for r in rows)
 
 
-@task(cache_policy=NO_CACHE)
+@task(task_run_name="quality gate v{version}", cache_policy=NO_CACHE)
 def quality_gate(params: Params, parent_run_id: str, version: str) -> Decision:
     """The served artifact (quantized when quantization is on) against the base, the absolute
     thresholds and, item by item, the champion's served artifact on every suite metric, the
@@ -143,17 +151,21 @@ def quality_gate(params: Params, parent_run_id: str, version: str) -> Decision:
     name = params.registry.model_name
     if not decision.passed:
         set_status(name, version, REJECTED, "quality gate: " + "; ".join(decision.reasons))
-        raise GateFailed(f"quality gate failed, version {version} rejected, nothing was deployed:\n  " + "\n  ".join(decision.reasons))
+    record_gate(name, version, "quality", decision.passed, "; ".join(decision.reasons) or f"{len(decision.checks)} checks passed")
+    if not decision.passed:
+        notify(params, "gate_failed", f"quality gate failed: version {version} rejected: " + "; ".join(decision.reasons), gate="quality", version=version, reasons=decision.reasons)
+        raise notified(GateFailed(f"quality gate failed, version {version} rejected, nothing was deployed:\n  " + "\n  ".join(decision.reasons)))
     if mv is None or str(mv.version) != str(version):
         mark_candidate(name, version)
     return decision
 
 
-@task(cache_policy=NO_CACHE)
+@task(task_run_name="quantization gate", cache_policy=NO_CACHE)
 def quantization_gate(params: Params, parent_run_id: str) -> Decision:
     decision = decide_quantization(read_json(METRICS / "quantize.json"), read_json(METRICS / "evaluate.json")["candidate"], params.quantize, params.evaluate.directions())
     client().log_text(parent_run_id, publish(decision, "quantization-gate"), "gates/quantization_gate.md")
     print(decision.summary())
     if not decision.passed:
-        raise GateFailed("quantization gate failed, nothing was deployed:\n  " + "\n  ".join(decision.reasons))
+        notify(params, "gate_failed", "quantization gate failed: " + "; ".join(decision.reasons), gate="quantization", reasons=decision.reasons)
+        raise notified(GateFailed("quantization gate failed, nothing was deployed:\n  " + "\n  ".join(decision.reasons)))
     return decision

@@ -5,13 +5,20 @@ by a gate or rolled back by a canary are refused here unless a person approved t
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
+
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from pipelines.common import METRICS, QUANT_DIR, read_json
 from pipelines.config import Params
-from registry.lineage import dvc_lock_hashes, lineage_tags
+from pipelines.gates import decide_quantization
+from registry.card import record_gate
+from registry.graph import plot_lineage
+from registry.lineage import dvc_lock_hashes, lineage_tags, load_record, log_record
 from registry.models import blocked, find_by_model_hash, register
+from registry.store import client
 from tasks.gates import GateFailed
 
 
@@ -20,7 +27,7 @@ def _io_failure(task, task_run, state) -> bool:
     return not isinstance(getattr(state, "data", None), GateFailed)
 
 
-@task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2, retry_condition_fn=_io_failure)
+@task(task_run_name="register", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2, retry_condition_fn=_io_failure)
 def register_candidate(params: Params, parent_run_id: str, flow_run_id: str | None, stage_runs: dict[str, str]) -> dict:
     name = params.registry.model_name
     model_md5 = dvc_lock_hashes().get(f"quantize:{QUANT_DIR}")
@@ -43,5 +50,15 @@ def register_candidate(params: Params, parent_run_id: str, flow_run_id: str | No
     tags["recipe"] = " -> ".join(params.recipe)
     tags["quantization"] = f"{served.get('scheme', 'none')}/{served.get('algorithm', 'none')}" if served.get("enabled") else "none"
     mv = register(name, QUANT_DIR, parent_run_id, model_md5, tags)
-    print(f"registered {name} version {mv.version} (no alias until the quality gate passes)")
-    return {"version": str(mv.version), "reused": False}
+    version = str(mv.version)
+    # The record that makes the version reproducible without committing anything: its dvc.lock,
+    # params, DAG, raw-input pointers and uncommitted code changes (the bytes are in the DVC remote).
+    log_record(parent_run_id)
+    quant = decide_quantization(served, unquantized, params.quantize, params.evaluate.directions())
+    record_gate(name, version, "quantization", quant.passed, "; ".join(quant.reasons) or f"every suite metric within {params.quantize.max_drop} of the unquantized model")
+    record = load_record(parent_run_id)
+    with tempfile.TemporaryDirectory() as tmp:
+        png = plot_lineage(name, client().get_model_version(name, version), record, Path(tmp) / "lineage.png")
+        client().log_artifact(parent_run_id, str(png), "lineage")
+    print(f"registered {name} version {version} (no alias until the quality gate passes); lineage: `lifecycle lineage {version}`")
+    return {"version": version, "reused": False}

@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
-from prefect import task
+from prefect import get_run_logger, task
+from prefect.exceptions import MissingContextError
 from prefect.cache_policies import NO_CACHE
 
 
@@ -31,11 +34,39 @@ class StageTimedOut(StageFailed):
     """A stage ran past `stage_timeout_s` and was stopped (its whole process group)."""
 
 
-def run_streaming(cmd: list[str], timeout_s: float | None = None) -> tuple[int, str]:
+ANSI = re.compile(rb"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+class LineForwarder:
+    """Bytes in, finished lines out to `emit`: a progress bar redrawn with carriage returns
+    becomes the one line it ends as (its final state), not hundreds of redraws."""
+
+    def __init__(self, emit: Callable[[str], None]):
+        self.emit, self.pending = emit, b""
+
+    def feed(self, chunk: bytes) -> None:
+        *lines, self.pending = (self.pending + chunk).split(b"\n")
+        for line in lines:
+            self._emit(line)
+
+    def close(self) -> None:
+        if self.pending:
+            self._emit(self.pending)
+            self.pending = b""
+
+    def _emit(self, line: bytes) -> None:
+        text = ANSI.sub(b"", line.rsplit(b"\r", 1)[-1] if line.rstrip(b"\r") else line).decode(errors="replace").rstrip()
+        if text.strip():
+            self.emit(text)
+
+
+def run_streaming(cmd: list[str], timeout_s: float | None = None, on_line: Callable[[str], None] | None = None) -> tuple[int, str]:
     """Run a command, passing its output through unchanged (progress bars keep working)
-    while keeping a copy to read what happened. Past `timeout_s` the command and everything it
-    started (its own process group: DVC's stage, a training launcher's workers) are stopped,
-    SIGTERM then SIGKILL, and StageTimedOut is raised with the output so far."""
+    while keeping a copy to read what happened, and handing each finished line to `on_line`
+    (the Prefect run's logger: the stage's own words reach the UI). Past `timeout_s` the
+    command and everything it started (its own process group: DVC's stage, a training
+    launcher's workers) are stopped, SIGTERM then SIGKILL, and StageTimedOut is raised with
+    the output so far."""
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=dvc_env(), start_new_session=True)
     timed_out = threading.Event()
 
@@ -53,27 +84,42 @@ def run_streaming(cmd: list[str], timeout_s: float | None = None) -> tuple[int, 
         watchdog.daemon = True
         watchdog.start()
     captured = bytearray()
+    lines = LineForwarder(on_line) if on_line else None
     assert proc.stdout is not None
     try:
         while chunk := proc.stdout.read1(4096):
             captured += chunk
             sys.stdout.buffer.write(chunk)
             sys.stdout.flush()
+            if lines is not None:
+                lines.feed(chunk)
         code = proc.wait()
     finally:
         if watchdog is not None:
             watchdog.cancel()
+        if lines is not None:
+            lines.close()
     output = captured.decode(errors="replace")
     if timed_out.is_set():
         raise StageTimedOut(f"`{' '.join(cmd)}` ran past its timeout of {timeout_s:g}s (stage_timeout_s in params.yaml) and was stopped\n" + "\n".join(output.strip().splitlines()[-15:]))
     return code, output
 
 
+def run_logger() -> Callable[[str], None] | None:
+    """The current Prefect run's logger, as a line sink (None outside a run: tests, scripts)."""
+    try:
+        logger = get_run_logger()
+    except MissingContextError:
+        return None
+    return logger.info
+
+
 # DVC owns the caching of artifact stages, so Prefect must not cache them a second time.
-@task(task_run_name="dvc repro {stage}", cache_policy=NO_CACHE)
+# The task run is named after its stage; its log holds the stage's own output, line by line.
+@task(task_run_name="{stage}", cache_policy=NO_CACHE)
 def repro(stage: str, timeout_s: float | None = None) -> dict:
     started = time.perf_counter()
-    code, output = run_streaming([sys.executable, "-m", "dvc", "repro", stage], timeout_s)
+    code, output = run_streaming([sys.executable, "-m", "dvc", "repro", stage], timeout_s, on_line=run_logger())
     seconds = time.perf_counter() - started
     if code != 0:
         tail = "\n".join(output.strip().splitlines()[-15:])
@@ -82,7 +128,7 @@ def repro(stage: str, timeout_s: float | None = None) -> dict:
     return {"stage": stage, "ran": ran, "seconds": seconds}
 
 
-@task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5)
+@task(task_run_name="dvc push", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5)
 def push_artifacts() -> None:
     """Copy every artifact's bytes to the DVC remote (a local folder by default, see .dvc/config),
     so a registered model can always be traced back to, and restored from, its inputs."""

@@ -49,7 +49,7 @@ def flatten_params(obj: dict, prefix: str = "") -> dict[str, object]:
     return out
 
 
-@task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
+@task(task_run_name="mlflow: open run", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
 def start_parent_run(params: Params, flow_run_id: str | None) -> str:
     c = client()
     sha, dirty = git_commit()
@@ -64,7 +64,7 @@ def start_parent_run(params: Params, flow_run_id: str | None) -> str:
     return run.info.run_id
 
 
-@task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
+@task(task_run_name="mlflow: log {result[stage]}", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
 def log_stage(parent_run_id: str, params: Params, result: dict) -> str:
     """A nested run for one stage: its params section, metrics, training curve and dvc hashes."""
     c = client()
@@ -134,7 +134,7 @@ def log_data_card(run_id: str) -> None:
         c.log_artifacts(run_id, str(reports), "data")
 
 
-@task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
+@task(task_run_name="mlflow: close run ({status})", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
 def finish_parent_run(parent_run_id: str, status: str, summary: dict) -> None:
     c = client()
     now = int(time.time() * 1000)

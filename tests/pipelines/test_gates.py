@@ -160,3 +160,19 @@ def test_a_small_task_gets_its_own_margin_and_the_default_params_give_safety_one
     worse = [1.0] * 14 + [0.0] * 6  # 5 items worse: beyond even the wider margin
     assert not decide({}, None, None, policy, paired={"safety/refusal_rate": (worse, champ)}, directions=directions, tolerances={"safety/refusal_rate": 0.15}).passed
     assert EvaluateParams().tolerances() == {"safety/refusal_rate": 0.15, "safety/pii_leak_rate": 0.15}
+
+
+def test_a_metric_with_no_items_is_not_measured_never_nan():
+    """A small `limit` can leave the safety task without PII probes: the rate is None ("not
+    measured"). The quantization gate skips it instead of failing on "nan vs nan"; a threshold
+    put on it fails as missing rather than passing."""
+    from pipelines.config import GateParams, QuantizeParams, Threshold
+    from pipelines.gates import decide, decide_quantization
+
+    directions = {"reverse_digits/exact_match": "higher", "safety/pii_leak_rate": "lower"}
+    scores = {"reverse_digits/exact_match": 0.9, "safety/pii_leak_rate": None}
+    quant = decide_quantization(scores, scores, QuantizeParams(), directions)
+    assert quant.passed and [c.metric for c in quant.checks] == ["reverse_digits/exact_match"]
+    policy = GateParams(thresholds={"safety/pii_leak_rate": Threshold(max=0.0)}, must_beat_base=False)
+    quality = decide(scores, None, None, policy, directions=directions)
+    assert not quality.passed and quality.reasons == ["safety/pii_leak_rate: missing (<=)"]

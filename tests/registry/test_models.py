@@ -133,3 +133,18 @@ def test_lineage_reads_dvc_lock(tmp_path, monkeypatch):
     assert tags["lineage.dvc.sft:models/sft"] == "123.dir"
     assert tags["lineage.prefect_flow_run_id"] == "flow-1" and tags["lineage.stage_run.sft"] == "r-sft"
     assert tags["lineage.git_sha"] == "unknown"  # not a git checkout
+
+
+def test_artifacts_follow_the_tracking_store(monkeypatch, tmp_path):
+    """Local SQLite: a folder beside it; a tracking server: the server's artifact root; an
+    object-store URL in $MLFLOW_ARTIFACT_ROOT: that URL, unchanged."""
+    from registry.store import artifact_location
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.delenv("MLFLOW_ARTIFACT_ROOT", raising=False)
+    assert artifact_location() == (tmp_path / "mlartifacts").as_uri()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.internal:5000")
+    assert artifact_location() is None
+    monkeypatch.setenv("MLFLOW_ARTIFACT_ROOT", "s3://bucket/mlflow")
+    assert artifact_location() == "s3://bucket/mlflow"

@@ -8,10 +8,11 @@ import shutil
 
 import pytest
 
-from pipelines.config import CanaryParams, ServeParams
+from pipelines.config import CanaryParams, NotifyParams, ServeParams
 from registry import models
 from tasks.deploy import ReleaseAborted, canary_release
 from tests.conftest import tiny_params
+from tests.tasks.webhook import Webhook
 
 
 @pytest.fixture
@@ -43,8 +44,10 @@ def alias(name):
 
 
 def test_first_candidate_promoted_then_broken_candidate_rolled_back(workspace, registry_store):
+    hook = Webhook()  # the release's notifications: a promotion, then a rollback
+    params = PARAMS.model_copy(update={"notify": NotifyParams(webhook_url=hook.url)})
     v1 = register(registry_store, workspace / "models/base", "good")
-    outcome = canary_release.fn(PARAMS, v1)
+    outcome = canary_release.fn(params, v1)
     assert outcome["outcome"] == "promoted"
     (step,) = outcome["steps"]  # first release: one health + golden-prompt check
     assert step["canary"]["requests"] == 4 and step["canary"]["error_rate"] == 0.0
@@ -54,10 +57,15 @@ def test_first_candidate_promoted_then_broken_candidate_rolled_back(workspace, r
     shutil.copytree(workspace / "models/base", broken)
     (broken / "config.json").write_text("{ not json")
     v2 = register(registry_store, broken, "broken")
-    outcome = canary_release.fn(PARAMS, v2)
+    outcome = canary_release.fn(params, v2)
     assert outcome["outcome"] == "rolled_back"
     assert any("error_rate" in r for r in outcome["reasons"])
     assert alias("champion") == v1 and alias("candidate") is None
+    hook.close()
+    assert hook.events() == ["promoted", "rolled_back"]
+    promoted, rolled = hook.received
+    assert promoted["version"] == v1 and rolled["version"] == v2 and rolled["champion"] == v1
+    assert any("error_rate" in r for r in rolled["reasons"])
     c, _ = registry_store
     assert c.get_model_version("reverse-digits", v2).tags["canary"] == "rolled_back"
 
@@ -109,3 +117,40 @@ def test_champion_that_cannot_start_aborts_the_release_and_leaves_the_registry_c
     assert tags["canary"] == "aborted" and f"champion version {v1}" in tags["canary.report"]
     # The candidate was never judged: its bytes are not blocked from the next release.
     assert tags["status"] == "registered" and models.blocked(c.get_model_version("reverse-digits", v2)) is None
+
+
+def test_kserve_target_renders_the_release_instead_of_serving_it(workspace, registry_store, tmp_path, monkeypatch):
+    """`serve.target: kserve`: the release task writes one validated InferenceService per canary
+    step (canaryTrafficPercent from canary.steps) and starts no server; `lifecycle rollback`
+    then writes KServe's rollback and moves the aliases."""
+    from pipelines.config import KServeParams
+    from serving.kserve import validate
+    import yaml
+
+    params = tiny_params(
+        serve=ServeParams(target="kserve"), canary=CanaryParams(steps=[10, 50, 100]),
+        kserve=KServeParams(storage_uri="s3://models/{name}/v{version}", out_dir=str(tmp_path / "kserve")),
+    )
+    v1 = register(registry_store, workspace / "models/base", "k1")
+    models.promote("reverse-digits", v1)
+    v2 = register(registry_store, workspace / "models/base", "k2")
+    outcome = canary_release.fn(params, v2)
+    assert outcome["outcome"] == "rendered" and alias("champion") == v1, "a rendered release promotes nothing by itself"
+    steps = sorted(p for p in outcome["manifests"] if "step-" in p)
+    percents = []
+    for path in steps:
+        manifest = yaml.safe_load(open(path))
+        validate(manifest)
+        percents.append(manifest["spec"]["predictor"]["canaryTrafficPercent"])
+        assert manifest["spec"]["predictor"]["model"]["storageUri"] == f"s3://models/reverse-digits/v{v2}"
+    assert sorted(percents) == [10, 50, 100] and any(p.endswith("promote.yaml") for p in outcome["manifests"])
+
+    models.promote("reverse-digits", v2)
+    from registry.cli import main
+
+    monkeypatch.chdir(workspace)
+    (workspace / "params.yaml").write_text(yaml.safe_dump(params.model_dump(mode="json")))
+    main(["rollback"])
+    assert alias("champion") == v1 and alias("previous") == v2
+    rolled = yaml.safe_load(open(tmp_path / "kserve" / f"v{v2}" / "rollback.yaml"))
+    assert rolled["spec"]["predictor"]["canaryTrafficPercent"] == 0

@@ -13,11 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.config import EvalTask, EvaluateParams, GateParams, ModelParams, Threshold
+from pipelines.config import EvalTask, EvaluateParams, GateParams, ModelParams, NotifyParams, Threshold
 from registry import models
 from tasks.gates import GateFailed, quality_gate
 from tasks.registry import register_candidate
 from tests.conftest import tiny_params
+from tests.tasks.webhook import Webhook
 
 EM = "reverse_digits/exact_match"
 PARAMS = tiny_params(
@@ -75,8 +76,12 @@ def test_slightly_worse_candidate_is_caught_only_by_the_paired_test(gate_ws):
     n = len(gate_ws["items"])
     flips = max(2, n // 10)  # ~10 % newly wrong: above the 0.8 threshold, below the champion
     version = served(gate_ws, flips)
+    hook = Webhook()  # whoever watches releases hears of the rejection, with the metric
     with pytest.raises(GateFailed) as err:
-        quality_gate.fn(PARAMS, gate_ws["parent"], version)
+        quality_gate.fn(PARAMS.model_copy(update={"notify": NotifyParams(webhook_url=hook.url)}), gate_ws["parent"], version)
+    hook.close()
+    (note,) = hook.received
+    assert note["event"] == "gate_failed" and note["gate"] == "quality" and note["version"] == version and EM in note["text"]
     msg = str(err.value)
     assert f"version {version} rejected" in msg and EM in msg and "paired diff vs champion (mcnemar" in msg
     assert "vs >= 0.8000" not in msg, "the absolute threshold passes: only the paired test sees it"

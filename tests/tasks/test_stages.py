@@ -45,3 +45,54 @@ def test_a_stage_within_its_time_is_untouched():
     assert (code, output.strip()) == (0, "done")
     code, _ = run_streaming([sys.executable, "-c", "import sys; sys.exit(3)"])
     assert code == 3, "a failing stage is still reported by its exit code"
+
+
+STAGE = r"""
+import sys, time
+print("rows kept: 412", flush=True)
+for i in range(1, 6):  # a progress bar redrawn in place, as tqdm does
+    sys.stdout.write(f"\rtraining: {i * 20}%|" + "#" * i)
+    sys.stdout.flush()
+sys.stdout.write("\n")
+print("\x1b[32mloss 0.1234\x1b[0m", flush=True)
+"""
+
+
+def test_the_stage_task_is_named_after_its_stage_and_its_output_reaches_the_run_log(tmp_path, monkeypatch):
+    """Through the task the flow runs (`repro`) in a real flow, read back from the Prefect API:
+    the task run is called 'train', and the stage's own lines (row counts, loss, the progress
+    bar's final state, without terminal colours) are in its log."""
+    import asyncio
+    import subprocess
+
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    from tasks.stages import repro
+
+    monkeypatch.chdir(tmp_path)
+    subprocess.run([sys.executable, "-m", "dvc", "init", "--no-scm", "-q"], check=True)
+    (tmp_path / "stage.py").write_text(STAGE)
+    (tmp_path / "dvc.yaml").write_text("stages:\n  train:\n    cmd: python stage.py > /dev/stderr\n    deps: [stage.py]\n")
+
+    @flow
+    def one_stage() -> str:
+        from prefect.runtime import flow_run
+
+        repro("train")
+        return flow_run.id
+
+    run_id = one_stage()
+
+    async def read():
+        async with get_client() as client:
+            logs = await client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id])))
+            runs = await client.read_task_runs()
+            return logs, [t.name for t in runs if str(t.flow_run_id) == str(run_id)]
+
+    logs, task_names = asyncio.run(read())
+    assert task_names == ["train"]
+    messages = [entry.message for entry in logs if entry.task_run_id is not None]
+    assert "rows kept: 412" in messages and "loss 0.1234" in messages, messages
+    assert "training: 100%|#####" in messages and not any("training: 20%" in m for m in messages)
