@@ -5,7 +5,12 @@ the champion's) -> canary -> promote or roll back.
 Reads like the DAG it runs. Artifact stages are DVC's (skipped when nothing changed); gates,
 registration and deployment are Prefect tasks; MLflow gets one parent run per flow run and a
 nested run per stage. Run it with `make pipeline`, `python -m flows.lifecycle`, a Prefect
-deployment (flows/schedule.py), or from the Prefect UI.
+deployment (flows/deployments.py: cron, new data), or from the Prefect UI.
+
+On a Prefect server a run is named and tagged after what it is about (model, recipe, data
+hash), takes the project's slot first (orchestration.concurrency_limit; a run that finds it
+taken waits or is cancelled, orchestration.on_busy) and links its MLflow run. Retries are only
+around I/O (MLflow, the DVC remote): a stage or gate that fails would fail the same way again.
 """
 
 from __future__ import annotations
@@ -15,10 +20,16 @@ import os
 import shlex
 import sys
 import time
+from contextlib import ExitStack
 
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
+from prefect.exceptions import CancelledRun
 from prefect.runtime import flow_run
+from prefect.states import Cancelled
+from prefect.utilities.annotations import quote
+
+from flows.control import data_hash, label_run, lifecycle_run_name, link_mlflow_run, run_tags, take_slot
 
 from pipelines.common import METRICS, read_json
 from pipelines.config import ConfigError, Params, load_params
@@ -27,6 +38,7 @@ from tasks.deploy import canary_release
 from tasks.gates import GateFailed, quality_gate, quantization_gate
 from tasks.registry import register_candidate
 from tasks.stages import push_artifacts, repro
+from tasks.notify import notify
 from tasks.tracking import finish_parent_run, log_stage, start_parent_run
 
 
@@ -47,22 +59,44 @@ def quality_summary(params: Params) -> dict:
     return out
 
 
-@flow(name="llm-lifecycle", log_prints=True)
+@flow(name="llm-lifecycle", log_prints=True, flow_run_name=lifecycle_run_name)
 def lifecycle(deploy: bool = True, canary_drill: list[str] | None = None) -> dict:
     """`canary_drill`: extra server flags for the candidate (e.g. ["--fault-error-rate", "1.0"])
     to rehearse a rollback through the real release path."""
     # DVC stages read ./params.yaml, so the flow reads exactly that file too: one source of truth.
     params: Params = load_params()  # invalid config fails here, before any work
+    data = data_hash(params)
+    label_run(flow_run.id, run_tags(params, data))
+    with ExitStack() as stack:
+        busy = take_slot(stack, params, flow_run.id)
+        if busy:  # orchestration.on_busy: drop; the state message says which run is busy
+            print(busy)
+            return Cancelled(message=busy)
+        return run_lifecycle(params, data, deploy, canary_drill)
+
+
+def run_lifecycle(params: Params, data: str, deploy: bool, canary_drill: list[str] | None) -> dict:
     parent = start_parent_run(params, flow_run.id)
+    url = link_mlflow_run(parent, "lifecycle run")  # first, so a run that fails links its evidence too
     stages: list[dict] = []
     stage_runs: dict[str, str] = {}
-    summary: dict = {"mlflow_parent_run_id": parent, "stages": stages, "recipe": list(params.recipe)}
+    summary: dict = {"mlflow_parent_run_id": parent, "mlflow_url": url, "stages": stages, "recipe": list(params.recipe), "data_hash": data}
     started = time.perf_counter()
 
+    # The run graph draws what really depends on what: each step waits for the one before
+    # (`then`), a stage's MLflow record hangs off its stage, and the MLflow run id, which every
+    # bookkeeping task receives, is passed quoted so it draws no edge from the parent run.
+    last: list = []
+
+    def then(task, *args, **kwargs):
+        state = task(*args, wait_for=last[-1:] or None, return_state=True, **kwargs)
+        last[:] = [state]
+        return state.result()  # raises what the task raised
+
     def stage(name: str) -> None:
-        result = repro(name, params.stage_timeout_s)
+        result = then(repro, name, params.stage_timeout_s)
         stages.append(result)
-        stage_runs[name] = log_stage(parent, params, result)
+        stage_runs[name] = log_stage(quote(parent), params, result)
 
     if sync(params):  # the recipe or the sources changed: DVC's stages follow
         print("dvc.yaml re-rendered for recipe " + " -> ".join(params.recipe))
@@ -71,35 +105,45 @@ def lifecycle(deploy: bool = True, canary_drill: list[str] | None = None) -> dic
         for name in stages_in_order:
             stage(name)
         summary["quality"] = quality_summary(params)
-        quantization_gate(params, parent)
-        push_artifacts()
+        then(quantization_gate, params, quote(parent))
+        then(push_artifacts)
         # The served artifact is registered first, so the quality gate's verdict (and a
         # canary's) sticks to its bytes: a rejected version never comes back by itself.
-        registered = register_candidate(params, parent, flow_run.id, stage_runs)
+        registered = then(register_candidate, params, quote(parent), flow_run.id, stage_runs)
         summary["registered"] = registered
         summary["version"] = registered["version"]
-        quality_gate(params, parent, registered["version"])
+        then(quality_gate, params, quote(parent), registered["version"])
         if deploy:
-            summary.update(canary_release(params, registered["version"], drill=canary_drill))
+            summary.update(then(canary_release, params, registered["version"], drill=canary_drill))
         else:
             summary["outcome"] = "not deployed (deploy=False)"
     except GateFailed as exc:
+        # The run fails with the gate's words as its state message: which metric, by how much.
         summary["outcome"] = "blocked by gate"
         summary["gate_failure"] = str(exc)
-        finish_parent_run(parent, "FAILED", summary)
+        finish_parent_run(quote(parent), "FAILED", summary)
+        publish_summary(summary)
+        if not getattr(exc, "notified", False):  # the gate tasks send their own, with the metrics
+            notify(params, "gate_failed", str(exc), version=summary.get("version"), mlflow_run=url)
         print("\n" + summary_table(stages))  # what ran before the stop, for the person reading the log
         raise
     except Exception as exc:
         summary["outcome"] = f"failed: {type(exc).__name__}"
-        finish_parent_run(parent, "FAILED", summary)
+        summary["error"] = str(exc)[-2000:]
+        finish_parent_run(quote(parent), "FAILED", summary)
+        publish_summary(summary)
         print("\n" + summary_table(stages))
         raise
     summary["total_seconds"] = time.perf_counter() - started
-    finish_parent_run(parent, "FINISHED", summary)
+    finish_parent_run(quote(parent), "FINISHED", summary)
+    print("\n" + publish_summary(summary))
+    return summary
+
+
+def publish_summary(summary: dict) -> str:
     report = render(summary)
     create_markdown_artifact(key="lifecycle-summary", markdown=report, description="lifecycle run summary")
-    print("\n" + report)
-    return summary
+    return report
 
 
 def render(summary: dict) -> str:
@@ -112,9 +156,12 @@ def render(summary: dict) -> str:
         "",
         *(f"{metric} (held-out): " + ", ".join(f"{k} {v:.3f}" for k, v in per.items() if v is not None) for metric, per in quality.items()),
         f"outcome: {summary.get('outcome')} (version {summary.get('version', '-')})",
+        *([f"gate: {summary['gate_failure']}"] if "gate_failure" in summary else []),
+        *([f"error: {summary['error']}"] if "error" in summary else []),
         f"recipe: {' -> '.join(summary.get('recipe', []))}",
+        f"data: {summary.get('data_hash', '-')}",
         f"stages run: {', '.join(ran) if ran else 'none: nothing changed, every stage came from the DVC cache'}",
-        f"MLflow parent run: {summary['mlflow_parent_run_id']}",
+        f"MLflow parent run: {summary['mlflow_parent_run_id']}" + (f" ([open in MLflow]({summary['mlflow_url']}))" if summary.get("mlflow_url") else ""),
     ]
     return "\n".join(lines)
 
@@ -138,6 +185,9 @@ def main() -> None:
         summary = lifecycle(deploy=not args.no_deploy, canary_drill=shlex.split(args.canary_drill) if args.canary_drill else None)
     except (GateFailed, RuntimeError) as exc:
         print(f"\nlifecycle stopped: {exc}", file=sys.stderr)
+        sys.exit(1)
+    except CancelledRun as exc:  # another run held the project's slot (orchestration.on_busy: drop)
+        print(f"\nlifecycle not run: {exc}", file=sys.stderr)
         sys.exit(1)
     if summary.get("outcome") == "rolled_back":
         # The flow did its job (the champion is untouched), but nothing new reached users:

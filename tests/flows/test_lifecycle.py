@@ -138,6 +138,55 @@ def test_first_release_promotes_a_champion_that_answers(project):
     assert text.strip() == "4 3 2 1"
 
 
+def cli(project: Path, *args: str) -> subprocess.CompletedProcess:
+    """`lifecycle ...` (the console script runs registry.cli:main) in the project."""
+    return subprocess.run([sys.executable, "-m", "registry.cli", *args], cwd=project, env=flow_env(project), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=1800)
+
+
+def test_the_released_version_can_be_queried_and_rebuilt(project):
+    """Months later: what made version 1, and can it be rebuilt? Its record (lock, params, DAG,
+    the user's `.dvc` pointer, which was never committed) is in MLflow, its inputs in the DVC
+    remote; the rebuild reruns every stage in a scratch worktree and every hash matches."""
+    c = registry(project)
+    mv = c.get_model_version("reverse-digits", "1")
+    recorded = {a.path for a in c.list_artifacts(mv.run_id, "lineage")}
+    assert {"lineage/dvc.lock", "lineage/params.yaml", "lineage/dvc.yaml", "lineage/code.patch", "lineage/lineage.png"} <= recorded
+    assert (project / "data/raw/my-chats.json.dvc").exists() and subprocess.run(["git", "ls-files", "--error-unmatch", "data/raw/my-chats.json.dvc"], cwd=project).returncode != 0
+    # The registry page reads on its own: a card with sources, scores and gate decisions, and a signature.
+    card = mv.description
+    assert "data/raw" in card and "reverse_digits/exact_match" in card and "**quality**: passed" in card and "**quantization**: passed" in card
+    from mlflow.models import Model
+
+    mlmodel = c.download_artifacts(mv.run_id, "model/MLmodel", str(project.parent))
+    assert "messages" in Model.load(mlmodel).signature.inputs.input_names()
+
+    status = cli(project, "status")
+    assert status.returncode == 0, status.stdout
+    assert "champion: v1" in status.stdout and "reverse_digits/exact_match" in status.stdout, status.stdout
+    assert "v1    promoted" in status.stdout
+    assert "release of the champion v1: promoted" in status.stdout
+
+    lineage = cli(project, "lineage", "1", "--out", str(project / "lineage-v1.png"))
+    assert lineage.returncode == 0, lineage.stdout
+    text = lineage.stdout
+    for stage in ("generate", "prepare", "bootstrap", "sft", "dpo", "evaluate", "quantize"):
+        assert f"\n{stage} " in text, (stage, text)
+    assert "data/raw" in text and "= the version's model" in text and mv.tags["lineage.stage_run.sft"][:12] in text
+    png = (project / "lineage-v1.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+    rebuilt = cli(project, "reproduce", "1", "--scratch", str(project.parent / "rebuild-v1"))
+    assert rebuilt.returncode == 0, rebuilt.stdout[-6000:]
+    assert "pulling 1 raw input(s) from the DVC remote" in rebuilt.stdout
+    rows = [line for line in rebuilt.stdout.splitlines() if line.endswith(" yes") or line.endswith(" NO")]
+    paths = {line.split()[0] for line in rows}
+    assert {"data/raw", "data/prepared", "models/base", "models/sft", "models/dpo", "models/quantized"} <= paths, rebuilt.stdout
+    assert all(line.endswith(" yes") for line in rows), rebuilt.stdout
+    assert "data and model hashes match" in rebuilt.stdout
+    assert not (project.parent / "rebuild-v1").exists(), "a rebuild that matched is cleaned up"
+    assert_user_file_intact(project)
+
+
 def test_rerun_with_nothing_changed_runs_nothing(project):
     result = run_flow(project)
     assert result.returncode == 0, result.stdout[-6000:]

@@ -1,0 +1,143 @@
+"""The project's Prefect deployments, served from one process (`make serve-flows`):
+
+    lifecycle   the whole lifecycle, on orchestration.cron and whenever new data is added
+                (`make data-add` emits `lifecycle.data.added` with the data's hash)
+    release     canary a registered version that passed the quality gate (default: the
+                `candidate` alias, e.g. built with `python -m flows.lifecycle --no-deploy`)
+    rollback    champion <- previous, what `make rollback` does
+
+    python -m flows.deployments serve                # make serve-flows (needs a Prefect server: make ui)
+    python -m flows.deployments data-added [FILE]    # make data-add: "new data landed" -> a lifecycle run
+
+Every deployment runs in this project's folder, so runs read ./params.yaml and the DVC
+workspace exactly as `make pipeline` does. Lifecycle and release runs share the project's slot
+(orchestration.concurrency_limit, on_busy: wait | drop; flows/control.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from pathlib import Path
+
+from pipelines.config import ConfigError, Params, load_params
+
+DATA_ADDED = "lifecycle.data.added"
+
+
+def data_resource(params: Params) -> str:
+    """The resource a new-data event is about: this project's data (the trigger matches it)."""
+    from flows.control import project_key
+
+    return f"lifecycle.data.{project_key(params)}"
+
+
+def build_deployments(params: Params) -> list:
+    from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
+    from prefect.client.schemas.schedules import CronSchedule
+    from prefect.events import DeploymentEventTrigger
+    from pydantic import ValidationError
+
+    from flows.control import project_key
+    from flows.lifecycle import lifecycle
+    from flows.release import release, rollback_release
+
+    cfg = params.orchestration
+    try:
+        schedule = CronSchedule(cron=cfg.cron, timezone=cfg.timezone)
+    except ValidationError as exc:
+        raise ConfigError(f"params.yaml: orchestration.cron '{cfg.cron}' / timezone '{cfg.timezone}': {exc.errors()[0]['msg']} (5 cron fields, e.g. '0 3 * * *', and an IANA zone)") from None
+    # Server-side too: a deployment run that finds the slot taken waits as AwaitingConcurrencySlot
+    # (or is cancelled at once) instead of starting and holding a process while it waits.
+    strategy = ConcurrencyLimitStrategy.ENQUEUE if cfg.on_busy == "wait" else ConcurrencyLimitStrategy.CANCEL_NEW
+    limit = ConcurrencyLimitConfig(limit=cfg.concurrency_limit, collision_strategy=strategy)
+    tags = ["llm-lifecycle", f"model:{params.registry.model_name}", f"project:{project_key(params)}"]
+    on_new_data = DeploymentEventTrigger(name="on-new-data", expect={DATA_ADDED}, match={"prefect.resource.id": data_resource(params)})
+    return [
+        lifecycle.to_deployment(
+            name="lifecycle",
+            schedules=[schedule],
+            triggers=[on_new_data],
+            concurrency_limit=limit,
+            tags=tags,
+            description=f"Data -> {' -> '.join(params.recipe)} -> gates -> quantize -> register -> canary; on '{cfg.cron}' ({cfg.timezone}) and on new data.",
+        ),
+        release.to_deployment(name="release", concurrency_limit=limit, tags=tags, description="Canary a registered version that passed the quality gate (default: the 'candidate' alias) and promote or roll it back."),
+        rollback_release.to_deployment(name="rollback", tags=tags, description="champion <- previous (make rollback): switched live on a running plane, else the aliases alone."),
+    ]
+
+
+def server_problem() -> str | None:
+    """Why no Prefect server can take deployments or events, or None when one answers."""
+    from prefect.settings import PREFECT_API_URL
+
+    url = PREFECT_API_URL.value()
+    if not url:
+        return "no Prefect server is configured (PREFECT_API_URL is unset); start one with `make ui` and export PREFECT_API_URL=http://127.0.0.1:4200/api"
+    import httpx
+
+    try:
+        httpx.get(f"{url.rstrip('/')}/health", timeout=3).raise_for_status()
+    except httpx.HTTPError as exc:
+        return f"no Prefect server answers at {url} ({type(exc).__name__}); start one with `make ui`"
+    return None
+
+
+def announce_data(params: Params, file: str | None = None) -> str:
+    """Emit `lifecycle.data.added` for this project, with the data's hash; returns what happened.
+    Never raises for a missing server: adding data must not depend on the orchestrator."""
+    from flows.control import data_hash
+
+    digest = data_hash(params)
+    problem = server_problem()
+    if problem:
+        return f"no new-data event sent: {problem}. The data is added; `make pipeline` uses it."
+    from prefect.events import Event
+    from prefect.events.clients import get_events_client
+
+    payload = {"data_hash": digest, "file": Path(file).name if file else None}
+    event = Event(event=DATA_ADDED, resource={"prefect.resource.id": data_resource(params), "prefect.resource.name": f"{params.registry.model_name} data", "data.hash": digest}, payload=payload)
+
+    async def emit() -> None:
+        async with get_events_client(reconnection_attempts=2) as events:
+            await events.emit(event)
+
+    try:
+        asyncio.run(emit())
+    except Exception as exc:  # the server went away between the health check and the event
+        return f"no new-data event sent ({type(exc).__name__}: {exc}). The data is added; `make pipeline` uses it."
+    return f"emitted {DATA_ADDED} (data {digest}): a served lifecycle deployment (`make serve-flows`) starts a run"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m flows.deployments", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("serve", help="serve the lifecycle (cron + new data), release and rollback deployments until Ctrl-C")
+    added = sub.add_parser("data-added", help="announce new data (make data-add): a served lifecycle deployment starts a run")
+    added.add_argument("file", nargs="?", help="the file that was added (recorded in the event)")
+    args = parser.parse_args(argv)
+    try:
+        params = load_params()
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        sys.exit(2)
+    if args.command == "data-added":
+        print(announce_data(params, args.file))
+        return
+    problem = server_problem()
+    if problem:
+        print(f"cannot serve the deployments: {problem}", file=sys.stderr)
+        sys.exit(2)
+    try:
+        deployments = build_deployments(params)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        sys.exit(2)
+    from prefect import serve
+
+    serve(*deployments)
+
+
+if __name__ == "__main__":
+    main()
