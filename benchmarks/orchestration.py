@@ -1,0 +1,83 @@
+"""`make bench`: what orchestration costs. The lifecycle flow (Prefect tasks, DVC's `repro`,
+MLflow runs, gates, registration, `dvc push`; `--no-deploy`, so no canary) on a fresh copy of
+the project, against the sum of its stages' own commands (`python -m pipelines.<stage>`, in DAG
+order) run directly on a second fresh copy: the difference is what Prefect, DVC and MLflow add.
+Then the no-op rerun, where every stage comes from DVC's cache.
+
+Targets (issue #9, 2-core CPU): overhead <= 10 % of the direct stages, no-op rerun <= 10 s.
+Printed, never asserted: shared machines are noisy."""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+from benchmarks.workspace import copy_project, flow_env, run_flow, stage_table
+
+TARGETS = {"overhead": 0.10, "noop_s": 10.0}
+
+
+def direct(project: Path) -> dict[str, float]:
+    """Each stage's command, as dvc.yaml (rendered from params) lists it, without DVC or Prefect."""
+    subprocess.run([sys.executable, "-m", "pipelines.dag"], cwd=project, env=flow_env(project), check=True, capture_output=True)
+    stages = yaml.safe_load((project / "dvc.yaml").read_text())["stages"]
+    seconds = {}
+    for name, stage in stages.items():
+        started = time.perf_counter()
+        r = subprocess.run(stage["cmd"], shell=True, cwd=project, env=flow_env(project), capture_output=True, text=True)
+        seconds[name] = time.perf_counter() - started
+        if r.returncode != 0:
+            raise SystemExit(f"stage {name} failed when run directly:\n{r.stdout[-2000:]}{r.stderr[-2000:]}")
+        print(f"  direct {name:<10} {seconds[name]:6.1f} s", flush=True)
+    return seconds
+
+
+def flowed(project: Path) -> tuple[float, str]:
+    started = time.perf_counter()
+    r = run_flow(project, "--no-deploy")
+    seconds = time.perf_counter() - started
+    if r.returncode != 0:
+        raise SystemExit(f"the flow failed (exit {r.returncode}):\n{r.stdout[-3000:]}")
+    return seconds, r.stdout
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.orchestration", description=__doc__)
+    parser.add_argument("--keep", action="store_true", help="keep the benchmark workspaces")
+    args = parser.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="lifecycle-orch-"))
+    try:
+        a, b = copy_project(tmp / "direct"), None
+        (tmp / "flow").mkdir()
+        b = copy_project(tmp / "flow")
+        print("stages run directly:", flush=True)
+        plain = direct(a)
+        total_direct = sum(plain.values())
+        print("the lifecycle flow (--no-deploy):", flush=True)
+        total_flow, out = flowed(b)
+        in_flow = stage_table(out)
+        overhead = total_flow / total_direct - 1
+        print(f"\n{'stage':<11} {'direct':>8} {'in flow':>8}")
+        for name, s in plain.items():
+            print(f"{name:<11} {s:7.1f}s {in_flow.get(name, ('', float('nan')))[1]:7.1f}s")
+        staged = sum(s for _, s in in_flow.values())
+        print(f"{'sum':<11} {total_direct:7.1f}s {staged:7.1f}s   (+ {total_flow - staged:.1f} s outside the stages: Prefect API, MLflow runs, gates, registration, dvc push)")
+        print(f"\norchestration overhead: flow {total_flow:.1f} s vs direct {total_direct:.1f} s = {100 * overhead:+.1f} % (target <= {100 * TARGETS['overhead']:.0f} %, ratio {overhead / TARGETS['overhead']:.2f})")
+        noop, _ = flowed(b)
+        print(f"no-op rerun: {noop:.1f} s (target <= {TARGETS['noop_s']:.0f} s, ratio {noop / TARGETS['noop_s']:.2f})")
+    finally:
+        if args.keep:
+            print(f"kept: {tmp}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
