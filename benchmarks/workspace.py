@@ -38,6 +38,7 @@ def flow_env(project: Path) -> dict[str, str]:
         "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}",
         "TOKENIZERS_PARALLELISM": "false",
         "PYTHONUNBUFFERED": "1",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     }
 
 

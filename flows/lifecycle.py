@@ -15,6 +15,12 @@ around I/O (MLflow, the DVC remote): a stage or gate that fails would fail the s
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # `make pipeline`: Prefect's API boots while the imports below run
+    from flows import quick_exit, temporary_api
+
+    quick_exit.arm()  # first, so it runs after every exit handler registered later
+    temporary_api.start()
+
 import argparse
 import os
 import shlex
@@ -37,7 +43,7 @@ from pipelines.dag import stage_names, sync
 from tasks.deploy import canary_release
 from tasks.gates import GateFailed, quality_gate, quantization_gate
 from tasks.registry import register_candidate
-from tasks.stages import push_artifacts, repro
+from tasks.stages import changed_stages, push_artifacts, repro
 from tasks.notify import notify
 from tasks.tracking import finish_parent_run, log_stage, start_parent_run
 
@@ -76,16 +82,25 @@ def lifecycle(deploy: bool = True, canary_drill: list[str] | None = None) -> dic
 
 
 def run_lifecycle(params: Params, data: str, deploy: bool, canary_drill: list[str] | None) -> dict:
-    parent = start_parent_run(params, flow_run.id)
-    url = link_mlflow_run(parent, "lifecycle run")  # first, so a run that fails links its evidence too
+    # MLflow opens the parent run while DVC checks and runs the first stages.
+    opening = start_parent_run.submit(params, flow_run.id)
     stages: list[dict] = []
     stage_runs: dict[str, str] = {}
-    summary: dict = {"mlflow_parent_run_id": parent, "mlflow_url": url, "stages": stages, "recipe": list(params.recipe), "data_hash": data}
-    started = time.perf_counter()
+    summary: dict = {"stages": stages, "recipe": list(params.recipe), "data_hash": data}
 
+    def parent() -> str:
+        """The MLflow parent run's id, once open. The first ask links it from the Prefect run,
+        which happens on the way out of a failed run too: its evidence is one click away."""
+        if "mlflow_parent_run_id" not in summary:
+            run_id = opening.result()
+            summary["mlflow_parent_run_id"] = run_id
+            summary["mlflow_url"] = link_mlflow_run(run_id, "lifecycle run")
+        return summary["mlflow_parent_run_id"]
+
+    started = time.perf_counter()
     # The run graph draws what really depends on what: each step waits for the one before
-    # (`then`), a stage's MLflow record hangs off its stage, and the MLflow run id, which every
-    # bookkeeping task receives, is passed quoted so it draws no edge from the parent run.
+    # (`then`), a stage's MLflow record hangs off its stage and the opened run, and the run id
+    # the later bookkeeping tasks receive is passed quoted so it draws no edge of its own.
     last: list = []
 
     def then(task, *args, **kwargs):
@@ -93,26 +108,34 @@ def run_lifecycle(params: Params, data: str, deploy: bool, canary_drill: list[st
         last[:] = [state]
         return state.result()  # raises what the task raised
 
-    def stage(name: str) -> None:
-        result = then(repro, name, params.stage_timeout_s)
+    # A stage's MLflow record is written while the next stage runs; registration waits for all.
+    logged: dict = {}
+
+    def stage(name: str, up_to_date: bool) -> None:
+        result = then(repro, name, params.stage_timeout_s, up_to_date)
         stages.append(result)
-        stage_runs[name] = log_stage(quote(parent), params, result)
+        logged[name] = log_stage.submit(opening, params, result)
 
     if sync(params):  # the recipe or the sources changed: DVC's stages follow
         print("dvc.yaml re-rendered for recipe " + " -> ".join(params.recipe))
     stages_in_order = stage_names(params)
     try:
+        changed = then(changed_stages, stages_in_order)
+        unchanged_so_far = True  # a stage is skipped outright only if nothing before it changed
         for name in stages_in_order:
-            stage(name)
+            unchanged_so_far = unchanged_so_far and name not in changed
+            stage(name, unchanged_so_far)
+        parent()
+        stage_runs.update({name: future.result() for name, future in logged.items()})
         summary["quality"] = quality_summary(params)
-        then(quantization_gate, params, quote(parent))
+        then(quantization_gate, params, quote(parent()))
         then(push_artifacts)
         # The served artifact is registered first, so the quality gate's verdict (and a
         # canary's) sticks to its bytes: a rejected version never comes back by itself.
-        registered = then(register_candidate, params, quote(parent), flow_run.id, stage_runs)
+        registered = then(register_candidate, params, quote(parent()), flow_run.id, stage_runs)
         summary["registered"] = registered
         summary["version"] = registered["version"]
-        then(quality_gate, params, quote(parent), registered["version"])
+        then(quality_gate, params, quote(parent()), registered["version"])
         if deploy:
             summary.update(then(canary_release, params, registered["version"], drill=canary_drill))
         else:
@@ -121,7 +144,7 @@ def run_lifecycle(params: Params, data: str, deploy: bool, canary_drill: list[st
         # The run fails with the gate's words as its state message: which metric, by how much.
         summary["outcome"] = "blocked by gate"
         summary["gate_failure"] = str(exc)
-        finish_parent_run(quote(parent), "FAILED", summary)
+        finish_parent_run(quote(parent()), "FAILED", summary)
         publish_summary(summary)
         if not getattr(exc, "notified", False):  # the gate tasks send their own, with the metrics
             notify(params, "gate_failed", str(exc), version=summary.get("version"), mlflow_run=url)
@@ -130,12 +153,12 @@ def run_lifecycle(params: Params, data: str, deploy: bool, canary_drill: list[st
     except Exception as exc:
         summary["outcome"] = f"failed: {type(exc).__name__}"
         summary["error"] = str(exc)[-2000:]
-        finish_parent_run(quote(parent), "FAILED", summary)
+        finish_parent_run(quote(parent()), "FAILED", summary)
         publish_summary(summary)
         print("\n" + summary_table(stages))
         raise
     summary["total_seconds"] = time.perf_counter() - started
-    finish_parent_run(quote(parent), "FINISHED", summary)
+    finish_parent_run(quote(parent()), "FINISHED", summary)
     print("\n" + publish_summary(summary))
     return summary
 
@@ -181,6 +204,9 @@ def main() -> None:
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         sys.exit(2)
+    from flows import temporary_api  # the same module the early start used
+
+    temporary_api.attach()
     try:
         summary = lifecycle(deploy=not args.no_deploy, canary_drill=shlex.split(args.canary_drill) if args.canary_drill else None)
     except (GateFailed, RuntimeError) as exc:
@@ -197,4 +223,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    quick_exit.run(main)

@@ -44,7 +44,7 @@ from pipelines.common import BASE_DIR, MODELS, PREPARED
 from pipelines.config import ConfigError, Params, SftParams, SweepParams, load_params
 from pipelines.dag import stage_names, sync
 from pipelines.gates import DIRECTIONS
-from pipelines.training import file_digest
+from pipelines.common import file_digest
 from registry.lineage import dvc_lock_hashes
 from tasks.stages import repro
 from tasks.sweep import TrialFailed, evaluate_candidate, record, register_winner, scores, start_parent, train_trial, where

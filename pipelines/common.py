@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import os
@@ -57,3 +58,14 @@ def stage_main(name: str, run: Callable[[Params], Any]) -> None:
     if params.bootstrapped:  # the embedded path never downloads; a real base_model may
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
     run(params)
+
+
+def file_digest(*paths: Path) -> str:
+    """A digest of files and folders (a model folder: its weight and config files)."""
+    h = hashlib.sha256()
+    for p in map(Path, paths):
+        files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
+        for f in files:
+            h.update(f.name.encode())
+            h.update(f.read_bytes())
+    return h.hexdigest()[:16]

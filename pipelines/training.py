@@ -23,7 +23,7 @@ from typing import Literal
 import pandas as pd
 import torch
 
-from pipelines.common import METRICS, MODELS, PREPARED, base_model_ref, log, write_json
+from pipelines.common import METRICS, MODELS, PREPARED, base_model_ref, file_digest, log, write_json
 from pipelines.config import ComputeParams, Params, PeftParams, TrainParams
 from pipelines.recipe import input_model, model_dir
 
@@ -191,17 +191,6 @@ def read_table(table: str, split: str) -> pd.DataFrame:
 
 def table_files(table: str, *splits: str) -> list[Path]:
     return [PREPARED / f"{table}_{s}.parquet" for s in splits]
-
-
-def file_digest(*paths: Path) -> str:
-    """A digest of files and folders (a model folder: its weight and config files)."""
-    h = hashlib.sha256()
-    for p in map(Path, paths):
-        files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
-        for f in files:
-            h.update(f.name.encode())
-            h.update(f.read_bytes())
-    return h.hexdigest()[:16]
 
 
 def checkpoint_dir(stage: str, *fingerprint: object) -> Path:

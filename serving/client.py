@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
-import openai
+if TYPE_CHECKING:  # openai's type tree takes ~0.5 s to import: only a caller that talks to a server pays it
+    import openai
 
 # The openai client refuses to start without a key; a server started without --api-key ignores
 # whatever is sent, so a placeholder (vLLM's convention) stands in.
@@ -14,6 +16,8 @@ NO_KEY = "EMPTY"
 def client(base_url: str, api_key: str | None = None, timeout: float = 30, max_retries: int = 0) -> openai.OpenAI:
     """An OpenAI client for `base_url` (http://host:port/v1). Retries are off by default: a
     canary must count a failed request as a failure, and a retried one would skew its latency."""
+    import openai
+
     return openai.OpenAI(base_url=base_url, api_key=api_key or NO_KEY, timeout=timeout, max_retries=max_retries)
 
 

@@ -100,3 +100,40 @@ def test_the_stage_task_is_named_after_its_stage_and_its_output_reaches_the_run_
     assert task_names == ["train"]
     assert "rows kept: 412" in messages and "loss 0.1234" in messages, messages
     assert "training: 100%|#####" in messages and not any("training: 20%" in m for m in messages)
+
+
+def test_dvc_status_names_exactly_the_stages_a_rerun_must_run(tmp_path, monkeypatch):
+    """The flow skips `dvc repro` for a stage only when one `dvc status` says it and every stage
+    before it are unchanged: so the status task must name each out-of-date stage, and read an
+    answer it cannot place (a changed `.dvc`-tracked source) as "everything changed"."""
+    import subprocess
+
+    from tasks.stages import changed_stages, repro
+
+    monkeypatch.chdir(tmp_path)
+    subprocess.run([sys.executable, "-m", "dvc", "init", "--no-scm", "-q"], check=True)
+    (tmp_path / "raw.txt").write_text("1 2 3\n")
+    subprocess.run([sys.executable, "-m", "dvc", "add", "-q", "raw.txt"], check=True)
+    (tmp_path / "a.py").write_text("open('a.out', 'w').write(open('raw.txt').read())\n")
+    (tmp_path / "b.py").write_text("open('b.out', 'w').write(open('a.out').read()[::-1])\n")
+    (tmp_path / "dvc.yaml").write_text(
+        "stages:\n"
+        "  a:\n    cmd: python a.py\n    deps: [a.py, raw.txt]\n    outs: [a.out]\n"
+        "  b:\n    cmd: python b.py\n    deps: [b.py, a.out]\n    outs: [b.out]\n"
+    )
+    stages = ["a", "b"]
+    assert changed_stages(stages) == {"a", "b"}  # never run
+    for name in stages:
+        assert repro(name)["ran"]
+    assert changed_stages(stages) == set()
+    assert repro("b", up_to_date=True) == {"stage": "b", "ran": False, "seconds": pytest.approx(0, abs=5)}
+
+    (tmp_path / "b.py").write_text("open('b.out', 'w').write(open('a.out').read())\n")
+    assert changed_stages(stages) == {"b"}
+    assert repro("b")["ran"]
+    (tmp_path / "b.out").unlink()  # an output gone from the workspace
+    assert changed_stages(stages) == {"b"}
+    assert not repro("b")["ran"]  # DVC restores it from its cache
+    assert changed_stages(stages) == set()
+    (tmp_path / "raw.txt").write_text("4 5 6\n")  # a tracked source edited without `dvc add`
+    assert changed_stages(stages) == {"a", "b"}

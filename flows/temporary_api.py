@@ -1,0 +1,107 @@
+"""Prefect's temporary API server for one `python -m flows.lifecycle`, started early.
+
+With no PREFECT_API_URL, Prefect runs a flow against a temporary API server (a uvicorn
+subprocess, ~3.5 s to come up on 2 cores) that it starts when the flow begins, after this
+process has spent ~4 s importing torch, transformers, MLflow and Prefect itself. Starting the
+same server first, so it boots on the other core while those imports run, takes that wait off
+every `make pipeline` (measured in `make bench`: benchmarks/orchestration.py).
+
+The server is Prefect's own: the same command and environment `SubprocessASGIServer` uses,
+handed to that class once it is healthy, so Prefect's client finds it running, treats it as
+the ephemeral API it is (no slot, no server-side state beyond the run) and stops it at exit.
+Prefect is pinned (constraints.txt); tests/flows/test_temporary_api.py checks the hand-over
+against that version.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+
+_started: dict = {}
+
+
+def wanted() -> bool:
+    """Prefect would start a temporary server: no API URL set (env or profile) and ephemeral
+    mode allowed."""
+    from prefect.settings import get_current_settings
+
+    s = get_current_settings()
+    return not s.api.url and s.server.ephemeral.enabled
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start() -> None:
+    """Launch the server and return at once; `attach()` waits for it. Params are checked
+    first: an invalid config starts nothing (main() reports it)."""
+    from pipelines.config import ConfigError, load_params
+
+    try:
+        load_params()
+    except ConfigError:
+        return
+    if _started or not wanted():
+        return
+    import prefect
+    from prefect.settings import get_current_settings
+
+    port = _free_port()
+    proc = subprocess.Popen(
+        [
+            sys.executable, "-m", "uvicorn", "--app-dir", str(prefect.__module_path__.parent),
+            "--factory", "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(port),
+            "--log-level", "error", "--lifespan", "on",
+        ],
+        env={
+            **os.environ,
+            "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1",
+            **get_current_settings().to_environment_variables(exclude_unset=True),
+        },
+    )
+    _started.update(port=port, proc=proc)
+
+
+def attach(timeout_s: float | None = None) -> str | None:
+    """Wait until the early server answers, then hand it to Prefect as its ephemeral server.
+    Returns its URL, or None when none was started (a configured server, or not `__main__`):
+    Prefect then does what it always does."""
+    if not _started:
+        return None
+    import httpx
+    from prefect.server.api.server import SubprocessASGIServer
+    from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS
+
+    port, proc = _started["port"], _started["proc"]
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + (timeout_s or PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value())
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"Prefect's temporary API server exited with code {proc.returncode} before it answered on {url}")
+        try:
+            if httpx.get(f"{url}/api/health", timeout=1).status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError(f"Prefect's temporary API server did not answer on {url} within its startup timeout (PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS)")
+        time.sleep(0.05)
+    server = SubprocessASGIServer()  # the instance Prefect's client asks for (port None)
+    if not server.running:
+        server.port, server.server_process, server.running = port, proc, True
+        import atexit
+
+        atexit.register(server.stop)
+    else:  # Prefect had started its own meanwhile: keep one
+        proc.terminate()
+        url = server.address
+    print(f"Prefect API: temporary server on {url} (set PREFECT_API_URL, e.g. `make ui`, to record runs on a server you keep)", flush=True)
+    return url
