@@ -393,6 +393,8 @@ class CanaryParams(Section):
     error_rate_alpha: float = Field(0.05, gt=0, lt=1, description="Largest probability that the error-rate test fails a step whose canary is within error_rate_margin of stable (a false rollback).")
     error_rate_beta: float = Field(0.1, gt=0, lt=1, description="Largest probability that the error-rate test passes a step whose canary is worse than stable by error_rate_effect (a missed regression).")
     max_latency_ratio: float = Field(2.5, gt=0, description="Canary p95 latency may be at most this multiple of stable's in the same step.")
+    max_ttft_ratio: float = Field(3.0, gt=0, description="Canary's p95 time to first token, as its engine reports it (scraped from the engine's Prometheus endpoint: cpu, vLLM or TensorRT-LLM), may be at most this multiple of stable's in the same step.")
+    ttft_floor_s: float = Field(0.05, ge=0, description="Times to first token below this count as this in the ratio above: differences under it do not matter to users, and engine histograms cannot resolve them.")
     failure_limit: int = Field(0, ge=0, description="Failed analyses tolerated before rolling back (0: the first failure rolls back).")
 
     @model_validator(mode="after")

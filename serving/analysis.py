@@ -202,8 +202,10 @@ def decide_canary(canary: dict, stable: dict | None, policy: CanaryParams) -> De
     `canary`: requests and failures (the gateway's counts for this step; error_rate stands in
     for failures if they are missing), p95_latency_s, exact_match (golden prompts) and, when
     shadowing ran, agreement. `stable`: its requests, failures and p95_latency_s over the same
-    step, and exact_match over the same prompts. Without a stable (a first release) only the
-    absolute checks apply, error_rate <= max_error_rate among them.
+    step, and exact_match over the same prompts. Both may carry the engines' own figures
+    (`engine_p95_ttft_s` and the rest, serving.engine_metrics): the canary's p95 time to first
+    token is then held to max_ttft_ratio of stable's. Without a stable (a first release) only
+    the absolute checks apply, error_rate <= max_error_rate among them.
 
     The error rate is judged by `ErrorRateTest` (see there) against stable's rate in the step,
     or max_error_rate when stable served nothing (the 100% step). Its verdict makes the
@@ -222,6 +224,10 @@ def decide_canary(canary: dict, stable: dict | None, policy: CanaryParams) -> De
         if stable.get("p95_latency_s"):
             ratio = canary["p95_latency_s"] / stable["p95_latency_s"] if canary.get("p95_latency_s") is not None else None
             checks.append(Check("p95_latency_ratio", "<=", ratio, policy.max_latency_ratio, ratio is not None and ratio <= policy.max_latency_ratio))
+        if canary.get("engine_p95_ttft_s") is not None and stable.get("engine_p95_ttft_s") is not None:
+            # The engines' own view (serving.engine_metrics): queueing and prefill inside them.
+            ratio = max(canary["engine_p95_ttft_s"], policy.ttft_floor_s) / max(stable["engine_p95_ttft_s"], policy.ttft_floor_s)
+            checks.append(Check("engine_p95_ttft_ratio", "<=", ratio, policy.max_ttft_ratio, ratio <= policy.max_ttft_ratio))
         if "agreement" in canary:
             a = canary["agreement"]
             checks.append(Check("agreement", ">=", a, policy.min_agreement, a is not None and a >= policy.min_agreement))

@@ -131,6 +131,14 @@ class RemoteGateway:
         return found[0] if found else None
 
     @property
+    def stable_backends(self) -> list[Backend]:
+        return backends_of(self.refresh(), "stable")
+
+    @property
+    def canary_backends(self) -> list[Backend]:
+        return backends_of(self.refresh(), "canary")
+
+    @property
     def weight(self) -> float:
         return self.refresh()["weight"]
 

@@ -29,6 +29,7 @@ from pipelines.gates import Decision
 from serving.analysis import decide_canary, rollout_action
 from serving.canary import probe
 from serving.client import client
+from serving.engine_metrics import Watch
 from serving.gateway import Backend, Gateway, shadow_agreement
 
 
@@ -126,10 +127,13 @@ def drive_traffic(
 
 def step_metrics(
     stats: dict, stable: Backend, canary: Backend, golden: list[tuple[str, str]], golden_stable: dict, shadow: list[str], max_tokens: int,
+    engines: dict[str, dict] | None = None,
 ) -> tuple[dict, dict]:
     """What `decide_canary` reads about a step: the gateway's window for both versions, the
-    canary's golden-prompt exact match, and its agreement with stable (on mirrored real traffic
-    when there was any, else on the shadowed golden prompts)."""
+    engines' own figures over the step (`engines`, from `watch_engines`), the canary's
+    golden-prompt exact match, and its agreement with stable (on mirrored real traffic when
+    there was any, else on the shadowed golden prompts)."""
+    engines = engines or {}
     golden_canary = probe({"canary": v1(canary)}, golden, max_tokens, api_key=canary.api_key)["canary"]
     c, s = stats["canary"], stats["stable"]
     canary_metrics = {
@@ -142,7 +146,21 @@ def step_metrics(
     elif shadow:
         canary_metrics["agreement"] = shadow_agreement(stable, canary, shadow, max_tokens)
     stable_metrics = {"requests": s["requests"], "failures": s["failures"], "p95_latency_s": s["p95_latency_s"], "exact_match": golden_stable["exact_match"]}
+    canary_metrics.update(engines.get("canary", {}))
+    stable_metrics.update(engines.get("stable", {}))
     return canary_metrics, stable_metrics
+
+
+def watch_engines(gateway) -> dict[str, Watch]:
+    """Start scraping both versions' engines for a step (before its traffic and probes)."""
+    return {"stable": Watch(gateway.stable_backends), "canary": Watch(gateway.canary_backends)}
+
+
+def engine_figures(watches: dict[str, Watch]) -> dict[str, dict]:
+    """The engines' figures since `watch_engines`, scraped now, before this analysis' golden
+    probes go straight to the canary (a step that needs more evidence counts the earlier
+    analysis' probes too: 20-odd unloaded requests among hundreds)."""
+    return {role: w.figures() for role, w in watches.items()}
 
 
 def merge_windows(before: dict, after: dict) -> dict:
@@ -173,6 +191,7 @@ def mirrored_release(
     stable = gateway.stable
     gateway.set_mirror(True)
     gateway.window()
+    watches = watch_engines(gateway)
     started = time.monotonic()
 
     def done() -> bool:
@@ -183,7 +202,8 @@ def mirrored_release(
     deadline = time.monotonic() + 30
     while gateway.canary_requests() < min(policy.step_requests, sent) and time.monotonic() < deadline:
         time.sleep(0.05)
-    canary_metrics, stable_metrics = step_metrics(gateway.window(), stable, canary, golden, golden_stable, [p for p, _ in golden[: policy.shadow_prompts]], max_tokens)
+    window, engines = gateway.window(), engine_figures(watches)
+    canary_metrics, stable_metrics = step_metrics(window, stable, canary, golden, golden_stable, [p for p, _ in golden[: policy.shadow_prompts]], max_tokens, engines)
     decision = decide_canary(canary_metrics, stable_metrics, policy)
     result = RolloutResult("rolled_back", [StepReport(0, canary_metrics, stable_metrics, decision, sent, errors)])
     gateway.set_mirror(False)
@@ -235,6 +255,7 @@ def run_rollout(
     for i, weight in enumerate(policy.steps):
         gateway.set_weight(weight / 100)
         gateway.window()  # start this step's statistics afresh
+        watches = watch_engines(gateway)
         if on_step:
             on_step(i)
         started = time.monotonic()
@@ -246,7 +267,7 @@ def run_rollout(
         budget = 4 * math.ceil(policy.step_requests * 100 / weight) + 50
         sent, errors = drive_traffic(gateway_url, gateway.public_model, traffic, done, budget, max_tokens, top_up_concurrency, api_key=gateway_api_key)
         stats = gateway.window()
-        canary_metrics, stable_metrics = step_metrics(stats, stable, canary, golden, golden_stable, shadow, max_tokens)
+        canary_metrics, stable_metrics = step_metrics(stats, stable, canary, golden, golden_stable, shadow, max_tokens, engine_figures(watches))
         decision = decide_canary(canary_metrics, stable_metrics, policy)
         while decision.outcome == "continue":
             # The error-rate test has not decided: same weight, more evidence (it fails the
@@ -258,7 +279,7 @@ def run_rollout(
             if not (window["canary"] or {}).get("requests"):  # no new evidence can come: undecided fails (the safe side)
                 break
             stats = merge_windows(stats, window)
-            canary_metrics, stable_metrics = step_metrics(stats, stable, canary, golden, golden_stable, shadow, max_tokens)
+            canary_metrics, stable_metrics = step_metrics(stats, stable, canary, golden, golden_stable, shadow, max_tokens, engine_figures(watches))
             decision = decide_canary(canary_metrics, stable_metrics, policy)
         decisions.append(decision)
         result.steps.append(StepReport(weight, canary_metrics, stable_metrics, decision, sent, errors))

@@ -26,6 +26,16 @@ def test_canary_decisions():
     assert not decide_canary({**good, "agreement": 0.5}, stable, policy).passed
     dead = decide_canary({"exact_match": None, "error_rate": 1.0, "p95_latency_s": None}, stable, policy)
     assert dead.outcome == "fail" and any(r.startswith("error_rate: missing") for r in dead.reasons)
+    # The engines' own time to first token (scraped from their /metrics): held to max_ttft_ratio
+    # of stable's, with times under ttft_floor_s counted as the floor.
+    engines = CanaryParams(max_ttft_ratio=3.0, ttft_floor_s=0.05)
+    fast = {**stable, "engine_p95_ttft_s": 0.02}
+    assert decide_canary({**good, "engine_p95_ttft_s": 0.12}, fast, engines).passed  # 0.12 / 0.05 = 2.4
+    queued = decide_canary({**good, "engine_p95_ttft_s": 0.4}, fast, engines)
+    assert not queued.passed and queued.reasons == ["engine_p95_ttft_ratio = 8.0000 vs <= 3.0000: FAILED by 5.0000"]
+    assert decide_canary({**good, "engine_p95_ttft_s": 0.4}, {**stable, "engine_p95_ttft_s": 0.2}, engines).passed
+    unscraped = decide_canary({**good, "engine_p95_ttft_s": 0.4}, stable, engines)  # stable's engine said nothing
+    assert unscraped.passed and all(c.metric != "engine_p95_ttft_ratio" for c in unscraped.checks)
     # What tasks/deploy.py reports for a candidate that never started: no stable, no requests.
     assert decide_canary({"requests": 0, "error_rate": 1.0, "exact_match": 0.0, "p95_latency_s": None}, None, CanaryParams(min_exact_match=0.0)).outcome == "fail"
 

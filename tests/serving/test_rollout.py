@@ -52,6 +52,11 @@ def test_good_canary_is_promoted(model_dir, stable, golden, tmp_path):
     assert result.outcome == "promoted", result.summary()
     assert [s.weight for s in result.steps] == [25, 100]
     assert all(s.canary["requests"] >= POLICY.step_requests for s in result.steps)
+    # Each engine's own figures (its /metrics, scraped at the step's start and end) are in the analysis.
+    first = result.steps[0]
+    assert first.canary["engine"] == first.stable["engine"] == "cpu"
+    assert first.canary["engine_requests"] >= first.canary["requests"] and first.stable["engine_requests"] >= first.stable["requests"] > 0
+    assert any(c.metric == "engine_p95_ttft_ratio" and c.passed for c in first.decision.checks), result.summary()
     assert result.client_errors == 0 and answer == golden[0][1]
 
 
@@ -79,6 +84,9 @@ def test_slow_canary_is_rolled_back_on_latency(model_dir, stable, golden, tmp_pa
         result, gateway, answer = rollout(stable, canary, golden)
     assert result.outcome == "rolled_back"
     assert any(r.startswith("p95_latency_ratio") for r in result.reasons), result.summary()
+    # The engine saw it too: the delay sits before the first token, and its own TTFT says so.
+    assert any(r.startswith("engine_p95_ttft_ratio") for r in result.reasons), result.summary()
+    assert result.steps[0].canary["engine_p95_ttft_s"] >= 1.0
     assert result.client_errors == 0 and gateway.canary is None
 
 
@@ -89,6 +97,9 @@ class ScriptedGateway:
     def __init__(self, windows: list[dict]) -> None:
         self.windows, self.public_model, self.weights, self.removed = list(windows), "m", [], False
         self.stable = Backend("stable", "http://127.0.0.1:1", "s")
+
+    stable_backends: list = []  # no engines to scrape: the scripted windows are all there is
+    canary_backends: list = []
 
     def set_canary(self, backend, weight=0.0) -> None:
         """Attached already: the scripted windows stand for its traffic."""
