@@ -16,7 +16,8 @@ import uvicorn
 
 from serving import server as server_module
 from serving.client import client
-from serving.server import create_app, fault_fires
+from serving.dispatch import fault_fires
+from serving.server import create_app
 from tests.serving.conftest import wait_until
 
 MODEL = "tiny"
