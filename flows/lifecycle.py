@@ -206,9 +206,10 @@ def main() -> None:
         sys.exit(2)
     from flows import temporary_api  # the same module the early start used
 
-    temporary_api.attach()
+    api = temporary_api.attach()
     try:
-        summary = lifecycle(deploy=not args.no_deploy, canary_drill=shlex.split(args.canary_drill) if args.canary_drill else None)
+        with temporary_api.run_settings(api):
+            summary = lifecycle(deploy=not args.no_deploy, canary_drill=shlex.split(args.canary_drill) if args.canary_drill else None)
     except (GateFailed, RuntimeError) as exc:
         print(f"\nlifecycle stopped: {exc}", file=sys.stderr)
         sys.exit(1)

@@ -20,6 +20,8 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 _started: dict = {}
 
@@ -105,3 +107,17 @@ def attach(timeout_s: float | None = None) -> str | None:
         url = server.address
     print(f"Prefect API: temporary server on {url} (set PREFECT_API_URL, e.g. `make ui`, to record runs on a server you keep)", flush=True)
     return url
+
+
+@contextmanager
+def run_settings(url: str | None) -> Iterator[None]:
+    """Around a flow on the early server: no flow-run heartbeats. They let a server mark a run
+    whose process died as crashed; a temporary server dies with that process, so nothing reads
+    them, and Prefect joins the heartbeat thread at the end of every run (up to 1 s)."""
+    if url is None:
+        yield
+        return
+    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+
+    with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+        yield
