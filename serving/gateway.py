@@ -25,7 +25,6 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
-import httpx
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -38,7 +37,7 @@ from serving.keys import PRIORITY_HEADER, BadPriority, KeyTable, Tier, load_keys
 from serving.queue import AdmissionQueue, ClientDisconnected, QueueFull
 from serving.ratelimit import MemoryRateLimiter, RateLimited, RateLimiter, RedisRateLimiter, estimate_tokens
 from serving.protocol import APIError
-from serving.proxy import Attempt, Proxy, StreamStart, error_body, rewrite_sse_line, sse_data
+from serving.proxy import Attempt, Proxy, StreamStart, error_body, rewrite_sse_line, sessions, sse_data
 from serving.routing import FAILURES, LATENCY_SAMPLES, Backend, Gateway, NoCanaryError, Slot, Stats, Target, check_weight, classify, percentile
 
 API_KEY_ENV = "GATEWAY_API_KEY"  # keys come from the environment: a key in argv is visible in `ps`
@@ -121,10 +120,8 @@ def create_gateway(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        # trust_env=False: backends are explicit URLs; an HTTP(S)_PROXY variable must not reroute them.
-        limits = httpx.Limits(max_connections=512, max_keepalive_connections=64)
-        no_pool = httpx.Limits(max_connections=64, max_keepalive_connections=0)  # a new connection every time
-        async with httpx.AsyncClient(trust_env=False, limits=limits) as http, httpx.AsyncClient(trust_env=False, limits=no_pool) as fresh:
+        http, fresh = sessions()
+        async with http, fresh:
             app.state.proxy = Proxy(gateway, http, retry_timeout_s, timeout_s, fresh)
             yield
 
