@@ -16,6 +16,9 @@ export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 # when PREFECT_API_URL points at it (export PREFECT_API_URL=http://127.0.0.1:4200/api).
 PREFECT_UI_PORT ?= 4200
 MLFLOW_UI_PORT ?= 5000
+# A tracking server in MLFLOW_TRACKING_URI (http/https) serves its own UI: nothing to start.
+MLFLOW_SERVER = $(filter http://% https://%,$(MLFLOW_TRACKING_URI))
+MLFLOW_UI = $(VENV)/bin/mlflow ui --backend-store-uri $(MLFLOW_TRACKING_URI) --host 127.0.0.1 --port $(MLFLOW_UI_PORT)
 
 .PHONY: setup pipeline test test-fast bench serve status lineage reproduce rollback ui ui-prefect ui-mlflow serve-flows schedule dvc-repro data-add sweep clean clean-all
 
@@ -88,18 +91,18 @@ schedule: serve-flows  ## alias of serve-flows
 
 ui: setup  ## the Prefect UI and the MLflow UI together (Ctrl-C stops both)
 	@PREFECT_UI_API_URL=http://127.0.0.1:$(PREFECT_UI_PORT)/api $(VENV)/bin/prefect server start --host 127.0.0.1 --port $(PREFECT_UI_PORT) & prefect_pid=$$!; \
-	$(VENV)/bin/mlflow ui --backend-store-uri $(MLFLOW_TRACKING_URI) --host 127.0.0.1 --port $(MLFLOW_UI_PORT) & mlflow_pid=$$!; \
+	$(if $(MLFLOW_SERVER),mlflow_pid=;,$(MLFLOW_UI) & mlflow_pid=$$!;) \
 	trap 'kill $$prefect_pid $$mlflow_pid 2>/dev/null' INT TERM EXIT; \
 	sleep 3; \
 	echo; echo "Prefect UI: http://127.0.0.1:$(PREFECT_UI_PORT)   (flows: export PREFECT_API_URL=http://127.0.0.1:$(PREFECT_UI_PORT)/api)"; \
-	echo "MLflow UI:  http://127.0.0.1:$(MLFLOW_UI_PORT)"; echo; \
+	echo "MLflow UI:  $(or $(MLFLOW_SERVER),http://127.0.0.1:$(MLFLOW_UI_PORT))"; echo; \
 	wait
 
 ui-prefect: setup  ## Prefect UI on http://127.0.0.1:4200
 	PREFECT_UI_API_URL=http://127.0.0.1:$(PREFECT_UI_PORT)/api $(VENV)/bin/prefect server start --host 127.0.0.1 --port $(PREFECT_UI_PORT)
 
-ui-mlflow: setup  ## MLflow UI on http://127.0.0.1:5000
-	$(VENV)/bin/mlflow ui --backend-store-uri $(MLFLOW_TRACKING_URI) --host 127.0.0.1 --port $(MLFLOW_UI_PORT)
+ui-mlflow: setup  ## MLflow UI on http://127.0.0.1:5000 (a tracking server in MLFLOW_TRACKING_URI: says where its UI is)
+	$(if $(MLFLOW_SERVER),@echo "MLflow's UI is the tracking server's own: open $(MLFLOW_SERVER)",$(MLFLOW_UI))
 
 clean:  ## remove generated data, models, metrics and caches (keeps .venv, your files in data/raw, the model registry and the DVC remote)
 	rm -rf data/generated data/prepared models metrics reports .prefect dvc.lock

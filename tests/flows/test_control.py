@@ -83,6 +83,12 @@ def test_make_targets_run_the_deployments_commands():
     assert any(line.endswith('-m flows.deployments data-added "some file.jsonl"') for line in lines)
     ui = "\n".join(make_dry_run("ui"))
     assert "prefect server start --host 127.0.0.1 --port 4200" in ui and "mlflow ui" in ui and "--host 127.0.0.1 --port 5000" in ui
+    # With a tracking server, its own UI is the one to open: nothing is started on port 5000.
+    remote = "MLFLOW_TRACKING_URI=http://mlflow.example:5000"
+    assert make_dry_run("ui-mlflow", remote) == ["echo \"MLflow's UI is the tracking server's own: open http://mlflow.example:5000\""]
+    ui = "\n".join(make_dry_run("ui", remote))
+    assert "mlflow ui" not in ui and "MLflow UI:  http://mlflow.example:5000" in ui
+    assert any(line.startswith(".venv/bin/mlflow ui --backend-store-uri sqlite:///") for line in make_dry_run("ui-mlflow"))
 
 
 def test_data_add_still_succeeds_with_no_server(tmp_path):
