@@ -21,7 +21,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 
 _started: dict = {}
 
@@ -87,11 +87,9 @@ def attach(timeout_s: float | None = None) -> str | None:
     while True:
         if proc.poll() is not None:
             raise RuntimeError(f"Prefect's temporary API server exited with code {proc.returncode} before it answered on {url}")
-        try:
+        with suppress(httpx.TransportError):  # not listening yet
             if httpx.get(f"{url}/api/health", timeout=1).status_code == 200:
                 break
-        except httpx.TransportError:
-            pass
         if time.monotonic() > deadline:
             proc.kill()
             raise RuntimeError(f"Prefect's temporary API server did not answer on {url} within its startup timeout (PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS)")

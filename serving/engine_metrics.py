@@ -191,10 +191,11 @@ def scrape(base_url: str, api_key: str | None = None, timeout_s: float = 5.0) ->
         r = httpx.get(base_url.rstrip("/") + path, headers=headers, timeout=timeout_s)
         if r.status_code == 200:
             families = _families(r.text)
-            try:
-                return parse(r.text, recognise(families))
-            except UnknownEngine:
-                pass
+            known = [n for n in ENGINES if n.path == path and n.marker in families]
+            if known:
+                return parse(r.text, known[0])
+            tried.append(f"{path}: no known engine's metrics")
+            continue
         tried.append(f"{path}: {r.status_code}")
     raise UnknownEngine(f"{base_url} serves no engine metrics we know ({'; '.join(tried)})")
 

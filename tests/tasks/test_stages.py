@@ -126,7 +126,8 @@ def test_dvc_status_names_exactly_the_stages_a_rerun_must_run(tmp_path, monkeypa
     for name in stages:
         assert repro(name)["ran"]
     assert changed_stages(stages) == set()
-    assert repro("b", up_to_date=True) == {"stage": "b", "ran": False, "seconds": pytest.approx(0, abs=5)}
+    skipped = repro("b", up_to_date=True)
+    assert (skipped["stage"], skipped["ran"]) == ("b", False)
 
     (tmp_path / "b.py").write_text("open('b.out', 'w').write(open('a.out').read())\n")
     assert changed_stages(stages) == {"b"}
