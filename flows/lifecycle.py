@@ -147,7 +147,7 @@ def run_lifecycle(params: Params, data: str, deploy: bool, canary_drill: list[st
         finish_parent_run(quote(parent()), "FAILED", summary)
         publish_summary(summary)
         if not getattr(exc, "notified", False):  # the gate tasks send their own, with the metrics
-            notify(params, "gate_failed", str(exc), version=summary.get("version"), mlflow_run=url)
+            notify(params, "gate_failed", str(exc), version=summary.get("version"), mlflow_run=summary.get("mlflow_url"))
         print("\n" + summary_table(stages))  # what ran before the stop, for the person reading the log
         raise
     except Exception as exc:

@@ -230,6 +230,7 @@ def test_degraded_model_is_blocked_before_deploy_and_stays_rejected(project):
     result = run_flow(project)
     assert result.returncode == 1
     assert "quality gate failed, version 2 rejected, nothing was deployed" in result.stdout
+    assert "lifecycle stopped: quality gate failed" in result.stdout, "the CLI reports the gate, not a crash of its own"
     assert "exact_match" in result.stdout and "FAILED by" in result.stdout
     assert stage_status(result.stdout)["quantize"] == "ran", "the gate judges the served (quantized) artifact"
     assert alias_version(project, "champion") == "1"
@@ -241,6 +242,7 @@ def test_degraded_model_is_blocked_before_deploy_and_stays_rejected(project):
     again = run_flow(project)
     assert again.returncode == 1
     assert "version 2 has exactly these bytes and was rejected" in again.stdout
+    assert "lifecycle stopped: release refused" in again.stdout, "the flow's own handler (it notifies) must not crash"
     assert "registry.cli approve 2" in again.stdout
     assert len(registry(project).search_model_versions("name='reverse-digits'")) == 2
 
