@@ -173,7 +173,7 @@ def parse(text: str, names: Names | None = None) -> Scrape:
 
 
 class UnknownEngine(ValueError):
-    pass
+    """An endpoint served metrics, but none that `ENGINES` knows how to read."""
 
 
 def recognise(families: dict) -> Names:
