@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 import tempfile
 import time
-from pathlib import Path
 
 RERUNS = int(os.environ.get("BENCH_GATE_RERUNS", "20"))
 # Trained to convergence: at 250 steps and lr 3e-3, some seeds had not learned the task yet

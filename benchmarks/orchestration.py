@@ -10,7 +10,6 @@ Printed, never asserted: shared machines are noisy."""
 from __future__ import annotations
 
 import argparse
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -19,7 +18,7 @@ from pathlib import Path
 
 import yaml
 
-from benchmarks.workspace import copy_project, flow_env, run_flow, stage_table
+from benchmarks.workspace import copy_project, flow_env, release, run_flow, stage_table
 
 TARGETS = {"overhead": 0.10, "noop_s": 10.0}
 
@@ -77,10 +76,7 @@ def main() -> None:
         noop, _ = flowed(b)
         print(f"no-op rerun: {noop:.1f} s (target <= {TARGETS['noop_s']:.0f} s, ratio {noop / TARGETS['noop_s']:.2f})")
     finally:
-        if args.keep:
-            print(f"kept: {tmp}")
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)
+        release(tmp, args.keep, "the benchmark workspaces")
 
 
 if __name__ == "__main__":

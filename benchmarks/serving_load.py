@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import shutil
 import sys
 import tempfile
 import time
@@ -28,6 +27,7 @@ from pathlib import Path
 
 import httpx
 
+from benchmarks.workspace import release
 from serving.launcher import PROJECT_ROOT, ServerProcess, free_port, launch
 
 HOST = "127.0.0.1"
@@ -216,10 +216,7 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         for server in reversed(servers):
             server.stop()
-        if args.keep:
-            print(f"\nmodel and logs kept in {tmp}")
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)
+        release(tmp, args.keep, "model and logs")
 
 
 if __name__ == "__main__":

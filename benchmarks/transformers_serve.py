@@ -29,7 +29,6 @@ import argparse
 import asyncio
 import os
 import shlex
-import shutil
 import sys
 import tempfile
 import time
@@ -37,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from benchmarks.serving_load import build_default_model, ms, prompt
+from benchmarks.workspace import release
 from serving.launcher import ServerProcess, free_port, launch
 
 HOST = "127.0.0.1"
@@ -201,10 +201,7 @@ def main(argv: list[str] | None = None) -> None:
                 for e in sorted(set(loads[c].errors))[:3]:
                     print(f"  {side.name} error: {e}")
     finally:
-        if args.keep:
-            print(f"\nmodel and logs kept in {tmp}")
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)
+        release(tmp, args.keep, "model and logs")
 
 
 if __name__ == "__main__":

@@ -54,3 +54,11 @@ def stage_table(output: str) -> dict[str, tuple[str, float]]:
     """The flow summary's stage table: {stage: (status, seconds)}."""
     rows = [line.split("|") for line in output.splitlines() if line.startswith("| ") and "stage" not in line]
     return {r[1].strip(): (r[2].strip(), float(r[3])) for r in rows if len(r) > 4}
+
+
+def release(tmp: Path, keep: bool, what: str) -> None:
+    """A benchmark's scratch folder at its end: kept, and where said, with --keep; else removed."""
+    if keep:
+        print(f"\n{what} kept in {tmp}")
+    else:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -13,6 +13,7 @@ saying why; a failed gate is a failed run whose state message names the metric.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import re
@@ -94,11 +95,9 @@ def server(tmp_path_factory):
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
         assert proc.poll() is None, (home / "server.log").read_text()[-3000:]
-        try:
+        with contextlib.suppress(httpx.HTTPError):  # not listening yet
             if httpx.get(f"{url}/api/health", timeout=2).status_code == 200:
                 break
-        except httpx.HTTPError:
-            pass
         time.sleep(1)
     else:
         stop(proc)

@@ -26,7 +26,7 @@ class Webhook:
                 self.end_headers()
 
             def log_message(self, *args):
-                pass
+                """Quiet: the test reads what was received, not the server's access log."""
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
