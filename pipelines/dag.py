@@ -60,7 +60,7 @@ def data_stages(params: Params) -> dict:
     if any(Path(s) == GENERATED or GENERATED in Path(s).parents for s in sources):
         stages["generate"] = {
             "cmd": "python -m pipelines.generate",
-            "deps": ["pipelines/generate.py", "pipelines/safety.py", "pipelines/data_config.py"],
+            "deps": ["pipelines/generate.py", "pipelines/safety.py", "pipelines/data_config.py", "pipelines/section.py"],
             "params": ["generate"],
             "outs": [str(GENERATED)],
         }

@@ -10,16 +10,14 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
+
+from pipelines.section import Section
 
 FormatName = Literal["auto", "alpaca", "sharegpt", "openai", "prompt_completion", "preference", "kto", "text"]
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class SourceParams(_Section):
+class SourceParams(Section):
     name: str = Field("", description="Name recorded with every row and in the data card (default: the path or hub id).")
     path: str | None = Field(None, description="A file, a folder (every data file in it) or a glob, relative to the project root.")
     hub: str | None = Field(None, description="A Hugging Face dataset id (needs a network), instead of a path.")
@@ -41,7 +39,7 @@ class SourceParams(_Section):
         return self.name or self.path or self.hub or "?"
 
 
-class DataParams(_Section):
+class DataParams(Section):
     sources: list[SourceParams] = Field(
         default_factory=lambda: [
             SourceParams(name="demo", path="data/generated"),
@@ -60,7 +58,7 @@ class DataParams(_Section):
         return self
 
 
-class GenerateParams(_Section):
+class GenerateParams(Section):
     seed: int = Field(1234, description="Seed of the demo-data generator (same seed, same bytes).")
     n_sft: int = Field(3000, ge=10, description="Instruction rows generated (before noise).")
     n_preference: int = Field(600, ge=10, description="Preference pairs generated (before noise); as many labelled KTO rows too.")
@@ -76,7 +74,7 @@ class GenerateParams(_Section):
         return self
 
 
-class PrepareParams(_Section):
+class PrepareParams(Section):
     validation_fraction: float = Field(0.1, gt=0, lt=0.5, description="Share of unique prompts held out for validation.")
     test_fraction: float = Field(0.1, gt=0, lt=0.5, description="Share of unique prompts held out for the test set.")
     max_chars: int = Field(8000, ge=16, description="Rows with a message longer than this are quarantined (too_long).")

@@ -32,7 +32,7 @@ RAW = Path("data/raw")
 DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 PREPARE_CODE = [
     "pipelines/prepare.py", "pipelines/formats.py", "pipelines/clean.py",
-    "pipelines/sources.py", "pipelines/validate.py", "pipelines/data_config.py",
+    "pipelines/sources.py", "pipelines/validate.py", "pipelines/data_config.py", "pipelines/section.py",
 ]
 JSON_CELLS = ("messages", "conversations", "chosen", "rejected", "prompt", "completion", "history", "tools")
 

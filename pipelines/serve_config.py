@@ -1,0 +1,143 @@
+"""The release and operations sections of params.yaml: the registry, serving (the plane and
+the gateway), KServe rendering, the canary's policy, notifications and Prefect deployments.
+No stage reads these: DVC does not rebuild a model when only they change."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from pipelines.section import Section
+
+
+class RegistryParams(Section):
+    model_name: str = Field("reverse-digits", description="MLflow registered model name.")
+    experiment: str = Field("llm-lifecycle", description="MLflow experiment for the flow's runs.")
+
+
+class ServeParams(Section):
+    engine: Literal["cpu", "vllm", "tensorrt-llm"] = Field("cpu", description="Serving engine; cpu runs transformers in-process.")
+    host: str = Field("127.0.0.1", description="Bind address.")
+    port: int = Field(8000, ge=1, le=65535, description="Port for `make serve` (the champion).")
+    startup_timeout_s: float = Field(120, gt=0, description="How long to wait for /health after launch.")
+    max_new_tokens: int = Field(64, ge=1, description="Upper bound on max_tokens per request.")
+    cpu_threads: int = Field(0, ge=0, description="torch threads per CPU-engine server; 0 = this machine's cores divided by the servers running side by side (a canary runs two: oversubscribed cores cost ~8x throughput).")
+    cache_entries: int = Field(1024, ge=0, description="Answers to deterministic requests (temperature 0 or a fixed seed; not streams) the gateway's in-memory cache keeps, keyed by model version (0 = no cache; with redis_url, Redis holds them within its maxmemory).")
+    cache_ttl_s: float = Field(300, gt=0, description="How long a cached answer is served before the backend is asked again.")
+    queue_capacity: int = Field(32, ge=1, description="Requests the gateway forwards at once per engine replica; the rest wait in its priority queue, higher tiers first. Twice the CPU engine's batch size (16): the engine then has its next batch queued while it generates one (at 16 the plane bench lost 38 % of the engine's throughput, at 64 20 %); higher only moves the queue into the engines, where priority is not seen.")
+    queue_max_waiting: int = Field(128, ge=0, description="Requests that may wait in the gateway's queue; beyond it a request gets 429 with Retry-After at once.")
+    keys_file: str | None = Field(None, description="YAML file mapping API keys to tiers {priority, rpm, tpm} (serving/keys.py); keep it out of git. null = no per-key tiers or rate limits.")
+    redis_url: str | None = Field(None, description="redis://host:port/db shared by gateway replicas for the response cache and the rate limits; null = each gateway keeps its own in memory.")
+    replicas: int = Field(1, ge=1, description="Engine processes per version in the serving plane (`make serve`), balanced by fewest requests outstanding.")
+    plane_url: str | None = Field("auto", description="The running plane releases go into: 'auto' = http://host:port when a plane answers there for this registry; a URL; null = always an ephemeral gateway for the release.")
+    drain_timeout_s: float = Field(60, gt=0, description="How long a version leaving the plane (promoted away, rolled back) may finish its requests in flight before it is stopped.")
+    supervise_interval_s: float = Field(0.5, gt=0, description="How often the plane's supervisor checks each engine process (exited, or failing /health 3 times in a row: restarted).")
+    target: Literal["local", "kserve"] = Field("local", description="Where a release goes: 'local' serves and judges it on this machine (the plane or an ephemeral gateway); 'kserve' renders a KServe InferenceService per canary step into kserve.out_dir for a cluster to apply (serving/kserve.py) and serves nothing here.")
+
+
+class KServeParams(Section):
+    """Serving on a cluster (serve.target: kserve): the InferenceService the release renders for
+    each canary step, with KServe's Hugging Face runtime and its vLLM backend (serving/kserve.py).
+    Rendered and validated here, never applied: `kubectl apply -f` does that on the cluster."""
+
+    name: str | None = Field(None, description="InferenceService name (a DNS label); null: registry.model_name.")
+    namespace: str = Field("default", description="Kubernetes namespace of the InferenceService.")
+    runtime: str | None = Field(None, description="ServingRuntime or ClusterServingRuntime to use; null: KServe picks its Hugging Face runtime for modelFormat huggingface (vLLM backend).")
+    storage_uri: str | None = Field(None, description="Where a version's model folder lives for the cluster, with {name} and {version}, e.g. s3://models/{name}/v{version}; null: the version's MLflow artifact location, which must then be object storage (s3://, gs://, ...).")
+    gpus: int = Field(1, ge=0, description="nvidia.com/gpu per replica (requests = limits); more than 1 also sets vLLM's --tensor-parallel-size. 0: no GPU requested.")
+    cpu: str = Field("4", description="CPU per replica (Kubernetes quantity; requests = limits).")
+    memory: str = Field("32Gi", description="Memory per replica (Kubernetes quantity; requests = limits).")
+    min_replicas: int = Field(1, ge=0, description="Fewest predictor replicas (0 lets Knative scale to zero).")
+    max_replicas: int = Field(1, ge=1, description="Most predictor replicas.")
+    api_key_secret: str = Field("llm-serving-api-key", description="Kubernetes Secret holding the key clients must send (read as $VLLM_API_KEY); the key itself never appears in a manifest.")
+    api_key_secret_key: str = Field("api-key", description="The key inside api_key_secret that holds the API key.")
+    service_account: str | None = Field(None, description="Service account whose secret gives the storage initializer access to storage_uri (KServe's S3/GCS credentials); null: the namespace default.")
+    deployment_mode: Literal["Serverless", "Knative"] = Field("Serverless", description="serving.kserve.io/deploymentMode: canaryTrafficPercent only splits traffic in Knative mode ('Serverless'; KServe >= 0.16 also calls it 'Knative').")
+    extra_args: list[str] = Field(default_factory=list, description="More runtime arguments, verbatim (e.g. --max-model-len=4096).")
+    out_dir: str = Field("deploy/kserve", description="Where the release writes the manifests: <out_dir>/v<N>/step-<w>.yaml, promote.yaml, rollback.yaml.")
+
+    @model_validator(mode="after")
+    def _replicas(self) -> "KServeParams":
+        if self.max_replicas < self.min_replicas:
+            raise ValueError(f"max_replicas ({self.max_replicas}) is below min_replicas ({self.min_replicas})")
+        return self
+
+
+class CanaryParams(Section):
+    """Progressive delivery with the semantics of Argo Rollouts / Flagger: traffic weight steps,
+    a minimum amount of evidence per step, metric checks, and a failure limit.
+
+    The canary's error rate is judged by a sequential test against stable's own rate in the
+    same step (`serving.analysis.ErrorRateTest`, Wald's SPRT): H0 "canary <= stable +
+    error_rate_margin" against H1 "canary >= stable + error_rate_effect", with error
+    probabilities error_rate_alpha and error_rate_beta. How many requests that takes follows
+    from the effect, so `step_requests` is a floor raised to `min_step_requests`."""
+
+    strategy: Literal["canary", "blue_green", "shadow"] = Field("canary", description="canary: weighted steps on live traffic; blue_green: the candidate is analysed on mirrored traffic (step_requests copies, answers compared with stable's), then all traffic switches at once; shadow: mirrored and reported, never promoted.")
+    steps: list[int] = Field(default_factory=lambda: [10, 25, 50, 100], description="Canary traffic weight (percent) at each step; the last should be 100.")
+    step_requests: int = Field(20, ge=1, description="Fewest requests the canary must answer at each step before it is analysed; raised to min_step_requests, the fewest at which the error-rate test can pass a step.")
+    interval_s: float = Field(0.0, ge=0, description="Shortest time spent at each step (real traffic needs minutes; the embedded demo drives its own).")
+    golden_prompts: int = Field(20, ge=1, description="Held-out prompts sent straight to the canary; their exact match is checked.")
+    shadow_prompts: int = Field(10, ge=0, description="Prompts sent to both stable and canary; their agreement is checked (0 = off).")
+    min_exact_match: float = Field(0.8, ge=0, le=1, description="Canary's golden-prompt exact match must reach this.")
+    champion_tolerance: float = Field(0.05, ge=0, le=1, description="Canary's golden exact match may trail stable's by at most this.")
+    min_agreement: float = Field(0.8, ge=0, le=1, description="Share of shadowed prompts where canary and stable answer alike.")
+    max_error_rate: float = Field(0.0, ge=0, le=1, description="Error rate (5xx, refused, timeout) a release is held to when stable served nothing to compare with: the largest share a first release may fail, and stable's rate in the error-rate test at a step where stable got no traffic (the 100% step).")
+    error_rate_margin: float = Field(0.001, ge=0, lt=1, description="Error-rate test, H0: the canary's error rate is at most stable's plus this (absolute). 0 says a canary may not fail more often than stable at all: against a stable without failures its first failure then fails the step.")
+    error_rate_effect: float = Field(0.01, gt=0, lt=1, description="Error-rate test, H1: the canary's error rate is at least stable's plus this (absolute): the smallest degradation a step must catch, with probability 1 - error_rate_beta.")
+    error_rate_alpha: float = Field(0.05, gt=0, lt=1, description="Largest probability that the error-rate test fails a step whose canary is within error_rate_margin of stable (a false rollback).")
+    error_rate_beta: float = Field(0.1, gt=0, lt=1, description="Largest probability that the error-rate test passes a step whose canary is worse than stable by error_rate_effect (a missed regression).")
+    max_latency_ratio: float = Field(2.5, gt=0, description="Canary p95 latency may be at most this multiple of stable's in the same step.")
+    max_ttft_ratio: float = Field(3.0, gt=0, description="Canary's p95 time to first token, as its engine reports it (scraped from the engine's Prometheus endpoint: cpu, vLLM or TensorRT-LLM), may be at most this multiple of stable's in the same step.")
+    ttft_floor_s: float = Field(0.05, ge=0, description="Times to first token below this count as this in the ratio above: differences under it do not matter to users, and engine histograms cannot resolve them.")
+    failure_limit: int = Field(0, ge=0, description="Failed analyses tolerated before rolling back (0: the first failure rolls back).")
+
+    @model_validator(mode="after")
+    def _steps(self) -> "CanaryParams":
+        if not self.steps or any(not 0 < w <= 100 for w in self.steps) or self.steps != sorted(self.steps):
+            raise ValueError(f"steps must be increasing percentages in (0, 100], got {self.steps}")
+        return self
+
+    @model_validator(mode="after")
+    def _error_rate_test(self) -> "CanaryParams":
+        if self.error_rate_effect <= self.error_rate_margin:
+            raise ValueError(f"error_rate_effect ({self.error_rate_effect}) must exceed error_rate_margin ({self.error_rate_margin}): the test tells the two apart")
+        # A step analysed earlier could never pass: raise the floor rather than fail every step.
+        # (The model is frozen; this is its own validation, so it sets the field directly.)
+        object.__setattr__(self, "step_requests", max(self.step_requests, self.min_step_requests))
+        return self
+
+    @property
+    def min_step_requests(self) -> int:
+        """The fewest canary requests at which the error-rate test can pass a step: every answer
+        without a failure lowers the log-likelihood ratio by ln((1 - margin) / (1 - effect)), and
+        H0 is accepted at ln(beta), so a spotless canary against a spotless stable needs
+        ceil(ln(1 / beta) / ln((1 - margin) / (1 - effect))). The same bound as
+        serving.analysis.ErrorRateTest.floor at stable's rate 0 (the largest: a stable that
+        fails too lowers it)."""
+        import math
+
+        per_answer = math.log((1 - self.error_rate_margin) / (1 - self.error_rate_effect))
+        return math.ceil(math.log(1 / self.error_rate_beta) / per_answer)
+
+
+class NotifyParams(Section):
+    """Who hears about releases: a JSON POST to a webhook (Slack/Teams/Mattermost incoming
+    webhooks read its `text`) on gate failure, rollback and promotion (tasks/notify.py)."""
+
+    webhook_url: str | None = Field(None, description="URL the notifications are POSTed to; null = none (a URL with a secret in it belongs in webhook_url_env's variable, not here).")
+    webhook_url_env: str = Field("LIFECYCLE_WEBHOOK_URL", description="Environment variable holding the webhook URL; it wins over webhook_url when set.")
+    events: list[Literal["gate_failed", "rolled_back", "promoted", "shadowed"]] = Field(
+        default_factory=lambda: ["gate_failed", "rolled_back", "promoted"], description="Which outcomes are sent."
+    )
+    timeout_s: float = Field(5, gt=0, description="Per attempt; a webhook that does not answer never fails or holds up the run (three attempts, then a warning).")
+
+
+class OrchestrationParams(Section):
+    """How the Prefect deployments run the flows (`make serve-flows`, flows/deployments.py)."""
+
+    cron: str = Field("0 3 * * *", description="When the scheduled lifecycle run starts (cron syntax, in `timezone`); nightly at 03:00 by default.")
+    timezone: str = Field("UTC", description="Time zone the cron is read in (an IANA name, e.g. Europe/Berlin).")
+    concurrency_limit: int = Field(1, ge=1, description="Lifecycle and release runs of this project (model name and folder) that may run at once, on one Prefect server: they share the DVC workspace and the registry's aliases.")
+    on_busy: Literal["wait", "drop"] = Field("wait", description="A run started while the limit is taken: 'wait' queues it (AwaitingConcurrencySlot) until a slot frees; 'drop' cancels it at once, its state message saying which run is busy.")
