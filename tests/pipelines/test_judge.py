@@ -53,7 +53,13 @@ def first_answer_judge():
 
     @app.post("/v1/chat/completions")
     def chat(body: dict) -> dict:
-        reply = "Not sure." if "unsure" in body["messages"][-1]["content"] else "A"
+        said = " ".join(m["content"] for m in body["messages"])
+        if "unsure" in said:
+            reply = "Not sure."  # never gives a verdict, even when reminded
+        elif "prose" in said:  # a verdict in prose only; after the reminder, the protocol's line
+            reply = "Verdict: tie" if body["messages"][-1]["content"].startswith("End with") else "Both are fine. It is a tie."
+        else:
+            reply = "Answer A reverses the list.\n\n**Verdict:** A"  # reasons first, then the line
         return {"id": "x", "object": "chat.completion", "created": 0, "model": "biased",
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": reply}, "finish_reason": "stop"}]}
 
@@ -66,5 +72,30 @@ def test_asking_both_orders_cancels_position_bias(first_answer_judge, monkeypatc
     cfg = JudgeParams(endpoint=first_answer_judge, api_key_env="MY_JUDGE_KEY")
     judged = judge_pairs(pairs("4 3 2 1", "1 2 3 4"), cfg)
     assert all(j["verdicts"] == ["A", "A"] and j["judge_win_rate"] == 0.5 for j in judged)
-    with pytest.raises(RuntimeError, match="not A, B or tie"):
+    with pytest.raises(RuntimeError, match="gave no verdict line"):
         judge_pairs([{"id": "x", "prompt": "unsure", "candidate": "a", "champion": "b"}], cfg)
+    reminded = judge_pairs([{"id": "x", "prompt": "prose", "candidate": "a", "champion": "b"}], cfg)
+    assert reminded[0]["verdicts"] == ["tie", "tie"], "a prose answer is asked again, never guessed"
+
+
+# Seen red: with the old parser (the first standalone A, B or tie anywhere in the reply) this
+# table failed on "It is a tie." (read as A) and on the reasoned replies.
+@pytest.mark.parametrize("reply, verdict", [
+    ("Verdict: A", "A"),
+    ("verdict: b", "B"),
+    ("Verdict: tie", "tie"),
+    ("**Verdict:** Tie", "tie"),
+    ("Answer A misses a digit; answer B is exactly reversed.\n\nVerdict: B", "B"),
+    ("A is a good try, but B is better.\nFinal verdict: B", "B"),
+    ('{"verdict": "A", "reason": "B rambles"}', "A"),
+    ('```json\n{"winner": "tie"}\n```', "tie"),
+    ("A", "A"),
+    ("B.", "B"),
+    ("Tie", "tie"),
+    ("It is a tie.", None),
+    ("A and B are both correct, so neither is better.", None),
+    ("I cannot decide.", None),
+    ("", None),
+])
+def test_verdicts_are_read_only_where_the_protocol_puts_them(reply, verdict):
+    assert parse_verdict(reply) == verdict
