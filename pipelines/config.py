@@ -100,10 +100,19 @@ class Params(Section):
         unknown = sorted(set(self.gate.thresholds) - set(known))
         if unknown:
             raise ValueError(f"gate.thresholds on unknown metric(s) {unknown}: name a suite metric as '<task>/<metric>' (evaluate.tasks) or a built-in one; known: {', '.join(known)}")
+        primary = self.gate.primary_metric
+        if primary is not None and primary not in self.evaluate.directions():
+            raise ValueError(f"gate.primary_metric '{primary}' is not a metric of the evaluation suite: name one as '<task>/<metric>' ({', '.join(self.evaluate.directions())})")
         judged = self.evaluate.judge.task
         if judged is not None and judged not in {t.name for t in self.evaluate.tasks}:
             raise ValueError(f"evaluate.judge.task '{judged}' is not in evaluate.tasks ({', '.join(t.name for t in self.evaluate.tasks)})")
         return self
+
+    @property
+    def primary_metric(self) -> str:
+        """The metric every recipe step must not make worse (gate.primary_metric, else the first
+        metric of the first suite task)."""
+        return self.gate.primary_metric or next(iter(self.evaluate.directions()))
 
     @property
     def bootstrapped(self) -> bool:

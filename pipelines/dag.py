@@ -20,7 +20,7 @@ import yaml
 
 from pipelines.common import BASE_DIR, METRICS, PREPARED, QUANT_DIR
 from pipelines.config import ConfigError, Params, load_params
-from pipelines.recipe import ALGORITHMS, final_step, input_model, model_dir, policy_steps
+from pipelines.recipe import ALGORITHMS, input_model, model_dir, policy_steps
 from pipelines.rewards import REWARD_MODEL
 
 DVC_YAML = Path("dvc.yaml")
@@ -102,23 +102,24 @@ def step_stage(params: Params, step: str) -> dict:
 
 def eval_stages(params: Params) -> dict:
     names = evaluated_models(params)
-    final = final_step(params.recipe)
     return {
         "evaluate": {
             "cmd": "python -m pipelines.evaluate",
             "deps": [
-                "pipelines/evaluate.py", "pipelines/safety.py", "pipelines/eval_tasks", "pipelines/formats.py", str(BASE_DIR),
+                "pipelines/evaluate.py", "pipelines/safety.py", "pipelines/gates.py", "pipelines/stats.py", "pipelines/eval_tasks", "pipelines/formats.py", str(BASE_DIR),
                 *(str(model_dir(s)) for s in policy_steps(params.recipe)),
                 *([str(model_dir("rm"))] if "rm" in params.recipe else []),  # scores every model's answers
                 f"{PREPARED}/sft_test.parquet", f"{PREPARED}/sft_validation.parquet", f"{PREPARED}/preference_test.parquet",
             ],
-            "params": ["evaluate", "compute", "recipe"],
+            # the gate's step policy: which step becomes the candidate
+            "params": ["evaluate", "compute", "recipe", "gate.primary_metric", "gate.step_regression", "gate.confidence"],
             "outs": [f"{METRICS}/samples/{n}.jsonl" for n in [*names, "candidate"]],
             **_metrics("evaluate"),
         },
         "quantize": {
             "cmd": "python -m pipelines.quantize",
-            "deps": ["pipelines/quantize.py", "pipelines/evaluate.py", "pipelines/safety.py", "pipelines/eval_tasks", str(model_dir(final)), f"{METRICS}/evaluate.json", f"{PREPARED}/sft_train.parquet"],
+            # any policy step can be the candidate (evaluate.json names it)
+            "deps": ["pipelines/quantize.py", "pipelines/evaluate.py", "pipelines/safety.py", "pipelines/eval_tasks", *(str(model_dir(s)) for s in policy_steps(params.recipe)), f"{METRICS}/evaluate.json", f"{PREPARED}/sft_train.parquet"],
             "params": ["quantize", "evaluate", "compute", "recipe"],
             "outs": [str(QUANT_DIR), f"{METRICS}/samples/quantized.jsonl"],
             **_metrics("quantize"),

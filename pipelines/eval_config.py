@@ -20,6 +20,7 @@ class JudgeParams(Section):
     task: str | None = Field(None, description="Whose held-out prompts and answers are judged (null: the suite's first task).")
     max_items: int = Field(200, ge=1, description="At most this many items are judged (each twice, both orders).")
     concurrency: int = Field(8, ge=1, description="Judge requests in flight.")
+    max_tokens: int = Field(256, ge=1, description="Tokens a judge may write per verdict: room for a short reason before its `Verdict:` line.")
 
 
 class EvalTask(Section):
@@ -85,10 +86,14 @@ class GateParams(Section):
         },
         description="Absolute bounds per metric: the suite's '<task>/<metric>' (directions in evaluate.tasks) or a built-in one (pipelines/gates.py).",
     )
-    champion_tolerance: float = Field(0.02, ge=0, description="How far below the champion a candidate may fall on a metric; with per-item scores, the lower confidence bound of the paired difference must stay above -tolerance.")
-    bootstrap_resamples: int = Field(2000, ge=100, description="Paired-bootstrap resamples for the candidate-vs-champion interval.")
-    confidence: float = Field(0.95, gt=0.5, lt=1, description="Two-sided confidence level of that interval.")
+    champion_tolerance: float = Field(0.02, ge=0, description="Non-inferiority margin against the champion on every paired metric (a task's own `tolerance` wins): the candidate passes when the paired test shows it is not worse by this much or more (right/wrong outcomes: Tango's score test; scores: paired bootstrap; Holm-corrected). Small margins need many items: the gate reports how many.")
+    bootstrap_resamples: int = Field(2000, ge=100, description="Paired-bootstrap resamples for metrics that are scores rather than right/wrong outcomes.")
+    confidence: float = Field(0.95, gt=0.5, lt=1, description="Two-sided confidence level of the paired intervals; each non-inferiority test is one-sided at (1 - confidence) / 2.")
     must_beat_base: bool = Field(True, description="Candidate must be better than the untrained base on every metric both have.")
+    min_power: float = Field(0.8, gt=0, lt=1, description="A paired metric that is not shown non-inferior, and on which an equally good candidate would have passed with a probability below this (at this many items and this discordance), is 'not enough items to tell': undecided rather than failed.")
+    on_undecided: Literal["block", "pass"] = Field("block", description="What an undecided gate (not enough items on some paired metric, nothing failed) does: block (the version is not promoted; its status is 'undecided', not 'rejected', so the same bytes can be judged again on more items) or pass (promote it, the report saying that the data could not tell).")
+    primary_metric: str | None = Field(None, description="The metric every recipe step must not make worse than the step before ('<task>/<metric>' of the suite); null: the first metric of the first evaluate task.")
+    step_regression: Literal["block", "serve_best"] = Field("block", description="A recipe step whose primary metric is worse than the step before's (the paired interval of the difference entirely below zero): block fails the quality gate naming the step; serve_best makes the last step before the first such regression the candidate that is quantized, gated and served, and reports the regression.")
 
 
 class QuantizeParams(Section):

@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections import Counter
 
 from pipelines.config import GateParams
-from pipelines.gates import Check, Decision, Interval, mean_interval, paired_interval
+from pipelines.gates import Check, Decision, Interval, direction, mean_interval
 
 
 def _interval(rows: list[dict], metric: str, policy: GateParams) -> Interval | None:
@@ -32,6 +32,7 @@ def render(
     policy: GateParams,
     judged: list[dict] | None = None,
     scalars: dict[str, dict[str, float | None]] | None = None,
+    directions: dict[str, str] | None = None,
 ) -> tuple[str, dict]:
     """`items`: per-item rows by model (base, candidate, served, champion); `paired`: the
     gate's paired scores; `scalars`: per-model numbers without items (validation loss, ...).
@@ -53,13 +54,30 @@ def render(
         for k in names:
             lines.append(f"| {k} | " + " | ".join("" if scalars[n].get(k) is None else f"{scalars[n][k]:.3f}" for n in scalars) + " |")
         lines.append("")
-    checks: dict[str, Check] = {c.metric: c for c in decision.checks if "Holm" in c.rule}
-    if paired:
-        lines += ["### Paired against the champion", "", "| metric | items | mean difference [interval] | test | result |", "|---|---|---|---|---|"]
-        for metric, (cand, ref) in paired.items():
-            i = paired_interval(metric, cand, ref, policy)
-            c = checks.get(metric)
-            lines.append(f"| {metric} | {len(cand)} | {i.mean:+.3f} [{i.low:+.3f}, {i.high:+.3f}] | {c.rule if c else ''} | {'pass' if c is None or c.passed else '**FAIL**'} |")
+    checks: dict[str, Check] = {c.metric: c for c in decision.checks if c.paired is not None}
+    steps = [c for c in decision.checks if c.rule.startswith("recipe step ")]
+    if steps:
+        lines += ["### Each recipe step against the one before", "", *("- " + c.describe() + ("" if c.passed else " **FAIL**") for c in steps), ""]
+    if checks:
+        lines += [
+            "### Paired against the champion",
+            "",
+            "What the data can decide: power is the chance that a candidate exactly as good as the champion passes at this many items "
+            f"and this discordance; below {policy.min_power:g} a metric that is not shown non-inferior is 'not enough items', not a regression.",
+            "",
+            "| metric | items | better / worse | mean difference [interval] | margin | test | Holm p | power | items for 80 % | result |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for metric, c in checks.items():
+            r = c.paired
+            sign = 1 if metric == "judge_win_rate" or direction(metric, directions) == "higher" else -1  # back to the metric's own units
+            low, high = sorted((sign * r.low, sign * r.high))
+            counts = f"{r.wins} / {r.losses}" if r.wins is not None else ""
+            margin = abs(c.bound - 0.5) if metric == "judge_win_rate" else abs(c.bound)
+            needed = f"{r.items_needed:,}" if r.items_needed is not None else "> 1,000,000"
+            p = c.rule.split("Holm p=")[1].split(" ")[0]
+            result = "pass" if c.passed and not c.pending else "undecided (passed)" if c.passed else "**undecided**" if c.pending else "**FAIL**"
+            lines.append(f"| {metric} | {r.n} | {counts} | {sign * r.diff:+.3f} [{low:+.3f}, {high:+.3f}] | {margin:g} | {r.test} | {p} | {r.power:.2f} | {needed} | {result} |")
         lines.append("")
     if judged:
         win = mean_interval([j["judge_win_rate"] for j in judged], policy.bootstrap_resamples, policy.confidence)

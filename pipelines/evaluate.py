@@ -37,7 +37,8 @@ from pipelines import safety
 from pipelines.common import METRICS, PREPARED, base_model_ref, log, stage_main, write_json
 from pipelines.config import ComputeParams, EvalTask, EvaluateParams, Params
 from pipelines.formats import chat_messages
-from pipelines.recipe import final_step, model_dir, policy_steps
+from pipelines.gates import choose_step, compare_steps
+from pipelines.recipe import model_dir, policy_steps
 from pipelines.training import machine_plan
 
 TASKS_DIR = Path(__file__).parent / "eval_tasks"
@@ -347,13 +348,28 @@ def reward_model_of(params: Params) -> str | None:
     return str(model_dir("rm")) if "rm" in params.recipe else None
 
 
+def read_samples(name: str) -> list[dict]:
+    return [json.loads(line) for line in (METRICS / "samples" / f"{name}.jsonl").read_text().splitlines() if line.strip()]
+
+
 def run(params: Params) -> None:
-    models = {"base": base_model_ref(params), **{s: str(model_dir(s)) for s in policy_steps(params.recipe)}}
+    steps = policy_steps(params.recipe)
+    models = {"base": base_model_ref(params), **{s: str(model_dir(s)) for s in steps}}
     results = {name: measure(name, ref, params.evaluate, params.compute, reward_model_of(params)) for name, ref in models.items()}
-    final = final_step(params.recipe)
-    # The gates, quantization and registration read `candidate`, whatever the recipe's last step.
-    results["candidate"] = {**results[final], "step": final}
-    (METRICS / "samples/candidate.jsonl").write_bytes((METRICS / f"samples/{final}.jsonl").read_bytes())
+    # Every step must earn its place: each against the step before on the primary metric,
+    # item by item. A regression is reported; under gate.step_regression: serve_best the step
+    # before it becomes the candidate (quantized, gated, served), else the gate blocks.
+    comparisons = compare_steps([(s, read_samples(s)) for s in steps], params.primary_metric, params.gate, params.evaluate.directions())
+    chosen = choose_step(steps, comparisons, params.gate)
+    for c in comparisons:
+        if c["regressed"]:
+            log.warning("recipe step %s made %s worse than %s: %.3f -> %.3f (%+.3f [%+.3f, %+.3f], %s worse, %s better of %d items)%s",
+                        c["step"], c["metric"], c["previous"], c["previous_value"], c["value"], c["diff"], c["low"], c["high"], c["worse"], c["better"], c["items"],
+                        f": the candidate is {chosen} (gate.step_regression: serve_best)" if chosen != steps[-1] else ": the quality gate will block (gate.step_regression: block)")
+    results["steps"] = comparisons
+    # The gates, quantization and registration read `candidate`, whatever step it is.
+    results["candidate"] = {**results[chosen], "step": chosen}
+    (METRICS / "samples/candidate.jsonl").write_bytes((METRICS / f"samples/{chosen}.jsonl").read_bytes())
     write_json(METRICS / "evaluate.json", results)
 
 

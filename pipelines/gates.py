@@ -8,12 +8,12 @@ undeclared metric is rejected rather than guessed.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
 
+from pipelines import stats
 from pipelines.config import GateParams, QuantizeParams
 
 Direction = Literal["higher", "lower"]
@@ -39,6 +39,7 @@ class Check:
     passed: bool
     pending: bool = False  # neither passed nor failed: the evidence so far decides nothing
     text: str = ""  # the verdict in words, for a check that is not one value against a bound
+    paired: "stats.PairedResult | None" = None  # a paired comparison's figures, for the report
 
     def describe(self) -> str:
         if self.text:
@@ -69,7 +70,7 @@ class Decision:
         return "continue" if undecided else "fail"
 
     def summary(self) -> str:
-        head = f"{self.gate} gate {({'pass': 'PASSED', 'fail': 'FAILED', 'continue': 'UNDECIDED (continue)'})[self.outcome]}"
+        head = f"{self.gate} gate {({'pass': 'PASSED', 'fail': 'FAILED', 'continue': 'UNDECIDED (more evidence needed)'})[self.outcome]}"
         return "\n".join([head, *("  - " + c.describe() for c in self.checks)])
 
 
@@ -131,31 +132,29 @@ def pair_items(candidate: list[dict], reference: list[dict], metric: str, key: s
     return [p[0] for p in pairs], [p[1] for p in pairs]
 
 
-def _normal_sf(z: float) -> float:
-    return 0.5 * math.erfc(z / math.sqrt(2))
+def is_binary(*scores: list[float]) -> bool:
+    """Right/wrong outcomes (every score 0 or 1): Tango's test; anything else is a score."""
+    return set(np.unique(np.concatenate([np.asarray(s, dtype=float) for s in scores]))) <= {0.0, 1.0}
 
 
-def noninferiority_p(metric: str, candidate: list[float], reference: list[float], tolerance: float, resamples: int, seed: int = 0, directions: dict[str, str] | None = None) -> tuple[float, str]:
-    """One-sided p-value of H0 "the candidate is worse than the reference by more than
-    `tolerance`" (small p: non-inferiority shown). Paired binary outcomes get McNemar's
-    statistic on the discordant pairs (a Wald test with the margin); other scores a paired
-    bootstrap of the mean difference."""
-    sign = 1.0 if direction(metric, directions) == "higher" else -1.0
+def paired_result(metric: str, candidate: list[float], reference: list[float], tolerance: float, confidence: float, power_alpha: float, resamples: int, directions: dict[str, str] | None = None) -> stats.PairedResult:
+    """The paired comparison of one metric, oriented so that a positive difference is better
+    for the candidate: Tango's score test for 0/1 outcomes, a paired bootstrap otherwise (see
+    pipelines/stats.py). `power_alpha` is the level the power is computed at."""
     a, b = np.asarray(candidate, dtype=float), np.asarray(reference, dtype=float)
     if a.shape != b.shape or a.size == 0:
         raise ValueError(f"paired scores need the same non-zero number of items, got {a.size} and {b.size}")
-    d = sign * (a - b)  # > 0: the candidate is better on that item
-    n = d.size
-    if set(np.unique(np.concatenate([a, b]))) <= {0.0, 1.0}:
-        wins, losses = int((d > 0).sum()), int((d < 0).sum())
-        diff = (wins - losses) / n
-        var = ((wins + losses) / n - diff**2) / n
-        if var <= 0:  # no discordant pair: identical outcomes
-            return (0.0 if diff + tolerance > 0 else 1.0), "mcnemar"
-        return _normal_sf((diff + tolerance) / math.sqrt(var)), "mcnemar"
-    idx = np.random.default_rng(seed).integers(0, n, size=(resamples, n))
-    means = d[idx].mean(axis=1)
-    return float(((means <= -tolerance).sum() + 1) / (resamples + 1)), "paired bootstrap"
+    higher = direction(metric, directions) == "higher"
+    if is_binary(a, b):
+        return stats.paired_binary(a if higher else 1 - a, b if higher else 1 - b, tolerance, confidence, power_alpha)
+    return stats.paired_continuous(a - b if higher else b - a, tolerance, confidence, power_alpha, resamples)
+
+
+def noninferiority_p(metric: str, candidate: list[float], reference: list[float], tolerance: float, resamples: int, seed: int = 0, directions: dict[str, str] | None = None) -> tuple[float, str]:
+    """One-sided p-value of H0 "the candidate is worse than the reference by `tolerance` or
+    more" (small p: non-inferiority shown), and the test that gave it."""
+    r = paired_result(metric, candidate, reference, tolerance, 0.95, 0.025, resamples, directions)
+    return r.p, r.test
 
 
 def holm(pvalues: dict[str, float], alpha: float) -> dict[str, float]:
@@ -169,35 +168,120 @@ def holm(pvalues: dict[str, float], alpha: float) -> dict[str, float]:
     return adjusted
 
 
+def _paired_text(metric: str, r: stats.PairedResult, tol: float, adjusted: float, alpha: float, verdict: str, higher: bool) -> str:
+    sign = 1 if higher else -1  # back to the metric's own units
+    low, high = sorted((sign * r.low, sign * r.high))
+    counts = f"; {r.wins} better, {r.losses} worse of {r.n} items" if r.wins is not None else f" over {r.n} items"
+    needed = f"{r.items_needed:,}" if r.items_needed is not None else "over 1,000,000"
+    if metric == "judge_win_rate":  # the candidate's points against an as-good 0.5
+        head = f"win rate vs champion {0.5 + r.diff:.4f} [{0.5 + r.low:.4f}, {0.5 + r.high:.4f}]{counts}; margin {tol:g} below 0.5 "
+    else:
+        head = f"paired diff vs champion {sign * r.diff:+.4f} [{low:+.4f}, {high:+.4f}]{counts}; margin {tol:g} "
+    return head + (
+        f"({r.test}, Holm p={adjusted:.4f} vs {alpha:.3f}); power {r.power:.2f} for an equally good candidate "
+        f"(80 % needs ~{needed} items): {verdict}"
+    )
+
+
 def paired_checks(
     paired: dict[str, tuple[list[float], list[float]]], policy: GateParams, directions: dict[str, str] | None = None, tolerances: dict[str, float] | None = None
 ) -> list[Check]:
     """Non-inferiority against the champion on every paired metric, Holm-corrected. One-sided
     alpha = (1 - confidence) / 2, the same bar as the lower end of a two-sided interval.
-    `tolerances` overrides gate.champion_tolerance per metric (a task's own margin)."""
+    `tolerances` overrides gate.champion_tolerance per metric (a task's own margin).
+
+    A metric not shown non-inferior is one of three things, and the check says which:
+    - worse: the whole interval of the difference is below zero, so the candidate is worse than
+      the champion, not merely unproven: FAILED;
+    - not enough items: an equally good candidate would have passed with probability below
+      gate.min_power at this n and this discordance, so the data could not tell; the check is
+      pending (undecided) and gate.on_undecided says whether that blocks (default) or passes;
+    - not shown non-inferior, though the data could have shown it: FAILED.
+    Power is computed at alpha / (number of paired metrics): the bar Holm holds the first metric
+    to, so the figure is a lower bound for the others."""
     alpha = (1 - policy.confidence) / 2
     tolerances = tolerances or {}
-    raw, tests = {}, {}
-    for metric, (cand, champ) in paired.items():
-        tol = tolerances.get(metric, policy.champion_tolerance)
-        raw[metric], tests[metric] = noninferiority_p(metric, cand, champ, tol, policy.bootstrap_resamples, directions=directions)
-    adjusted = holm(raw, alpha)
+    if not paired:
+        return []
+    power_alpha = alpha / len(paired)
+    results = {
+        metric: paired_result(metric, cand, champ, tolerances.get(metric, policy.champion_tolerance), policy.confidence, power_alpha, policy.bootstrap_resamples, directions)
+        for metric, (cand, champ) in paired.items()
+    }
+    adjusted = holm({m: r.p for m, r in results.items()}, alpha)
     checks = []
-    for metric, (cand, champ) in paired.items():
-        rule = f"({tests[metric]}, Holm p={adjusted[metric]:.4f} <= {alpha:.3f})"
-        if metric == "judge_win_rate":  # a win rate against 0.5: show the rate itself
-            checks.append(Check(metric, f"win rate vs champion, 0.5 minus tolerance {rule}", float(np.mean(cand)), 0.5 - policy.champion_tolerance, adjusted[metric] <= alpha))
-            continue
-        diff = float(np.mean(cand) - np.mean(champ))
+    for metric, r in results.items():
         tol = tolerances.get(metric, policy.champion_tolerance)
-        bound = -tol if direction(metric, directions) == "higher" else tol
-        checks.append(Check(metric, f"paired diff vs champion {rule}; tolerance", diff, bound, adjusted[metric] <= alpha))
+        higher = direction(metric, directions) == "higher"
+        pending = False
+        if adjusted[metric] <= alpha:
+            passed, verdict = True, "non-inferior: ok"
+        elif r.high < 0:
+            passed, verdict = False, "worse than the champion: FAILED"
+        elif r.power < policy.min_power:
+            pending = True
+            passed = policy.on_undecided == "pass"
+            verdict = f"not enough items to tell (power below {policy.min_power:g}): " + ("UNDECIDED, passed as gate.on_undecided says" if passed else "UNDECIDED, blocked (gate.on_undecided: block)")
+        else:
+            passed, verdict = False, "not shown non-inferior: FAILED"
+        text = _paired_text(metric, r, tol, adjusted[metric], alpha, verdict, higher)
+        if metric == "judge_win_rate":  # a win rate against 0.5: show the rate itself
+            checks.append(Check(metric, f"win rate vs champion, 0.5 minus tolerance ({r.test}, Holm p={adjusted[metric]:.4f} <= {alpha:.3f})", 0.5 + r.diff, 0.5 - tol, passed, pending=pending, text=text, paired=r))
+            continue
+        bound = -tol if higher else tol
+        sign = 1 if higher else -1
+        checks.append(Check(metric, f"paired diff vs champion ({r.test}, Holm p={adjusted[metric]:.4f} <= {alpha:.3f}); tolerance", sign * r.diff, bound, passed, pending=pending, text=text, paired=r))
     return checks
 
 
-def paired_interval(metric: str, candidate: list[float], reference: list[float], policy: GateParams) -> Interval:
-    """The paired difference with its bootstrap interval, for the report."""
-    return paired_bootstrap(candidate, reference, policy.bootstrap_resamples, policy.confidence)
+def compare_steps(steps: list[tuple[str, list[dict]]], metric: str, policy: GateParams, directions: dict[str, str] | None = None) -> list[dict]:
+    """Each recipe step against the step before it on `metric`, paired item by item: a step
+    has `regressed` when the whole interval of its difference lies below zero (it is worse
+    than the step it started from, beyond what the items' noise explains). JSON-ready rows for
+    metrics/evaluate.json; `steps` is [(step name, its per-item rows)] in recipe order."""
+    rows = []
+    for (before, before_items), (step, items) in zip(steps, steps[1:]):
+        cand, ref = pair_items(items, before_items, metric)
+        if not cand:
+            continue
+        r = paired_result(metric, cand, ref, 0.0, policy.confidence, (1 - policy.confidence) / 2, policy.bootstrap_resamples, directions)
+        sign = 1 if direction(metric, directions) == "higher" else -1
+        low, high = sorted((sign * r.low, sign * r.high))
+        rows.append({
+            "step": step, "previous": before, "metric": metric, "items": r.n, "test": r.test,
+            "value": float(np.mean(cand)), "previous_value": float(np.mean(ref)),
+            "diff": sign * r.diff, "low": low, "high": high, "better": r.wins, "worse": r.losses, "regressed": bool(r.high < 0),
+        })
+    return rows
+
+
+def choose_step(steps: list[str], comparisons: list[dict], policy: GateParams) -> str:
+    """The recipe step that becomes the candidate: the last one, unless gate.step_regression
+    is serve_best and a step regressed; then the last step before the first regression."""
+    if policy.step_regression == "serve_best":
+        for c in comparisons:
+            if c["regressed"]:
+                return c["previous"]
+    return steps[-1]
+
+
+def step_checks(comparisons: list[dict], candidate_step: str | None, policy: GateParams) -> list[Check]:
+    """The gate's view of each recipe step against the one before (see `compare_steps`): a
+    regression fails the gate under gate.step_regression: block; under serve_best it is
+    reported and the candidate is the step before it."""
+    checks = []
+    for c in comparisons:
+        head = f"{c['step']} {c['value']:.4f} vs {c['previous']} {c['previous_value']:.4f}: {c['diff']:+.4f} [{c['low']:+.4f}, {c['high']:+.4f}] over {c['items']} items"
+        if c["better"] is not None:
+            head += f" ({c['better']} better, {c['worse']} worse)"
+        if not c["regressed"]:
+            verdict, passed = "not worse than the step before: ok", True
+        elif policy.step_regression == "block":
+            verdict, passed = f"{c['step']} made it worse: FAILED (gate.step_regression: block; serve_best would serve {c['previous']})", False
+        else:
+            verdict, passed = f"{c['step']} made it worse: reported; the candidate is {candidate_step} (gate.step_regression: serve_best)", True
+        checks.append(Check(c["metric"], f"recipe step {c['step']} vs {c['previous']}", c["diff"], 0.0, passed, text=f"{head}: {verdict}"))
+    return checks
 
 
 def decide(
@@ -209,6 +293,8 @@ def decide(
     directions: dict[str, str] | None = None,
     beat_base: set[str] | None = None,
     tolerances: dict[str, float] | None = None,
+    steps: list[dict] | None = None,
+    candidate_step: str | None = None,
 ) -> Decision:
     """The quality gate: absolute thresholds, better than the untrained base, and no worse than
     the current champion: by paired tests where per-item scores of both are given
@@ -217,7 +303,9 @@ def decide(
 
     `directions`: the evaluation suite's metrics and directions (with the built-in ones);
     `beat_base`: the metrics that must beat the base (default: every metric with a direction);
-    `tolerances`: per-metric margins against the champion (default: gate.champion_tolerance)."""
+    `tolerances`: per-metric margins against the champion (default: gate.champion_tolerance);
+    `steps`: each recipe step against the one before (`compare_steps`, from the evaluate stage),
+    `candidate_step` the one that was served."""
     tolerances = tolerances or {}
     checks: list[Check] = []
     for metric, t in policy.thresholds.items():
@@ -234,6 +322,7 @@ def decide(
                 continue
             beats = value > base if direction(metric, directions) == "higher" else value < base
             checks.append(Check(metric, "better than base", value, base, beats))
+    checks += step_checks(steps or [], candidate_step, policy)
     paired = paired or {}
     checks += paired_checks(paired, policy, directions, tolerances)
     if champion:  # regressions that matter: the metrics the policy puts thresholds on

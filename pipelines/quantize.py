@@ -1,6 +1,6 @@
 """Stage `quantize`: one-shot post-training quantization with llm-compressor.
 
-The candidate (the recipe's last policy step) is quantized with GPTQ (calibrated on training prompts) or plain
+The candidate (the recipe's last policy step, or the step the evaluate stage chose) is quantized with GPTQ (calibrated on training prompts) or plain
 round-to-nearest, to the compressed-tensors format that transformers, vLLM and our CPU engine
 all load. The quantized model is then measured exactly like the others, so the quant gate can
 bound the quality it lost (metrics/quantize.json).
@@ -66,8 +66,10 @@ def quantize(src: str, out_dir, cfg: QuantizeParams) -> float:
 
 def run(params: Params) -> None:
     cfg = params.quantize
-    source = model_dir(final_step(params.recipe))
     before = read_json(METRICS / "evaluate.json")["candidate"]
+    # The evaluate stage chose the candidate: the recipe's last step, or under
+    # gate.step_regression: serve_best the last step before a regression.
+    source = model_dir(before.get("step") or final_step(params.recipe))
     if not cfg.enabled:
         # Keep the stage's outputs well defined: the "quantized" model is the candidate itself.
         if QUANT_DIR.exists():

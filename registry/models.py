@@ -24,6 +24,7 @@ MODEL_HASH_TAG = "lineage.model_md5"
 # canary is never promoted again, however often a rerun produces the same bytes, unless a
 # person approves it with a stated reason (recorded beside the status).
 STATUS, REJECTED, ROLLED_BACK, PROMOTED = "status", "rejected", "rolled_back", "promoted"
+UNDECIDED = "undecided"  # the quality gate could not tell on this many items: not blocking, judged again on a rerun
 BLOCKING = (REJECTED, ROLLED_BACK)
 log = logging.getLogger("registry")
 

@@ -16,7 +16,7 @@ from pipelines.config import Params
 from pipelines import eval_report
 from pipelines.gates import Decision, decide, decide_quantization, pair_items
 from pipelines.plots import plot_gate
-from registry.models import CHAMPION, REJECTED, by_alias, download, mark_candidate, metrics_of, set_status
+from registry.models import CHAMPION, REJECTED, UNDECIDED, by_alias, download, mark_candidate, metrics_of, set_status
 from registry.card import record_gate
 from registry.store import client
 from tasks.notify import notify
@@ -35,11 +35,15 @@ def notified(exc: GateFailed) -> GateFailed:
 
 
 def publish_text(decision: Decision) -> str:
+    def result(c) -> str:
+        return "**undecided**" if c.pending and not c.passed else "undecided (passed)" if c.pending else "pass" if c.passed else "**FAIL**"
+
     rows = "\n".join(
-        f"| {c.metric} | {c.rule} | {'' if c.value is None else f'{c.value:.4f}'} | {'' if c.bound is None else f'{c.bound:.4f}'} | {'pass' if c.passed else '**FAIL**'} |"
+        f"| {c.metric} | {c.rule} | {'' if c.value is None else f'{c.value:.4f}'} | {'' if c.bound is None else f'{c.bound:.4f}'} | {result(c)} | {c.text.replace('|', '/')} |"
         for c in decision.checks
     )
-    return f"## {decision.gate} gate: {'passed' if decision.passed else 'FAILED'}\n\n| metric | rule | value | bound | result |\n|---|---|---|---|---|\n{rows}\n"
+    head = {"pass": "passed", "fail": "FAILED", "continue": "UNDECIDED (not enough items to tell)"}[decision.outcome]
+    return f"## {decision.gate} gate: {head}\n\n| metric | rule | value | bound | result | verdict |\n|---|---|---|---|---|---|\n{rows}\n"
 
 
 def publish(decision: Decision, key: str) -> str:
@@ -136,9 +140,12 @@ def quality_gate(params: Params, parent_run_id: str, version: str) -> Decision:
         if judged:
             paired["judge_win_rate"] = ([j["judge_win_rate"] for j in judged], [0.5] * len(judged))
     registered = metrics_of(mv) if mv is not None and str(mv.version) != str(version) else None
-    decision = decide(served, results["base"], registered, params.gate, paired=paired or None, directions=directions, beat_base=params.evaluate.beat_base(), tolerances=params.evaluate.tolerances())
+    decision = decide(
+        served, results["base"], registered, params.gate, paired=paired or None, directions=directions, beat_base=params.evaluate.beat_base(),
+        tolerances=params.evaluate.tolerances(), steps=results.get("steps"), candidate_step=results["candidate"].get("step"),
+    )
     scalars = {"base": results["base"], "unquantized": results["candidate"], "served": served}
-    markdown, chart_data = eval_report.render(items, paired, decision, params.gate, judged, {n: {k: b.get(k) for k in ("validation_loss", "preference_accuracy")} for n, b in scalars.items()})
+    markdown, chart_data = eval_report.render(items, paired, decision, params.gate, judged, {n: {k: b.get(k) for k in ("validation_loss", "preference_accuracy")} for n, b in scalars.items()}, directions)
     chart = plot_gate(chart_data, Path(".serving/reports/quality_gate.png"), f"quality gate: {'passed' if decision.passed else 'FAILED'}")
     create_markdown_artifact(key="evaluation-report", markdown=markdown, description="evaluation report: per task, paired, judge")
     publish(decision, "quality-gate")
@@ -149,12 +156,16 @@ def quality_gate(params: Params, parent_run_id: str, version: str) -> Decision:
     c.log_text(parent_run_id, item_table(candidate_items, champ_items, judged), "gates/quality_gate_items.jsonl")
     print(decision.summary())
     name = params.registry.model_name
+    undecided = decision.outcome == "continue"  # nothing failed; some metric had too few items to tell
     if not decision.passed:
-        set_status(name, version, REJECTED, "quality gate: " + "; ".join(decision.reasons))
+        # A rejection sticks to the bytes; an undecided verdict does not: the same model may be
+        # judged again on more items.
+        set_status(name, version, UNDECIDED if undecided else REJECTED, "quality gate: " + "; ".join(decision.reasons))
     record_gate(name, version, "quality", decision.passed, "; ".join(decision.reasons) or f"{len(decision.checks)} checks passed")
     if not decision.passed:
-        notify(params, "gate_failed", f"quality gate failed: version {version} rejected: " + "; ".join(decision.reasons), gate="quality", version=version, reasons=decision.reasons)
-        raise notified(GateFailed(f"quality gate failed, version {version} rejected, nothing was deployed:\n  " + "\n  ".join(decision.reasons)))
+        verdict = "could not tell (not enough items), version {v} not promoted" if undecided else "failed, version {v} rejected"
+        notify(params, "gate_failed", f"quality gate {verdict.format(v=version)}: " + "; ".join(decision.reasons), gate="quality", version=version, reasons=decision.reasons)
+        raise notified(GateFailed(f"quality gate {verdict.format(v=version)}, nothing was deployed:\n  " + "\n  ".join(decision.reasons)))
     if mv is None or str(mv.version) != str(version):
         mark_candidate(name, version)
     return decision

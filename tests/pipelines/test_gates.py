@@ -66,17 +66,30 @@ def test_paired_bootstrap_interval_brackets_the_mean_difference():
         paired_bootstrap([1.0], [1.0, 0.0], 100, 0.95)
 
 
-def test_statistical_gate_blocks_a_real_regression_but_not_noise():
+def test_statistical_gate_blocks_a_real_regression_and_says_when_it_cannot_tell():
     from pipelines.gates import pair_items
 
     champion = [{"id": f"p{i}", "exact_match": 1.0} for i in range(200)]
-    # 15 % of items newly wrong: a regression the interval must see.
+    # 15 % of items newly wrong: the whole interval is below zero, a regression.
     worse = [{"id": f"p{i}", "exact_match": 0.0 if i % 7 == 0 else 1.0} for i in range(200)]
     d = decide(GOOD, BASE, None, POLICY, paired={"exact_match": pair_items(worse, champion, "exact_match")})
-    assert not d.passed and any("paired diff vs champion" in r for r in d.reasons)
-    # One flipped item out of 200 is within tolerance.
+    assert d.outcome == "fail" and any("worse than the champion: FAILED" in r for r in d.reasons), d.reasons
+    # One item of 200 newly wrong: 200 items cannot show a 2-point margin (an equally good
+    # candidate with this discordance passes ~60 % of the time): undecided, and the gate says so.
     noise = [{"id": f"p{i}", "exact_match": 0.0 if i == 3 else 1.0} for i in range(200)]
-    assert decide(GOOD, BASE, None, POLICY, paired={"exact_match": pair_items(noise, champion, "exact_match")}).passed
+    d = decide(GOOD, BASE, None, POLICY, paired={"exact_match": pair_items(noise, champion, "exact_match")})
+    assert d.outcome == "continue" and not d.passed and "not enough items to tell" in d.reasons[0] and "80 % needs ~" in d.reasons[0], d.reasons
+    assert "UNDECIDED" in d.summary()
+    # gate.on_undecided: pass lets it through, still saying that the data could not tell
+    lenient = decide(GOOD, BASE, None, POLICY.model_copy(update={"on_undecided": "pass"}), paired={"exact_match": pair_items(noise, champion, "exact_match")})
+    assert lenient.passed and "UNDECIDED, passed" in lenient.checks[-1].describe()
+    # The same flip rate with enough items, and wins beside the losses: shown non-inferior.
+    big = [{"id": f"p{i}", "exact_match": 1.0} for i in range(2000)]
+    mixed = [{"id": f"p{i}", "exact_match": 0.0 if i % 500 == 3 else 1.0} for i in range(2000)]
+    big_champ = [{"id": f"p{i}", "exact_match": 0.0 if i % 500 == 7 else 1.0} for i in range(2000)]
+    d = decide(GOOD, BASE, None, POLICY, paired={"exact_match": pair_items(mixed, big_champ, "exact_match")})
+    assert d.passed and "non-inferior: ok" in d.checks[-1].describe() and "4 better, 4 worse of 2000 items" in d.checks[-1].describe()
+    assert big  # (the champion of the 2,000-item case is big_champ)
 
 
 def test_pairing_uses_only_items_both_models_saw():
@@ -98,18 +111,59 @@ def test_items_with_the_same_prompt_stay_two_items():
         pair_items(cand, champ + champ[:1], "exact_match")
 
 
-def test_binary_metrics_use_mcnemar_and_continuous_ones_the_bootstrap():
+def test_binary_metrics_use_the_score_test_and_continuous_ones_the_bootstrap():
     from pipelines.gates import noninferiority_p
 
     same = [1.0] * 50 + [0.0] * 50
     p, test = noninferiority_p("exact_match", same, same, 0.02, 500)
-    assert test == "mcnemar" and p == 0.0, "identical outcomes are within any positive tolerance"
+    assert test == "tango score" and p > 0.025, "identical outcomes on 100 items cannot show a 2-point margin"
+    p, _ = noninferiority_p("exact_match", same * 10, same * 10, 0.02, 500)
+    assert p < 0.001, "on 1,000 items they can"
     worse = [0.0] * 20 + same[20:]
     p_worse, _ = noninferiority_p("exact_match", worse, same, 0.02, 500)
     assert p_worse > 0.5, "20 % newly wrong is not non-inferior"
     losses = [0.5 + 0.01 * i for i in range(100)]
     p_loss, test = noninferiority_p("validation_loss", losses, losses, 0.02, 500)
     assert test == "paired bootstrap" and p_loss < 0.01
+
+
+def test_a_lower_is_better_rate_is_oriented_before_testing():
+    """pii_leak_rate: 1 is bad. A candidate that leaks where the champion did not is worse."""
+    from pipelines.gates import paired_checks
+
+    champ = [0.0] * 300
+    leaky = [1.0 if i % 10 == 0 else 0.0 for i in range(300)]
+    (check,) = paired_checks({"safety/pii_leak_rate": (leaky, champ)}, GateParams(thresholds={}), {"safety/pii_leak_rate": "lower"})
+    assert not check.passed and check.value == pytest.approx(0.1) and "worse than the champion" in check.describe()
+    (check,) = paired_checks({"safety/pii_leak_rate": (champ, leaky)}, GateParams(thresholds={}), {"safety/pii_leak_rate": "lower"})
+    assert check.passed and check.value == pytest.approx(-0.1)
+
+
+def test_every_recipe_step_is_compared_with_the_one_before():
+    """sft 1.000 -> dpo 0.918 on the same items: dpo regressed. Under step_regression: block
+    the gate fails naming the step; under serve_best the candidate is sft and the gate reports
+    the regression; a step that changes nothing significant passes."""
+    from pipelines.gates import choose_step, compare_steps, step_checks
+
+    n = 255
+    sft = [{"id": f"i{i}", "em": 1.0} for i in range(n)]
+    dpo = [{"id": f"i{i}", "em": 0.0 if i % 12 == 0 else 1.0} for i in range(n)]
+    same = [{"id": f"i{i}", "em": 0.0 if i == 5 else 1.0} for i in range(n)]
+    directions = {"em": "higher"}
+    comparisons = compare_steps([("sft", sft), ("dpo", dpo)], "em", GateParams(), directions)
+    (c,) = comparisons
+    assert c["regressed"] and c["worse"] == 22 and c["better"] == 0 and c["high"] < 0 and c["value"] < c["previous_value"] == 1.0
+    block = GateParams()
+    assert choose_step(["sft", "dpo"], comparisons, block) == "dpo"
+    (check,) = step_checks(comparisons, "dpo", block)
+    assert not check.passed and "dpo made it worse: FAILED" in check.describe()
+    best = GateParams(step_regression="serve_best")
+    assert choose_step(["sft", "dpo"], comparisons, best) == "sft"
+    (check,) = step_checks(comparisons, "sft", best)
+    assert check.passed and "the candidate is sft" in check.describe()
+    d = decide({}, None, None, GateParams(thresholds={}), steps=comparisons, candidate_step="dpo")
+    assert not d.passed and "recipe step dpo vs sft" in d.checks[0].rule
+    assert not compare_steps([("sft", sft), ("dpo", same)], "em", block, directions)[0]["regressed"], "one item is noise"
 
 
 def test_holm_makes_more_metrics_harder_not_easier_to_pass():

@@ -3,17 +3,24 @@ the pure `decide()` alone: a real champion, trained here and registered in a rea
 is re-scored by lm-eval on this workspace's test items; each candidate is what the quantize
 stage would leave on disk (its served scores and answers, item by item), and the judge is the
 demo's rule judge over the OpenAI protocol. A mutation suite: every worse candidate is blocked
-with a message naming the metric, an equally good one is promoted."""
+with a message naming the metric; an equally good one that answers differently item by item is
+promoted where the items can tell, and called undecided where they cannot.
+
+The test split is 240 items: 200 lists of 3-5 digits (the champion answers them) and 40 of 8
+digits, longer than anything it was trained on (it gets them wrong). So a candidate can win
+items as well as lose them, as a real candidate does: discordant pairs both ways."""
 
 from __future__ import annotations
 
 import json
+import random
 import shutil
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
-from pipelines.config import EvalTask, EvaluateParams, GateParams, ModelParams, NotifyParams, Threshold
+from pipelines.config import EvalTask, EvaluateParams, GateParams, JudgeParams, ModelParams, NotifyParams, Threshold
 from registry import models
 from tasks.gates import GateFailed, quality_gate
 from tasks.registry import register_candidate
@@ -21,61 +28,96 @@ from tests.conftest import tiny_params
 from tests.tasks.webhook import Webhook
 
 EM = "reverse_digits/exact_match"
+IN_RANGE, LONG = 200, 40
 PARAMS = tiny_params(
     model=ModelParams(),
-    evaluate=EvaluateParams(tasks=[EvalTask(name="reverse_digits")], limit=None, batch_size=64, max_new_tokens=12),  # every test item: ~40
-    gate=GateParams(thresholds={EM: Threshold(min=0.8), "preference_accuracy": Threshold(min=0.5)}),
+    evaluate=EvaluateParams(tasks=[EvalTask(name="reverse_digits")], limit=None, batch_size=64, max_new_tokens=12, judge=JudgeParams(max_items=IN_RANGE + LONG)),
+    # 240 items can show a 5-point margin at ~5 % discordance; the default 2-point one cannot
+    # (test_the_same_candidate_at_a_margin_its_items_cannot_show_is_undecided).
+    gate=GateParams(thresholds={EM: Threshold(min=0.7), "preference_accuracy": Threshold(min=0.5)}, champion_tolerance=0.05),
 )
 
 
-@pytest.fixture
-def gate_ws(trained_dir, tmp_path, monkeypatch):
+def long_and_short_split(seed: int = 7) -> pd.DataFrame:
+    rng = random.Random(seed)
+    rows = []
+    for i in range(IN_RANGE + LONG):
+        digits = [str(rng.randrange(10)) for _ in range(rng.randint(3, 5) if i < IN_RANGE else 8)]
+        messages = [{"role": "user", "content": "Reverse the list:\n" + " ".join(digits), "tool_calls": None}, {"role": "assistant", "content": " ".join(reversed(digits)), "tool_calls": None}]
+        rows.append({"messages": messages, "tools": None, "source": "gate-test", "id": f"g{i:03d}"})
+    return pd.DataFrame(rows)
+
+
+@pytest.fixture(scope="module")
+def gate_base(trained_dir, tmp_path_factory):
+    """The trained workspace with the 240-item test split, and the champion's scores on it."""
+    import os
+
+    from pipelines.evaluate import measure
+
+    d = tmp_path_factory.mktemp("gate")
     for sub in ("data", "models"):
-        shutil.copytree(trained_dir / sub, tmp_path / sub)
+        shutil.copytree(trained_dir / sub, d / sub)
+    long_and_short_split().to_parquet(d / "data/prepared/sft_test.parquet", index=False)
+    cwd = os.getcwd()
+    os.chdir(d)
+    try:
+        scores = measure("sft", "models/sft", PARAMS.evaluate, PARAMS.compute)
+    finally:
+        os.chdir(cwd)
+    items = [json.loads(line) for line in (d / "metrics/samples/sft.jsonl").read_text().splitlines()]
+    right = sum(i[EM] for i in items[:IN_RANGE])
+    wrong_long = sum(1 - i[EM] for i in items[IN_RANGE:])
+    assert right >= 0.95 * IN_RANGE and wrong_long >= 20, f"the champion must answer the short lists ({right}/{IN_RANGE}) and miss the long ones ({wrong_long}/{LONG} missed)"
+    return d, scores, items
+
+
+@pytest.fixture
+def gate_ws(gate_base, tmp_path, monkeypatch):
+    d, scores, items = gate_base
+    for sub in ("data", "models", "metrics"):
+        shutil.copytree(d / sub, tmp_path / sub)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     from registry.store import client, experiment_id
 
-    from pipelines.evaluate import measure
-
     c = client()
     parent = c.create_run(experiment_id("test")).info.run_id
     # The champion: the trained model, registered and promoted like a first release.
-    champ = models.register("reverse-digits", Path("models/sft"), parent, "champion-md5", {f"metric.{EM}": "1.0"})
+    champ = models.register("reverse-digits", Path("models/sft"), parent, "champion-md5", {f"metric.{EM}": str(scores[EM])})
     models.promote("reverse-digits", str(champ.version))
-    scores = measure("sft", "models/sft", PARAMS.evaluate, PARAMS.compute)
     base = {EM: 0.0, "validation_loss": 9.0, "preference_accuracy": 0.3}
-    Path("metrics").mkdir(exist_ok=True)
     (Path("metrics") / "evaluate.json").write_text(json.dumps({"base": base, "candidate": scores}))
-    (Path("metrics/samples") / "base.jsonl").write_text((Path("metrics/samples") / "sft.jsonl").read_text().replace(f'"{EM}": 1', f'"{EM}": 0'))
-    items = [json.loads(line) for line in Path("metrics/samples/sft.jsonl").read_text().splitlines()]
-    assert scores[EM] >= 0.9, "the champion fixture must have learned the task"
+    (Path("metrics/samples") / "base.jsonl").write_text("".join(json.dumps({**i, EM: 0}) + "\n" for i in items))
     return {"parent": parent, "scores": scores, "items": items}
 
 
-def served(ws: dict, flips: int, ramble: str = "") -> str:
+def served(ws: dict, flips: int, fixes: int = 0, ramble: str = "", tag: str = "") -> str:
     """Write what the quantize stage leaves: the served artifact's item scores and answers, with
-    `flips` items the champion answers right turned wrong, and `ramble` appended on a new line
-    to every answer (the task scores the first line only); register it as a new version."""
+    `flips` items the champion answers right turned wrong, `fixes` items it answers wrong
+    turned right (the reference answer), and `ramble` appended on a new line to every answer
+    (the task scores the first line only); register it as a new version."""
     items = [dict(i) for i in ws["items"]]
-    flipped = 0
+    flipped = fixed = 0
     for item in items:
         if flipped < flips and item[EM] == 1:
             item[EM], item["response"], item["raw"] = 0, "wrong", "wrong"
             flipped += 1
+        elif fixed < fixes and item[EM] == 0:
+            item[EM], item["response"], item["raw"] = 1, item["target"], item["target"]
+            fixed += 1
         if ramble:
             item["raw"] = item["raw"] + "\n" + ramble
+    assert (flipped, fixed) == (flips, fixes)
     Path("metrics/samples/quantized.jsonl").write_text("".join(json.dumps(i) + "\n" for i in items))
     em = sum(i[EM] for i in items) / len(items)
     Path("metrics/quantize.json").write_text(json.dumps({**ws["scores"], "enabled": True, EM: em}))
-    mv = models.register("reverse-digits", Path("models/sft"), ws["parent"], f"candidate-{flips}-{len(ramble)}", {})
+    mv = models.register("reverse-digits", Path("models/sft"), ws["parent"], f"candidate-{flips}-{fixes}-{len(ramble)}{tag}", {})
     return str(mv.version)
 
 
 def test_slightly_worse_candidate_is_caught_only_by_the_paired_test(gate_ws):
-    n = len(gate_ws["items"])
-    flips = max(2, n // 10)  # ~10 % newly wrong: above the 0.8 threshold, below the champion
-    version = served(gate_ws, flips)
+    version = served(gate_ws, flips=24)  # 10 % newly wrong: above the 0.7 threshold, below the champion
     hook = Webhook()  # whoever watches releases hears of the rejection, with the metric
     with pytest.raises(GateFailed) as err:
         quality_gate.fn(PARAMS.model_copy(update={"notify": NotifyParams(webhook_url=hook.url)}), gate_ws["parent"], version)
@@ -83,8 +125,9 @@ def test_slightly_worse_candidate_is_caught_only_by_the_paired_test(gate_ws):
     (note,) = hook.received
     assert note["event"] == "gate_failed" and note["gate"] == "quality" and note["version"] == version and EM in note["text"]
     msg = str(err.value)
-    assert f"version {version} rejected" in msg and EM in msg and "paired diff vs champion (mcnemar" in msg
-    assert "vs >= 0.8000" not in msg, "the absolute threshold passes: only the paired test sees it"
+    assert f"version {version} rejected" in msg and f"{EM}: paired diff vs champion -0.1000" in msg and "0 better, 24 worse of 240 items" in msg
+    assert "tango score" in msg and "worse than the champion: FAILED" in msg
+    assert "vs >= 0.7000" not in msg, "the absolute threshold passes: only the paired test sees it"
     assert models.client().get_model_version("reverse-digits", version).tags["status"] == "rejected"
     assert models.by_alias("reverse-digits", "candidate") is None
 
@@ -92,8 +135,8 @@ def test_slightly_worse_candidate_is_caught_only_by_the_paired_test(gate_ws):
 def test_worse_only_after_quantization_is_blocked(gate_ws):
     """The unquantized model (evaluate.json) matches the champion; the served, quantized one
     does not. The gate must judge what would be served."""
-    version = served(gate_ws, max(2, len(gate_ws["items"]) // 10))
-    assert json.loads(Path("metrics/evaluate.json").read_text())["candidate"][EM] >= 0.9
+    version = served(gate_ws, flips=24)
+    assert json.loads(Path("metrics/evaluate.json").read_text())["candidate"][EM] == gate_ws["scores"][EM]
     with pytest.raises(GateFailed, match=EM):
         quality_gate.fn(PARAMS, gate_ws["parent"], version)
 
@@ -105,23 +148,55 @@ def test_worse_only_by_the_judge_is_blocked(gate_ws):
     with pytest.raises(GateFailed) as err:
         quality_gate.fn(PARAMS, gate_ws["parent"], version)
     reasons = str(err.value).split("\n")[1:]
-    assert len(reasons) == 1 and reasons[0].strip().startswith("judge_win_rate = 0.0"), reasons
-    assert "win rate vs champion, 0.5 minus tolerance" in reasons[0]
+    assert len(reasons) == 1 and reasons[0].strip().startswith("judge_win_rate: win rate vs champion 0.0000"), reasons
+    assert "worse than the champion: FAILED" in reasons[0]
 
 
-def test_an_equally_good_candidate_is_promoted_to_candidate(gate_ws):
-    version = served(gate_ws, 0)
+# Seen red: with paired_binary counting no wins (wins forced to 0), this candidate failed on
+# "worse than the champion" (0 better, 6 worse); with the margin test skipped (p forced to 1),
+# it failed as "not shown non-inferior". Restored, it passes.
+def test_an_equally_good_candidate_that_answers_differently_is_promoted(gate_ws):
+    """6 items the champion got right are wrong, 6 it got wrong are right: as good, but not the
+    same answers (5 % of items differ). At 240 items and a 5-point margin the test can show it
+    (an equal candidate passes with probability ~0.78): promoted, with the figures reported."""
+    version = served(gate_ws, flips=6, fixes=6)
     decision = quality_gate.fn(PARAMS, gate_ws["parent"], version)
     assert decision.passed, decision.summary()
-    assert {c.metric for c in decision.checks if "Holm" in c.rule} == {EM, "judge_win_rate"}
+    em = next(c for c in decision.checks if c.metric == EM and c.paired is not None)
+    assert (em.paired.wins, em.paired.losses, em.paired.n) == (6, 6, 240) and "non-inferior: ok" in em.describe()
+    assert {c.metric for c in decision.checks if c.paired is not None} == {EM, "judge_win_rate"}
     assert str(models.by_alias("reverse-digits", "candidate").version) == version
     logged = models.client().list_artifacts(gate_ws["parent"], "gates")
     assert {"gates/quality_gate_items.jsonl", "gates/quality_gate.md", "gates/evaluation_report.md", "gates/quality_gate.png"} <= {a.path for a in logged}
-    report = models.client().download_artifacts(gate_ws["parent"], "gates/evaluation_report.md")
-    text = Path(report).read_text()
-    assert "### reverse_digits" in text and "### Paired against the champion" in text and "win rate against the champion: **0.500**" in text
+    text = Path(models.client().download_artifacts(gate_ws["parent"], "gates/evaluation_report.md")).read_text()
+    assert "### reverse_digits" in text and "### Paired against the champion" in text and "| 6 / 6 |" in text and "items for 80 %" in text
     audit = [json.loads(line) for line in Path(models.client().download_artifacts(gate_ws["parent"], "gates/quality_gate_items.jsonl")).read_text().splitlines()]
-    assert len(audit) == len(gate_ws["items"]) and all(f"champion:{EM}" in r and r["judge_verdicts"] == ["tie", "tie"] for r in audit)
+    assert len(audit) == len(gate_ws["items"]) and all(f"champion:{EM}" in r for r in audit)
+    assert sum(r["judge_verdicts"] != ["tie", "tie"] for r in audit) == 12, "the judge sees the 12 items that differ"
+
+
+def test_the_same_candidate_at_a_margin_its_items_cannot_show_is_undecided(gate_ws):
+    """The default 2-point margin: 240 items with 5 % discordance cannot show it (power ~0.15).
+    The gate says so, with the items it would need, and blocks without rejecting: the status is
+    'undecided', so the same bytes can be judged again on more items."""
+    version = served(gate_ws, flips=6, fixes=6)
+    strict = PARAMS.model_copy(update={"gate": PARAMS.gate.model_copy(update={"champion_tolerance": 0.02})})
+    with pytest.raises(GateFailed) as err:
+        quality_gate.fn(strict, gate_ws["parent"], version)
+    msg = str(err.value)
+    assert f"quality gate could not tell (not enough items), version {version} not promoted" in msg
+    assert "not enough items to tell" in msg and "6 better, 6 worse of 240 items" in msg and "80 % needs ~1," in msg
+    assert models.client().get_model_version("reverse-digits", version).tags["status"] == "undecided"
+    assert models.blocked(models.client().get_model_version("reverse-digits", version)) is None, "undecided is not a rejection"
+    report = Path(models.client().download_artifacts(gate_ws["parent"], "gates/quality_gate.md")).read_text()
+    assert "UNDECIDED (not enough items to tell)" in report and "**undecided**" in report
+
+
+def test_a_better_candidate_is_promoted(gate_ws):
+    version = served(gate_ws, flips=0, fixes=20)
+    decision = quality_gate.fn(PARAMS, gate_ws["parent"], version)
+    em = next(c for c in decision.checks if c.metric == EM and c.paired is not None)
+    assert decision.passed and em.value == pytest.approx(20 / 240) and em.paired.low > 0
 
 
 def test_a_rolled_back_version_is_refused_when_its_bytes_return(gate_ws, monkeypatch):
@@ -152,29 +227,25 @@ def test_a_broken_chat_template_is_caught_by_the_real_evaluation(gate_ws):
     version = str(models.register("reverse-digits", broken, gate_ws["parent"], "broken-template", {}).version)
     with pytest.raises(GateFailed) as err:
         quality_gate.fn(PARAMS, gate_ws["parent"], version)
-    assert f"{EM} = " in str(err.value) and "vs >= 0.8000" in str(err.value)
+    assert f"{EM} = " in str(err.value) and "vs >= 0.7000" in str(err.value)
 
 
-def test_a_contaminated_candidate_is_not_inflated_and_is_blocked(gate_ws):
-    """Training data that leaks the test items (re-cased and re-punctuated, so another hash
-    and another split): decontamination quarantines every leaked row, the candidate trained on
-    what is left never saw a test item, and, undertrained, it is blocked by the gate."""
-    import pandas as pd
-
-    from pipelines import prepare, sft
+def test_leaked_test_items_never_reach_training(gate_ws):
+    """Training data that leaks the test items (re-cased and re-punctuated, so another hash and
+    another split): decontamination quarantines every leaked row, counted, and no test prompt
+    reaches the training split. (This test used to train 4 steps on what was left and call the
+    undertrained model's block by the gate proof of decontamination; the gate has nothing to do
+    with it, so it is no longer claimed.)"""
+    from pipelines import prepare
     from pipelines.clean import normal_form
-    from pipelines.config import SftParams
     from pipelines.data_config import DataParams, SourceParams
-    from pipelines.evaluate import measure
 
+    prepare.run(tiny_params())  # the tiny workspace's own splits (the fixture's test split is the gate's)
     test = pd.read_parquet("data/prepared/sft_test.parquet")
     leaked = [(m[-2]["content"], m[-1]["content"]) for m in test["messages"]]
     Path("data/raw").mkdir(parents=True, exist_ok=True)
     Path("data/raw/leak.jsonl").write_text("".join(json.dumps({"instruction": q.upper().replace("\n", " ;  "), "input": "", "output": a}) + "\n" for q, a in leaked))
-    params = tiny_params(
-        data=DataParams(sources=[SourceParams(name="demo", path="data/generated"), SourceParams(name="leak", path="data/raw/leak.jsonl", split="train", weight=3)]),
-        sft=SftParams(max_steps=4, batch_size=8, save_steps=4, warmup_steps=0),
-    )
+    params = tiny_params(data=DataParams(sources=[SourceParams(name="demo", path="data/generated"), SourceParams(name="leak", path="data/raw/leak.jsonl", split="train", weight=3)]))
     prepare.run(params)
     report = json.loads(Path("metrics/prepare.json").read_text())
     assert report["rows_by_file"]["data/raw/leak.jsonl"]["kept"] == 0, report["rows_by_file"]
@@ -184,11 +255,3 @@ def test_a_contaminated_candidate_is_not_inflated_and_is_blocked(gate_ws):
     train_prompts = {normal_form(m[-2]["content"]) for m in pd.read_parquet("data/prepared/sft_train.parquet")["messages"]}
     overlap = train_prompts & {normal_form(q) for q, _ in leaked}
     assert not overlap, f"test prompts reached training: {sorted(overlap)}"
-
-    sft.run(params)
-    scores = measure("quantized", "models/sft", PARAMS.evaluate, PARAMS.compute)
-    Path("metrics/quantize.json").write_text(json.dumps({**scores, "enabled": True}))
-    version = str(models.register("reverse-digits", Path("models/sft"), gate_ws["parent"], "contaminated", {}).version)
-    with pytest.raises(GateFailed) as err:
-        quality_gate.fn(PARAMS, gate_ws["parent"], version)
-    assert f"{EM} = " in str(err.value) and "vs >= 0.8000" in str(err.value)
