@@ -59,10 +59,23 @@ def quality_summary(params: Params) -> dict:
     """Every suite metric (and preference accuracy) per model: {metric: {model: value}}."""
     ev = read_json(METRICS / "evaluate.json")
     q = read_json(METRICS / "quantize.json") if (METRICS / "quantize.json").exists() else {}
-    models = [name for name in ev if name != "candidate"]
+    models = [name for name, block in ev.items() if name != "candidate" and isinstance(block, dict)]  # not the `steps` comparisons
     out = {m: {name: ev[name].get(m) for name in models} | ({"quantized": q.get(m)} if q else {}) for m in params.evaluate.directions()}
     out["preference_accuracy"] = {name: ev[name].get("preference_accuracy") for name in models}
     return out
+
+
+def step_summary() -> list[str]:
+    """One line per recipe step against the step before on the primary metric (the evaluate
+    stage's comparison), and which step became the candidate."""
+    ev = read_json(METRICS / "evaluate.json")
+    lines = []
+    for c in ev.get("steps", []):
+        verdict = "WORSE" if c["regressed"] else "not worse"
+        lines.append(f"step {c['step']} vs {c['previous']} on {c['metric']}: {c['previous_value']:.3f} -> {c['value']:.3f} ({c['diff']:+.3f} [{c['low']:+.3f}, {c['high']:+.3f}]): {verdict}")
+    if ev.get("steps"):
+        lines.append(f"candidate: {ev['candidate'].get('step')}")
+    return lines
 
 
 @flow(name="llm-lifecycle", log_prints=True, flow_run_name=lifecycle_run_name)
@@ -128,6 +141,7 @@ def run_lifecycle(params: Params, data: str, deploy: bool, canary_drill: list[st
         parent()
         stage_runs.update({name: future.result() for name, future in logged.items()})
         summary["quality"] = quality_summary(params)
+        summary["steps"] = step_summary()
         then(quantization_gate, params, quote(parent()))
         then(push_artifacts)
         # The served artifact is registered first, so the quality gate's verdict (and a
@@ -178,6 +192,7 @@ def render(summary: dict) -> str:
         summary_table(summary["stages"]),
         "",
         *(f"{metric} (held-out): " + ", ".join(f"{k} {v:.3f}" for k, v in per.items() if v is not None) for metric, per in quality.items()),
+        *summary.get("steps", []),
         f"outcome: {summary.get('outcome')} (version {summary.get('version', '-')})",
         *([f"gate: {summary['gate_failure']}"] if "gate_failure" in summary else []),
         *([f"error: {summary['error']}"] if "error" in summary else []),

@@ -26,7 +26,7 @@ def run(params: Params) -> None:
     def build(plan, ckpt, ref) -> Step:
         from trl import DPOConfig, DPOTrainer
 
-        config = DPOConfig(**trainer_args(cfg, plan, ckpt), loss_type=cfg.loss_type, beta=cfg.beta, max_length=cfg.max_length, eval_strategy="no")
+        config = DPOConfig(**trainer_args(cfg, plan, ckpt), loss_type=cfg.loss_type, loss_weights=cfg.loss_weights, beta=cfg.beta, max_length=cfg.max_length, eval_strategy="no")
         return offline_step(DPOTrainer, config, cfg, plan, ref, "preference", pair_dataset, reward_metrics)
 
     run_step("dpo", params, cfg, table_files("preference", "train", "test"), build)

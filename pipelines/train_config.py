@@ -144,8 +144,18 @@ class AlignParams(TrainParams):
 
 
 class DpoParams(AlignParams):
-    loss_type: list[str] = Field(default_factory=lambda: ["sigmoid"], description="TRL DPO loss(es): sigmoid, hinge, ipo, robust, bco_pair, sppo_hard, nca_pair, apo_zero, apo_down, discopop, sigmoid_norm, ...; several are combined.")
+    # sigmoid alone lowers the chosen answers' likelihood along with the rejected ones': on the
+    # demo it took held-out exact match from 1.000 (sft) to 0.918 with preference accuracy 1.0.
+    # With the chosen answers' NLL added (RPO; TRL's "sft" loss) it stays at 1.000.
+    loss_type: list[str] = Field(default_factory=lambda: ["sigmoid", "sft"], description="TRL DPO loss(es): sigmoid, hinge, ipo, robust, bco_pair, sppo_hard, nca_pair, apo_zero, apo_down, discopop, sigmoid_norm, sft (the chosen answers' NLL, as in RPO), ...; several are combined.")
+    loss_weights: list[float] | None = Field(None, description="One weight per loss_type entry (null: all 1).")
     beta: float = Field(0.1, gt=0, description="Strength of the pull towards the reference model.")
+
+    @model_validator(mode="after")
+    def _weights(self) -> "DpoParams":
+        if self.loss_weights is not None and len(self.loss_weights) != len(self.loss_type):
+            raise ValueError(f"loss_weights has {len(self.loss_weights)} entries for {len(self.loss_type)} loss types {self.loss_type}")
+        return self
 
 
 class KtoParams(AlignParams):
