@@ -152,9 +152,9 @@ def test_worse_only_by_the_judge_is_blocked(gate_ws):
     assert "worse than the champion: FAILED" in reasons[0]
 
 
-# Seen red: with paired_binary counting no wins (wins forced to 0), this candidate failed on
-# "worse than the champion" (0 better, 6 worse); with the margin test skipped (p forced to 1),
-# it failed as "not shown non-inferior". Restored, it passes.
+# Seen red: with paired_binary counting no wins (wins forced to 0) the gate rejected this
+# candidate: "paired diff vs champion -0.0250 [-0.0535, -0.0089]; 0 better, 6 worse of 240
+# items ... worse than the champion: FAILED". Restored, it passes.
 def test_an_equally_good_candidate_that_answers_differently_is_promoted(gate_ws):
     """6 items the champion got right are wrong, 6 it got wrong are right: as good, but not the
     same answers (5 % of items differ). At 240 items and a 5-point margin the test can show it
