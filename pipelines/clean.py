@@ -96,6 +96,19 @@ def _phones(text: str) -> list[tuple[int, int, str]]:
     return [(start, end, raw) for (start, end), raw in sorted(found.items())]
 
 
+_NO_DIGITS = str.maketrans("", "", "0123456789")
+# What a text must hold for a kind to be possible: most texts are skipped without a regex run.
+_POSSIBLE = {
+    "email": lambda text, digits: "@" in text,
+    "api_key": lambda text, digits: True,
+    "ipv6": lambda text, digits: text.count(":") >= 2,
+    "ip": lambda text, digits: digits >= 4,
+    "card": lambda text, digits: digits >= 13,
+    "ssn": lambda text, digits: digits >= 9,
+    "nino": lambda text, digits: digits >= 6,
+}
+
+
 def find_pii(text: str) -> list[tuple[str, str]]:
     """(kind, match) for every piece of personal data or secret found; a span claimed by an
     earlier kind (a card) is not counted again by a later one (a phone number)."""
@@ -106,15 +119,18 @@ def find_pii(text: str) -> list[tuple[str, str]]:
             found.append((kind, value))
             taken.append((start, end))
 
+    digits = len(text) - len(text.translate(_NO_DIGITS))
     for kind, pattern in PII_PATTERNS.items():
+        if not _POSSIBLE[kind](text, digits):
+            continue
         for m in pattern.finditer(text):
             value = m.group(0)
-            if kind == "card" and not (13 <= len(digits := re.sub(r"\D", "", value)) <= 19 and luhn(digits)):
+            if kind == "card" and not (13 <= len(number := re.sub(r"\D", "", value)) <= 19 and luhn(number)):
                 continue
             if kind == "ipv6" and not _ipv6(value):
                 continue
             claim(kind, m.start(), m.end(), value)
-    if sum(c.isdigit() for c in text) >= _FEW_DIGITS:
+    if digits >= _FEW_DIGITS:
         for start, end, value in _phones(text):
             claim("phone", start, end, value)
     return found
@@ -216,17 +232,17 @@ class Contamination:
         self.train_rows: Counter = Counter()  # m-gram or prompt -> training rows holding it
         self._grams: dict[str, str] | None = None  # evidence n-gram -> its item, once counted
 
-    def _spans(self, words: list[str], k: int) -> set[str]:
+    def spans(self, words: list[str], k: int) -> set[str]:
         return {" ".join(words[a:b]) for a, b in _windows(words, k)}
 
     def grams_of(self, text: str) -> set[str]:
-        return self._spans(normal_form(text).split(), self.n)
+        return self.spans(normal_form(text).split(), self.n)
 
     def add(self, prompt: str, answer: str, where: str = "an evaluation item") -> None:
         self.add_prompt(prompt, where)
         words = normal_form(f"{prompt} {answer}").split()
         self.items.append((where, words))
-        self.phrase_items.update(self._spans(words, self.m))
+        self.phrase_items.update(self.spans(words, self.m))
         self._grams = None
 
     def add_prompt(self, prompt: str, where: str) -> None:
@@ -236,10 +252,12 @@ class Contamination:
             self.prompts.setdefault(key, where)
             self.prompt_items[key] += 1
 
-    def count(self, prompt: str, turns: list[str], text: str) -> None:
-        """One training row (its prompt, user turns and whole text), counted where it meets
-        the index: how common each evaluation phrase and prompt is in the training data."""
-        keys = self._spans(normal_form(text).split(), self.m) | {normal_form(t) for t in [prompt, *turns]}
+    def count(self, prompt: str, turns: list[str], text: str | list[str]) -> None:
+        """One training row (its prompt, user turns and whole text, or that text's normal-form
+        words), counted where it meets the index: how common each evaluation phrase and prompt
+        is in the training data."""
+        words = normal_form(text).split() if isinstance(text, str) else text
+        keys = self.spans(words, self.m) | {normal_form(t) for t in [prompt, *turns]}
         self.train_rows.update(k for k in keys if k in self.phrase_items or k in self.prompts)
         self._grams = None
 

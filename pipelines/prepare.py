@@ -173,6 +173,10 @@ class Lengths:
         self.vocab_size = params.model.vocab_size
         self.encode = None
         self.name = self.base_model or f"the bootstrap BPE, vocab {self.vocab_size}"
+        # A byte-level BPE never needs more tokens than a text has bytes: rows no longer than
+        # the limit in bytes need no tokenising. Another tokenizer may (a sentencepiece word
+        # marker is a token of its own), so there every row is measured.
+        self.at_most_bytes = self.base_model is None
 
     def fit(self, texts: list[str]) -> None:
         if self.base_model:
@@ -236,14 +240,14 @@ def ingest(sources: list[SourceParams], cfg: PrepareParams, lengths: Lengths | N
                 out.reject(r, exc.code, str(exc).split(": ", 1)[1])
                 continue
             rows.append((src, r, table, record))
-    if lengths is not None:
+    seqs = [sequences(table, record) for *_, table, record in rows] if lengths is not None else [[] for _ in rows]
+    if lengths is not None and lengths.at_most_bytes:  # only rows over the limit in bytes can be over it in tokens
+        seqs = [row if max(sum(len(t.encode()) for t in seq) for seq in row) > cfg.max_tokens else [] for row in seqs]
+    if any(seqs):
         sft = [m["content"] for *_, table, record in rows if table == "sft" for m in record["messages"]]
         lengths.fit(sft or [t for *_, table, record in rows for seq in sequences(table, record) for t in seq])
-        seqs = [sequences(table, record) for *_, table, record in rows]
-        counts = iter(lengths([seq for row in seqs for seq in row]))
-        tokens = [max(next(counts) for _ in row) for row in seqs]  # the longest sequence it makes
-    else:
-        tokens = [0] * len(rows)
+    counts = iter(lengths([seq for row in seqs for seq in row]) if any(seqs) else [])
+    tokens = [max((next(counts) for _ in row), default=0) for row in seqs]  # the longest sequence a row makes
     for (src, r, table, record), n_tokens in zip(rows, tokens):
         try:
             texts = record_texts(table, record)
@@ -377,9 +381,11 @@ def decontaminate(data: Prepared, cfg: PrepareParams, suite: list[tuple[str, lis
         against[where.split(" item ")[0]] += 1
     train = [k for k in data.kept if k.split not in EVAL_SPLITS]
     turns = {id(k): [m["content"] for m in messages_of(k.table, k.record) if m.get("role") == "user"] for k in train}
+    grams = {}
     for k in train:
-        index.count(k.prompt, turns[id(k)], f"{k.prompt} {k.answer}")
-    grams = {id(k): index.grams_of(f"{k.prompt} {k.answer}") for k in train}
+        words = normal_form(f"{k.prompt} {k.answer}").split()
+        index.count(k.prompt, turns[id(k)], words)
+        grams[id(k)] = index.spans(words, index.n)
     kept = []
     for k in data.kept:
         why = None if k.split in EVAL_SPLITS else index.hit(k.prompt, k.answer, grams[id(k)]) or index.hit_turns(turns[id(k)])
