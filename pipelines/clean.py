@@ -35,7 +35,9 @@ def clean_text(text: str) -> str:
 def normal_form(text: str) -> str:
     """Case, punctuation and whitespace folded: the key of exact dedup and of decontamination,
     so 'Reverse THE list: 1, 2' and 'reverse the list 1 2' are the same text."""
-    return " ".join(_WORD.findall(unicodedata.normalize("NFKC", text).lower()))
+    if not text.isascii():  # NFKC leaves ASCII as it is: most text skips it
+        text = unicodedata.normalize("NFKC", text)
+    return " ".join(_WORD.findall(text.lower()))
 
 
 # ---------------------------------------------------------------- PII
@@ -157,8 +159,8 @@ def repetition_ratio(text: str, n: int = 3) -> float:
 # ---------------------------------------------------------------- near duplicates
 
 
-def shingles(text: str, n: int = 3) -> set[bytes]:
-    words = normal_form(text).split()
+def shingles(text: str | list[str], n: int = 3) -> set[bytes]:
+    words = normal_form(text).split() if isinstance(text, str) else text
     return {" ".join(words[i : i + n]).encode() for i in range(max(len(words) - n + 1, 1))}
 
 
@@ -185,13 +187,14 @@ class NearDuplicates:
     def seen(self, text: str) -> bool:
         from datasketch import MinHash
 
-        if len(normal_form(text).split()) < self.min_words:
+        words = normal_form(text).split()
+        if len(words) < self.min_words:
             return False
         if self._permutations is None:
             first = MinHash(num_perm=self.num_perm, hashfunc=_crc32, seed=1)
             self._permutations, self._scheme = first.permutations, first.scheme
         m = MinHash(num_perm=self.num_perm, hashfunc=_crc32, seed=1, permutations=self._permutations, scheme=self._scheme)
-        m.update_batch(list(shingles(text)))
+        m.update_batch(list(shingles(words)))
         if any(m.jaccard(self.kept[key]) >= self.threshold for key in self.lsh.query(m)):
             return True
         key = str(len(self.kept))
@@ -252,13 +255,17 @@ class Contamination:
             self.prompts.setdefault(key, where)
             self.prompt_items[key] += 1
 
-    def count(self, prompt: str, turns: list[str], text: str | list[str]) -> None:
-        """One training row (its prompt, user turns and whole text, or that text's normal-form
-        words), counted where it meets the index: how common each evaluation phrase and prompt
-        is in the training data."""
-        words = normal_form(text).split() if isinstance(text, str) else text
-        keys = self.spans(words, self.m) | {normal_form(t) for t in [prompt, *turns]}
-        self.train_rows.update(k for k in keys if k in self.phrase_items or k in self.prompts)
+    def keys(self, prompt: str, turns: list[str], text: str) -> tuple[str, list[str], list[str]]:
+        """A training row folded once: its prompt's and user turns' normal forms, its words."""
+        key = normal_form(prompt)
+        return key, [key if t == prompt else normal_form(t) for t in turns], normal_form(text).split()
+
+    def count(self, prompt: str, turns: list[str], text: str, keys: tuple | None = None) -> None:
+        """One training row (its prompt, user turns and whole text), counted where it meets
+        the index: how common each evaluation phrase and prompt is in the training data."""
+        key, turn_keys, words = keys or self.keys(prompt, turns, text)
+        found = self.spans(words, self.m) | {key, *turn_keys}
+        self.train_rows.update(k for k in found if k in self.phrase_items or k in self.prompts)
         self._grams = None
 
     def _common(self, key: str, items: Counter) -> bool:
@@ -278,18 +285,17 @@ class Contamination:
                         self._grams.setdefault(" ".join(words[a:b]), where)
         return self._grams
 
-    def hit_turns(self, turns: list[str]) -> str | None:
+    def hit_turns(self, turns: list[str], turn_keys: list[str] | None = None) -> str | None:
         """A multi-turn training conversation with an evaluation prompt as one of its turns
         (too short for the n-gram check to see)."""
-        for turn in turns:
-            key = normal_form(turn)
+        for key in turn_keys if turn_keys is not None else map(normal_form, turns):
             if key in self.prompts and not self._common(key, self.prompt_items):
                 return f"one of its turns is the prompt of {self.prompts[key]} (case, punctuation and spacing aside)"
         return None
 
-    def hit(self, prompt: str, answer: str, grams: set[str] | None = None) -> str | None:
+    def hit(self, prompt: str, answer: str, grams: set[str] | None = None, key: str | None = None) -> str | None:
         """Why this training text overlaps an evaluation item, or None."""
-        key = normal_form(prompt)
+        key = normal_form(prompt) if key is None else key
         if key in self.prompts and not self._common(key, self.prompt_items):
             return f"its prompt is the prompt of {self.prompts[key]} (case, punctuation and spacing aside)"
         evidence = self.grams()

@@ -379,16 +379,19 @@ def decontaminate(data: Prepared, cfg: PrepareParams, suite: list[tuple[str, lis
                 index.add_prompt(text, where)
         index.add("", "\n".join(texts), where)
         against[where.split(" item ")[0]] += 1
-    train = [k for k in data.kept if k.split not in EVAL_SPLITS]
-    turns = {id(k): [m["content"] for m in messages_of(k.table, k.record) if m.get("role") == "user"] for k in train}
-    grams = {}
-    for k in train:
-        words = normal_form(f"{k.prompt} {k.answer}").split()
-        index.count(k.prompt, turns[id(k)], words)
-        grams[id(k)] = index.spans(words, index.n)
+    rows = {}  # each training row folded once: prompt and turn keys, words
+    for k in data.kept:
+        if k.split not in EVAL_SPLITS:
+            turns = [m["content"] for m in messages_of(k.table, k.record) if m.get("role") == "user"]
+            rows[id(k)] = keys = index.keys(k.prompt, turns, f"{k.prompt} {k.answer}")
+            index.count(k.prompt, turns, "", keys)
     kept = []
     for k in data.kept:
-        why = None if k.split in EVAL_SPLITS else index.hit(k.prompt, k.answer, grams[id(k)]) or index.hit_turns(turns[id(k)])
+        if k.split in EVAL_SPLITS:
+            why = None
+        else:
+            key, turn_keys, words = rows[id(k)]
+            why = index.hit(k.prompt, k.answer, index.spans(words, index.n), key) or index.hit_turns([], turn_keys)
         if why:
             data.reject(k, "contaminated", why, raw=json.dumps(k.record, ensure_ascii=False))
         else:
