@@ -162,7 +162,8 @@ def declared_files(src: SourceParams, info: DatasetInfo | None = None) -> list[t
 
 
 def source_deps(params) -> list[str]:
-    """Local paths the prepare stage reads, for its DVC dependencies (a glob: its folder)."""
+    """Local paths the prepare stage reads, for its DVC dependencies (a glob: its folder; a
+    file: also the dataset_info.json beside it, which says how it is read)."""
     deps = []
     for src in params.data.sources:
         if src.path is None:
@@ -171,7 +172,9 @@ def source_deps(params) -> list[str]:
         if any(ch in path for ch in "*?["):
             path = str(Path(path.split("*")[0].split("?")[0].split("[")[0]).parent if "/" in path else ".")
         deps.append(path.rstrip("/"))
-    return deps
+        if Path(path).is_file() and (info := Path(path).parent / DATASET_INFO).is_file():
+            deps.append(info.as_posix())
+    return list(dict.fromkeys(deps))
 
 
 def _decode(data: bytes) -> str:

@@ -108,3 +108,13 @@ def test_code_deps_follow_imports_inside_functions_and_packages(tmp_path):
     stages = render(load_params(ROOT / "params.yaml"))["stages"]
     assert {"pipelines/training.py", "pipelines/config.py", "pipelines/common.py"} <= set(stages["evaluate"]["deps"]) & set(stages["quantize"]["deps"])
     assert "pipelines/eval_tasks" in stages["prepare"]["deps"] and "evaluate.tasks" in stages["prepare"]["params"], "prepare decontaminates against the suite"
+
+
+def test_a_file_sources_dataset_info_json_is_a_prepare_dependency(tmp_path, monkeypatch):
+    """It says how the file is read: a changed entry must rerun prepare."""
+    monkeypatch.chdir(tmp_path)
+    Path("lf").mkdir()
+    Path("lf/dpo_en_demo.json").write_text("[]")
+    Path("lf/dataset_info.json").write_text("{}")
+    params = Params.model_validate({"data": {"sources": [{"name": "dpo", "path": "lf/dpo_en_demo.json"}]}})
+    assert render(params)["stages"]["prepare"]["deps"][-2:] == ["lf/dpo_en_demo.json", "lf/dataset_info.json"]
