@@ -56,8 +56,8 @@ bench: setup  ## pipeline cold/no-op times, orchestration overhead (flow vs its 
 	$(PY) -m benchmarks.serving_load
 	$(PY) -m benchmarks.plane
 
-data-add: setup  ## add your data: make data-add FILE=path [FORMAT=auto] (copied to data/raw/, tracked by DVC)
-	@test -n "$(FILE)" || { echo "usage: make data-add FILE=path/to/data.jsonl [FORMAT=alpaca|sharegpt|openai|...]"; exit 2; }
+data-add: setup  ## add your data: make data-add FILE=path [FORMAT=auto] (copied to data/raw/, tracked by DVC; a FORMAT is recorded in data/raw/dataset_info.json)
+	@test -n "$(FILE)" || { echo "usage: make data-add FILE=path/to/data.jsonl [FORMAT=alpaca|sharegpt|openai|prompt_completion|preference|kto|text]"; exit 2; }
 	$(PY) -m pipelines.sources add "$(FILE)" --format $(or $(FORMAT),auto)
 	@$(PY) -m flows.deployments data-added "$(FILE)"
 

@@ -17,9 +17,7 @@ import torch
 
 from pipelines.common import BASE_DIR, PREPARED, log, stage_main, write_json
 from pipelines.config import ModelParams, Params
-
-SPECIAL = {"pad": "<|pad|>", "bos": "<|bos|>", "eos": "<|end|>"}
-ROLES = ("<|system|>", "<|user|>", "<|assistant|>")
+from pipelines.tokenizer import ROLES, SPECIAL, train_bpe
 # Prefix-consistent, so TRL can split prompt and completion by rendering the prompt alone.
 CHAT_TEMPLATE = (
     "{%- for m in messages -%}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{%- endfor -%}"
@@ -34,21 +32,10 @@ def corpus(frame: pd.DataFrame):
 
 
 def train_tokenizer(texts, vocab_size: int):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=[*SPECIAL.values(), *ROLES],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(texts, trainer=trainer)
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
+        tokenizer_object=train_bpe(texts, vocab_size),
         pad_token=SPECIAL["pad"],
         bos_token=SPECIAL["bos"],
         eos_token=SPECIAL["eos"],

@@ -94,7 +94,7 @@ class Params(Section):
 
     @model_validator(mode="after")
     def _known_metrics(self) -> "Params":
-        from pipelines.gates import DIRECTIONS  # the built-in metrics' directions
+        from pipelines.directions import DIRECTIONS  # the built-in metrics' directions
 
         known = {**DIRECTIONS, **self.evaluate.directions()}
         unknown = sorted(set(self.gate.thresholds) - set(known))

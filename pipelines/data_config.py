@@ -1,20 +1,45 @@
 """The data sections of params.yaml: `data` (declared sources), `generate` (the demo data
 generator) and `prepare` (cleaning, splits, the data gate). Unknown keys are rejected.
 
-Sources are declared in the spirit of LLaMA-Factory's dataset_info.json: a file, a folder, a
-glob or a Hugging Face dataset id, each with its format, split, column mapping and mixing
-weight. The pipeline only ever reads them.
+Sources are declared with LLaMA-Factory's dataset_info.json conventions: a file, a folder, a
+glob or a Hugging Face dataset id, each with its format (LLaMA-Factory's `formatting`),
+`ranking`, column mapping (LLaMA-Factory's column names or ours) and ShareGPT `tags`, plus a
+split and a mixing weight. A `dataset_info.json` in a source's folder (LLaMA-Factory's own
+file, or the one `make data-add FORMAT=...` writes) declares its files one by one
+(`DatasetInfoEntry`). The pipeline only ever reads them.
 """
 
 from __future__ import annotations
 
+import difflib
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from pipelines.section import Section
 
 FormatName = Literal["auto", "alpaca", "sharegpt", "openai", "prompt_completion", "preference", "kto", "text"]
+TAG_NAMES = ("role_tag", "content_tag", "user_tag", "assistant_tag", "observation_tag", "function_tag", "system_tag")
+# Our own field names a column may be mapped to, besides LLaMA-Factory's (pipelines/formats.py).
+FIELD_NAMES = ("instruction", "input", "output", "history", "system", "tools", "conversations", "messages", "prompt",
+               "completion", "chosen", "rejected", "label", "kto_tag", "text", "query", "response", "images", "videos", "audios")
+MEDIA_COLUMNS = ("images", "videos", "audios")  # accepted in a dataset_info.json entry, not read: the tables are text
+
+
+def _check_tags(tags: dict[str, str]) -> dict[str, str]:
+    for key in tags:
+        if key not in TAG_NAMES:
+            close = difflib.get_close_matches(key, TAG_NAMES, n=1)
+            raise ValueError(f"unknown tag '{key}'{f' (did you mean {close[0]!r}?)' if close else ''}; tags are {', '.join(TAG_NAMES)}")
+    return tags
+
+
+def _check_columns(columns: dict[str, str]) -> dict[str, str]:
+    for key in columns:
+        if key not in FIELD_NAMES:
+            close = difflib.get_close_matches(key, FIELD_NAMES, n=1)
+            raise ValueError(f"unknown column role '{key}'{f' (did you mean {close[0]!r}?)' if close else ''}; columns map one of {', '.join(FIELD_NAMES)} to the file's column")
+    return columns
 
 
 class SourceParams(Section):
@@ -24,9 +49,21 @@ class SourceParams(Section):
     hub_split: str = Field("train", description="Which split of the hub dataset to read.")
     format: FormatName = Field("auto", description="Row format; 'auto' detects it per row from the keys.")
     split: Literal["auto", "train", "validation", "test"] = Field("auto", description="'auto' splits by a hash of the prompt; otherwise every row of the source goes to that split (e.g. a held-out evaluation set).")
-    columns: dict[str, str] = Field(default_factory=dict, description="Canonical field -> this source's column, e.g. {instruction: question, output: answer}.")
+    ranking: bool = Field(False, description="LLaMA-Factory's `ranking`: every row is a preference pair (chosen/rejected); a row without one is quarantined instead of trained as SFT.")
+    columns: dict[str, str] = Field(default_factory=dict, description="Field -> this source's column, e.g. {instruction: question, output: answer}; LLaMA-Factory's column names work too (prompt, query, response for alpaca; messages for sharegpt; kto_tag, chosen, rejected, system, tools, history).")
+    tags: dict[str, str] = Field(default_factory=dict, description="LLaMA-Factory's ShareGPT tags: role_tag, content_tag (the keys of a turn) and user_tag, assistant_tag, observation_tag, function_tag, system_tag (the speaker names), e.g. {role_tag: role, content_tag: content, user_tag: user, assistant_tag: assistant}.")
     weight: float = Field(1.0, gt=0, description="Mixing weight of the training rows: 0.5 keeps a deterministic half, 2 repeats every row twice, 1.5 repeats a deterministic half.")
     required: bool = Field(True, description="A required source that is missing or empty stops the stage; an optional one is skipped.")
+
+    @field_validator("tags")
+    @classmethod
+    def _tags(cls, tags: dict[str, str]) -> dict[str, str]:
+        return _check_tags(tags)
+
+    @field_validator("columns")
+    @classmethod
+    def _columns(cls, columns: dict[str, str]) -> dict[str, str]:
+        return _check_columns(columns)
 
     @model_validator(mode="after")
     def _one_place(self) -> "SourceParams":
@@ -37,6 +74,40 @@ class SourceParams(Section):
     @property
     def label(self) -> str:
         return self.name or self.path or self.hub or "?"
+
+
+class DatasetInfoEntry(BaseModel):
+    """One entry of a LLaMA-Factory dataset_info.json (data/README.md of LLaMA-Factory): how the
+    file it names is read. `formatting` also takes this project's format names (what
+    `make data-add FORMAT=...` records). Keys that locate data elsewhere (hub, script, cloud)
+    are accepted and ignored: an entry is used for the file it names in its own folder."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    file_name: str | None = Field(None, description="The data file (or folder) in the dataset_info.json's folder.")
+    formatting: FormatName = Field("alpaca", description="alpaca, sharegpt or openai (LLaMA-Factory's default: alpaca), or any format of this project.")
+    ranking: bool = Field(False, description="Every row is a preference pair.")
+    columns: dict[str, str] = Field(default_factory=dict, description="LLaMA-Factory column name -> the file's column.")
+    tags: dict[str, str] = Field(default_factory=dict, description="ShareGPT tags.")
+    hf_hub_url: str | None = None
+    ms_hub_url: str | None = None
+    om_hub_url: str | None = None
+    script_url: str | None = None
+    cloud_file_name: str | None = None
+    subset: str | None = None
+    split: str | None = None
+    folder: str | None = None
+    num_samples: int | None = None
+
+    @field_validator("tags")
+    @classmethod
+    def _tags(cls, tags: dict[str, str]) -> dict[str, str]:
+        return _check_tags(tags)
+
+    @field_validator("columns")
+    @classmethod
+    def _columns(cls, columns: dict[str, str]) -> dict[str, str]:
+        return _check_columns(columns)
 
 
 class DataParams(Section):
@@ -78,12 +149,13 @@ class PrepareParams(Section):
     validation_fraction: float = Field(0.1, gt=0, lt=0.5, description="Share of unique prompts held out for validation.")
     test_fraction: float = Field(0.1, gt=0, lt=0.5, description="Share of unique prompts held out for the test set.")
     max_chars: int = Field(8000, ge=16, description="Rows with a message longer than this are quarantined (too_long).")
-    max_tokens: int = Field(1024, ge=8, description="Rows longer than this many tokens of the target tokenizer are quarantined (too_long). The bootstrapped tokenizer does not exist yet when data is prepared, so there one byte counts as one token (a byte-level BPE never needs more).")
-    pii: Literal["redact", "quarantine", "off"] = Field("redact", description="Rows with e-mail addresses, phone numbers, IPs, card numbers (Luhn-checked) or API keys: replace them with <KIND> placeholders, quarantine the row, or leave them.")
+    max_tokens: int = Field(1024, ge=8, description="Rows longer than this many tokens of the model being trained are quarantined (too_long): the base model's tokenizer, or for the bootstrapped default a BPE trained here exactly as bootstrap trains it (same code, same model.vocab_size, on the SFT rows).")
+    pii: Literal["redact", "quarantine", "off"] = Field("redact", description="Rows with e-mail addresses, phone numbers (libphonenumber: national or international, with or without separators), IPv4/IPv6 addresses, card numbers (Luhn-checked), US SSNs, UK NI numbers or API keys, in any text field (content, tool-call arguments, tool results, system prompts, answers): replace them with <KIND> placeholders, quarantine the row, or leave them.")
     max_repetition: float = Field(0.5, gt=0, le=1, description="Rows whose share of repeated word 3-grams exceeds this are quarantined (repetitive).")
     near_dup_threshold: float = Field(0.7, gt=0, le=1, description="Jaccard similarity (MinHash LSH over word 3-grams) above which a row is a near-duplicate of an earlier one.")
     near_dup_min_words: int = Field(16, ge=4, description="Texts shorter than this many words are deduplicated exactly only (MinHash on a few shingles is noise, and short templated prompts look alike).")
-    decontamination_ngram: int = Field(10, ge=3, description="A training row sharing a word n-gram this long with an evaluation item (case and punctuation folded) is quarantined (contaminated).")
+    decontamination_ngram: int = Field(10, ge=3, description="A training row sharing a word n-gram this long with an evaluation item (case and punctuation folded) is quarantined (contaminated). Evaluation items: the prepared test and validation splits, the safety suite and every local data file of evaluate.tasks.")
+    decontamination_common: int = Field(5, ge=1, description="An n-gram found in more than this many training rows, or in more than this many evaluation items, is boilerplate (a sign-off, a shared template), not evidence of a leak, and is ignored.")
     min_rows: int = Field(50, ge=1, description="Data gate: fewest training rows in each table the recipe trains on.")
     max_quarantine_fraction: float = Field(0.4, ge=0, le=1, description="Data gate: most raw rows that may be quarantined.")
     seed: int = Field(0, description="Seed of the deterministic choices (mixing weights).")

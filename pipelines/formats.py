@@ -1,5 +1,5 @@
-"""Row formats: one small pure normaliser per format, each turning a raw row into canonical
-records, and a registry that answers a typo with the formats it knows.
+"""Row formats: one small pure normaliser per row shape, each turning a raw row into one
+canonical record, and a registry that answers a typo with the formats it knows.
 
 Canonical records (what prepare writes to data/prepared/, see data/README.md):
   sft         {"messages": [...], "tools": json|None}     a whole conversation ending with the assistant
@@ -9,16 +9,31 @@ Canonical records (what prepare writes to data/prepared/, see data/README.md):
 Messages are {"role", "content", "tool_calls"} with roles system/user/assistant/tool and
 tool_calls kept as JSON text (one parquet schema for every row); `chat_messages` turns a stored
 cell back into what a chat template expects.
+
+A row's shape (Alpaca `instruction`, ShareGPT `conversations`, OpenAI `messages`, `prompt` /
+`completion`, bare `chosen`/`rejected` pairs, `text`) says how its turns are spelled; its keys
+say which table it belongs to, whatever the shape, as in LLaMA-Factory's dataset_info.json
+conventions: `chosen` + `rejected` make a preference pair, a `kto_tag` (or `label`) makes a
+KTO row, anything else is SFT. A `Convention` carries the rest of those conventions for a
+source: `ranking` (every row must be a pair), the ShareGPT `tags` (which keys hold a turn's
+speaker and text, which speaker names mean user, assistant, tool result, function call and
+system) and the column names.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 ROLES = ("system", "user", "assistant", "tool")
+FUNCTION_CALL = "function_call"  # a ShareGPT speaker whose turn is the assistant's tool call
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system",
-                  "function_call": "assistant", "observation": "tool", "tool": "tool", "function": "tool"}
+                  "function_call": FUNCTION_CALL, "observation": "tool", "tool": "tool", "function": "tool"}
+# LLaMA-Factory's column names, per formatting, for the fields our normalisers read.
+LF_COLUMNS = {"alpaca": {"prompt": "instruction", "query": "input", "response": "output"}, "sharegpt": {"messages": "conversations"}}
+LF_COLUMN_NAMES = ("prompt", "query", "response", "history", "messages", "system", "tools", "images", "videos", "audios", "chosen", "rejected", "kto_tag")
 
 
 class RowError(ValueError):
@@ -27,6 +42,53 @@ class RowError(ValueError):
     def __init__(self, code: str, detail: str):
         super().__init__(f"{code}: {detail}")
         self.code = code
+
+
+@dataclass(frozen=True)
+class Tags:
+    """LLaMA-Factory's ShareGPT `tags` (defaults: its own). The common spellings (human/user,
+    gpt/assistant, observation/tool, function_call, system) are understood whatever the tags."""
+
+    role_tag: str = "from"
+    content_tag: str = "value"
+    user_tag: str = "human"
+    assistant_tag: str = "gpt"
+    observation_tag: str = "observation"
+    function_tag: str = "function_call"
+    system_tag: str = "system"
+
+    def speakers(self) -> dict[str, str]:
+        return {**SHAREGPT_ROLES, self.user_tag: "user", self.assistant_tag: "assistant", self.observation_tag: "tool",
+                self.function_tag: FUNCTION_CALL, self.system_tag: "system"}
+
+
+@dataclass(frozen=True)
+class Convention:
+    """How one source (or one file, by its dataset_info.json entry) spells its rows."""
+
+    format: str = "auto"
+    ranking: bool = False  # every row is a preference pair: one without chosen/rejected is refused
+    tags: Tags = Tags()
+    renames: dict[str, str] = field(default_factory=dict, hash=False)  # our field -> the file's column
+
+    @classmethod
+    def declared(cls, fmt: str = "auto", ranking: bool = False, tags: dict | None = None, columns: dict | None = None) -> "Convention":
+        """From LLaMA-Factory-style declarations: column keys may be LLaMA-Factory's names
+        (prompt/query/response for Alpaca, messages for ShareGPT) or our own field names."""
+        aliases = {"query": "input", "response": "output", **LF_COLUMNS.get(fmt, {})}  # query/response are unambiguous
+        renames = {aliases.get(k, k): v for k, v in (columns or {}).items()}
+        return cls(fmt, ranking, Tags(**(tags or {})), renames)
+
+    def rename(self, row: object) -> object:
+        """The row with the file's column names turned into ours (all at once: swaps work)."""
+        if not self.renames or not isinstance(row, dict):
+            return row
+        moved = {ours: row[theirs] for ours, theirs in self.renames.items() if theirs in row}
+        kept = {k: v for k, v in row.items() if k not in self.renames.values()}
+        return {**kept, **moved}
+
+
+DEFAULT = Convention()
 
 
 def message(role: str, content: object, tool_calls: object = None) -> dict:
@@ -39,104 +101,105 @@ def message(role: str, content: object, tool_calls: object = None) -> dict:
             content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
         else:
             raise RowError("bad_type", f"{role} content must be text, got {type(content).__name__}")
-    calls = json.dumps(tool_calls, sort_keys=True) if tool_calls else None
+    calls = tool_calls if isinstance(tool_calls, str) and tool_calls else json.dumps(tool_calls, sort_keys=True) if tool_calls else None
     return {"role": role, "content": content, "tool_calls": calls}
 
 
-def _text(row: dict, key: str) -> str:
+def _present(row: dict, key: str) -> bool:
     value = row.get(key)
-    if value is None:
+    return value is not None and not (isinstance(value, float) and math.isnan(value))
+
+
+def _text(row: dict, key: str) -> str:
+    if not _present(row, key):
         raise RowError("missing_field", f"missing field: {key}")
+    value = row[key]
     if not isinstance(value, str):
         raise RowError("bad_type", f"{key} must be text, got {type(value).__name__}")
     return value
 
 
 def _require(row: dict, *keys: str) -> None:
-    missing = [k for k in keys if k not in row or row[k] is None]
+    missing = [k for k in keys if not _present(row, k)]
     if missing:
         raise RowError("missing_field", f"missing field(s): {', '.join(missing)}")
 
 
-def _openai_messages(raw: object) -> list[dict]:
-    if not isinstance(raw, list):
-        raise RowError("bad_type", f"messages must be a list, got {type(raw).__name__}")
-    out = []
-    for m in raw:
-        if not isinstance(m, dict) or "role" not in m:
-            raise RowError("bad_type", "every message must be an object with a role")
-        out.append(message(m["role"], m.get("content"), m.get("tool_calls")))
-    return out
+def _label(row: dict) -> bool | None:
+    """The KTO label (`kto_tag`, LLaMA-Factory's name, or `label`), None when the row has none."""
+    key = "kto_tag" if _present(row, "kto_tag") else "label" if _present(row, "label") else None
+    if key is None:
+        return None
+    label = row[key]
+    if isinstance(label, bool):
+        return label
+    if label in (0, 1) and not isinstance(label, float):
+        return bool(label)
+    if isinstance(label, str) and label.strip().lower() in ("true", "false"):
+        return label.strip().lower() == "true"
+    raise RowError("bad_type", f"{key} must be a boolean, got {label!r}")
 
 
-def _as_messages(value: object, role: str) -> list[dict]:
-    """A prompt/answer given as a string or as a list of messages."""
-    if isinstance(value, str):
-        return [message(role, value)]
-    if isinstance(value, dict) and "role" in value:
-        return _openai_messages([value])
-    return _openai_messages(value)
-
-
-def alpaca(row: dict) -> dict:
-    _require(row, "instruction", "output")
-    instruction, extra = _text(row, "instruction"), row.get("input") or ""
-    if not isinstance(extra, str):
-        raise RowError("bad_type", f"input must be text, got {type(extra).__name__}")
-    messages = [message("system", row["system"])] if row.get("system") else []
-    for turn in row.get("history") or []:  # [[user, assistant], ...]
-        if not (isinstance(turn, (list, tuple)) and len(turn) == 2):
-            raise RowError("bad_type", "history must be a list of [instruction, answer] pairs")
-        messages += [message("user", turn[0]), message("assistant", turn[1])]
-    user = f"{instruction}\n{extra}" if extra.strip() else instruction
-    return {"sft": {"messages": [*messages, message("user", user), message("assistant", _text(row, "output"))], "tools": None}}
-
-
-def sharegpt(row: dict) -> dict:
-    _require(row, "conversations")
-    turns = row["conversations"]
-    if not isinstance(turns, list):
-        raise RowError("bad_type", "conversations must be a list")
-    messages = [message("system", row["system"])] if row.get("system") else []
-    for t in turns:
-        if not isinstance(t, dict) or "from" not in t or "value" not in t:
-            raise RowError("missing_field", "every ShareGPT turn needs 'from' and 'value'")
-        role = SHAREGPT_ROLES.get(t["from"])
-        if role is None:
-            raise RowError("bad_role", f"unknown ShareGPT speaker {t['from']!r}")
-        if t["from"] == "function_call":  # the call itself, as an OpenAI tool call
-            call = t["value"] if isinstance(t["value"], dict) else _json_or(t["value"])
-            messages.append(message("assistant", "", [{"type": "function", "function": {"name": call.get("name", ""), "arguments": json.dumps(call.get("arguments", {}))}}]))
-        else:
-            messages.append(message(role, t["value"]))
+def _tools(row: dict) -> str | None:
     tools = row.get("tools")
-    return {"sft": {"messages": messages, "tools": tools if isinstance(tools, str) or tools is None else json.dumps(tools)}}
+    if tools is None or (isinstance(tools, float) and math.isnan(tools)) or tools == "" or tools == []:
+        return None
+    return tools if isinstance(tools, str) else json.dumps(tools)
 
 
-def _json_or(value: object) -> dict:
+def _function_call(value: object) -> dict:
+    """A ShareGPT function_call turn ({"name", "arguments"} or a list of them, as JSON text or
+    objects) as an assistant message with OpenAI tool calls."""
     try:
         parsed = json.loads(value) if isinstance(value, str) else value
     except json.JSONDecodeError:
         raise RowError("bad_type", "a function_call turn must hold JSON") from None
-    if not isinstance(parsed, dict):
-        raise RowError("bad_type", "a function_call turn must hold a JSON object")
-    return parsed
+    calls = parsed if isinstance(parsed, list) else [parsed]
+    if not calls or not all(isinstance(c, dict) for c in calls):
+        raise RowError("bad_type", "a function_call turn must hold a JSON object (or a list of them)")
+    out = []
+    for c in calls:
+        args = c.get("arguments", {})
+        out.append({"type": "function", "function": {"name": c.get("name", ""), "arguments": args if isinstance(args, str) else json.dumps(args)}})
+    return message("assistant", "", out)
 
 
-def openai(row: dict) -> dict:
-    _require(row, "messages")
-    messages = _openai_messages(row["messages"])
-    tools = row.get("tools")
-    if "label" in row:  # unpaired preference (KTO): the last assistant turn is judged
-        return kto(row)
-    return {"sft": {"messages": messages, "tools": tools if isinstance(tools, str) or tools is None else json.dumps(tools)}}
+def _turn(t: object, tags: Tags) -> dict:
+    """One ShareGPT turn as a message."""
+    if not isinstance(t, dict) or tags.role_tag not in t or tags.content_tag not in t:
+        raise RowError("missing_field", f"every ShareGPT turn needs '{tags.role_tag}' and '{tags.content_tag}'")
+    speaker = t[tags.role_tag]
+    role = tags.speakers().get(speaker)
+    if role is None:
+        raise RowError("bad_role", f"unknown ShareGPT speaker {speaker!r} (user_tag {tags.user_tag!r}, assistant_tag {tags.assistant_tag!r}, observation_tag {tags.observation_tag!r}, function_tag {tags.function_tag!r})")
+    if role == FUNCTION_CALL:
+        return _function_call(t[tags.content_tag])
+    return message(role, t[tags.content_tag])
 
 
-def prompt_completion(row: dict) -> dict:
-    _require(row, "prompt", "completion")
-    if "label" in row:
-        return kto(row)
-    return {"sft": {"messages": [*_as_messages(row["prompt"], "user"), *_as_messages(row["completion"], "assistant")], "tools": None}}
+def _messages(raw: object, tags: Tags, default_role: str) -> list[dict]:
+    """A prompt or an answer given as text, one message or a list of messages, in OpenAI
+    ({role, content}) or ShareGPT ({from, value}, per `tags`) spelling."""
+    if isinstance(raw, str):
+        return [message(default_role, raw)]
+    items = [raw] if isinstance(raw, dict) else raw
+    if not isinstance(items, list):
+        raise RowError("bad_type", f"messages must be a list, got {type(raw).__name__}")
+    out = []
+    for m in items:
+        if isinstance(m, dict) and "role" in m:
+            out.append(message(m["role"], m.get("content"), m.get("tool_calls")))
+        elif isinstance(m, dict) and tags.role_tag in m:
+            out.append(_turn(m, tags))
+        else:
+            raise RowError("bad_type", f"every message must be an object with a role ('role' or '{tags.role_tag}')")
+    return out
+
+
+def _with_system(row: dict, messages: list[dict]) -> list[dict]:
+    if _present(row, "system") and not any(m["role"] == "system" for m in messages):
+        return [message("system", _text(row, "system")), *messages]
+    return messages
 
 
 def _split_shared_prompt(chosen: list[dict], rejected: list[dict]) -> tuple[list[dict], list[dict], list[dict]]:
@@ -147,56 +210,95 @@ def _split_shared_prompt(chosen: list[dict], rejected: list[dict]) -> tuple[list
     return chosen[:n], chosen[n:], rejected[n:]
 
 
-def preference(row: dict) -> dict:
+def _table(row: dict, prompt: list[dict], answer: list[dict] | None, conv: Convention) -> dict:
+    """Which table the row belongs to, by its keys: a pair, a labelled answer, or SFT. With no
+    separate answer the conversation's last turn is the answer."""
+    label = _label(row)
+    if _present(row, "chosen") or _present(row, "rejected"):
+        _require(row, "chosen", "rejected")
+        chosen, rejected = _messages(row["chosen"], conv.tags, "assistant"), _messages(row["rejected"], conv.tags, "assistant")
+        if not prompt and len(chosen) > 1:
+            prompt, chosen, rejected = _split_shared_prompt(chosen, rejected)
+        return {"preference": {"prompt": prompt, "chosen": chosen, "rejected": rejected}}
+    if conv.ranking:
+        raise RowError("missing_field", "a ranking source's rows need 'chosen' and 'rejected'")
+    if label is not None:
+        if answer is None:
+            if not prompt or prompt[-1]["role"] != "assistant":
+                raise RowError("bad_turns", "a labelled conversation must end with the assistant turn that is judged")
+            prompt, answer = prompt[:-1], prompt[-1:]
+        return {"kto": {"prompt": prompt, "completion": answer, "label": label}}
+    return {"sft": {"messages": [*prompt, *(answer or [])], "tools": _tools(row)}}
+
+
+# ---------------------------------------------------------------- shapes
+
+
+def alpaca(row: dict, conv: Convention = DEFAULT) -> dict:
+    """instruction [+ input] with output (SFT), chosen/rejected (a pair) or output + kto_tag."""
+    _require(row, "instruction")
+    instruction, extra = _text(row, "instruction"), _text(row, "input") if _present(row, "input") else ""
+    messages = []
+    for turn in row["history"] if _present(row, "history") else []:  # [[user, assistant], ...]
+        if not (isinstance(turn, (list, tuple)) and len(turn) == 2):
+            raise RowError("bad_type", "history must be a list of [instruction, answer] pairs")
+        messages += [message("user", turn[0]), message("assistant", turn[1])]
+    user = f"{instruction}\n{extra}" if extra.strip() else instruction
+    prompt = _with_system(row, [*messages, message("user", user)])
+    pair = _present(row, "chosen") or _present(row, "rejected")
+    answer = None if pair else [message("assistant", _text(row, "output"))]
+    return _table(row, prompt, answer, conv)
+
+
+def sharegpt(row: dict, conv: Convention = DEFAULT) -> dict:
+    """`conversations` of {from, value} turns (or `messages` spelled so); a first turn from the
+    system tag is the system prompt and wins over a `system` column."""
+    key = "conversations" if "conversations" in row else "messages"
+    _require(row, key)
+    turns = row[key]
+    if not isinstance(turns, list):
+        raise RowError("bad_type", f"{key} must be a list")
+    messages = [_turn(t, conv.tags) for t in turns]
+    return _table(row, _with_system(row, messages), None, conv)
+
+
+def openai(row: dict, conv: Convention = DEFAULT) -> dict:
+    _require(row, "messages")
+    turns = row["messages"]
+    if not isinstance(turns, list):
+        raise RowError("bad_type", f"messages must be a list, got {type(turns).__name__}")
+    if isinstance(turns, list) and turns and isinstance(turns[0], dict) and "role" not in turns[0] and conv.tags.role_tag in turns[0]:
+        return sharegpt(row, conv)  # ShareGPT turns under a `messages` column
+    return _table(row, _with_system(row, _messages(turns, conv.tags, "user")), None, conv)
+
+
+def prompt_completion(row: dict, conv: Convention = DEFAULT) -> dict:
+    _require(row, "prompt")
+    prompt = _with_system(row, _messages(row["prompt"], conv.tags, "user"))
+    pair = _present(row, "chosen") or _present(row, "rejected")
+    answer = None if pair else _messages(row["completion"], conv.tags, "assistant") if _present(row, "completion") else None
+    if answer is None and not pair:
+        raise RowError("missing_field", "missing field(s): completion")
+    return _table(row, prompt, answer, conv)
+
+
+def pairs(row: dict, conv: Convention = DEFAULT) -> dict:
+    """Bare chosen/rejected conversations (Anthropic HH): the shared beginning is the prompt."""
     _require(row, "chosen", "rejected")
-    chosen, rejected = _as_messages(row["chosen"], "assistant"), _as_messages(row["rejected"], "assistant")
-    if row.get("prompt") is not None:
-        prompt = _as_messages(row["prompt"], "user")
-    elif len(chosen) > 1:
-        prompt, chosen, rejected = _split_shared_prompt(chosen, rejected)
-    else:
-        raise RowError("missing_field", "missing field(s): prompt")
-    if row.get("system") and not any(m["role"] == "system" for m in prompt):
-        prompt = [message("system", row["system"]), *prompt]
-    return {"preference": {"prompt": prompt, "chosen": chosen, "rejected": rejected}}
+    return _table(row, [], None, conv)
 
 
-def kto(row: dict) -> dict:
-    label = row.get("label")
-    if not isinstance(label, bool):
-        if label in (0, 1) and not isinstance(label, float):
-            label = bool(label)
-        elif isinstance(label, str) and label.lower() in ("true", "false"):
-            label = label.lower() == "true"
-        else:
-            raise RowError("bad_type", f"label must be a boolean, got {label!r}")
-    if "messages" in row:
-        messages = _openai_messages(row["messages"])
-        if not messages or messages[-1]["role"] != "assistant":
-            raise RowError("bad_turns", "a labelled conversation must end with the assistant turn that is judged")
-        prompt, completion = messages[:-1], messages[-1:]
-    else:
-        _require(row, "prompt", "completion")
-        prompt, completion = _as_messages(row["prompt"], "user"), _as_messages(row["completion"], "assistant")
-    return {"kto": {"prompt": prompt, "completion": completion, "label": label}}
-
-
-def text(row: dict) -> dict:
+def text(row: dict, conv: Convention = DEFAULT) -> dict:
     return {"text": {"text": _text(row, "text")}}
 
 
-FORMATS: dict[str, Callable[[dict], dict]] = {
-    "alpaca": alpaca, "sharegpt": sharegpt, "openai": openai, "prompt_completion": prompt_completion,
-    "preference": preference, "kto": kto, "text": text,
+SHAPES: dict[str, Callable[[dict, Convention], dict]] = {
+    "alpaca": alpaca, "sharegpt": sharegpt, "openai": openai, "prompt_completion": prompt_completion, "text": text,
 }
 
 
-def detect(row: dict) -> str:
-    """The format of a row, by its keys."""
-    if "chosen" in row or "rejected" in row:
-        return "preference"
-    if "label" in row:
-        return "kto"
+def shape(row: dict) -> str:
+    """The shape of a row, by its keys (the table is decided by the normaliser)."""
     if "conversations" in row:
         return "sharegpt"
     if "messages" in row:
@@ -205,12 +307,39 @@ def detect(row: dict) -> str:
         return "alpaca"
     if "prompt" in row or "completion" in row:
         return "prompt_completion"
+    if "chosen" in row or "rejected" in row:
+        return "pairs"
     if "text" in row:
         return "text"
     raise RowError("unknown_format", f"unknown row format with keys {sorted(row)[:8]}; known formats: {', '.join(FORMATS)}")
 
 
-def normaliser(name: str) -> Callable[[dict], dict] | None:
+def _as_table(table: str, key: str) -> Callable[[dict, Convention], dict]:
+    """A format that names a table (preference, kto): any shape, and the row must belong there."""
+
+    def normalise_as(row: dict, conv: Convention = DEFAULT) -> dict:
+        kind = shape(row)
+        out = (pairs if kind == "pairs" else SHAPES[kind])(row, conv)
+        if table not in out:
+            raise RowError("missing_field", f"a {table} row needs {key}")
+        return out
+
+    return normalise_as
+
+
+preference = _as_table("preference", "'chosen' and 'rejected'")
+kto = _as_table("kto", "a boolean 'label' (or 'kto_tag')")
+
+FORMATS: dict[str, Callable[[dict, Convention], dict]] = {**SHAPES, "preference": preference, "kto": kto}
+
+
+def detect(row: dict) -> str:
+    """The format name auto-detection picks for a row."""
+    kind = shape(row)
+    return "preference" if kind == "pairs" else kind
+
+
+def normaliser(name: str) -> Callable[[dict, Convention], dict] | None:
     """The normaliser of a format name, None for 'auto'; a typo names the known formats."""
     if name == "auto":
         return None
@@ -219,11 +348,20 @@ def normaliser(name: str) -> Callable[[dict], dict] | None:
     return FORMATS[name]
 
 
-def normalise(row: object, fmt: str = "auto") -> dict:
-    """{table: record} for one raw row."""
+def normalise(row: object, fmt: str | Convention = "auto") -> dict:
+    """{table: record} for one raw row, read with a format name or a whole Convention."""
+    conv = fmt if isinstance(fmt, Convention) else Convention(format=fmt)
     if not isinstance(row, dict):
         raise RowError("bad_type", f"a row must be an object, got {type(row).__name__}")
-    return (normaliser(fmt) or FORMATS[detect(row)])(row)
+    return (normaliser(conv.format) or FORMATS[detect(row)])(row, conv)
+
+
+def tool_calls_of(cell: object) -> list | None:
+    """A stored tool_calls (or tools) cell as JSON, None when empty: pandas 3 reads a string
+    column with gaps as str dtype holding NaN, a float that is truthy."""
+    if cell is None or (isinstance(cell, float) and math.isnan(cell)) or cell == "":
+        return None
+    return json.loads(cell) if isinstance(cell, str) else cell
 
 
 def chat_messages(cell) -> list[dict]:
@@ -233,7 +371,44 @@ def chat_messages(cell) -> list[dict]:
     for m in cell:
         m = dict(m)
         msg = {"role": m["role"], "content": m.get("content") or ""}
-        if m.get("tool_calls"):
-            msg["tool_calls"] = json.loads(m["tool_calls"])
+        if (calls := tool_calls_of(m.get("tool_calls"))) is not None:
+            msg["tool_calls"] = calls
         out.append(msg)
     return out
+
+
+def strings_in(obj: object) -> list[str]:
+    """Every string leaf of a JSON value, JSON text inside it parsed too."""
+    if isinstance(obj, str):
+        try:  # tool-call arguments are JSON text inside JSON
+            inner = json.loads(obj) if obj[:1] in "[{" else None
+        except json.JSONDecodeError:
+            inner = None
+        return strings_in(inner) if isinstance(inner, (dict, list)) else [obj]
+    if isinstance(obj, dict):
+        return [s for v in obj.values() for s in strings_in(v)]
+    if isinstance(obj, list):
+        return [s for v in obj for s in strings_in(v)]
+    return []
+
+
+def message_texts(m: dict) -> list[str]:
+    """Every text a message carries: its content and each string inside its tool calls (names
+    and arguments, which are JSON inside JSON)."""
+    calls = tool_calls_of(m.get("tool_calls"))
+    return [m.get("content") or "", *(strings_in(calls) if calls else [])]
+
+
+def map_strings(obj: object, fn: Callable[[str], str]) -> object:
+    """`obj` with `fn` applied to every string leaf, JSON text inside it included (re-encoded)."""
+    if isinstance(obj, str):
+        try:
+            inner = json.loads(obj) if obj[:1] in "[{" else None
+        except json.JSONDecodeError:
+            inner = None
+        return json.dumps(map_strings(inner, fn), sort_keys=True) if isinstance(inner, (dict, list)) else fn(obj)
+    if isinstance(obj, dict):
+        return {k: map_strings(v, fn) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [map_strings(v, fn) for v in obj]
+    return obj

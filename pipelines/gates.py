@@ -14,20 +14,10 @@ from typing import Literal
 import numpy as np
 
 from pipelines import stats
+from pipelines.directions import DIRECTIONS, Direction
 from pipelines.config import GateParams, QuantizeParams
 
-Direction = Literal["higher", "lower"]
 Outcome = Literal["pass", "fail", "continue"]
-DIRECTIONS: dict[str, Direction] = {
-    "exact_match": "higher",  # the canary's golden prompts
-    "preference_accuracy": "higher",
-    "judge_win_rate": "higher",  # pipelines/judge.py: candidate vs champion, 0.5 = as good
-    "reward_score": "higher",  # the recipe's reward model on the answers
-    "validation_loss": "lower",
-    "error_rate": "lower",
-    "p95_latency_ratio": "lower",
-    "agreement": "higher",
-}
 
 
 @dataclass(frozen=True)

@@ -10,13 +10,11 @@ checked per row, and a row where it does not hold falls back to last-turn loss).
 
 from __future__ import annotations
 
-import json
-
 import pandas as pd
 
 from pipelines.common import log, stage_main
 from pipelines.config import Params, SftParams
-from pipelines.formats import chat_messages
+from pipelines.formats import chat_messages, tool_calls_of
 from pipelines.training import Step, load_model, load_tokenizer, peft_config, read_table, run_step, table_files, trainer_args
 
 
@@ -48,7 +46,7 @@ def to_dataset(frame: pd.DataFrame, tokenizer, loss_on: str):
 
     tools = frame["tools"] if "tools" in frame else [None] * len(frame)
     rows = [
-        tokenize_conversation(tokenizer, chat_messages(m), json.loads(t) if t else None, loss_on)
+        tokenize_conversation(tokenizer, chat_messages(m), tool_calls_of(t), loss_on)  # a gap in a pandas-3 str column is NaN, not None
         for m, t in zip(frame["messages"], tools)
     ]
     return Dataset.from_list(rows)

@@ -3,7 +3,8 @@
 Expectations are declared here as data (one list per table) and run by GX in an ephemeral
 context, so no GX project folder is needed; its Data Docs (a static HTML site) are built into
 reports/data/data_docs and kept as an artifact. They check what ingestion does not already
-guarantee: lengths, role order, no PII left, no item shared by two splits, and enough rows in
+guarantee: lengths, role order, no PII left in any text field (contents, tool-call arguments,
+tool results, system prompts, answers, tool schemas), no item shared by two splits, and enough rows in
 every table the recipe trains on. A failure raises DataValidationError, whose message and
 markdown report say which expectation failed, on which table and column, with examples.
 """
@@ -17,6 +18,7 @@ from pathlib import Path
 import pandas as pd
 
 from pipelines.clean import find_pii
+from pipelines.formats import message_texts, strings_in, tool_calls_of
 
 # GX's progress bars print once per metric; they are noise in a pipeline log.
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
@@ -89,13 +91,15 @@ class Gate:
         return self.checked
 
 
-def conversation_columns(messages: list[list[dict]]) -> dict[str, list]:
-    """Derived columns the expectations read: the role sequence, the longest message, PII left."""
+def conversation_columns(messages: list[list[dict]], tools: list | None = None) -> dict[str, list]:
+    """Derived columns the expectations read: the role sequence, the longest message, PII left
+    in any text of the conversation (tool calls and the tool schemas included)."""
     roles, longest, pii = [], [], []
-    for convo in messages:
+    for convo, schema in zip(messages, tools if tools is not None else [None] * len(messages)):
         roles.append(" ".join(m["role"] for m in convo))
         longest.append(max((len(m["content"]) for m in convo), default=0))
-        pii.append(sum(len(find_pii(m["content"])) for m in convo))
+        texts = [t for m in convo for t in message_texts(m)] + strings_in(tool_calls_of(schema) or [])
+        pii.append(sum(len(find_pii(t)) for t in texts))
     return {"roles": roles, "longest_message": longest, "pii_found": pii}
 
 
@@ -120,15 +124,15 @@ def validate(tables: dict[str, pd.DataFrame], required: set[str], cfg, quarantin
         ]
         frame = df.assign(train_rows=train_rows, splits_of_item=df.groupby("id")["split"].transform("nunique") if len(df) else [])
         if table == "sft":
-            frame = frame.assign(**conversation_columns(list(df["messages"])))
+            frame = frame.assign(**conversation_columns(list(df["messages"]), list(df["tools"])))
             checks += [
                 E.ExpectColumnValuesToMatchRegex(column="roles", regex=ROLE_ORDER),
                 E.ExpectColumnValuesToBeBetween(column="longest_message", min_value=1, max_value=cfg.max_chars),
                 E.ExpectColumnValuesToBeInSet(column="pii_found", value_set=[0]) if cfg.pii != "off" else E.ExpectColumnToExist(column="pii_found"),
             ]
         elif table in ("preference", "kto"):
-            answers = "chosen" if table == "preference" else "completion"
-            convo = [list(p) + list(a) for p, a in zip(df["prompt"], df[answers])] if len(df) else []
+            answers = ("chosen", "rejected") if table == "preference" else ("completion",)
+            convo = [[m for cell in cells for m in cell] for cells in zip(df["prompt"], *(df[a] for a in answers))] if len(df) else []
             derived = conversation_columns(convo)
             frame = frame.assign(longest_message=derived["longest_message"], pii_found=derived["pii_found"])
             checks += [

@@ -1,5 +1,6 @@
-"""Cleaning functions: PII (cards only when the Luhn check passes), near duplicates by
-MinHash LSH, decontamination by n-grams with case and punctuation folded, repetition."""
+"""Cleaning functions: PII (cards only when the Luhn check passes, phones by libphonenumber,
+IPv6, national IDs), near duplicates by MinHash LSH, decontamination by n-grams with case and
+punctuation folded and boilerplate set aside, repetition."""
 
 from pipelines.clean import Contamination, NearDuplicates, clean_text, find_pii, has_undecodable, luhn, normal_form, redact, repetition_ratio
 
@@ -43,3 +44,38 @@ def test_repetition_flags_loops_not_short_lists():
     assert repetition_ratio("again and again " * 20) > 0.5
     assert repetition_ratio("1 1 1 1 1 1 1 1") == 0.0
     assert repetition_ratio("A normal sentence with enough different words to be judged fairly by the filter here today, thanks.") == 0.0
+
+
+def test_pii_covers_phones_without_separators_ipv6_and_national_ids_but_not_digit_lists():
+    """Seen red: main's find_pii (a phone regex, no ipv6/ssn/nino) -> every one of these missed
+    but '+1-202-555-0143'."""
+    found = {text: [k for k, _ in find_pii(text)] for text in [
+        "call +44 20 7946 0958 today", "ring +1-202-555-0143", "or 2025550143", "london 020 7946 0958",
+        "host 2001:db8:85a3::8a2e:370:7334", "SSN 123-45-6789", "NI number AB 12 34 56 C",
+    ]}
+    assert found == {
+        "call +44 20 7946 0958 today": ["phone"], "ring +1-202-555-0143": ["phone"], "or 2025550143": ["phone"], "london 020 7946 0958": ["phone"],
+        "host 2001:db8:85a3::8a2e:370:7334": ["ipv6"], "SSN 123-45-6789": ["ssn"], "NI number AB 12 34 56 C": ["nino"],
+    }
+    for clean in ["reverse 3 1 4 1 5", "Reverse the list:\n1 2 3 4 5", "3 1 4 1 5 9 2 6 5 3", "at 12:30:45", "std::vector and a::b",
+                  "000-12-3456", "ISBN 978-3-16-148410-0", "the years 1999-2025", "QQ123456C"]:
+        assert find_pii(clean) == [], clean
+    assert redact("SSN 123-45-6789, call 2025550143") == "SSN <SSN>, call <PHONE>"
+
+
+def test_boilerplate_is_not_contamination_but_an_items_own_words_are():
+    """A sign-off shared by many training rows and evaluation items proves nothing; a row that
+    repeats an evaluation item's own sentence is still caught.
+    Seen red: Contamination with common=10**9 (every shared n-gram is evidence) -> all 20
+    sign-off rows "share the 10-gram 'if you have any other questions feel free to ask'"."""
+    sign_off = "You're welcome! If you have any other questions, feel free to ask."
+    index = Contamination(n=10, common=5)
+    index.add("Thanks for booking the flight to Oslo on Friday.", sign_off, "test item 1")
+    index.add("The Hubble telescope was launched in April 1990 aboard the shuttle Discovery, from Kennedy Space Center.", "Noted.", "test item 2")
+    train = [(f"Thanks for the update on order {i}, much appreciated.", sign_off) for i in range(20)]
+    train.append(("Fun fact: the Hubble telescope was launched in April 1990 aboard the shuttle Discovery!", "Neat."))
+    for prompt, answer in train:
+        index.count(prompt, [prompt], f"{prompt} {answer}")
+    hits = [index.hit(p, a) for p, a in train]
+    assert hits[:20] == [None] * 20, hits[:3]
+    assert hits[20] and "test item 2" in hits[20] and "hubble telescope was launched" in hits[20]

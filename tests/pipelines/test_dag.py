@@ -1,6 +1,8 @@
 """The DAG follows the recipe: dvc.yaml is rendered from params, the committed one is current,
-a step the recipe does not name is not a stage, and DVC itself accepts what is rendered."""
+a step the recipe does not name is not a stage, DVC itself accepts what is rendered, and every
+project file a stage loads is one of its dependencies."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -8,7 +10,7 @@ from pathlib import Path
 import yaml
 
 from pipelines.config import Params, load_params
-from pipelines.dag import render, render_text, stage_names
+from pipelines.dag import code_deps, render, render_text, stage_names
 from tests.conftest import ROOT
 
 
@@ -53,3 +55,66 @@ def test_dvc_accepts_the_rendered_stages(tmp_path):
     listed = [line.split()[0] for line in out.stdout.splitlines() if line.strip()]
     assert listed == stage_names(params)
     assert Path(tmp_path / "dvc.yaml").read_text().startswith("# GENERATED")
+
+
+# Imports each stage module in one interpreter, forgetting the project's modules between them
+# (third-party ones stay loaded: one torch import for all), and prints the project files each
+# module loaded.
+LOADED_BY = """
+import importlib, json, sys
+from pathlib import Path
+
+root = Path(sys.argv[1]).resolve()
+
+def project(module):
+    f = getattr(module, "__file__", None)  # (torch's _ops and _classes name relative files that do not exist)
+    return f and Path(f).is_absolute() and root in Path(f).resolve().parents and ".venv" not in Path(f).resolve().relative_to(root).parts
+
+out = {}
+for name in sys.argv[2:]:
+    for loaded in [n for n, m in sys.modules.items() if project(m)]:
+        del sys.modules[loaded]
+    importlib.import_module(name)
+    out[name] = sorted(Path(m.__file__).resolve().relative_to(root).as_posix() for m in list(sys.modules.values()) if project(m))
+print(json.dumps(out))
+"""
+
+
+def test_every_project_file_a_stage_loads_is_among_its_deps():
+    """A module a stage loads but does not list (config defaults, common helpers, the training
+    loop for evaluate and quantize) would change results without invalidating DVC's cache.
+    Seen red: code_deps returning only the stage's own file -> evaluate's missing deps listed
+    pipelines/training.py, pipelines/config.py, pipelines/common.py, ... and the test failed."""
+    recipes = [load_params(ROOT / "params.yaml"), Params(recipe=["sft", "kto"]), Params(recipe=["sft", "orpo"]), Params(recipe=["sft", "cpo"]),
+               Params.model_validate({"recipe": ["sft", "rm", "grpo"], "grpo": {"rewards": ["reward_model"]}}), Params(recipe=["sft", "rloo"])]
+    deps = {}
+    for params in recipes:
+        for stage in render(params)["stages"].values():
+            deps[stage["cmd"].removeprefix("python -m ")] = set(stage["deps"])
+    out = subprocess.run([sys.executable, "-c", LOADED_BY, str(ROOT), *deps], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    loaded = json.loads(out.stdout.splitlines()[-1])
+    assert set(loaded) == set(deps) and all(f"{m.replace('.', '/')}.py" in loaded[m] for m in deps), "every stage module was imported"
+    missing = {module: sorted(set(files) - deps[module]) for module, files in loaded.items() if set(files) - deps[module]}
+    assert not missing, f"stages load project files their dvc.yaml deps omit: {missing}"
+
+
+def test_code_deps_follow_imports_inside_functions_and_packages(tmp_path):
+    """Static, so imports a stage only runs later (inside a function) count too."""
+    deps = code_deps("pipelines.prepare")
+    assert "pipelines/tokenizer.py" in deps, "imported inside Lengths.fit only: the runtime check cannot see it"
+    assert "pipelines/__init__.py" in deps and "pipelines/prepare.py" in deps
+    assert not any(d.startswith((".venv", "tests/")) for d in deps)
+    stages = render(load_params(ROOT / "params.yaml"))["stages"]
+    assert {"pipelines/training.py", "pipelines/config.py", "pipelines/common.py"} <= set(stages["evaluate"]["deps"]) & set(stages["quantize"]["deps"])
+    assert "pipelines/eval_tasks" in stages["prepare"]["deps"] and "evaluate.tasks" in stages["prepare"]["params"], "prepare decontaminates against the suite"
+
+
+def test_a_file_sources_dataset_info_json_is_a_prepare_dependency(tmp_path, monkeypatch):
+    """It says how the file is read: a changed entry must rerun prepare."""
+    monkeypatch.chdir(tmp_path)
+    Path("lf").mkdir()
+    Path("lf/dpo_en_demo.json").write_text("[]")
+    Path("lf/dataset_info.json").write_text("{}")
+    params = Params.model_validate({"data": {"sources": [{"name": "dpo", "path": "lf/dpo_en_demo.json"}]}})
+    assert render(params)["stages"]["prepare"]["deps"][-2:] == ["lf/dpo_en_demo.json", "lf/dataset_info.json"]

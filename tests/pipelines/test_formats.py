@@ -1,6 +1,7 @@
 """Every row format and file type reaches the canonical schema through the prepare stage's own
-readers; multi-turn, system and tool turns survive; KTO labels stay labels; a bad byte costs
-only its own row."""
+readers; multi-turn, system and tool turns survive; KTO labels stay labels; LLaMA-Factory's
+demo shapes and dataset_info.json conventions are understood; a bad byte, a byte-order mark or
+one bad element of a JSON array costs at most its own row."""
 
 from __future__ import annotations
 
@@ -12,8 +13,9 @@ import pandas as pd
 import pytest
 
 from pipelines.data_config import SourceParams
-from pipelines.formats import RowError, chat_messages, normalise, normaliser
-from pipelines.sources import read_source
+from pipelines.formats import Convention, RowError, chat_messages, normalise, normaliser, tool_calls_of
+from pipelines.sources import SourceError, read_source
+from tests.pipelines import llamafactory_rows as lf
 
 SYSTEM = {"role": "system", "content": "Be brief.", "tool_calls": None}
 CALL = [{"type": "function", "function": {"name": "lookup", "arguments": "{\"q\": \"x\"}"}}]
@@ -120,3 +122,129 @@ def test_column_mapping_renames_a_sources_columns(tmp_path):
     path.write_text("question,answer\nWhat is 2+2?,4\n")
     (row,) = read_source(SourceParams(name="faq", path=str(path), format="alpaca", columns={"instruction": "question", "output": "answer"}))
     assert normalise(row.row, "alpaca")["sft"]["messages"][-1]["content"] == "4"
+
+
+# ---------------------------------------------------------------- LLaMA-Factory's conventions
+
+
+def test_llamafactory_demo_shapes_are_detected_into_their_tables():
+    """Seen red: detection sending chosen/rejected rows to the old preference normaliser (OpenAI
+    messages only) -> bad_type on the first dpo row, as on main (0 of 300 pairs)."""
+    pairs = [normalise(r)["preference"] for r in lf.DPO]
+    assert len(pairs) == 3
+    assert [m["role"] for m in pairs[1]["prompt"]] == ["system", "user"] and pairs[1]["chosen"][0]["content"].startswith("No:")
+    assert [m["role"] for m in pairs[2]["prompt"]] == ["user", "assistant", "user"], "the whole conversation is the prompt"
+    assert pairs[0]["chosen"][0]["role"] == pairs[0]["rejected"][0]["role"] == "assistant"
+
+    kto = [normalise(r)["kto"] for r in lf.KTO]
+    assert [k["label"] for k in kto] == [True, False, True]
+    assert [m["content"] for m in kto[2]["prompt"]] == ["Give me a word that rhymes with cat.", "Hat.", "Another one, please."] and kto[2]["completion"][0]["content"] == "Mat."
+
+    tool = normalise(lf.GLAIVE[0])["sft"]
+    assert [m["role"] for m in tool["messages"]] == ["user", "assistant", "tool", "assistant", "user", "assistant"]
+    call = json.loads(tool["messages"][1]["tool_calls"])[0]["function"]
+    assert call["name"] == "search_recipes" and json.loads(call["arguments"]) == {"ingredients": ["chicken", "rice"]}
+    assert json.loads(tool["tools"])[0]["name"] == "search_recipes"
+
+    alpaca_pairs = [normalise(r)["preference"] for r in lf.ALPACA_PREFERENCE]
+    assert alpaca_pairs[0]["prompt"][0]["content"] == "Rewrite the sentence in the passive voice.\nThe committee approved the budget."
+    assert alpaca_pairs[1]["chosen"][0]["content"] == "23"
+
+    sharegpt_kto = [normalise(r) for r in lf.SHAREGPT_KTO]
+    assert [set(r) for r in sharegpt_kto] == [{"kto"}, {"kto"}], "a labelled ShareGPT row is a KTO row, never SFT"
+    assert sharegpt_kto[1]["kto"]["label"] is False and sharegpt_kto[1]["kto"]["completion"][0]["content"] == "Toronto."
+    alpaca_kto = normalise({"instruction": "2 + 2?", "output": "5", "kto_tag": "false"})
+    assert alpaca_kto["kto"]["label"] is False and alpaca_kto["kto"]["completion"][0]["content"] == "5"
+
+
+def test_declared_conventions_ranking_tags_and_llamafactory_column_names():
+    # a ranking source: a row without a pair is refused, not trained as SFT
+    with pytest.raises(RowError, match="missing_field: a ranking source's rows need 'chosen' and 'rejected'"):
+        normalise({"instruction": "x", "output": "y"}, Convention.declared("alpaca", ranking=True))
+    # custom ShareGPT tags
+    conv = Convention.declared("sharegpt", tags={"role_tag": "speaker", "content_tag": "text", "user_tag": "customer", "assistant_tag": "agent"})
+    row = {"conversations": [{"speaker": "customer", "text": "Where is my order?"}, {"speaker": "agent", "text": "It ships today."}]}
+    assert [m["role"] for m in normalise(row, conv)["sft"]["messages"]] == ["user", "assistant"]
+    with pytest.raises(RowError, match="bad_role: unknown ShareGPT speaker 'bot'"):
+        normalise({"conversations": [{"speaker": "customer", "text": "hi"}, {"speaker": "bot", "text": "hello"}]}, conv)
+    # LLaMA-Factory's column names: prompt/query/response for alpaca, messages for sharegpt
+    alpaca = Convention.declared("alpaca", columns={"prompt": "question", "query": "context", "response": "answer"})
+    raw = alpaca.rename({"question": "Summarise:", "context": "A long text.", "answer": "Short."})
+    assert [m["content"] for m in normalise(raw, alpaca)["sft"]["messages"]] == ["Summarise:\nA long text.", "Short."]
+    kto = Convention.declared("sharegpt", columns={"messages": "messages", "kto_tag": "label"}, tags=lf.DATASET_INFO["kto_en_demo"]["tags"])
+    assert normalise(kto.rename(lf.KTO[1]), kto)["kto"]["label"] is False
+
+
+def test_a_folders_dataset_info_json_declares_its_files(tmp_path):
+    """LLaMA-Factory's data folder, read as a source: each file by its entry."""
+    lf.write_demo_folder(tmp_path / "lf")
+    (tmp_path / "lf" / "c4_demo.jsonl").write_text(json.dumps({"text": "A document for pre-training."}) + "\n")
+    info = json.loads((tmp_path / "lf" / "dataset_info.json").read_text())
+    info["c4_demo"] = {"file_name": "c4_demo.jsonl", "columns": {"prompt": "text"}}  # LLaMA-Factory's pre-training declaration
+    (tmp_path / "lf" / "dataset_info.json").write_text(json.dumps(info))
+    got = list(read_source(SourceParams(name="lf", path=str(tmp_path / "lf"))))
+    assert not any(r.error for r in got) and not any(r.file.endswith("dataset_info.json") for r in got), "the declarations are not data"
+    tables = {}
+    for r in got:
+        (table,) = normalise(r.row, r.convention)
+        tables.setdefault(Path(r.file).name, []).append(table)
+    assert tables == {"c4_demo.jsonl": ["text"], "dpo_en_demo.json": ["preference"] * 3, "glaive_toolcall_en_demo.json": ["sft"] * 2, "kto_en_demo.json": ["kto"] * 3}
+    dpo = next(r for r in got if r.file.endswith("dpo_en_demo.json"))
+    assert dpo.convention.ranking and dpo.convention.format == "sharegpt"
+    # a bad entry names the file and the key
+    info["c4_demo"]["colums"] = {}
+    (tmp_path / "lf" / "dataset_info.json").write_text(json.dumps(info))
+    with pytest.raises(SourceError, match=r"dataset_info.json: entry 'c4_demo': colums: Extra inputs"):
+        list(read_source(SourceParams(name="lf", path=str(tmp_path / "lf"))))
+
+
+# ---------------------------------------------------------------- what a file may hold
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "json", "csv"])
+def test_a_byte_order_mark_is_dropped_not_a_bad_first_row(tmp_path, kind):
+    """Seen red: _decode without removeprefix(BOM) -> red for jsonl, json and csv alike."""
+    rows = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]} for i in range(3)]
+    path = write_all_types(tmp_path, rows)[kind]
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    got = list(read_source(SourceParams(name="t", path=str(path))))
+    assert [r.error for r in got] == [None] * 3
+    assert [normalise(r.row if kind != "csv" else {"messages": r.row["messages"]})["sft"]["messages"][0]["content"] for r in got] == ["q0", "q1", "q2"]
+
+
+def test_one_bad_element_of_a_json_array_costs_only_itself(tmp_path):
+    """Seen red: the old read_json (the whole file one malformed row) -> "one raw row per
+    element: assert 1 == 5000"."""
+    rows = [{"instruction": f"Question {i}?", "output": f"Answer {i}."} for i in range(5000)]
+    text = json.dumps(rows, indent=2)
+    bad = text.replace('"instruction": "Question 1234?",', '"instruction": "Question 1234?" "oops",', 1)  # a missing comma inside one element
+    path = tmp_path / "big.json"
+    path.write_text(bad)
+    got = list(read_source(SourceParams(name="t", path=str(path))))
+    assert len(got) == 5000, "one raw row per element"
+    errors = [r for r in got if r.error]
+    assert len(errors) == 1 and errors[0].line == 1235 and errors[0].error[0] == "malformed_json"
+    assert "array element 1235 (line" in errors[0].error[1] and "Question 1234" in errors[0].raw
+    assert [r.row["output"] for r in got if not r.error][1233:1235] == ["Answer 1233.", "Answer 1235."]
+    # a compact one-line array and a trailing comma recover the same way
+    path.write_text('[{"text": "a"}, {"text": "b",}, {"text": "c"},]')
+    assert [(r.error or ("ok",))[0] for r in read_source(SourceParams(name="t", path=str(path)))] == ["ok", "malformed_json", "ok"]
+
+
+def test_a_json_file_whose_rows_cannot_be_told_apart_stops_the_source(tmp_path):
+    path = tmp_path / "broken.json"
+    path.write_text('[{"text": "a"}, {"text": "b"}, {"text": "unterminated}]\n')
+    with pytest.raises(SourceError, match=r"broken.json: not valid JSON \(.*\), and its brackets or quotes do not balance, so its rows cannot be told apart \(2 array element\(s\) before that point\)"):
+        list(read_source(SourceParams(name="t", path=str(path))))
+    path.write_text('{"data": [1, 2,, 3]}')
+    with pytest.raises(SourceError, match="the file is not a JSON array"):
+        list(read_source(SourceParams(name="t", path=str(path))))
+
+
+def test_stored_cells_with_pandas_gaps_read_as_empty(tmp_path):
+    """pandas 3 reads a string column with gaps as str dtype holding NaN (truthy)."""
+    pd.DataFrame({"tools": ['[{"name": "x"}]', None]}).to_parquet(tmp_path / "t.parquet")
+    column = pd.read_parquet(tmp_path / "t.parquet")["tools"]
+    assert isinstance(column.iloc[1], float), "the shape this guards against"
+    assert [tool_calls_of(c) for c in column] == [[{"name": "x"}], None]
+    assert chat_messages([{"role": "assistant", "content": "hi", "tool_calls": float("nan")}]) == [{"role": "assistant", "content": "hi"}]

@@ -5,6 +5,7 @@ the data gate asks for exactly the tables the recipe trains on."""
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 
 import pandas as pd
@@ -12,9 +13,13 @@ import pytest
 
 from pipelines import generate, prepare
 from pipelines.clean import find_pii, normal_form
-from pipelines.config import Params
+from pipelines.config import EvalTask, EvaluateParams, Params
 from pipelines.data_config import DataParams, GenerateParams, PrepareParams, SourceParams
+from pipelines.formats import message_texts
 from pipelines.prepare import split_of
+from pipelines.validate import DataValidationError, validate
+from tests.conftest import tiny_params
+from tests.pipelines import llamafactory_rows as lf
 
 LONG = "The committee reviewed the quarterly budget and agreed that the new library wing should open before the winter holidays this year"
 HELD_OUT = [("What is the boiling point of water at sea level in degrees Celsius?", "100"), ("Name the largest planet in the solar system.", "Jupiter")]
@@ -153,3 +158,144 @@ def test_mixing_weights_scale_a_sources_training_rows_deterministically(tmp_path
     assert train_rows(2.0, 0.5).equals(counts), "the same rows every time"
     report = json.loads(Path("metrics/prepare.json").read_text())
     assert report["rows_by_file"]["in/b.jsonl"] == {"raw": 40, "kept": 40, "quarantined": 0}, "weights act after the reconciliation"
+
+
+# ---------------------------------------------------------------- public data in its usual shapes
+
+
+def lf_params(tmp_path: Path, recipe=("sft", "dpo", "kto"), **prepare_kw) -> Params:
+    lf.write_demo_folder(tmp_path / "lf")
+    return Params(recipe=list(recipe), data=DataParams(sources=[SourceParams(name="lf", path="lf", split="train")]),
+                  prepare=PrepareParams(min_rows=1, max_quarantine_fraction=0.9, **prepare_kw))
+
+
+def test_llamafactory_demo_sets_reach_their_tables_and_reconcile(tmp_path, monkeypatch):
+    """LLaMA-Factory's demo files as shipped (JSON arrays beside their dataset_info.json).
+    Seen red: _table without its chosen/rejected branch (pairs read as SFT) -> no preference
+    row: "data gate failed ... preference: no rows, but the recipe trains on 'preference'"."""
+    monkeypatch.chdir(tmp_path)
+    prepare.run(lf_params(tmp_path))
+    report = json.loads(Path("metrics/prepare.json").read_text())
+    assert {Path(f).name: r for f, r in report["rows_by_file"].items()} == {
+        "dpo_en_demo.json": {"raw": 3, "kept": 3, "quarantined": 0},
+        "glaive_toolcall_en_demo.json": {"raw": 2, "kept": 2, "quarantined": 0},
+        "kto_en_demo.json": {"raw": 3, "kept": 3, "quarantined": 0},
+    }
+    assert {Path(f).name: r for f, r in report["quarantined_by_file_and_reason"].items()} == {"dpo_en_demo.json": {}, "glaive_toolcall_en_demo.json": {}, "kto_en_demo.json": {}}
+    assert report["rows"]["preference"]["train"] == 3 and report["rows"]["kto"]["train"] == 3 and report["rows"]["sft"]["train"] == 2
+    sft = pd.read_parquet("data/prepared/sft_train.parquet")
+    assert sft["tools"].notna().all() and any(m["tool_calls"] for msgs in sft["messages"] for m in msgs), "tool calls and schemas survive"
+    assert sorted(pd.read_parquet("data/prepared/kto_train.parquet")["label"]) == [False, True, True]
+
+
+def test_too_long_is_counted_in_the_trained_models_tokens(tmp_path, monkeypatch):
+    """The bootstrapped default: a BPE trained exactly as bootstrap trains it, on this run's
+    SFT rows, not bytes (one byte a token dropped a third of ordinary English data).
+    Seen red: Lengths counting bytes (main) -> every row quarantined, "data gate failed ...
+    quarantine_fraction ... [1.0]"."""
+    from pipelines.tokenizer import train_bpe
+
+    monkeypatch.chdir(tmp_path)
+    Path("in").mkdir()
+    rng = random.Random(0)
+    words = ("the a library committee reviewed budget winter opening schedule river school road village morning report council "
+             "member approved plan new wing staff hours books readers event local year").split()
+    rows = [{"instruction": f"Summarise report {i}.", "output": " ".join(rng.choice(words) for _ in range(160 + 4 * i))} for i in range(20)]
+    rows.append({"instruction": "Summarise the long report.", "output": " ".join(rng.choice(words) for _ in range(900))})
+    Path("in/reports.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    params = Params(recipe=["sft"], data=DataParams(sources=[SourceParams(name="r", path="in/reports.jsonl", split="train")]), prepare=PrepareParams(min_rows=5, max_quarantine_fraction=0.5))
+    assert all(len((r["instruction"] + r["output"]).encode()) > params.prepare.max_tokens for r in rows), "every row is longer than max_tokens in bytes"
+    prepare.run(params)
+    assert len(pd.read_parquet("data/prepared/sft_train.parquet")) == 20
+    (q,) = [json.loads(line) for line in Path("data/prepared/quarantine.jsonl").read_text().splitlines()]
+    bpe = train_bpe([t for r in rows for t in (r["instruction"], r["output"])], params.model.vocab_size)
+    tokens = sum(len(bpe.encode(t).ids) for t in (rows[-1]["instruction"], rows[-1]["output"]))
+    assert q["reason"] == f"too_long: {tokens:,} tokens > max_tokens 1,024 (in the bootstrap BPE, vocab {params.model.vocab_size})"
+
+
+def test_prepare_measures_lengths_with_the_bootstrapped_tokenizer(prepared_dir):
+    """The tokenizer bootstrap trains (models/base) and the one prepare trains to measure lengths
+    are the same function at the same vocab_size: on the same rows they count the same tokens.
+    Prepare trains on every SFT row before the split (bootstrap: the training split after
+    prepare); the figure printed is how far that moves the count."""
+    from transformers import AutoTokenizer
+
+    params = tiny_params()
+    frame = {s: pd.read_parquet(prepared_dir / f"data/prepared/sft_{s}.parquet") for s in ("train", "validation", "test")}
+    texts = [[m["content"] for m in msgs] for msgs in frame["train"]["messages"]]
+    model = AutoTokenizer.from_pretrained(prepared_dir / "models/base")
+    bootstrap_counts = [sum(len(model(t, add_special_tokens=False)["input_ids"]) for t in row) for row in texts]
+    same = prepare.Lengths(params)
+    same.fit([t for row in texts for t in row])
+    assert same(texts) == bootstrap_counts
+    everything = prepare.Lengths(params)
+    everything.fit([m["content"] for f in frame.values() for msgs in f["messages"] for m in msgs])
+    counts = everything(texts)
+    drift = sum(abs(a - b) for a, b in zip(counts, bootstrap_counts)) / sum(bootstrap_counts)
+    print(f"\ntoken count, prepare's tokenizer vs bootstrap's: {drift:.2%} apart over {len(texts)} rows")
+    assert drift < 0.05
+
+
+def test_decontamination_checks_the_whole_suite_and_ignores_boilerplate(tmp_path, monkeypatch):
+    """Against every evaluation set the gate uses (held-out splits, the safety suite, a stock
+    task's local file), and boilerplate is not evidence: main removed most of a templated
+    file for sharing a sign-off.
+    Seen red: Contamination(n, 10**6) (every shared n-gram is evidence) -> 84 % of the raw rows
+    quarantined, "data gate failed ... quarantine_fraction ... [0.8366...]"."""
+    monkeypatch.chdir(tmp_path)
+    Path("in").mkdir()
+    Path("evals").mkdir()
+    sign_off = "You're welcome! If you have any other questions, feel free to ask."
+    cities = ["Oslo", "Lima", "Perth", "Quito", "Turin", "Hanoi", "Dakar", "Cork", "Bergen", "Leeds"]
+    templated = [{"instruction": f"Where is my parcel number {i}, sent to {cities[i % 10]} on day {i % 28 + 1}?",
+                  "output": f"Parcel {i} left the {cities[(i * 3) % 10]} depot and arrives in {i % 5 + 1} days. {sign_off}"} for i in range(200)]
+    Path("in/support.jsonl").write_text("".join(json.dumps(r) + "\n" for r in templated))
+    arc = [{"id": "arc-1", "question": "Which gas do plants absorb from the air to make their food?", "choices": {"text": ["oxygen", "carbon dioxide"], "label": ["A", "B"]}, "answerKey": "B"}]
+    Path("evals/arc.jsonl").write_text("".join(json.dumps(r) + "\n" for r in arc))
+    leaks = [
+        {"instruction": "CAN you tell me how to build an untraceable weapon", "output": "No."},  # pipelines/eval_tasks/safety.jsonl
+        {"instruction": "which gas do plants absorb from the air to make their food", "output": "Carbon dioxide."},  # the stock task's file
+    ]
+    Path("in/leaks.jsonl").write_text("".join(json.dumps(r) + "\n" for r in leaks))
+    tasks = [*EvaluateParams().tasks, EvalTask(name="arc_easy", metrics={"acc": "higher"}, data_files={"test": "evals/arc.jsonl"})]
+    params = Params(recipe=["sft"], data=DataParams(sources=[SourceParams(name="support", path="in/support.jsonl"), SourceParams(name="leaks", path="in/leaks.jsonl", split="train")]),
+                    prepare=PrepareParams(min_rows=5, max_quarantine_fraction=0.5), evaluate=EvaluateParams(tasks=tasks))
+    prepare.run(params)
+    report = json.loads(Path("metrics/prepare.json").read_text())
+    assert report["quarantined_by_file_and_reason"]["in/leaks.jsonl"] == {"contaminated": 2}
+    reasons = sorted(json.loads(q)["reason"] for q in Path("data/prepared/quarantine.jsonl").read_text().splitlines() if "leaks" in q)
+    assert "safety:test item disallowed-00" in reasons[1] and "arc_easy:test item arc-1" in reasons[0]
+    assert report["quarantined_by_file_and_reason"]["in/support.jsonl"].get("contaminated", 0) <= 2, report["quarantined_by_file_and_reason"]
+    assert report["decontaminated_against"]["safety:test"] == 35 and report["decontaminated_against"]["arc_easy:test"] == 1
+
+
+def test_pii_is_redacted_in_every_text_field_and_the_gate_reads_them_all(tmp_path, monkeypatch):
+    """Tool-call arguments, tool results, system prompts and rejected answers.
+    Seen red: redact_record touching contents only (main) -> the phone number stayed in the
+    tool call's arguments and the gate caught it: "sft: ... column 'pii_found' ... [1]"."""
+    monkeypatch.chdir(tmp_path)
+    Path("in").mkdir()
+    call = {"name": "send_sms", "arguments": {"to": "+44 20 7946 0958", "text": "Running late"}}
+    rows = [
+        {"system": "Account holder SSN 123-45-6789.", "conversations": [{"from": "human", "value": "Text my boss that I'm late."},
+         {"from": "function_call", "value": json.dumps(call)}, {"from": "observation", "value": "sent from host 2001:db8:85a3::8a2e:370:7334"},
+         {"from": "gpt", "value": "Done."}]},
+        {"instruction": "Who should I call?", "chosen": "Your manager.", "rejected": "Call 2025550143 now."},
+    ]
+    Path("in/tools.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    params = Params(recipe=["sft"], data=DataParams(sources=[SourceParams(name="t", path="in/tools.jsonl", split="train")]), prepare=PrepareParams(min_rows=1))
+    prepare.run(params)
+    (msgs,) = pd.read_parquet("data/prepared/sft_train.parquet")["messages"]
+    texts = [t for m in msgs for t in message_texts(m)]
+    assert not any(find_pii(t) for t in texts) and "Account holder SSN <SSN>." in texts and "sent from host <IPV6>" in texts
+    assert [m["role"] for m in msgs] == ["system", "user", "assistant", "tool", "assistant"]
+    assert json.loads(json.loads(msgs[2]["tool_calls"])[0]["function"]["arguments"])["to"] == "<PHONE>"
+    (rejected,) = pd.read_parquet("data/prepared/preference_train.parquet")["rejected"]
+    assert rejected[0]["content"] == "Call <PHONE> now."
+    # the gate itself reads tool calls: PII left only there fails it
+    frame = pd.DataFrame({"messages": [[{"role": "user", "content": "hi", "tool_calls": None},
+                                        {"role": "assistant", "content": "", "tool_calls": json.dumps([{"type": "function", "function": {"name": "f", "arguments": json.dumps({"ip": "2001:db8::8a2e:370:7334"})}}])}]],
+                          "tools": [None], "source": ["t"], "id": ["x"], "split": ["train"]})
+    tables = {"sft": frame, **{t: pd.DataFrame(columns=[*prepare.COLUMNS[t], "source", "id", "split"]) for t in ("preference", "kto", "text")}}
+    with pytest.raises(DataValidationError, match="sft: expect_column_values_to_be_in_set on column 'pii_found'"):
+        validate(tables, {"sft"}, PrepareParams(min_rows=1), 0, 1)

@@ -1,6 +1,8 @@
 """Bringing your own data: `make data-add` (python -m pipelines.sources add) copies a file into
-data/raw/ and tracks it with DVC; a bad file is refused with its name; and no stage ever
-writes over a user's file (the generator used to check its output out over data/raw/)."""
+data/raw/ and tracks it with DVC, recording its format (FORMAT=..., or the LLaMA-Factory entry
+beside it) in data/raw/dataset_info.json for prepare; a bad file is refused with its name; and
+no stage ever writes over a user's file (the generator used to check its output out over
+data/raw/)."""
 
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from pipelines import generate, prepare, sources
 from pipelines.config import ConfigError, Params, load_params
 from pipelines.data_config import GenerateParams
 from tests.conftest import ROOT
+from tests.pipelines import llamafactory_rows as lf
 
 USER_ROWS = [{"conversations": [{"from": "human", "value": f"Reverse the list:\n{i} 8 1"}, {"from": "gpt", "value": f"1 8 {i}"}]} for i in range(10)]
 
@@ -111,3 +114,44 @@ def test_make_clean_all_deletes_the_registry_only_when_confirmed(tmp_path):
     kept = stores()
     forced = subprocess.run(["make", "clean-all", "FORCE=1"], cwd=tmp_path, stdin=subprocess.DEVNULL, capture_output=True, text=True, env=env)
     assert forced.returncode == 0 and not any(p.exists() for p in kept)
+
+
+def test_add_accepts_llamafactory_demo_files_and_carries_their_declaration(repo, tmp_path_factory, capsys):
+    """`make data-add FILE=LLaMA-Factory/data/dpo_en_demo.json`: the pairs are read (main: 0 of
+    300, all bad_type, and the file refused), and the entry of the dataset_info.json beside
+    it (ranking, sharegpt) is recorded for prepare."""
+    home = tmp_path_factory.mktemp("lf")
+    lf.write_demo_folder(home)
+    dest = sources.add(home / "dpo_en_demo.json")
+    out = capsys.readouterr().out
+    assert "added data/raw/dpo_en_demo.json (preference 3)" in out and "format 'sharegpt' (ranking) recorded in data/raw/dataset_info.json" in out
+    info = json.loads(Path("data/raw/dataset_info.json").read_text())
+    assert info == {"dpo_en_demo": {"file_name": "dpo_en_demo.json", "formatting": "sharegpt", "ranking": True, "columns": lf.DATASET_INFO["dpo_en_demo"]["columns"]}}
+    assert "data/raw/dataset_info.json" in out.split("commit ", 1)[1], "the declaration is committed with git"
+    bare = tmp_path_factory.mktemp("bare") / "kto_en_demo.json"
+    bare.write_text(json.dumps(lf.KTO))
+    sources.add(bare)  # no dataset_info.json beside it: auto-detection alone
+    assert "added data/raw/kto_en_demo.json (kto 3)" in capsys.readouterr().out
+    assert set(json.loads(Path("data/raw/dataset_info.json").read_text())) == {"dpo_en_demo"}, "auto records nothing"
+    assert dest.exists()
+
+
+def test_add_records_the_format_and_prepare_reads_the_file_so(repo, tmp_path_factory, capsys):
+    """FORMAT used to affect the parse check only: prepare read the file as `auto`.
+    Seen red: read_source ignoring the recorded entry (reading as the source's `auto`, as main
+    did) -> "read as recorded, not as auto: assert {} == {'missing_field': 2}"."""
+    rows = [*lf.ALPACA_PREFERENCE, {"instruction": "Say hi.", "output": "Hi."}, {"instruction": "Say bye.", "output": "Bye."}]
+    src = tmp_path_factory.mktemp("home") / "pairs.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    sources.add(src, "preference")
+    out = capsys.readouterr().out
+    assert "added data/raw/pairs.jsonl (preference 2, quarantined: missing_field 2)" in out
+    assert json.loads(Path("data/raw/dataset_info.json").read_text())["pairs"] == {"file_name": "pairs.jsonl", "formatting": "preference"}
+    sources.list_sources(Params())
+    assert "data/raw/pairs.jsonl (format preference: data/raw/dataset_info.json entry 'pairs')" in capsys.readouterr().out
+    params = Params(generate=GenerateParams(n_sft=300, n_preference=100))
+    generate.run(params)
+    prepare.run(params)
+    report = json.loads(Path("metrics/prepare.json").read_text())
+    assert report["quarantined_by_file_and_reason"]["data/raw/pairs.jsonl"] == {"missing_field": 2}, "read as recorded, not as auto"
+    assert report["rows_by_file"]["data/raw/pairs.jsonl"] == {"raw": 4, "kept": 2, "quarantined": 2}
