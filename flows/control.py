@@ -35,12 +35,15 @@ def slot_name(params: Params) -> str:
 
 
 def _source_files(src: SourceParams) -> list[Path]:
-    from pipelines.sources import files_of
+    """A source's data files, and the dataset_info.json beside them that says how they are read
+    (a changed format alone is new data)."""
+    from pipelines.sources import DATASET_INFO, files_of
 
     out = []
     for f in files_of(src):
         out += sorted(p for p in f.rglob("*") if p.is_file()) if f.is_dir() else [f]
-    return out
+    infos = {p.parent / DATASET_INFO for p in out} | ({Path(src.path) / DATASET_INFO} if src.path else set())
+    return out + sorted(i for i in infos if i.is_file() and i not in out)
 
 
 def data_hash(params: Params) -> str:

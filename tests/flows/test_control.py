@@ -50,7 +50,11 @@ def test_the_data_hash_follows_the_users_data_not_the_generator(tmp_path, monkey
     added = data_hash(params)
     assert added != empty and data_hash(params) == added
     (tmp_path / "data/raw/mine.jsonl").write_text('{"instruction": "a", "output": "c"}\n')
-    assert data_hash(params) not in (empty, added)
+    changed = data_hash(params)
+    assert changed not in (empty, added)
+    # how the file is read (`make data-add FORMAT=...` records it there) is part of the data
+    (tmp_path / "data/raw/dataset_info.json").write_text('{"mine": {"file_name": "mine.jsonl", "formatting": "alpaca"}}')
+    assert data_hash(params) not in (empty, added, changed)
 
 
 def test_new_data_without_a_server_says_so_and_does_not_fail(tmp_path, monkeypatch):
