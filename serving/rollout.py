@@ -76,9 +76,9 @@ class RolloutResult:
             verdict = "ok" if s.decision.passed else "FAILED: " + "; ".join(s.decision.reasons)
             c = s.canary
             lines.append(
-                f"  {s.weight:>3}% canary: {c.get('requests', 0)} req, error rate {c.get('error_rate', 0):.2f}, "
+                f"  {s.weight:>3}% canary: {c.get('requests', 0)} req, error rate {fmt(c.get('error_rate'))}, "
                 f"p95 {fmt_s(c.get('p95_latency_s'))} vs stable {fmt_s(s.stable.get('p95_latency_s'))}, "
-                f"golden EM {fmt(c.get('exact_match'))}, agreement {fmt(c.get('agreement'))} -> {verdict}"
+                f"golden EM {fmt(c.get('exact_match'))}, agreement {fmt(c.get('agreement'))} (reported) -> {verdict}"
             )
         return "\n".join(lines)
 
