@@ -81,8 +81,8 @@ reproduce: setup  ## rebuild a version from its record in a scratch worktree and
 	@test -n "$(VERSION)" || { echo "usage: make reproduce VERSION=N   (make status lists the versions)"; exit 2; }
 	$(PY) -m registry.cli reproduce $(VERSION)
 
-rollback: setup  ## champion <- previous: on a running plane, switched live (no restart); else the aliases alone
-	$(PY) -m registry.cli rollback
+rollback: setup  ## champion <- previous: on a running plane, switched live (no restart); else the aliases alone. REASON="..." is recorded on the version rolled back
+	$(PY) -m registry.cli rollback $(if $(REASON),--reason "$(REASON)")
 
 serve-flows: setup  ## serve the deployments (lifecycle on orchestration.cron and on new data, release, rollback) against the Prefect server of `make ui`
 	PREFECT_API_URL=$${PREFECT_API_URL:-http://127.0.0.1:$(PREFECT_UI_PORT)/api} $(PY) -m flows.deployments serve

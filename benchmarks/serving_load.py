@@ -186,13 +186,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-tokens", type=int, default=32, help="max_tokens of every request")
     parser.add_argument("--max-requests", type=int, default=20_000, help="stop after this many requests even before --seconds")
     parser.add_argument("--canary-error-rate", type=float, default=0.0, help="make the canary answer this share of requests with HTTP 500 (the server's fault injection): lost requests must stay 0")
-    parser.add_argument("--torch-threads", type=int, default=max(1, (os.cpu_count() or 1) // 2), help="OMP_NUM_THREADS for each CPU server (default: cores / 2, the split the canary deploy uses for its two servers; 0 = inherit, every server uses every core)")
+    parser.add_argument("--torch-threads", type=int, default=max(1, (os.cpu_count() or 1) // 2), help="OMP_NUM_THREADS for each CPU server (default: cores / 2, the split a plane gives a canary and its stable side by side; 0 = inherit, every server uses every core)")
     parser.add_argument("--keep", action="store_true", help="keep the model and the server logs")
     args = parser.parse_args(argv)
 
     if args.torch_threads:
         # Inherited by the servers launch() starts (torch reads it when it loads); the same
-        # split tasks/deploy.py applies (serve.cpu_threads: 0).
+        # split the plane's engines get side by side (serving/plane/engines.py, serve.cpu_threads: 0).
         os.environ["OMP_NUM_THREADS"] = str(args.torch_threads)
     tmp = Path(tempfile.mkdtemp(prefix="serving-load-"))
     servers: list[ServerProcess] = []

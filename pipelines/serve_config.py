@@ -29,11 +29,12 @@ class ServeParams(Section):
     queue_max_waiting: int = Field(128, ge=0, description="Requests that may wait in the gateway's queue; beyond it a request gets 429 with Retry-After at once.")
     keys_file: str | None = Field(None, description="YAML file mapping API keys to tiers {priority, rpm, tpm} (serving/keys.py); keep it out of git. null = no per-key tiers or rate limits.")
     redis_url: str | None = Field(None, description="redis://host:port/db shared by gateway replicas for the response cache and the rate limits; null = each gateway keeps its own in memory.")
+    redis_failure_mode: Literal["open", "closed"] = Field("open", description="What keyed requests get while Redis (redis_url) cannot be reached: 'open' serves them without their rate limits (logged, counted in gateway_rate_limits_unavailable_total); 'closed' refuses them with 503 and Retry-After, in OpenAI's error shape. The response cache fails open either way (a miss).")
     replicas: int = Field(1, ge=1, description="Engine processes per version in the serving plane (`make serve`), balanced by fewest requests outstanding.")
-    plane_url: str | None = Field("auto", description="The running plane releases go into: 'auto' = http://host:port when a plane answers there for this registry; a URL; null = always an ephemeral gateway for the release.")
+    plane_url: str | None = Field("auto", description="The running plane releases go into: 'auto' = http://host:port when a plane answers there for this registry; a URL; null = never look for one. Without a running plane a release starts a temporary plane of its own (a free loopback port, its own state folder) and stops it afterwards.")
     drain_timeout_s: float = Field(60, gt=0, description="How long a version leaving the plane (promoted away, rolled back) may finish its requests in flight before it is stopped.")
     supervise_interval_s: float = Field(0.5, gt=0, description="How often the plane's supervisor checks each engine process (exited, or failing /health 3 times in a row: restarted).")
-    target: Literal["local", "kserve"] = Field("local", description="Where a release goes: 'local' serves and judges it on this machine (the plane or an ephemeral gateway); 'kserve' renders a KServe InferenceService per canary step into kserve.out_dir for a cluster to apply (serving/kserve.py) and serves nothing here.")
+    target: Literal["local", "kserve"] = Field("local", description="Where a release goes: 'local' serves and judges it on this machine (in the running plane, or a temporary one); 'kserve' renders a KServe InferenceService per canary step into kserve.out_dir for a cluster to apply (serving/kserve.py) and serves nothing here.")
 
 
 class KServeParams(Section):
@@ -74,15 +75,14 @@ class CanaryParams(Section):
     probabilities error_rate_alpha and error_rate_beta. How many requests that takes follows
     from the effect, so `step_requests` is a floor raised to `min_step_requests`."""
 
-    strategy: Literal["canary", "blue_green", "shadow"] = Field("canary", description="canary: weighted steps on live traffic; blue_green: the candidate is analysed on mirrored traffic (step_requests copies, answers compared with stable's), then all traffic switches at once; shadow: mirrored and reported, never promoted.")
+    strategy: Literal["canary", "blue_green", "shadow"] = Field("canary", description="canary: weighted steps on live traffic; blue_green: the candidate is analysed on mirrored traffic (step_requests copies; errors and latency judged, agreement with stable's answers reported), then all traffic switches at once; shadow: mirrored and reported, never promoted.")
     steps: list[int] = Field(default_factory=lambda: [10, 25, 50, 100], description="Canary traffic weight (percent) at each step; the last should be 100.")
     step_requests: int = Field(20, ge=1, description="Fewest requests the canary must answer at each step before it is analysed; raised to min_step_requests, the fewest at which the error-rate test can pass a step.")
     interval_s: float = Field(0.0, ge=0, description="Shortest time spent at each step (real traffic needs minutes; the embedded demo drives its own).")
     golden_prompts: int = Field(20, ge=1, description="Held-out prompts sent straight to the canary; their exact match is checked.")
-    shadow_prompts: int = Field(10, ge=0, description="Prompts sent to both stable and canary; their agreement is checked (0 = off).")
+    shadow_prompts: int = Field(10, ge=0, description="Golden prompts sent to both stable and canary straight (not through the gateway); their agreement is reported, never held against the canary: a better candidate answers differently. Correctness decides: golden exact match against min_exact_match and, prompt by prompt, against stable's (champion_tolerance). 0 = off.")
     min_exact_match: float = Field(0.8, ge=0, le=1, description="Canary's golden-prompt exact match must reach this.")
-    champion_tolerance: float = Field(0.05, ge=0, le=1, description="Canary's golden exact match may trail stable's by at most this.")
-    min_agreement: float = Field(0.8, ge=0, le=1, description="Share of shadowed prompts where canary and stable answer alike.")
+    champion_tolerance: float = Field(0.05, ge=0, le=1, description="Canary's golden exact match may trail stable's by at most this: on the golden prompts where one is right and the other wrong, (stable's - the canary's) / prompts <= this.")
     max_error_rate: float = Field(0.0, ge=0, le=1, description="Error rate (5xx, refused, timeout) a release is held to when stable served nothing to compare with: the largest share a first release may fail, and stable's rate in the error-rate test at a step where stable got no traffic (the 100% step).")
     error_rate_margin: float = Field(0.001, ge=0, lt=1, description="Error-rate test, H0: the canary's error rate is at most stable's plus this (absolute). 0 says a canary may not fail more often than stable at all: against a stable without failures its first failure then fails the step.")
     error_rate_effect: float = Field(0.01, gt=0, lt=1, description="Error-rate test, H1: the canary's error rate is at least stable's plus this (absolute): the smallest degradation a step must catch, with probability 1 - error_rate_beta.")

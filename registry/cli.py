@@ -6,7 +6,8 @@ is where, what made it, rebuild it, serve the champion, roll back.
     lifecycle reproduce 3           # rebuild version 3 in a scratch worktree; do all hashes match?
     python -m registry.cli show       # the aliases alone (short status)
     python -m registry.cli serve      # the champion alone on serve.host:serve.port (no plane)
-    python -m registry.cli rollback   # champion <- previous, switched live on a running plane (make rollback)
+    python -m registry.cli rollback --reason "p95 doubled"   # champion <- previous, switched live on a running plane (make rollback);
+                                      # the version taken out is marked rolled_back: its bytes are not released again unapproved
     python -m registry.cli approve 7 --reason "flaky canary host, re-run"   # lift a rejection
 """
 
@@ -131,10 +132,11 @@ def after_rollback(params, old: str, new: str, where: str) -> None:
     notify(params, "rolled_back", f"rolled back by hand ({getpass.getuser()}): version {new} is champion again, version {old} taken out, via {where}", version=old, champion=new, by=getpass.getuser())
 
 
-def rollback_plane(params, plane) -> None:
+def rollback_plane(params, plane, reason: str = "") -> None:
     """`make rollback` on a running plane: start `previous`'s engine beside the champion, check it
-    answers, move the aliases, then switch all traffic to it; the old champion drains and stops.
-    No restart, and no request is dropped (the gateway keeps serving throughout)."""
+    answers, move the aliases (the old champion's status: rolled_back, with `reason`), then
+    switch all traffic to it; the old champion leaves rotation at once, drains and stops. No
+    restart, and no request is dropped (the gateway keeps serving, queued requests included)."""
     from pipelines.common import PREPARED
     from serving.canary import golden_prompts, probe
     from serving.plane_client import backends_of
@@ -152,7 +154,7 @@ def rollback_plane(params, plane) -> None:
     if checked["error_rate"]:
         plane.rollback()
         raise SystemExit(f"version {previous.version} failed {checked['error_rate']:.0%} of its checks ({checked['errors_seen']}): not switched; the champion keeps serving")
-    old, new = rollback(name)
+    old, new = rollback(name, reason, getpass.getuser())
     plane.promote()
     after_rollback(params, old, new, f"the running plane at {plane.base_url}")
     print(f"rolled back '{name}': version {new} now serves all traffic at {plane.base_url} (version {old} drained and stopped)")
@@ -184,7 +186,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="lifecycle", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", choices=["status", "lineage", "reproduce", "show", "serve", "rollback", "approve"])
     parser.add_argument("version", nargs="?", help="lineage, reproduce: the version; approve: the version whose rejection a person overrides")
-    parser.add_argument("--reason", default="", help="approve: why it may be released despite its status (recorded)")
+    parser.add_argument("--reason", default="", help="approve: why it may be released despite its status; rollback: why the champion is taken out (both recorded on the version)")
     parser.add_argument("--out", type=Path, help="lineage: where the graph image goes (default lineage-v<N>.png)")
     parser.add_argument("--scratch", type=Path, help="reproduce: the scratch worktree (default: a folder under the system temp dir)")
     parser.add_argument("--keep", action="store_true", help="reproduce: keep the scratch worktree even when every hash matches")
@@ -217,7 +219,7 @@ def main(argv: list[str] | None = None) -> None:
         if champ is None or prev is None:
             raise SystemExit(f"model '{name}' has no 'previous' version to roll back to")
         paths = write_rollback(params, str(champ.version), str(prev.version))
-        old, new = rollback(name)
+        old, new = rollback(name, args.reason, getpass.getuser())
         after_rollback(params, old, new, f"KServe manifest {paths[0]}")
         print(f"rolled back '{name}' to version {new}: kubectl apply -f {paths[0]} (KServe's rollback), or {paths[1]} to declare version {new} again")
     else:
@@ -226,11 +228,11 @@ def main(argv: list[str] | None = None) -> None:
         plane = discover(params)
         if plane is not None:
             try:
-                rollback_plane(params, plane)
+                rollback_plane(params, plane, args.reason)
             finally:
                 plane.close()
             return
-        old, new = rollback(name)
+        old, new = rollback(name, args.reason, getpass.getuser())
         after_rollback(params, old, new, "the registry's aliases (no plane was running)")
         print(f"rolled back '{name}': champion is now version {new} (was {old}); no plane is running, so `make serve` will serve it")
 

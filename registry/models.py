@@ -82,8 +82,10 @@ def set_status(name: str, version: str, status: str, reason: str) -> None:
     c.set_model_version_tag(name, str(version), STATUS, status)
     c.set_model_version_tag(name, str(version), f"{STATUS}.reason", reason[:4900])
     c.set_model_version_tag(name, str(version), f"{STATUS}.at", _now())
-    if status in BLOCKING:
-        _drop_alias(name, CANDIDATE)
+    candidate = by_alias(name, CANDIDATE)
+    if status in BLOCKING and candidate is not None and str(candidate.version) == str(version):
+        # Only this version's alias: another version waiting for release keeps its own.
+        c.delete_registered_model_alias(name, CANDIDATE)
 
 
 def blocked(mv: ModelVersion) -> str | None:
@@ -143,8 +145,10 @@ def shadowed(name: str, version: str, report: str) -> None:
     _drop_alias(name, CANDIDATE)
 
 
-def rollback(name: str) -> tuple[str, str]:
-    """Move `champion` back to `previous` by hand; returns (from_version, to_version)."""
+def rollback(name: str, reason: str = "", by: str = "") -> tuple[str, str]:
+    """Move `champion` back to `previous` by hand; returns (from_version, to_version). The
+    version taken out gets status rolled_back with the reason, as a canary's rollback does, so a
+    rerun that produces the same bytes is refused until a person approves them again."""
     current, previous = by_alias(name, CHAMPION), by_alias(name, PREVIOUS)
     if previous is None:
         raise SystemExit(f"model '{name}' has no 'previous' version to roll back to")
@@ -153,6 +157,9 @@ def rollback(name: str) -> tuple[str, str]:
     if current is not None:
         c.set_registered_model_alias(name, PREVIOUS, str(current.version))
         c.set_model_version_tag(name, str(current.version), "rolled_back_by_hand", "true")
+        who = f" by {by}" if by else ""
+        why = f": {reason.strip()}" if reason.strip() else " (no reason given: --reason says why)"
+        set_status(name, str(current.version), ROLLED_BACK, f"rolled back by hand{who}, version {previous.version} serves again{why}")
     return (str(current.version) if current else "none"), str(previous.version)
 
 

@@ -1,8 +1,16 @@
 """The canary's analysis, beside the release controller that uses it (`serving.rollout`): pure
 functions of what a step collected. `decide_canary` checks the canary's error rate (a sequential
-test against stable's in the same step), its p95 latency against stable's, its golden-prompt
-exact match and its agreement with stable; `rollout_action` then advances, promotes or rolls
-back. No I/O: every branch is unit-tested (tests/serving/test_analysis.py).
+test against stable's in the same step; a 4xx only the canary gave counts there as a failure),
+its p95 latency against stable's, and its correctness on the golden prompts, absolutely and
+against stable's prompt by prompt; `rollout_action` then advances, promotes or rolls back. No
+I/O: every branch is unit-tested (tests/serving/test_analysis.py).
+
+Agreement with stable is reported, never held against the canary: a candidate exists to answer
+differently (a better one answered 30 % of the prompts differently from the champion it beat),
+so where the two differ, only a reference answer can say which is right. On the golden prompts
+it can: the paired comparison counts the prompts only the canary gets right against those only
+stable gets right. On mirrored real traffic there is no reference, and agreement is a figure for
+a person to read.
 """
 
 from __future__ import annotations
@@ -15,7 +23,7 @@ from typing import Literal
 import numpy as np
 
 from pipelines.config import CanaryParams
-from pipelines.gates import Check, Decision, no_worse_than
+from pipelines.gates import Check, Decision
 
 Outcome = Literal["pass", "fail", "continue"]
 
@@ -200,9 +208,10 @@ def decide_canary(canary: dict, stable: dict | None, policy: CanaryParams) -> De
     """One canary analysis, a pure function of what was collected during a step.
 
     `canary`: requests and failures (the gateway's counts for this step; error_rate stands in
-    for failures if they are missing), p95_latency_s, exact_match (golden prompts) and, when
-    shadowing ran, agreement. `stable`: its requests, failures and p95_latency_s over the same
-    step, and exact_match over the same prompts. Both may carry the engines' own figures
+    for failures if they are missing; a 4xx only the canary gave is a failure), p95_latency_s,
+    exact_match and golden_correct (golden prompts, prompt by prompt) and, when shadowing or
+    mirroring ran, agreement (reported only). `stable`: its requests, failures and
+    p95_latency_s over the same step, and exact_match and golden_correct on the same prompts. Both may carry the engines' own figures
     (`engine_p95_ttft_s` and the rest, serving.engine_metrics): the canary's p95 time to first
     token is then held to max_ttft_ratio of stable's. Without a stable (a first release) only
     the absolute checks apply, error_rate <= max_error_rate among them.
@@ -220,7 +229,7 @@ def decide_canary(canary: dict, stable: dict | None, policy: CanaryParams) -> De
     ]
     if stable:
         if stable.get("exact_match") is not None:
-            checks.append(no_worse_than("exact_match", em, stable["exact_match"], policy.champion_tolerance, "stable within tolerance"))
+            checks.append(golden_against_stable(canary, stable, policy.champion_tolerance))
         if stable.get("p95_latency_s"):
             ratio = canary["p95_latency_s"] / stable["p95_latency_s"] if canary.get("p95_latency_s") is not None else None
             checks.append(Check("p95_latency_ratio", "<=", ratio, policy.max_latency_ratio, ratio is not None and ratio <= policy.max_latency_ratio))
@@ -228,10 +237,46 @@ def decide_canary(canary: dict, stable: dict | None, policy: CanaryParams) -> De
             # The engines' own view (serving.engine_metrics): queueing and prefill inside them.
             ratio = max(canary["engine_p95_ttft_s"], policy.ttft_floor_s) / max(stable["engine_p95_ttft_s"], policy.ttft_floor_s)
             checks.append(Check("engine_p95_ttft_ratio", "<=", ratio, policy.max_ttft_ratio, ratio <= policy.max_ttft_ratio))
-        if "agreement" in canary:
-            a = canary["agreement"]
-            checks.append(Check("agreement", ">=", a, policy.min_agreement, a is not None and a >= policy.min_agreement))
+        if canary.get("requests"):
+            checks.append(client_errors_report(canary, stable))
+    if canary.get("agreement") is not None:
+        a = canary["agreement"]
+        where = f"on {canary['mirrored_compared']} mirrored requests" if canary.get("mirrored_compared") else "on the shadowed prompts"
+        checks.append(Check("agreement", "report", a, None, True, text=f"{a:.2f} with stable {where} (reported: a candidate may answer differently; correctness decides)"))
     return Decision("canary", all(c.passed for c in checks), checks)
+
+
+def golden_against_stable(canary: dict, stable: dict, tolerance: float) -> Check:
+    """The canary's golden-prompt exact match may trail stable's by at most `tolerance`. With
+    both sides' answers prompt by prompt (`golden_correct`), the difference is read off the
+    prompts where they differ in correctness: the canary alone right on `wins`, stable alone on
+    `losses`; (losses - wins) / n <= tolerance. Prompts both get right or both get wrong say
+    nothing about which is better, however differently the two worded them."""
+    em_c, em_s = canary.get("exact_match"), stable["exact_match"]
+    ours, theirs = canary.get("golden_correct"), stable.get("golden_correct")
+    bound = em_s - tolerance
+    if ours is not None and theirs is not None and len(ours) == len(theirs) and ours:
+        wins = sum(a and not b for a, b in zip(ours, theirs))
+        losses = sum(b and not a for a, b in zip(ours, theirs))
+        deficit = (losses - wins) / len(ours)
+        passed = deficit <= tolerance + 1e-12
+        text = (
+            f"of {len(ours)} golden prompts, the canary alone is right on {wins}, stable alone on {losses}: "
+            f"{em_c:.2f} vs stable {em_s:.2f}, may trail by at most {tolerance:g}: " + ("ok" if passed else "FAILED")
+        )
+        return Check("exact_match_vs_stable", ">=", em_c, bound, passed, text=text)
+    return Check("exact_match_vs_stable", ">= stable within tolerance", em_c, bound, em_c is not None and em_c >= bound - 1e-12)
+
+
+def client_errors_report(canary: dict, stable: dict) -> Check:
+    """4xx on the same requests: a canary's 4xx is asked of stable too (serving.proxy); one that
+    stable answered is the canary's failure (`refused_valid`, in the error-rate test above),
+    one that stable refused as well is the request's own, counted alike for both."""
+    refused = int(canary.get("refused_valid") or 0)
+    own_c, own_s = canary.get("client_error_rate"), stable.get("client_error_rate")
+    fmt = lambda r: "-" if r is None else f"{r:.2%}"  # noqa: E731
+    text = f"{refused} refused that stable answered (counted as failures); 4xx the requests caused: canary {fmt(own_c)}, stable {fmt(own_s)}"
+    return Check("client_errors", "report", float(refused), None, True, text=text)
 
 
 def rollout_action(decisions: list[Decision], step: int, policy: CanaryParams) -> Literal["advance", "promote", "rollback"]:

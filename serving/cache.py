@@ -1,10 +1,12 @@
-"""A response cache for deterministic requests, keyed by the model version that answers.
+"""A response cache for deterministic requests, keyed by the model and the version that answers.
 
 Only a request whose answer is fixed by its input may be answered from a cache: greedy decoding
 (temperature 0), or sampling with a fixed `seed`. A stream, `n` > 1 and sampling without a seed
-get no key. The key hashes the model VERSION (the backend that answers, not the public name): a
-promotion or a rollback moves the public name to another version, and an entry written by one
-version must never answer for another.
+get no key. The key hashes the MODEL (the gateway's public name) and the VERSION that answers
+(the backend's served model and registered version, not the public name alone): a promotion or
+a rollback moves the public name to another version, and an entry written by one version must
+never answer for another; two models that both have a version 3 behind one Redis must never
+answer for each other either.
 
 What the key covers is everything in the body that can change the answer, in a canonical form
 (JSON with sorted keys, 0 and 0.0 alike, `stop: "x"` as `["x"]`); it leaves out only fields
@@ -66,15 +68,15 @@ def _canonical(value: Any) -> Any:
     return value
 
 
-def cache_key(version: str, path: str, payload: dict[str, Any]) -> str | None:
-    """The sha256 (hex) naming `payload`'s answer from model `version` at `path`, or None when the
-    answer is not determined by the request (see is_deterministic) and must not be cached."""
+def cache_key(model: str, version: str, path: str, payload: dict[str, Any]) -> str | None:
+    """The sha256 (hex) naming `payload`'s answer from `version` of `model` at `path`, or None
+    when the answer is not determined by the request (see is_deterministic) and must not be cached."""
     if not is_deterministic(payload):
         return None
     request = {k: v for k, v in payload.items() if k not in IGNORED_FIELDS}
     if isinstance(request.get("stop"), str):
         request["stop"] = [request["stop"]]
-    canonical = json.dumps({"version": version, "path": path, "request": _canonical(request)}, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    canonical = json.dumps({"model": model, "version": version, "path": path, "request": _canonical(request)}, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 

@@ -1,6 +1,7 @@
 """Canary probing: send the same held-out golden prompts to the candidate and the champion
-through the real OpenAI client, and summarise what each did. The promote/rollback decision
-is `serving.analysis.decide_canary`, a pure function of these summaries."""
+through the real OpenAI client, and summarise what each did, prompt by prompt (so the analysis
+can pair them: where the two answer differently, the reference says who is right). The
+promote/rollback decision is `serving.analysis.decide_canary`, a pure function of these summaries."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ class ProbeStats:
     correct: int = 0
     latencies_s: list[float] = field(default_factory=list)
     error_samples: list[str] = field(default_factory=list)
+    outcomes: list[bool] = field(default_factory=list)  # per prompt, in order: answered exactly (False if unanswered)
 
     def summary(self) -> dict:
         lat = sorted(self.latencies_s)
@@ -31,6 +33,7 @@ class ProbeStats:
             "p50_latency_s": percentile(lat, 0.5),
             "p95_latency_s": percentile(lat, 0.95),
             "errors_seen": self.error_samples[:3],
+            "golden_correct": list(self.outcomes),
         }
 
 
@@ -54,7 +57,10 @@ def probe(backends: dict[str, tuple[str, str]], prompts: list[tuple[str, str]], 
             except Exception as exc:  # any failure of the backend counts against it, never crashes the probe
                 s.errors += 1
                 s.error_samples.append(f"{type(exc).__name__}: {exc}"[:200])
+                s.outcomes.append(False)
                 continue
             s.latencies_s.append(latency)
-            s.correct += int(text.strip() == expected.strip())
+            right = text.strip() == expected.strip()
+            s.correct += right
+            s.outcomes.append(right)
     return {label: s.summary() for label, s in stats.items()}

@@ -12,6 +12,12 @@ controller needs no engine flag:
 | vLLM (`vllm serve`) | /metrics | vllm:request_success | - | vllm:e2e_request_latency_seconds | vllm:time_to_first_token_seconds | vllm:request_queue_time_seconds |
 | TensorRT-LLM (`trtllm-serve`) | /prometheus/metrics | trtllm_request_success | trtllm_request_error | trtllm_e2e_request_latency_seconds | trtllm_time_to_first_token_seconds | trtllm_request_queue_time_seconds |
 
+trtllm-serve's `/metrics` is not Prometheus: it answers JSON, a list of per-iteration statistics
+(`iter`, `iterLatencyMS`, `numActiveRequests`, `kvCacheStats`, ...). Its Prometheus endpoint,
+`/prometheus/metrics`, exists only when the engine runs with `return_perf_metrics: true` (and
+its running/waiting gauges with `enable_iter_perf_stats: true`), which `serving.launcher`
+writes into the `--extra_llm_api_options` file it starts trtllm-serve with.
+
 A step's figures are the difference of two scrapes (counters and histogram buckets, summed
 over an engine's replicas), so they cover exactly that step. Quantiles come from histogram
 buckets as Prometheus' `histogram_quantile` computes them (linear within a bucket).
@@ -184,20 +190,31 @@ def recognise(families: dict) -> Names:
 
 
 def scrape(base_url: str, api_key: str | None = None, timeout_s: float = 5.0) -> Scrape:
-    """An engine's metrics at http(s)://host:port, wherever its kind serves them."""
+    """An engine's metrics at http(s)://host:port, wherever its kind serves them. Each known
+    path is tried in turn, and one that answers something other than a known engine's
+    Prometheus text is passed over, not fatal: trtllm-serve answers `/metrics` with JSON (its
+    per-iteration statistics) and serves Prometheus text on `/prometheus/metrics`."""
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     tried = []
     for path in dict.fromkeys(n.path for n in ENGINES):
         r = httpx.get(base_url.rstrip("/") + path, headers=headers, timeout=timeout_s)
-        if r.status_code == 200:
-            families = _families(r.text)
-            known = [n for n in ENGINES if n.path == path and n.marker in families]
-            if known:
-                return parse(r.text, known[0])
-            tried.append(f"{path}: no known engine's metrics")
+        if r.status_code != 200:
+            tried.append(f"{path}: {r.status_code}")
             continue
-        tried.append(f"{path}: {r.status_code}")
-    raise UnknownEngine(f"{base_url} serves no engine metrics we know ({'; '.join(tried)})")
+        if "json" in r.headers.get("content-type", ""):
+            tried.append(f"{path}: JSON, not Prometheus text")
+            continue
+        try:
+            families = _families(r.text)
+        except ValueError as exc:
+            tried.append(f"{path}: not Prometheus text ({str(exc)[:80]})")
+            continue
+        known = [n for n in ENGINES if n.path == path and n.marker in families]
+        if known:
+            return parse(r.text, known[0])
+        tried.append(f"{path}: no known engine's metrics")
+    hint = " (trtllm-serve serves them only with return_perf_metrics: true, which serving.launcher sets)" if any("JSON" in t for t in tried) else ""
+    raise UnknownEngine(f"{base_url} serves no engine metrics we know ({'; '.join(tried)}){hint}")
 
 
 def total(scrapes: list[Scrape]) -> Scrape:

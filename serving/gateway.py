@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import AsyncIterator, Callable
+import logging
+from collections.abc import AsyncIterator, Callable, Collection
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -35,11 +36,13 @@ from serving.netaddr import is_loopback
 from serving.cache import MemoryCache, RedisCache, ResponseCache
 from serving.keys import PRIORITY_HEADER, BadPriority, KeyTable, Tier, load_keys, request_priority
 from serving.queue import AdmissionQueue, ClientDisconnected, QueueFull
-from serving.ratelimit import MemoryRateLimiter, RateLimited, RateLimiter, RedisRateLimiter, estimate_tokens
+from serving.ratelimit import LimiterUnavailable, MemoryRateLimiter, RateLimited, RateLimiter, RedisRateLimiter, estimate_tokens
 from serving.protocol import APIError
+from serving.protocol import error_body as protocol_error_body
 from serving.proxy import Attempt, Proxy, StreamStart, error_body, rewrite_sse_line, sessions, sse_data
 from serving.routing import FAILURES, LATENCY_SAMPLES, Backend, Gateway, NoCanaryError, Slot, Stats, Target, check_weight, classify, percentile
 
+log = logging.getLogger("serving.gateway")
 API_KEY_ENV = "GATEWAY_API_KEY"  # keys come from the environment: a key in argv is visible in `ps`
 ADMIN_KEY_ENV = auth.ADMIN_KEY_ENV
 LEGACY_ADMIN_KEY_ENV = "GATEWAY_ADMIN_KEY"  # still read, after $SERVING_ADMIN_KEY
@@ -62,6 +65,9 @@ class FrontDoor:
     keys: KeyTable | None = None
     limiter: RateLimiter | None = None
     default_max_tokens: int = 64
+    # While the limiter cannot be read (Redis down): True serves keyed requests without their
+    # limits, False refuses them with 503 (serve.redis_failure_mode).
+    limits_fail_open: bool = True
 
     @classmethod
     def from_params(cls, serve, replicas: int = 1) -> "FrontDoor":
@@ -72,7 +78,7 @@ class FrontDoor:
         keys = load_keys(serve.keys_file) if serve.keys_file else None
         limiter = (RedisRateLimiter.from_url(serve.redis_url) if serve.redis_url else MemoryRateLimiter()) if keys else None
         queue = AdmissionQueue(serve.queue_capacity * max(1, replicas), serve.queue_max_waiting)
-        return cls(cache, serve.cache_ttl_s, queue, keys, limiter, serve.max_new_tokens)
+        return cls(cache, serve.cache_ttl_s, queue, keys, limiter, serve.max_new_tokens, serve.redis_failure_mode == "open")
 
 
 __all__ = [  # the routing state and the proxy live in their own modules; re-exported for callers
@@ -101,6 +107,7 @@ def create_gateway(
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     on_change: Callable[[], None] | None = None,
     front: FrontDoor | None = None,
+    service_keys: Collection[str] = (),
 ) -> FastAPI:
     """The gateway app; its controller is `app.state.gateway`.
 
@@ -112,7 +119,11 @@ def create_gateway(
     A request body over `max_body_bytes` is refused with 413 before it is read whole.
     `stable` may be a ready `Gateway` (the plane's); `on_change()` runs after an admin route
     moved traffic (the plane persists its routing there). `front` is what stands before the
-    engines: the response cache, the priority queue, the keys file and its rate limits."""
+    engines: the response cache, the priority queue, the keys file and its rate limits.
+    `service_keys` are accepted like `api_key` (untiered, no rate limit): the plane's own key
+    for a release's synthetic users, which must get in whatever keys the clients use.
+
+    Every error is answered in OpenAI's shape, an unexpected one too (500, `internal_error`)."""
     front = front or FrontDoor()
     gateway = stable if isinstance(stable, Gateway) else Gateway(stable, canary, canary_weight, seed, public_model)
     if admin_key is None:
@@ -143,6 +154,14 @@ def create_gateway(
     @app.exception_handler(ClientDisconnected)
     async def _gone(request: Request, exc: ClientDisconnected) -> Response:
         return Response(status_code=499)  # nobody is listening; counted by the queue
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        # A client speaks OpenAI's protocol: even a bug answers in its error shape (Starlette
+        # still logs the traceback).
+        log.exception("gateway: unexpected error on %s", request.url.path)
+        message = f"the gateway failed on this request: {type(exc).__name__}: {str(exc)[:300]}"
+        return JSONResponse(status_code=500, content=protocol_error_body(message, "internal_error", "server_error"))
 
     def require(request: Request, key: str | None) -> None:
         if key is not None and not bearer_matches(request.headers.get("authorization", ""), key):
@@ -181,6 +200,8 @@ def create_gateway(
             return None, None
         if api_key is not None and bearer_matches(header, api_key):
             return None, None
+        if any(bearer_matches(header, k) for k in service_keys):
+            return None, None
         raise APIError(401, "missing or invalid API key: send 'Authorization: Bearer <key>'", code="invalid_api_key")
 
     async def proxied(request: Request, path: str) -> Response:
@@ -192,7 +213,16 @@ def create_gateway(
         priority = request_priority(tier or UNTIERED, asked)
         limit_headers = {}
         if tier is not None and front.limiter is not None:
-            limit_headers = await front.limiter.acquire(key, tier.rpm, tier.tpm, estimate_tokens(payload, front.default_max_tokens))
+            try:
+                limit_headers = await front.limiter.acquire(key, tier.rpm, tier.tpm, estimate_tokens(payload, front.default_max_tokens))
+            except LimiterUnavailable as exc:
+                gateway.metrics.limits_unavailable.labels("open" if front.limits_fail_open else "closed").inc()
+                if not front.limits_fail_open:
+                    raise APIError(
+                        503, f"{exc}; this gateway refuses keyed requests until the limits can be checked (serve.redis_failure_mode: closed); retry later",
+                        code="rate_limiter_unavailable", error_type="server_error", headers={"Retry-After": "1"},
+                    ) from None
+                log.warning("gateway: serving %s without its rate limits (serve.redis_failure_mode: open): %s", tier.name, exc)
         cached = "no-cache" not in request.headers.get("cache-control", "").lower()
         response = await request.app.state.proxy.forward(path, payload, front, priority, request.is_disconnected, cached)
         response.headers.update(limit_headers)

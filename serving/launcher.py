@@ -75,6 +75,26 @@ def engine_command(
     raise ValueError(f"unknown engine '{engine}', expected one of: {', '.join(ENGINES)}")
 
 
+# trtllm-serve mounts its Prometheus endpoint (/prometheus/metrics) only with return_perf_metrics,
+# and fills its running/waiting gauges only with enable_iter_perf_stats; both default to false.
+# Without them the canary's analysis has no engine figures for TensorRT-LLM at all.
+TRTLLM_OPTIONS = {"return_perf_metrics": True, "enable_iter_perf_stats": True}
+TRTLLM_OPTIONS_FLAGS = ("--extra_llm_api_options", "--config")
+
+
+def trtllm_options(log_path: Path, extra_args: list[str]) -> list[str]:
+    """The `--extra_llm_api_options` file trtllm-serve starts with (written beside its log), unless
+    the caller passes one of its own (which then decides about the metrics)."""
+    if any(a.split("=", 1)[0] in TRTLLM_OPTIONS_FLAGS for a in extra_args):
+        return []
+    import yaml
+
+    path = log_path.with_name(f"{log_path.stem}.trtllm-options.yaml")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(TRTLLM_OPTIONS))
+    return ["--extra_llm_api_options", str(path)]
+
+
 def require_engine(engine: Engine) -> None:
     """Fail with an actionable message when a GPU engine's command is missing."""
     if engine not in EXECUTABLES:
@@ -230,8 +250,11 @@ def launch(
 ) -> ServerProcess:
     """Start `engine` serving `model_dir` and return it once healthy (raises ServerStartError).
     `env` adds to this process's environment (e.g. OMP_NUM_THREADS for side-by-side servers).
-    With $SERVING_API_KEY set, every engine requires it (vLLM reads it as $VLLM_API_KEY)."""
+    With $SERVING_API_KEY set, every engine requires it (vLLM reads it as $VLLM_API_KEY).
+    trtllm-serve gets an options file that turns its Prometheus metrics on (`TRTLLM_OPTIONS`)."""
     require_engine(engine)
+    if engine == "tensorrt-llm":
+        extra_args = trtllm_options(Path(log_path), list(extra_args or [])) + list(extra_args or [])
     env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))  # unbuffered: log lines reach the file as they happen
     env.update(engine_key_env(engine, env))
     if engine == "cpu":

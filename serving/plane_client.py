@@ -2,7 +2,7 @@
 
 `discover(params)` finds a running plane that serves this project's registry (the plane reports
 its MLflow tracking URI, so a test's or another checkout's release never lands in someone
-else's plane). `RemoteGateway` gives the release controller (`serving.rollout`) the same methods
+else's plane); a release without one starts its own (`serving.plane.temporary`). `RemoteGateway` gives the release controller (`serving.rollout`) the same methods
 as the in-process `Gateway`, over HTTP, so one controller drives both.
 """
 
@@ -45,6 +45,15 @@ class PlaneClient:
 
     def state(self) -> dict[str, Any]:
         return self._call("GET", "/admin/state")
+
+    def canary_requests(self) -> int:
+        """The canary's requests in the current statistics window (no statistics computed)."""
+        return int(self._call("GET", "/admin/canary-requests")["canary_window_requests"])
+
+    def traffic_key(self) -> str:
+        """The key the release's synthetic users send: the plane's gateway accepts it whatever
+        keys it requires of clients."""
+        return self._call("GET", "/admin/traffic-key")["key"]
 
     def attach_canary(self, version: str, weight: float = 0.0, args: list[str] | None = None) -> dict[str, Any]:
         return self._call("POST", "/admin/canary", {"version": str(version), "weight": weight, "args": args or []})
@@ -158,7 +167,7 @@ class RemoteGateway:
         return self.plane.window()
 
     def canary_requests(self) -> int:
-        return int(self.refresh()["canary_window_requests"])
+        return self.plane.canary_requests()
 
     def remove_canary(self) -> Backend | None:
         canary = self.canary

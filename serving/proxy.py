@@ -1,14 +1,18 @@
 """Sending one client request to a version's replica, and retrying it where the client cannot see.
 
+A request is routed when it leaves the gateway's queue, not when it arrives: a promotion or a
+rollback while it waits must not send it to a version that has left (and may have stopped).
 When the canary fails a request (HTTP 5xx or 429, connection refused or reset, no answer within
 `retry_timeout_s`), it is retried on stable, so a bad canary costs clients latency, never an
 error; the failure still counts against the canary in the statistics the release controller
-analyses. A stable replica that refused, reset or closed the connection before answering (a
+analyses. A canary's 4xx is asked of stable too: if stable answers, the 4xx was the canary's
+own (a smaller context, a changed template) and counts as its failure, and the client gets
+stable's answer; if stable refuses it too, it was the request's fault, counted alike for both. A stable replica that refused, reset or closed the connection before answering (a
 pooled keep-alive connection it had just closed, a process that died) is retried on another
 healthy replica, or on a new connection after a short pause while the supervisor restarts it:
 nothing had reached the client, so the retry is invisible to it. A stream is retried only while
 nothing has reached the client; once bytes are out, a failure ends the stream with an OpenAI
-error event. Other 4xx are the caller's own errors and are passed through.
+error event. Stable's 4xx are the caller's own errors and are passed through.
 
 Every answer names the replica that gave it in `x-gateway-backend` and its model version in
 `x-gateway-version`.
@@ -29,7 +33,7 @@ from fastapi.responses import Response, StreamingResponse
 
 from serving import auth, protocol
 from serving.cache import cache_key
-from serving.routing import FAILURES, Backend, Gateway, Slot, Target, classify
+from serving.routing import FAILURES, REFUSED_VALID, Backend, Gateway, SlotRetired, Target, classify
 
 PASSED_HEADERS = ("retry-after",)  # upstream headers a client may act on
 # Stable's dropped connections: retried this many times, on another replica when there is one,
@@ -53,6 +57,8 @@ class Attempt:
     content_type: str = "application/json"
     backend: Backend | None = None  # who answered, for the x-gateway-* headers
     headers: dict[str, str] = field(default_factory=dict)
+    target: Target | None = None  # the version (and statistics) it is recorded under
+    retried: bool = False  # sent after another attempt failed
 
     @classmethod
     def answered(cls, r: aiohttp.ClientResponse, body: bytes, latency_s: float) -> "Attempt":
@@ -61,9 +67,15 @@ class Attempt:
 
 
 def version_of(backend: Backend) -> str:
-    """What a cached answer is keyed by: the registered version, else the served model name
-    (distinct per version wherever this project starts the engines)."""
+    """The registered version a replica serves, else its served model name (distinct per
+    version wherever this project starts the engines)."""
     return backend.version if backend.version is not None else f"model:{backend.model}"
+
+
+def identity_of(backend: Backend) -> str:
+    """What a cached answer belongs to, beside the gateway's public model name: the served
+    model and its version. Two models' version 3 behind one Redis are two identities."""
+    return f"{backend.model}@{version_of(backend)}"
 
 
 def backend_headers(backend: Backend | None, replica: str | None = None) -> dict[str, str]:
@@ -142,7 +154,8 @@ async def lines_of(response: aiohttp.ClientResponse) -> AsyncIterator[str]:
 
 
 class Proxy:
-    """Sends one client request to the chosen version, and to stable if the canary fails it.
+    """Sends one client request to the version it is routed to, and to stable if the canary
+    fails it (or refuses it with a 4xx: stable then tells whose fault that was).
 
     `http` pools keep-alive connections; `fresh` keeps none, so a request sent through it
     always opens a new connection (the retry after a dropped one)."""
@@ -160,62 +173,83 @@ class Proxy:
             timeout=aiohttp.ClientTimeout(total=None, connect=min(timeout_s, 10.0), sock_read=timeout_s),
         )
 
-    async def _acquire(self, slot: Slot, exclude: frozenset[str], wait_s: float) -> Backend | None:
-        """A healthy replica, preferring those not in `exclude`; while every replica is out of
-        rotation (restarting), wait up to `wait_s` for one to come back."""
+    async def _acquire(self, target: Target, exclude: frozenset[str], wait_s: float) -> tuple[Target, Backend | None]:
+        """A healthy replica of `target`'s version, preferring those not in `exclude`; while every
+        replica is out of rotation (restarting), wait up to `wait_s` for one to come back. A
+        version that left the routing meanwhile (promoted away, rolled back: its replicas drain
+        and stop) hands the request to the current stable, which it is then attributed to."""
         deadline = time.monotonic() + wait_s
         while True:
-            backend = self.gateway.acquire(slot, exclude) or self.gateway.acquire(slot)
+            try:
+                backend = self.gateway.acquire(target.slot, exclude) or self.gateway.acquire(target.slot)
+            except SlotRetired:
+                target, exclude = self.gateway.stable_target(), frozenset()
+                continue
             if backend is not None or time.monotonic() >= deadline:
-                return backend
+                return target, backend
             await asyncio.sleep(0.05)
 
     async def forward(self, path: str, payload: dict, front: Any = None, priority: int = 0, disconnected: Any = None, cached: bool = True) -> Response:
-        """Route, then (with a `front`, the gateway's FrontDoor) answer from the cache if the
-        chosen version answered this deterministic request before, else wait for a slot in the
-        priority queue, send, and store a deterministic answer under the version that gave it.
-        `cached=False` (the client sent `Cache-Control: no-cache`) always asks a backend."""
-        chosen, stable = self.gateway.route()
+        """With a `front` (the gateway's FrontDoor): answer from the cache if the version the
+        request would go to answered it before, else wait for a slot in the priority queue,
+        route (now: the routing may have changed while it waited), send, and store a
+        deterministic answer under the model version that gave it. `cached=False` (the client
+        sent `Cache-Control: no-cache`) always asks a backend."""
         stream = bool(payload.get("stream"))
         cache = None if front is None or stream or not cached else front.cache
         if cache is not None:
-            key = cache_key(version_of(chosen.backend), path, payload)
+            peek = self.gateway.route()  # which version's entry to look for; nothing is sent there
+            key = cache_key(self.gateway.public_model, identity_of(peek.backend), path, payload)
             if key is not None:
                 body = await cache.get(key)
                 self.gateway.metrics.cache.labels("hit" if body is not None else "miss").inc()
                 if body is not None:  # never recorded in a version's statistics: no backend answered
-                    return Response(body, media_type="application/json", headers={"x-gateway-cache": "hit", **backend_headers(chosen.backend, replica="cache")})
+                    return Response(body, media_type="application/json", headers={"x-gateway-cache": "hit", **backend_headers(peek.backend, replica="cache")})
         queue = None if front is None else front.queue
         admission = await queue.acquire(priority, disconnected) if queue is not None else None
         try:
-            response = await self._forward(chosen, stable, path, payload, stream, admission)
+            response, answered_by = await self._forward(path, payload, stream, admission)
         except BaseException:
             if admission is not None:
                 admission.release()
             raise
         if admission is not None and not isinstance(response, StreamingResponse):
             admission.release()  # a stream releases its slot when it ends
-        if cache is not None and response.status_code == 200 and response.headers.get("x-gateway-version") is not None:
-            key = cache_key(response.headers["x-gateway-version"], path, payload)  # the version that answered
+        if cache is not None and response.status_code == 200 and answered_by is not None:
+            key = cache_key(self.gateway.public_model, identity_of(answered_by), path, payload)  # the version that answered
             if key is not None:
                 await cache.put(key, response.body, front.cache_ttl_s)
         return response
 
-    async def _forward(self, chosen: Target, stable: Target, path: str, payload: dict, stream: bool, admission: Any) -> Response:
+    async def _forward(self, path: str, payload: dict, stream: bool, admission: Any) -> tuple[Response, Backend | None]:
+        """Route (the request holds its queue slot now), send, retry where the client cannot see
+        it; returns the response and the replica that gave it."""
         send = self._open_stream if stream else self._call
-        canary_first = chosen.slot is not stable.slot
-        result = await send(chosen, path, payload, retry=False, fallback=canary_first)
-        if canary_first and result.outcome in FAILURES:
-            self.gateway.record_retry(chosen, result.backend)
-            result = await send(stable, path, payload, retry=True, fallback=False)
+        chosen = self.gateway.route()
+        canary_first = chosen.role == "canary"
+        # A canary's answer is recorded here, once it is known whether a 4xx was its own fault.
+        result = await send(chosen, path, payload, retry=False, fallback=canary_first, record=not canary_first)
+        if canary_first and not isinstance(result, StreamStart):  # a stream is recorded when it ends
+            if result.target is not None and result.target.role != "canary":
+                self._record(result, retry=False)  # the canary left the routing before dispatch: stable took it
+            elif result.outcome in FAILURES:
+                self._record(result, retry=False)
+                self.gateway.record_retry(result.target, result.backend)
+                result = await send(self.gateway.stable_target(), path, payload, retry=True, fallback=False)
+            elif result.outcome == "client_error":
+                result = await self._second_opinion(result, send, path, payload)
+            else:
+                self._record(result, retry=False)
         tried: set[str] = set()
         for n in range(STABLE_RETRIES):
             if result.outcome != "connection_error":
                 break
             # Stable's replica refused, reset or closed the connection before any answer: nothing
             # reached the client. Another replica if one is left untried, else a pause (the
-            # supervisor's time to take a dead one out of rotation) and a new connection.
-            self.gateway.record_retry(stable, result.backend)
+            # supervisor's time to take a dead one out of rotation) and a new connection. Stable
+            # as it is now: a promotion may have replaced it since.
+            stable = self.gateway.stable_target()
+            self.gateway.record_retry(result.target or stable, result.backend)
             if result.backend is not None:
                 tried.add(result.backend.name)
             if not [b for b in stable.slot.backends if b.name not in tried and not self.gateway.is_down(b.name)]:
@@ -225,16 +259,32 @@ class Proxy:
             result = await send(stable, path, payload, retry=True, fallback=False, fresh=True, exclude=frozenset(tried))
         if isinstance(result, StreamStart):
             result.on_close = admission.release if admission is not None else None
-            return result.response(self.gateway)
+            return result.response(self.gateway), result.backend
         if result.outcome in FAILURES:
             self.gateway.metrics.lost.inc()
-        elif result.outcome == "ok" and chosen.slot is stable.slot:
+        elif result.outcome == "ok" and result.target is not None and result.target.role == "stable" and not result.retried:
             mirror = self.gateway.mirror_target()
             if mirror is not None:
                 task = asyncio.create_task(self._mirror(mirror, path, payload, result.body))
                 self._background.add(task)
                 task.add_done_callback(self._background.discard)
-        return self._respond(result)
+        return self._respond(result), result.backend
+
+    async def _second_opinion(self, refused: "Attempt", send: Any, path: str, payload: dict) -> "Attempt | StreamStart":
+        """The canary refused the request (4xx): ask stable the same. Stable refusing it too makes
+        it the request's own error, counted alike for both; stable answering it makes the 4xx the
+        canary's failure (a smaller context, a changed template), and the client gets stable's
+        answer. Stable failing decides nothing: the canary's 4xx stands."""
+        self.gateway.record_retry(refused.target, refused.backend)
+        second = await send(self.gateway.stable_target(), path, payload, retry=True, fallback=False)
+        if second.outcome == "ok":  # a stream that opened is "ok" too
+            refused.outcome = REFUSED_VALID
+        self._record(refused, retry=False)
+        return second if second.outcome in ("ok", "client_error") else refused
+
+    def _record(self, attempt: "Attempt", retry: bool) -> None:
+        if attempt.target is not None:
+            self.gateway.record(attempt.target, attempt.outcome, attempt.latency_s, retry, attempt.backend)
 
     def _respond(self, attempt: Attempt) -> Response:
         body = attempt.body
@@ -248,17 +298,20 @@ class Proxy:
         retry after a dropped connection goes out on a new one."""
         return (self.retry_timeout_s if fallback else self.timeout_s), (self.fresh if fresh else self.http), time.perf_counter()
 
-    def _no_replica(self, target: Target, started: float, timeout_s: float, retry: bool) -> Attempt:
+    def _no_replica(self, target: Target, started: float, timeout_s: float, retry: bool, record: bool) -> Attempt:
         message = f"no healthy replica of '{target.backend.name}' within {timeout_s:g}s"
-        attempt = Attempt("server_error", time.perf_counter() - started, 503, error_body(message, code="no_healthy_replica"))
-        self.gateway.record(target, attempt.outcome, attempt.latency_s, retry)
+        attempt = Attempt("server_error", time.perf_counter() - started, 503, error_body(message, code="no_healthy_replica"), target=target, retried=retry)
+        if record:
+            self._record(attempt, retry)
         return attempt
 
-    async def _call(self, target: Target, path: str, payload: dict, retry: bool, fallback: bool, fresh: bool = False, exclude: frozenset[str] = frozenset()) -> Attempt:
+    async def _call(
+        self, target: Target, path: str, payload: dict, retry: bool, fallback: bool, fresh: bool = False, exclude: frozenset[str] = frozenset(), record: bool = True,
+    ) -> Attempt:
         timeout_s, http, started = self._budget(fallback, fresh)
-        backend = await self._acquire(target.slot, exclude, timeout_s)
+        target, backend = await self._acquire(target, exclude, timeout_s)
         if backend is None:
-            return self._no_replica(target, started, timeout_s, retry)
+            return self._no_replica(target, started, timeout_s, retry, record)
         try:
             async with asyncio.timeout(timeout_s):
                 async with await self._send(http, backend, path, payload, timeout_s) as r:
@@ -268,26 +321,35 @@ class Proxy:
             attempt = unanswered(backend, exc, time.perf_counter() - started, timeout_s)
         finally:
             self.gateway.release(backend)
-        attempt.backend = backend
-        self.gateway.record(target, attempt.outcome, attempt.latency_s, retry, backend)
+        attempt.backend, attempt.target, attempt.retried = backend, target, retry
+        if record:
+            self._record(attempt, retry)
         return attempt
 
     async def _mirror(self, target: Target, path: str, payload: dict, stable_body: bytes) -> None:
         """A copy for the canary (blue-green analysis, shadow releases): recorded as its own,
-        compared with stable's answer when decoding is greedy, never seen by a client."""
-        attempt = await self._call(target, path, payload, retry=False, fallback=True)
+        compared with stable's answer when decoding is greedy, never seen by a client. Stable
+        answered this request, so a 4xx from the canary is the canary's own failure."""
+        attempt = await self._call(target, path, payload, retry=False, fallback=True, record=False)
+        if attempt.target is None or attempt.target.role != "shadow":
+            return  # the canary left the routing first: the copy went to stable, compare nothing
+        if attempt.outcome == "client_error":
+            attempt.outcome = REFUSED_VALID
+        self._record(attempt, retry=False)
         if attempt.outcome == "ok" and deterministic(payload):
             ours, theirs = answer_texts(attempt.body), answer_texts(stable_body)
             if ours is not None and theirs is not None:
                 self.gateway.record_agreement(target, [t.strip() for t in ours] == [t.strip() for t in theirs])
 
-    async def _open_stream(self, target: Target, path: str, payload: dict, retry: bool, fallback: bool, fresh: bool = False, exclude: frozenset[str] = frozenset()) -> "Attempt | StreamStart":
+    async def _open_stream(
+        self, target: Target, path: str, payload: dict, retry: bool, fallback: bool, fresh: bool = False, exclude: frozenset[str] = frozenset(), record: bool = True,
+    ) -> "Attempt | StreamStart":
         """Open the backend's stream and read up to its first event, sending nothing to the client
         yet: until then a failure can still be retried on stable."""
         timeout_s, http, started = self._budget(fallback, fresh)
-        backend = await self._acquire(target.slot, exclude, timeout_s)
+        target, backend = await self._acquire(target, exclude, timeout_s)
         if backend is None:
-            return self._no_replica(target, started, timeout_s, retry)
+            return self._no_replica(target, started, timeout_s, retry, record)
         response: aiohttp.ClientResponse | None = None
         try:
             async with asyncio.timeout(timeout_s):
@@ -313,8 +375,9 @@ class Proxy:
         if response is not None and not response.closed:
             response.close()
         self.gateway.release(backend)
-        attempt.backend = backend
-        self.gateway.record(target, attempt.outcome, attempt.latency_s, retry, backend)
+        attempt.backend, attempt.target, attempt.retried = backend, target, retry
+        if record:
+            self._record(attempt, retry)
         return attempt
 
 

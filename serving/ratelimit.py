@@ -28,12 +28,18 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
+import redis
 import redis.asyncio
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 CHARS_PER_TOKEN = 4
 WINDOW_S = 60.0  # the limits are per minute; a bucket holds one window's allowance
+
+
+class LimiterUnavailable(Exception):
+    """The shared limits cannot be read (Redis is down or unreachable). The gateway decides what
+    that means (serve.redis_failure_mode): serve without limits, or refuse with 503."""
 
 
 class RateLimited(Exception):
@@ -182,9 +188,9 @@ return {allowed, tostring(requests), tostring(tokens)}
 
 
 class RedisRateLimiter:
-    """Buckets in Redis, shared by every gateway replica using the same Redis. A Redis error
-    propagates: whether to fail open or closed is the gateway's decision. from_url() makes a
-    client that gives up within about a second, as RedisCache.from_url does."""
+    """Buckets in Redis, shared by every gateway replica using the same Redis. A Redis error is
+    raised as LimiterUnavailable: whether to fail open or closed is the gateway's decision.
+    from_url() makes a client that gives up within about a second, as RedisCache.from_url does."""
 
     def __init__(self, client: redis.asyncio.Redis, prefix: str = "gateway:ratelimit:") -> None:
         self.client, self.prefix = client, prefix
@@ -196,5 +202,8 @@ class RedisRateLimiter:
 
     async def acquire(self, api_key: str, rpm: int, tpm: int, tokens: int) -> dict[str, str]:
         check_request(rpm, tpm, tokens)
-        allowed, requests_left, tokens_left = await self._take(keys=[self.prefix + bucket_id(api_key)], args=[rpm, tpm, tokens])
+        try:
+            allowed, requests_left, tokens_left = await self._take(keys=[self.prefix + bucket_id(api_key)], args=[rpm, tpm, tokens])
+        except (redis.RedisError, OSError) as exc:
+            raise LimiterUnavailable(f"the rate limits in Redis cannot be read: {type(exc).__name__}: {exc}") from exc
         return verdict(bool(int(allowed)), float(requests_left), float(tokens_left), rpm, tpm, tokens)

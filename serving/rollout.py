@@ -4,8 +4,9 @@ Semantics of Argo Rollouts / Flagger, driven from params (`canary:`): for each w
 the gateway sends that share of traffic to the canary; once the canary has answered
 `step_requests` requests (and `interval_s` has passed), the step is analysed by the pure
 `serving.analysis.decide_canary` over what was collected: the gateway's per-backend error
-rate and p95 latency for this step, golden-prompt exact match, and agreement with stable on
-shadowed prompts. `rollout_action` then advances, promotes (canary becomes stable) or rolls
+rate (a 4xx only the canary gave included) and p95 latency for this step, golden-prompt exact
+match (absolute, and prompt by prompt against stable's), and agreement with stable on shadowed
+prompts (reported only). `rollout_action` then advances, promotes (canary becomes stable) or rolls
 back (canary removed; stable keeps all traffic).
 
 With no real users (the embedded default), the controller drives synthetic traffic through
@@ -75,9 +76,9 @@ class RolloutResult:
             verdict = "ok" if s.decision.passed else "FAILED: " + "; ".join(s.decision.reasons)
             c = s.canary
             lines.append(
-                f"  {s.weight:>3}% canary: {c.get('requests', 0)} req, error rate {c.get('error_rate', 0):.2f}, "
+                f"  {s.weight:>3}% canary: {c.get('requests', 0)} req, error rate {fmt(c.get('error_rate'))}, "
                 f"p95 {fmt_s(c.get('p95_latency_s'))} vs stable {fmt_s(s.stable.get('p95_latency_s'))}, "
-                f"golden EM {fmt(c.get('exact_match'))}, agreement {fmt(c.get('agreement'))} -> {verdict}"
+                f"golden EM {fmt(c.get('exact_match'))}, agreement {fmt(c.get('agreement'))} (reported) -> {verdict}"
             )
         return "\n".join(lines)
 
@@ -138,14 +139,18 @@ def step_metrics(
     c, s = stats["canary"], stats["stable"]
     canary_metrics = {
         "requests": c["requests"], "failures": c["failures"], "error_rate": c["error_rate"], "p95_latency_s": c["p95_latency_s"],
-        "exact_match": golden_canary["exact_match"],
+        "exact_match": golden_canary["exact_match"], "golden_correct": golden_canary.get("golden_correct"),
+        "client_error_rate": c.get("client_error_rate"), "refused_valid": c.get("refused_valid", 0),
     }
     if c.get("agreement") is not None:
         canary_metrics["agreement"] = c["agreement"]
         canary_metrics["mirrored_compared"] = c["mirrored_compared"]
     elif shadow:
         canary_metrics["agreement"] = shadow_agreement(stable, canary, shadow, max_tokens)
-    stable_metrics = {"requests": s["requests"], "failures": s["failures"], "p95_latency_s": s["p95_latency_s"], "exact_match": golden_stable["exact_match"]}
+    stable_metrics = {
+        "requests": s["requests"], "failures": s["failures"], "p95_latency_s": s["p95_latency_s"], "client_error_rate": s.get("client_error_rate"),
+        "exact_match": golden_stable["exact_match"], "golden_correct": golden_stable.get("golden_correct"),
+    }
     canary_metrics.update(engines.get("canary", {}))
     stable_metrics.update(engines.get("stable", {}))
     return canary_metrics, stable_metrics
@@ -171,9 +176,10 @@ def merge_windows(before: dict, after: dict) -> dict:
         if not a or not b:
             continue
         m = dict(b)
-        for key in ("requests", "failures", "client_errors", "mirrored_compared"):
+        for key in ("requests", "failures", "client_errors", "refused_valid", "mirrored_compared"):
             m[key] = (a.get(key) or 0) + (b.get(key) or 0)
         m["error_rate"] = m["failures"] / m["requests"] if m["requests"] else None
+        m["client_error_rate"] = m["client_errors"] / m["requests"] if m["requests"] else None
         for key in ("p50_latency_s", "p95_latency_s", "agreement"):
             m[key] = b.get(key) if b.get(key) is not None else a.get(key)
         merged[role] = m

@@ -2,11 +2,15 @@
 of traffic, the replicas serving each, and what each version did (the statistics the canary
 controller analyses). Plain data behind one lock, driven from any thread; no I/O here.
 
-A version is a `Slot` of one or more replicas (`Backend`s). A request is attributed when it is
-dispatched: the slot, its role (stable or canary) and the statistics window it counts in are
-fixed then, so a promotion or a new window while it is in flight does not move its record to
-another version. Within a slot, each request goes to the healthy replica with the fewest
-requests outstanding (ties in turn); a replica the supervisor took out of rotation gets none.
+A version is a `Slot` of one or more replicas (`Backend`s). A request is routed and attributed
+when it is dispatched, after any wait in the gateway's queue: the slot, its role (stable or
+canary) and the statistics window it counts in are fixed then, so a promotion or a new window
+while it is in flight does not move its record to another version. A slot that leaves the
+routing (promoted away, rolled back) gives no replica to anyone from that moment (`SlotRetired`):
+a request that was about to be sent there goes to the current stable instead, so a drain that
+waits for its replicas' requests in flight to finish can then stop them. Within a slot, each
+request goes to the healthy replica with the fewest requests outstanding (ties in turn); a
+replica the supervisor took out of rotation gets none.
 
 With `mirror` on, requests stable answers are also sent to the canary in the background (the
 client gets stable's answer only): blue-green's analysis before the switch, and shadow
@@ -25,7 +29,10 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 LATENCY_SAMPLES = 10_000  # per version and window: enough for a stable p95, bounded memory
 # What a backend is blamed for, and what a canary's request is retried on stable after.
-FAILURES = frozenset({"server_error", "overloaded", "connection_error", "timeout"})
+FAILURES = frozenset({"server_error", "overloaded", "connection_error", "timeout", "refused_valid_request"})
+# A canary's 4xx that stable, asked the same request, answered: the canary's fault (a smaller
+# context, a changed template), not the client's. A 4xx both give is the request's own.
+REFUSED_VALID = "refused_valid_request"
 
 
 @dataclass(frozen=True)
@@ -79,7 +86,8 @@ class Stats:
 
     requests: int = 0
     failures: int = 0
-    client_errors: int = 0
+    client_errors: int = 0  # 4xx the request itself caused (stable refused it too, or stable gave it)
+    refused_valid: int = 0  # 4xx for requests stable answered: counted in failures as well
     # This version's failures that were retried: a canary's on stable, stable's own dropped
     # connections on a new connection or another replica.
     retried_to_stable: int = 0
@@ -92,6 +100,7 @@ class Stats:
         self.requests += 1
         self.failures += outcome in FAILURES
         self.client_errors += outcome == "client_error"
+        self.refused_valid += outcome == REFUSED_VALID
         self.retries_served += retry
         if outcome == "ok" and latency_s is not None:
             self.latencies_s.append(latency_s)
@@ -104,6 +113,8 @@ class Stats:
             # None, not 0, without requests: no evidence must not pass an error-rate check.
             "error_rate": self.failures / self.requests if self.requests else None,
             "client_errors": self.client_errors,
+            "client_error_rate": self.client_errors / self.requests if self.requests else None,
+            "refused_valid": self.refused_valid,
             "retried_to_stable": self.retried_to_stable,
             "retries_served": self.retries_served,
             "p50_latency_s": percentile(lat, 0.50),
@@ -168,6 +179,10 @@ class Metrics:
         self.healthy = Gauge("gateway_replica_healthy", "1 while a replica is in rotation, 0 while it is out (restarting, draining).", ["backend"], registry=self.registry)
         self.cache = Counter("gateway_cache_requests", "Cacheable requests by result: hit (answered from the cache) or miss.", ["result"], registry=self.registry)
         self.refused = Counter("gateway_refused_requests", "Requests refused before any backend: QueueFull, RateLimited, BadPriority.", ["reason"], registry=self.registry)
+        self.limits_unavailable = Counter(
+            "gateway_rate_limits_unavailable", "Keyed requests whose rate limits could not be read (Redis down), by what the gateway did: served them (open) or refused them (closed).",
+            ["mode"], registry=self.registry,
+        )
         self.queue = Gauge("gateway_queue", "The admission queue: in_flight, waiting, and its running totals (admitted, rejected_full, dropped_disconnected, cancelled).", ["state"], registry=self.registry)
         self.queue_wait = Gauge("gateway_queue_wait_p95_seconds", "p95 wait in the queue by priority (recent requests).", ["priority"], registry=self.registry)
 
@@ -181,6 +196,11 @@ class Metrics:
 
 class NoCanaryError(LookupError):
     """A canary operation was asked for while no canary is set."""
+
+
+class SlotRetired(LookupError):
+    """The version a request was routed to left the routing before a replica was taken: the
+    request must be routed again (to the current stable)."""
 
 
 def slot_of(backends: Backend | list[Backend]) -> Slot:
@@ -288,6 +308,16 @@ class Gateway:
         with self._lock:
             self._stable.backends[:] = backends
 
+    def set_canary_backends(self, backends: list[Backend]) -> None:
+        """Scale the canary (before its promotion: the new stable has its full count of
+        replicas before the old one stops)."""
+        with self._lock:
+            if self._canary is None:
+                raise NoCanaryError("no canary to scale")
+            self._canary.backends[:] = backends
+        for b in backends:
+            self.metrics.healthy.labels(b.name).set(0 if self.is_down(b.name) else 1)
+
     def _set_weight(self, weight: float) -> None:
         self._weight = weight
         self.metrics.weight.set(weight)
@@ -316,8 +346,12 @@ class Gateway:
 
     def acquire(self, slot: Slot, exclude: frozenset[str] = frozenset()) -> Backend | None:
         """The healthy replica of `slot` with the fewest requests outstanding (ties in turn), now
-        counted as busy with one more; None if every replica is down or excluded."""
+        counted as busy with one more; None if every replica is down or excluded. Raises
+        SlotRetired once `slot` is no longer stable or canary: checked under the same lock as a
+        promotion or rollback, so no request reaches a version after it left the routing."""
         with self._lock:
+            if slot is not self._stable and slot is not self._canary:
+                raise SlotRetired(f"version {slot.backend.version or slot.backend.name} left the routing")
             ready = [b for b in slot.backends if b.name not in self._down and b.name not in exclude]
             if not ready:
                 return None
@@ -345,15 +379,21 @@ class Gateway:
 
     # --- routing and recording (called by the proxy) ---
 
-    def route(self) -> tuple[Target, Target]:
-        """(the version to try first, stable to fall back on), both attributed now: at dispatch."""
+    def route(self) -> Target:
+        """The version a request goes to now, by the canary's weight: called when the request is
+        dispatched (after its wait in the queue), so it is attributed where it is served."""
         with self._lock:
-            stable = Target(self._stable, "stable", (self._stable.total, self._stable.window))
             canary = self._canary
             # random() < 1 always and < 0 never, so weights 1 and 0 are exact.
             if canary is not None and self._rng.random() < self._weight:
-                return Target(canary, "canary", (canary.total, canary.window)), stable
-        return stable, stable
+                return Target(canary, "canary", (canary.total, canary.window))
+            return Target(self._stable, "stable", (self._stable.total, self._stable.window))
+
+    def stable_target(self) -> Target:
+        """The current stable, for a retry or a fallback: stable as it is now, not as it was when
+        the request was first routed (a promotion may have happened since)."""
+        with self._lock:
+            return Target(self._stable, "stable", (self._stable.total, self._stable.window))
 
     def mirror_target(self) -> Target | None:
         """Where a copy of a request stable answered goes while mirroring is on."""

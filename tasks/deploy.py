@@ -1,29 +1,30 @@
-"""Deploy the candidate beside the champion and let the canary controller decide.
+"""Release a registered version: into a serving plane, where it is the canary beside the champion
+and the canary controller (serving/rollout.py) decides.
 
-The champion (stable) and the candidate (canary) each run in their own server process; a
-gateway in this process splits traffic between them step by step (serving/rollout.py).
-Success: alias `champion` moves to the candidate and `previous` to the old champion, the
-gateway's stable backend is swapped and the old one stopped. Failure: the canary is removed,
-the version is tagged with the canary report, and the champion and its traffic are untouched.
-The first release has no champion: it is promoted after health and golden-prompt checks.
-A champion that cannot be served stops the release before the candidate is judged: the
-candidate loses its alias (it is not rolled back: nothing was held against it), the champion
-keeps its aliases, and ReleaseAborted names the version that failed and why.
+There is one path. With a plane running for this registry (`make serve`), the release goes into
+it, on its real traffic. Without one, the release starts a temporary plane of its own in this
+process (serving/plane/temporary.py: the same plane, on a free loopback port) serving the
+champion, releases into it the same way, and stops it afterwards. The first release has no
+champion: the temporary plane serves the candidate, and its health and golden prompts decide.
 
-With $SERVING_API_KEY set, the servers require it and every client here sends it: the
-gateway to its backends, the probes, the health waits; the gateway itself then requires
-$GATEWAY_API_KEY, or else the same key, from the synthetic users.
+Success: alias `champion` moves to the candidate and `previous` to the old champion (the
+registry first; then a running plane promotes its canary, the old stable draining first).
+Failure: the canary is rolled back, the version is tagged with the canary report, and the
+champion and its traffic are untouched. A champion that cannot be served stops the release
+before the candidate is judged: the candidate loses its alias (it is not rolled back: nothing
+was held against it), the champion keeps its aliases, and ReleaseAborted names the version
+that failed and why.
+
+The synthetic users that top up the canary's evidence send the plane's own traffic key, which
+its gateway accepts whatever it requires of clients (a keys file, $GATEWAY_API_KEY); with
+$SERVING_API_KEY set, the engines require it and the plane and the probes send it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime
-import os
-import shutil
 from collections.abc import Callable
-from contextlib import ExitStack
-from pathlib import Path
 
 from prefect import task
 from prefect.artifacts import create_markdown_artifact
@@ -31,56 +32,22 @@ from prefect.cache_policies import NO_CACHE
 
 from pipelines.common import PREPARED
 from pipelines.config import Params
-from serving.analysis import decide_canary
-from registry.models import CANDIDATE, CHAMPION, by_alias, download, log_release, promote, reject, shadowed
 from registry.card import refresh as refresh_card
+from registry.models import CANDIDATE, CHAMPION, by_alias, log_release, promote, reject, shadowed
 from registry.store import client
-from serving import auth
-from serving.background import ThreadedServer
+from serving.analysis import decide_canary
 from serving.canary import golden_prompts, probe
-from serving.gateway import API_KEY_ENV as GATEWAY_KEY_ENV
-from serving.gateway import Backend, create_gateway
-from serving.launcher import ServerProcess, ServerStartError, free_port, launch
+from serving.plane.temporary import TemporaryPlane
 from serving.plane_client import PlaneAPIError, PlaneClient, RemoteGateway, backends_of, discover
 from serving.rollout import RolloutResult, StepReport, run_rollout
 from tasks.notify import notify
 
-SERVING_DIR = Path(".serving")  # downloaded model versions and server logs (git-ignored)
+TEMPORARY = "a temporary plane (no plane was running: `make serve` starts one that releases go into)"
 
 
 class ReleaseAborted(RuntimeError):
     """The release could not be judged (the champion cannot be served); the registry is left
     as it was before the candidate was proposed."""
-
-
-def cpu_threads(params: Params, servers: int) -> dict[str, str]:
-    """Side-by-side CPU servers share the cores instead of each claiming all of them."""
-    if params.serve.engine != "cpu":
-        return {}
-    n = params.serve.cpu_threads or max(1, (os.cpu_count() or 1) // servers)
-    return {"OMP_NUM_THREADS": str(n), "MKL_NUM_THREADS": str(n)}
-
-
-def start(params: Params, stack: ExitStack, version: str, label: str, servers: int, drill: list[str] | None = None) -> tuple[ServerProcess, Backend]:
-    """Download a registered version and serve it in its own process (stopped with `stack`).
-    `drill` adds server flags (e.g. --fault-error-rate) for canary drills."""
-    mv = client().get_model_version(params.registry.model_name, version)
-    model_dir = download(mv, SERVING_DIR / "models" / f"v{version}")
-    served = f"{params.registry.model_name}-v{version}"
-    extra = ["--max-new-tokens", str(params.serve.max_new_tokens)] if params.serve.engine == "cpu" else []
-    server = launch(
-        params.serve.engine,
-        str(model_dir),
-        served,
-        params.serve.host,
-        free_port(),
-        SERVING_DIR / f"{label}-v{version}.log",
-        params.serve.startup_timeout_s,
-        extra_args=extra + (drill or []),
-        env=cpu_threads(params, servers),
-    )
-    stack.callback(server.stop)
-    return server, Backend(label, server.root_url, served, api_key=auth.backend_key())
 
 
 def unservable(params: Params, exc: Exception) -> RolloutResult:
@@ -89,8 +56,10 @@ def unservable(params: Params, exc: Exception) -> RolloutResult:
     return RolloutResult("rolled_back", [StepReport(0, metrics, {}, decide_canary(metrics, None, params.canary), 0, 0)])
 
 
-def first_release(params: Params, candidate: Backend, golden: list[tuple[str, str]]) -> RolloutResult:
-    """No champion yet: health (the server came up) and the golden prompts decide alone."""
+def first_release(params: Params, plane: PlaneClient, golden: list[tuple[str, str]]) -> RolloutResult:
+    """No champion yet: the temporary plane serves the candidate alone; health (it came up) and
+    the golden prompts decide."""
+    candidate = backends_of(plane.state(), "stable")[0]
     stats = probe({"candidate": (f"{candidate.base_url}/v1", candidate.model)}, golden, params.serve.max_new_tokens, api_key=candidate.api_key)["candidate"]
     decision = decide_canary(stats, None, params.canary)
     return RolloutResult("promoted" if decision.passed else "rolled_back", [StepReport(100, stats, {}, decision, stats["requests"], 0)])
@@ -110,28 +79,30 @@ def abort(name: str, version: str, what: str, exc: Exception) -> None:
     if current is not None and str(current.version) == version:
         c.delete_registered_model_alias(name, CANDIDATE)
     create_markdown_artifact(key="canary", markdown=f"## canary: aborted\n\n```\n{message[-4000:]}\n```\n", description="canary analysis")
-    shutil.rmtree(SERVING_DIR / "models", ignore_errors=True)
     raise ReleaseAborted(message) from exc
 
 
-def release_into_plane(params: Params, plane: PlaneClient, version: str, golden: list[tuple[str, str]], drill: list[str] | None) -> tuple[RolloutResult, int]:
-    """The candidate joins the running plane as its canary and is judged on the plane's real
-    traffic (topped up by synthetic users when it is thin). A rollback has stopped it already;
-    promotion is left to the caller (registry first, then the plane). Returns the result and
-    where the plane's event history stood before."""
+def release_into_plane(
+    params: Params, plane: PlaneClient, version: str, golden: list[tuple[str, str]], drill: list[str] | None, top_up_concurrency: int,
+) -> tuple[RolloutResult, int]:
+    """The candidate joins the plane as its canary and is judged on the plane's traffic (topped
+    up by `top_up_concurrency` synthetic users, who send the plane's traffic key). A rollback
+    has stopped it already; promotion is left to the caller (registry first, then the plane).
+    Returns the result and where the plane's event history stood before."""
     name = params.registry.model_name
     before = len(plane.state()["history"])
     try:
         state = plane.attach_canary(version, 0.0, drill)
     except PlaneAPIError as exc:
         if exc.status != 502:  # 409: the plane is busy with another canary; nothing was judged
-            abort(name, version, f"the running plane at {plane.root_url} refused the canary ({exc.message})", exc)
+            abort(name, version, f"the plane at {plane.root_url} refused the canary ({exc.message})", exc)
         return unservable(params, exc), before
-    remote = RemoteGateway(plane)
     candidate = backends_of(state, "canary")[0]
-    gateway_key = auth.env_key(GATEWAY_KEY_ENV) or auth.backend_key()
     try:
-        result = run_rollout(remote, plane.base_url, candidate, golden, params.canary, params.serve.max_new_tokens, gateway_api_key=gateway_key, top_up_concurrency=2)
+        result = run_rollout(
+            RemoteGateway(plane), plane.base_url, candidate, golden, params.canary, params.serve.max_new_tokens,
+            gateway_api_key=plane.traffic_key(), top_up_concurrency=top_up_concurrency,
+        )
     except BaseException:
         with contextlib.suppress(Exception):  # the release broke: the plane must not keep a canary nobody drives
             if plane.state()["canary"] == version:
@@ -182,49 +153,45 @@ def canary_release(params: Params, version: str, drill: list[str] | None = None)
         return {"outcome": "rendered", "version": version, "manifests": [str(p) for p in paths]}
     golden = golden_prompts(PREPARED / "sft_test.parquet", params.canary.golden_prompts)
     started_at = now()
-    plane = discover(params) if champion is not None else None
-    if plane is not None:
-        stable_before = plane.state()["stable"]
-        where = f"the running plane at {plane.root_url}"
-        print(f"releasing version {version} into {where} (stable: version {stable_before})")
-        try:
-            result, before = release_into_plane(params, plane, version, golden, drill)
+    running = discover(params) if champion is not None else None
+    if running is not None:
+        where = f"the running plane at {running.root_url}"
+        with contextlib.closing(running):
+            stable_before = running.state()["stable"]
+            print(f"releasing version {version} into {where} (stable: version {stable_before})")
+            result, before = release_into_plane(params, running, version, golden, drill, top_up_concurrency=2)
             # The registry first: a plane that stops before its own promotion finishes it on restart
             # (its canary is the champion); then the plane, whose old stable drains and stops.
-            return finish(params, version, champion, result, where, started_at, stable_before, plane.promote, lambda: plane_events(plane, before))
-        finally:
-            plane.close()
-    where = "an ephemeral gateway (no plane was running: `make serve` starts one)"
-    print(f"releasing version {version} through {where}")
-    servers = 1 if champion is None else 2
-    with ExitStack() as stack:
-        stable = None
-        if champion is not None:
-            # The champion first: without it there is nothing to judge the candidate against,
-            # and the candidate's start would be wasted.
-            try:
-                _, stable = start(params, stack, str(champion.version), "champion", servers)
-            except Exception as exc:  # the download or the server: either way it cannot serve
-                abort(name, version, f"champion version {champion.version} could not be served", exc)
+            return finish(params, version, champion, result, where, started_at, stable_before, running.promote, lambda: plane_events(running, before))
+    print(f"releasing version {version} into {TEMPORARY}")
+    if champion is None:
+        # The temporary plane serves the candidate itself; one that cannot start failed every
+        # request it could have served.
+        temporary = TemporaryPlane(params, version, side_by_side=params.serve.replicas, drill=drill)
         try:
-            _, candidate = start(params, stack, version, "candidate", servers, drill)
-        except ServerStartError as exc:
-            result = unservable(params, exc)
-        else:
-            if stable is None:
-                result = first_release(params, candidate, golden)
-            else:
-                gateway_key = auth.env_key(GATEWAY_KEY_ENV) or auth.backend_key()
-                app = create_gateway(stable, public_model=name, seed=0, api_key=gateway_key)
-                with ThreadedServer(app, host=params.serve.host) as gw_server:
-                    gateway = app.state.gateway
-                    result = run_rollout(
-                        gateway, gw_server.base_url, candidate, golden, params.canary, params.serve.max_new_tokens, gateway_api_key=gateway_key
-                    )
-                    if result.outcome == "promoted":
-                        old = gateway.promote_canary()  # the gateway now serves the candidate as stable
-                        print(f"gateway: stable is now {gateway.stable.model}; stopping {old.model}")
-    return finish(params, version, champion, result, where, started_at, str(champion.version) if champion else None)
+            plane = temporary.__enter__()
+        except Exception as exc:  # the download or the engine
+            return finish(params, version, None, unservable(params, exc), TEMPORARY, started_at, None)
+        try:
+            result = first_release(params, plane, golden)
+        finally:
+            temporary.__exit__(None, None, None)
+        return finish(params, version, None, result, TEMPORARY, started_at, None)
+    # The champion first: without it there is nothing to judge the candidate against, and the
+    # candidate's start would be wasted. It and the candidate share the cores.
+    temporary = TemporaryPlane(params, str(champion.version), side_by_side=params.serve.replicas + 1)
+    try:
+        plane = temporary.__enter__()
+    except Exception as exc:  # the download or the engine: either way it cannot serve
+        abort(name, version, f"champion version {champion.version} could not be served", exc)
+    try:
+        result, before = release_into_plane(params, plane, version, golden, drill, top_up_concurrency=4)
+        events = plane_events(plane, before)
+    finally:
+        temporary.__exit__(None, None, None)
+    # The temporary plane is gone: the registry alone records the outcome, and the next plane
+    # (`make serve`, or the next release's) serves whatever it names champion.
+    return finish(params, version, champion, result, TEMPORARY, started_at, str(champion.version), None, lambda: events)
 
 
 def now() -> str:
@@ -266,5 +233,4 @@ def finish(
     refresh_card(name, version)
     create_markdown_artifact(key="release-history", markdown=markdown, description=f"release history of version {version}")
     create_markdown_artifact(key="canary", markdown=f"## canary: {outcome['outcome']}\n\n```\n{report}\n```\n", description="canary analysis")
-    shutil.rmtree(SERVING_DIR / "models", ignore_errors=True)  # copies; the registry keeps the originals
     return {**outcome, "where": where, "steps": [s.as_dict() for s in result.steps], "client_errors": result.client_errors, "reasons": result.reasons, "history": history}

@@ -35,6 +35,21 @@ def test_rollback_command_restores_previous(store, capsys):
     assert f"champion: version {v1}" in out and f"previous: version {v2}" in out
 
 
+def test_a_rollback_by_hand_marks_the_version_so_its_bytes_do_not_come_back(store, capsys):
+    """`make rollback` takes the champion out for a reason; a rerun that produces the same bytes
+    must be refused as it is after a canary's rollback (tasks/registry.py asks `blocked`).
+    Seen red: with rollback() leaving the status alone (as before), v2's status stayed
+    'promoted' and blocked() returned None."""
+    v1, v2 = store
+    cli.main(["rollback", "--reason", "p95 latency doubled after the release"])
+    mv = models.client().get_model_version("m", v2)
+    assert mv.tags["status"] == "rolled_back" and mv.tags["rolled_back_by_hand"] == "true"
+    assert "rolled back by hand by " in mv.tags["status.reason"] and mv.tags["status.reason"].endswith(": p95 latency doubled after the release")
+    why = models.blocked(models.find_by_model_hash("m", "b"))
+    assert why and f"version {v2} has exactly these bytes and was rolled back: rolled back by hand" in why
+    assert models.blocked(models.client().get_model_version("m", v1)) is None, "the champion it went back to is untouched"
+
+
 def test_bad_params_file_fails_with_the_key(store, capsys):
     Path("params.yaml").write_text("registry:\n  modelname: m\n")
     with pytest.raises(SystemExit) as exit_:

@@ -6,6 +6,7 @@ codes, determinism of greedy decoding), never on what the answer says.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -17,9 +18,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from serving.background import ThreadedServer
 
 
-def wait_until(condition: Callable[[], bool], what: str, timeout_s: float = 30) -> None:
-    """Poll until `condition()` holds. The timeout only turns a hang into a failure; no test
-    depends on how long anything takes."""
+def wait_until(condition: Callable[[], bool], what: str, timeout_s: float = 120) -> None:
+    """Poll until `condition()` holds. The timeout only turns a hang into a failure (generous:
+    the suite runs on a busy 2-core machine); no test depends on how long anything takes."""
     deadline = time.monotonic() + timeout_s
     while not condition():
         if time.monotonic() > deadline:
@@ -41,6 +42,38 @@ def scrape(root_url: str) -> dict[tuple[str, frozenset], float]:
 def sample(samples: dict[tuple[str, frozenset], float], name: str, **labels: str) -> float:
     """One sample's value; 0 for a labelled series that has not been touched yet."""
     return samples.get((name, frozenset(labels.items())), 0.0)
+
+
+class QueueWatch:
+    """Samples a gateway's queue (`gateway_queue{state="waiting"}` on its /metrics) every
+    `every_s` until stopped, so a test can say the queue held requests during an operation."""
+
+    def __init__(self, root_url: str, every_s: float = 0.05, headers: dict[str, str] | None = None) -> None:
+        self.root_url, self.every_s, self.headers = root_url, every_s, headers or {}
+        self.samples: list[tuple[float, float]] = []  # (monotonic time, requests waiting)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        with httpx.Client(timeout=10) as http:
+            while not self._stop.wait(self.every_s):
+                try:
+                    text = http.get(f"{self.root_url}/metrics", headers=self.headers).text
+                except httpx.HTTPError:
+                    continue  # a busy gateway may answer late; the next sample counts
+                waiting = next((s.value for f in text_string_to_metric_families(text) for s in f.samples if s.name == "gateway_queue" and s.labels.get("state") == "waiting"), 0.0)
+                self.samples.append((time.monotonic(), waiting))
+
+    def most_waiting(self, since: float, until: float) -> float:
+        return max((w for t, w in self.samples if since <= t <= until), default=0.0)
+
+    def __enter__(self) -> "QueueWatch":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,6 @@
 """The canary's analysis (serving/analysis.py), a pure function of what a step collected: the
-sequential error-rate test against stable's rate, latency, golden-prompt exact match and
-agreement, and the rollout's next action."""
+sequential error-rate test against stable's rate, latency, golden-prompt exact match (absolute,
+and prompt by prompt against stable's), agreement (reported only), and the rollout's next action."""
 
 import math
 
@@ -13,7 +13,7 @@ from serving.analysis import decide_canary, error_rate_test, rollout_action
 
 
 def test_canary_decisions():
-    policy = CanaryParams(min_exact_match=0.8, max_error_rate=0.0, champion_tolerance=0.05, max_latency_ratio=2.0, min_agreement=0.8)
+    policy = CanaryParams(min_exact_match=0.8, max_error_rate=0.0, champion_tolerance=0.05, max_latency_ratio=2.0)
     stable = {"requests": 2700, "failures": 0, "exact_match": 0.95, "p95_latency_s": 0.01}
     good = {"requests": 300, "failures": 0, "error_rate": 0.0, "exact_match": 0.95, "p95_latency_s": 0.012, "agreement": 1.0}
     assert decide_canary(good, stable, policy).outcome == "pass"
@@ -23,7 +23,8 @@ def test_canary_decisions():
     slow = decide_canary({**good, "p95_latency_s": 0.03}, stable, policy)
     assert not slow.passed and slow.reasons == ["p95_latency_ratio = 3.0000 vs <= 2.0000: FAILED by 1.0000"]
     assert not decide_canary({**good, "exact_match": 0.85}, stable, policy).passed
-    assert not decide_canary({**good, "agreement": 0.5}, stable, policy).passed
+    reported = decide_canary({**good, "agreement": 0.5}, stable, policy)
+    assert reported.passed and any(c.metric == "agreement" and "reported" in c.describe() for c in reported.checks)
     dead = decide_canary({"exact_match": None, "error_rate": 1.0, "p95_latency_s": None}, stable, policy)
     assert dead.outcome == "fail" and any(r.startswith("error_rate: missing") for r in dead.reasons)
     # The engines' own time to first token (scraped from their /metrics): held to max_ttft_ratio
@@ -38,6 +39,47 @@ def test_canary_decisions():
     assert unscraped.passed and all(c.metric != "engine_p95_ttft_ratio" for c in unscraped.checks)
     # What tasks/deploy.py reports for a candidate that never started: no stable, no requests.
     assert decide_canary({"requests": 0, "error_rate": 1.0, "exact_match": 0.0, "p95_latency_s": None}, None, CanaryParams(min_exact_match=0.0)).outcome == "fail"
+
+
+def golden(right: str) -> list[bool]:
+    """Per-prompt outcomes from a string: 'x' right, '.' wrong."""
+    return [c == "x" for c in right]
+
+
+def test_a_better_candidate_that_answers_differently_passes_and_a_worse_one_fails():
+    """Agreement with the champion is no rollback reason: the better candidate below answers 30 %
+    of the prompts differently (the issue's v2: agreement 0.70, golden EM 1.00 against 0.918).
+    Where the two differ in correctness, the reference decides.
+    Seen red: with the old `agreement >= min_agreement` check restored in decide_canary, the
+    better candidate failed: ["agreement = 0.7000 vs >= 0.8000: FAILED by 0.1000"]."""
+    policy = CanaryParams(min_exact_match=0.8, champion_tolerance=0.05)
+    stable = {"requests": 2700, "failures": 0, "p95_latency_s": 0.467, "exact_match": 0.7, "golden_correct": golden("xxxxxxx...")}
+    better = {"requests": 300, "failures": 0, "p95_latency_s": 0.09, "exact_match": 1.0, "golden_correct": golden("xxxxxxxxxx"), "agreement": 0.7}
+    decision = decide_canary(better, stable, policy)
+    assert decision.outcome == "pass", decision.reasons
+    paired = next(c for c in decision.checks if c.metric == "exact_match_vs_stable")
+    assert "the canary alone is right on 3, stable alone on 0" in paired.describe()
+    # Different, and wrong where stable was right: 2 of 10 golden prompts lost, none won.
+    worse = {**better, "exact_match": 0.8, "golden_correct": golden("xxxxx..xxx"), "agreement": 0.6}
+    stable_right = {**stable, "exact_match": 1.0, "golden_correct": golden("xxxxxxxxxx")}
+    failed = decide_canary(worse, stable_right, policy)
+    assert failed.outcome == "fail" and [r.split(":")[0] for r in failed.reasons] == ["exact_match_vs_stable"]
+    assert "the canary alone is right on 0, stable alone on 2" in failed.reasons[0]
+    # Wins and losses offset: as good as stable on the golden prompts, though different.
+    swapped = {**better, "exact_match": 0.7, "golden_correct": golden("..xxxxxxxx"), "agreement": 0.4}
+    assert decide_canary({**swapped, "exact_match": 0.8}, {**stable, "exact_match": 0.8, "golden_correct": golden("xxxxxxxx..")}, policy).passed
+
+
+def test_4xx_only_the_canary_gave_are_failures_and_the_requests_own_are_reported():
+    """The gateway asks stable every request the canary refused (serving/proxy.py): refusals
+    stable answered arrive as failures (refused_valid), so the error-rate test sees them."""
+    policy = CanaryParams(min_exact_match=0.0)
+    stable = {"requests": 2700, "failures": 0, "p95_latency_s": 0.1, "exact_match": 1.0, "client_error_rate": 0.02}
+    refusing = {"requests": 300, "failures": 30, "refused_valid": 30, "client_error_rate": 0.02, "p95_latency_s": 0.1, "exact_match": 1.0}
+    decision = decide_canary(refusing, stable, policy)
+    assert decision.outcome == "fail" and decision.reasons[0].startswith("error_rate")
+    report = next(c for c in decision.checks if c.metric == "client_errors").describe()
+    assert "30 refused that stable answered" in report and "canary 2.00%, stable 2.00%" in report
 
 
 # The canary's error rate: a sequential test against stable's rate in the same step. The defaults

@@ -2,11 +2,14 @@
 from the CPU engine's real /metrics while real clients are answered, and parsed from vLLM's and
 TensorRT-LLM's Prometheus text as those engines write it (the metric names, label sets and
 buckets of their collectors, written here by the same prometheus_client they use, served over
-HTTP where each serves it: vLLM on /metrics, trtllm-serve on /prometheus/metrics)."""
+HTTP where each serves it: vLLM on /metrics; trtllm-serve on /prometheus/metrics, with its
+/metrics answering JSON, a list of per-iteration statistics, as tensorrt_llm/serve/openai_server.py
+does)."""
 
 from __future__ import annotations
 
 import http.server
+import json
 import threading
 
 import numpy as np
@@ -25,40 +28,74 @@ TTFT_BUCKETS = [0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75
 
 
 class FakeEngineMetrics:
-    """An engine's metrics endpoint, written with that engine's names: `prefix` 'vllm:' or
-    'trtllm_'. Only what the Prometheus text says is imitated; nothing else is served."""
+    """An engine's metrics endpoint, written with that engine's names and labels: `prefix`
+    'vllm:' or 'trtllm_'. TensorRT-LLM's MetricsCollector labels every series with model_name
+    and engine_type ("undefined" in trtllm-serve), its success counter with finished_reason, its
+    error counter with http_code, and its gauges come out of prometheus_client's multiprocess
+    collector with a pid label. Only what the Prometheus text says is imitated."""
 
     def __init__(self, prefix: str) -> None:
         self.prefix, self.registry = prefix, CollectorRegistry()
-        r, model = self.registry, ["model_name"]
-        self.success = Counter(f"{prefix}request_success", "", ["finished_reason", "model_name"], registry=r)
-        self.latency = Histogram(f"{prefix}e2e_request_latency_seconds", "", model, buckets=LATENCY_BUCKETS, registry=r)
-        self.ttft = Histogram(f"{prefix}time_to_first_token_seconds", "", model, buckets=TTFT_BUCKETS, registry=r)
-        self.queue = Histogram(f"{prefix}request_queue_time_seconds", "", model, buckets=LATENCY_BUCKETS, registry=r)
-        self.running = Gauge(f"{prefix}num_requests_running", "", model, registry=r)
-        self.waiting = Gauge(f"{prefix}num_requests_waiting", "", model, registry=r)
-        self.errors = Counter(f"{prefix}request_error", "", model, registry=r) if prefix == "trtllm_" else None
+        r = self.registry
+        trt = prefix == "trtllm_"
+        self.labels = {"model_name": "undefined", "engine_type": "undefined"} if trt else {"model_name": "m"}
+        names = list(self.labels)
+        self.success = Counter(f"{prefix}request_success", "", [*names, "finished_reason"], registry=r)
+        self.latency = Histogram(f"{prefix}e2e_request_latency_seconds", "", names, buckets=LATENCY_BUCKETS, registry=r)
+        self.ttft = Histogram(f"{prefix}time_to_first_token_seconds", "", names, buckets=TTFT_BUCKETS, registry=r)
+        self.queue = Histogram(f"{prefix}request_queue_time_seconds", "", names, buckets=LATENCY_BUCKETS, registry=r)
+        gauge_labels = [*names, "pid"] if trt else names
+        self.running = Gauge(f"{prefix}num_requests_running", "", gauge_labels, registry=r)
+        self.waiting = Gauge(f"{prefix}num_requests_waiting", "", gauge_labels, registry=r)
+        self.errors = Counter(f"{prefix}request_error", "", [*names, "http_code"], registry=r) if trt else None
 
     def serve(self, latency: float, ttft: float, queue: float, reason: str = "stop") -> None:
-        self.success.labels(reason, "m").inc()
-        self.latency.labels("m").observe(latency)
-        self.ttft.labels("m").observe(ttft)
-        self.queue.labels("m").observe(queue)
+        self.success.labels(**self.labels, finished_reason=reason).inc()
+        self.latency.labels(**self.labels).observe(latency)
+        self.ttft.labels(**self.labels).observe(ttft)
+        self.queue.labels(**self.labels).observe(queue)
+
+    def set_running(self, n: int) -> None:
+        extra = {"pid": "4242"} if self.prefix == "trtllm_" else {}
+        self.running.labels(**self.labels, **extra).set(n)
+
+    def fail(self, n: int, http_code: str = "500") -> None:
+        assert self.errors is not None
+        self.errors.labels(**self.labels, http_code=http_code).inc(n)
 
     def text(self) -> str:
         return generate_latest(self.registry).decode()
 
 
+def iteration_stats(iteration: int) -> list[dict]:
+    """What trtllm-serve's /metrics answers (JSON): the executor's latest iteration statistics,
+    as IterationStats serialises them."""
+    return [{
+        "timestamp": "12-03-2026 14:00:00", "iter": iteration, "iterLatencyMS": 15.5, "newActiveRequestsQueueLatencyMS": 0.1,
+        "numActiveRequests": 3, "numQueuedRequests": 1, "numCompletedRequests": 2, "maxNumActiveRequests": 64,
+        "gpuMemUsage": 4_000_000_000, "cpuMemUsage": 2_000_000_000, "pinnedMemUsage": 500_000_000,
+        "kvCacheStats": {"maxNumBlocks": 1000, "freeNumBlocks": 400, "usedNumBlocks": 600, "tokensPerBlock": 64, "cacheHitRate": 0.85},
+        "inflightBatchingStats": {"numContextRequests": 1, "numGenRequests": 2, "numPausedRequests": 0, "numScheduledRequests": 3, "numCtxTokens": 256, "avgNumDecodedTokensPerIter": 1.0, "microBatchId": 0},
+    }]
+
+
 @pytest.fixture
 def engine_endpoint():
-    """Serves a FakeEngineMetrics at the path its engine uses; 404 elsewhere."""
+    """Serves an engine's endpoints: `routes` maps a path to (content type, body function); 404
+    elsewhere. A FakeEngineMetrics alone is served as Prometheus text at `path`."""
     servers = []
 
-    def start(fake: FakeEngineMetrics, path: str) -> str:
+    def start(fake: FakeEngineMetrics | None, path: str = "/metrics", routes: dict | None = None) -> str:
+        table = dict(routes or {})
+        if fake is not None:
+            table[path] = ("text/plain; version=0.0.4; charset=utf-8", fake.text)
+
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self):  # noqa: N802 (http.server's name)
-                body = fake.text().encode() if self.path == path else b"not found"
-                self.send_response(200 if self.path == path else 404)
+                found = table.get(self.path)
+                body = found[1]().encode() if found else b'{"detail":"Not Found"}'
+                self.send_response(200 if found else 404)
+                self.send_header("Content-Type", found[0] if found else "application/json")
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 self.wfile.write(body)
@@ -78,8 +115,14 @@ def engine_endpoint():
 
 @pytest.mark.parametrize(("prefix", "path", "engine"), [("vllm:", "/metrics", "vllm"), ("trtllm_", "/prometheus/metrics", "trtllm")])
 def test_vllm_and_trtllm_figures_over_a_step(engine_endpoint, prefix, path, engine):
+    """trtllm-serve as it runs: /metrics answers JSON (iteration statistics), Prometheus text is
+    on /prometheus/metrics (with return_perf_metrics, which the launcher sets).
+    Seen red: with scrape() giving up on /metrics' JSON as before (the Prometheus parser's
+    ValueError), the trtllm case got no figures: KeyError 'engine' (Watch.figures() was {})."""
     fake = FakeEngineMetrics(prefix)
-    url = engine_endpoint(fake, path)
+    iterations = iter(range(10**6))
+    routes = {"/metrics": ("application/json", lambda: json.dumps(iteration_stats(next(iterations))))} if engine == "trtllm" else None
+    url = engine_endpoint(fake, path, routes)
     for _ in range(5):  # before the step: not counted
         fake.serve(latency=9.0, ttft=3.0, queue=2.0)
     watch = Watch([Backend("v", url, "m")])
@@ -87,9 +130,9 @@ def test_vllm_and_trtllm_figures_over_a_step(engine_endpoint, prefix, path, engi
     ttfts = rng.uniform(0.02, 0.04, 200)
     for t in ttfts:
         fake.serve(latency=1.2, ttft=float(t), queue=0.6)
-    fake.running.labels("m").set(3)
+    fake.set_running(3)
     if fake.errors is not None:
-        fake.errors.labels("m").inc(2)
+        fake.fail(2)
     got = watch.figures()
     assert got["engine"] == engine and got["engine_requests"] == 200
     assert got["engine_failures"] == (2 if engine == "trtllm" else None)
@@ -124,6 +167,15 @@ def test_an_engine_that_restarted_counts_from_its_restart():
     for _ in range(4):
         restarted.serve(1.2, 0.03, 0.6)
     assert figures(before, parse(restarted.text()))["engine_requests"] == 4
+
+
+def test_trtllm_serve_without_its_prometheus_endpoint_says_how_to_turn_it_on(engine_endpoint):
+    """trtllm-serve started without return_perf_metrics: /metrics is JSON, /prometheus/metrics 404."""
+    url = engine_endpoint(None, routes={"/metrics": ("application/json", lambda: json.dumps(iteration_stats(7)))})
+    with pytest.raises(UnknownEngine, match="return_perf_metrics") as err:
+        scrape(url)
+    assert "/metrics: JSON, not Prometheus text" in str(err.value) and "/prometheus/metrics: 404" in str(err.value)
+    assert Watch([Backend("t", url, "m")]).figures() == {}, "the gateway's own figures still decide"
 
 
 def test_an_endpoint_without_engine_metrics_is_named(engine_endpoint):

@@ -143,3 +143,50 @@ def test_two_gateways_share_the_cache_and_the_limits_through_redis(gateway_with,
     assert ask(b, FREE, content="other").status_code == 200
     refused = ask(a, FREE, content="fourth")
     assert refused.status_code == 429, "3 requests per minute across both gateways"
+
+
+def test_two_models_with_the_same_version_behind_one_redis_never_answer_for_each_other(serve_app, fakes, redis_url):  # noqa: F811
+    """Two projects' gateways share one Redis; both models have a version 3 served under the
+    same name. Each answer is cached under its own model.
+    Seen red: with the model left out of serving.cache.cache_key (the version alone, as
+    before), model-b's first request was a cache hit with "answer from stable", model-a's answer."""
+    serve = ServeParams(redis_url=redis_url)
+    urls = {}
+    with ExitStack() as stack:
+        for public, fake in (("model-a", fakes.stable), ("model-b", fakes.canary)):
+            backend = Backend(f"{public}-r0", fake.backend.base_url, "served-v3", version="3")
+            urls[public] = stack.enter_context(serve_app(create_gateway(backend, public_model=public, front=FrontDoor.from_params(serve)))).root_url
+
+        def chat(public: str) -> httpx.Response:
+            body = {"model": public, "messages": [{"role": "user", "content": "same prompt"}], "max_tokens": 4, "temperature": 0}
+            return httpx.post(f"{urls[public]}/v1/chat/completions", json=body, timeout=60)
+
+        assert chat("model-a").json()["choices"][0]["message"]["content"] == "answer from stable"
+        b = chat("model-b")
+        assert b.headers.get("x-gateway-cache") is None and b.json()["choices"][0]["message"]["content"] == "answer from canary"
+        again = chat("model-b")
+        assert again.headers["x-gateway-cache"] == "hit" and again.json()["choices"][0]["message"]["content"] == "answer from canary"
+
+
+@pytest.mark.parametrize("mode", ["open", "closed"])
+def test_with_redis_down_keyed_requests_are_served_or_refused_as_params_say_in_openais_shape(gateway_with, fakes, keys_file, mode):
+    """serve.redis_failure_mode: 'open' serves a keyed request without its rate limits, 'closed'
+    refuses it with 503 and Retry-After; both answer in OpenAI's error shape, never plain text.
+    Seen red: with RedisRateLimiter.acquire letting the Redis error through (as before), both
+    modes answered 500 (`internal_error`; before the gateway's catch-all handler, a plain-text
+    "Internal Server Error")."""
+    from serving.launcher import free_port
+
+    serve = ServeParams(redis_url=f"redis://127.0.0.1:{free_port()}/0", keys_file=str(keys_file), redis_failure_mode=mode)  # nothing listens there
+    url, _ = gateway_with(FrontDoor.from_params(serve))
+    answer = ask(url, GOLD, content="while redis is down")
+    if mode == "open":
+        assert answer.status_code == 200 and answer.json()["choices"][0]["message"]["content"] == "answer from stable"
+        assert "x-ratelimit-limit-requests" not in answer.headers, "served without its limits"
+    else:
+        assert answer.status_code == 503 and answer.headers["retry-after"] == "1"
+        error = answer.json()["error"]
+        assert error["code"] == "rate_limiter_unavailable" and error["type"] == "server_error" and "redis_failure_mode" in error["message"]
+        assert fakes.stable.models_seen == []
+    assert metric(httpx.get(f"{url}/metrics").text, "gateway_rate_limits_unavailable_total", mode=mode) == 1
+    assert ask(url, "sk-unknown").status_code == 401, "an unknown key is still refused"

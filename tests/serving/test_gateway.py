@@ -211,7 +211,7 @@ def test_half_weight_splits_between_both(fakes, start_gateway):
 def test_seeded_routing_is_reproducible_and_follows_the_weight():
     def routes(seed: int, weight: float) -> list[str]:
         g = Gateway(Backend("s", "http://127.0.0.1:9", "m"), Backend("c", "http://127.0.0.1:9", "m"), weight, seed=seed)
-        return [g.route()[0].backend.name for _ in range(400)]
+        return [g.route().backend.name for _ in range(400)]
 
     assert routes(7, 0.25) == routes(7, 0.25)
     assert routes(7, 0.25) != routes(8, 0.25)
@@ -269,14 +269,44 @@ def test_canary_slower_than_retry_timeout_is_answered_by_stable(fakes, start_gat
     assert metric(text, "gateway_backend_requests_total", role="canary", outcome="timeout") == 1
 
 
-def test_canary_4xx_is_the_clients_error_passed_through_without_retry(fakes, start_gateway):
+def test_a_4xx_both_versions_give_is_the_clients_error_counted_alike_for_both(fakes, start_gateway):
     gw = start_gateway(weight=1.0)
-    fakes.canary.mode = "bad_request"
+    fakes.canary.mode = fakes.stable.mode = "bad_request"
     with pytest.raises(openai.BadRequestError, match="max_tokens too large"):
         gw.ask()
+    snap = gw.gateway.snapshot()
+    canary, stable = snap["canary"], snap["stable"]
+    assert (canary["requests"], canary["client_errors"], canary["failures"], canary["refused_valid"]) == (1, 1, 0, 0)
+    assert (stable["client_errors"], stable["failures"]) == (1, 0), "stable was asked the same request and refused it too"
+
+
+def test_a_4xx_only_the_canary_gives_is_its_failure_and_the_client_gets_stables_answer(fakes, start_gateway):
+    """A canary with a smaller context or a changed template refuses what stable answers: that
+    4xx is the canary's, counted against it (the error-rate test reads failures), and invisible
+    to the client.
+    Seen red: with the second opinion removed from Proxy._forward (a canary's 4xx passed
+    through as before), the client got "openai.BadRequestError: Error code: 400 - max_tokens too
+    large"."""
+    gw = start_gateway(weight=1.0)
+    fakes.canary.mode = "bad_request"
+    assert gw.answers(3) == [fakes.stable.text] * 3
     canary = gw.gateway.snapshot()["canary"]
-    assert (canary["requests"], canary["client_errors"], canary["failures"], canary["retried_to_stable"]) == (1, 1, 0, 0)
-    assert fakes.stable.models_seen == []
+    assert (canary["requests"], canary["failures"], canary["refused_valid"], canary["client_errors"]) == (3, 3, 3, 0)
+    assert canary["retried_to_stable"] == 3
+    text = httpx.get(f"{gw.url}/metrics").text
+    assert metric(text, "gateway_backend_requests_total", role="canary", outcome="refused_valid_request") == 3
+    # A stream too: the canary's 4xx status arrives before any byte, so stable can still answer.
+    assert gw.stream_text() == fakes.stable.text
+    assert gw.gateway.snapshot()["canary"]["refused_valid"] == 4
+
+
+def test_a_mirrored_copy_the_canary_refuses_is_its_failure(fakes, start_gateway):
+    gw = start_gateway(weight=0.0)
+    gw.gateway.set_mirror(True)
+    fakes.canary.mode = "bad_request"
+    assert gw.answers(2) == [fakes.stable.text] * 2
+    wait_until(lambda: gw.gateway.snapshot()["canary"]["requests"] == 2, "both copies answered")
+    assert gw.gateway.snapshot()["canary"]["refused_valid"] == 2
 
 
 def test_busy_canary_is_answered_by_stable_and_busy_stable_tells_the_client_when_to_retry(fakes, start_gateway):
@@ -439,6 +469,50 @@ def test_a_request_in_flight_during_a_promotion_is_counted_where_it_was_dispatch
     assert metric(text, "gateway_backend_requests_total", role="stable", backend="stable", outcome="ok") == 1
     assert metric(text, "gateway_backend_requests_total", role="canary", backend="stable") == 0
     assert gw.gateway.snapshot()["stable"]["requests"] == 0, "the new stable never saw that request"
+
+
+def test_a_request_waiting_in_the_queue_goes_where_the_routing_is_when_its_turn_comes(fakes, start_gateway):
+    """One slot: the second request waits while the first holds it. Meanwhile the canary is
+    promoted and the old stable stops answering (as a drained, stopped engine would). The
+    waiting request is routed when it leaves the queue, so the new stable answers it.
+    Seen red: with the routing moved back before the queue and Gateway.acquire's check for a
+    version that left the routing removed (the code before the fix), the waiting request went
+    to the old stable: "openai.InternalServerError: Error code: 500 - boom". Either mechanism
+    alone keeps it green: routing after the wait, or the retired version refusing it."""
+    from serving.gateway import FrontDoor
+    from serving.queue import AdmissionQueue
+
+    front = FrontDoor(queue=AdmissionQueue(capacity=1, max_waiting=10))
+    gw = start_gateway(weight=0.0, front=front)
+    fakes.stable.hold = threading.Event()
+    with ThreadPoolExecutor(2) as pool:
+        first = pool.submit(gw.ask)
+        wait_until(lambda: len(fakes.stable.models_seen) == 1, "the first request holds the only slot")
+        second = pool.submit(gw.ask)
+        wait_until(lambda: front.queue.waiting == 1, "the second request waits in the queue")
+        gw.gateway.promote_canary()
+        fakes.stable.mode = "error"  # the old stable is gone
+        fakes.stable.hold.set()
+        assert first.result().choices[0].message.content == fakes.stable.text, "the request in flight finished where it was"
+        assert second.result().choices[0].message.content == fakes.canary.text
+    assert len(fakes.stable.models_seen) == 1
+
+
+def test_a_version_that_left_the_routing_gives_no_replica_to_a_request_routed_before():
+    from serving.routing import SlotRetired
+
+    g = Gateway(Backend("s", "http://127.0.0.1:9", "m"), Backend("c", "http://127.0.0.1:9", "m"), 1.0, seed=0)
+    routed = g.route()
+    assert routed.role == "canary"
+    g.remove_canary()
+    with pytest.raises(SlotRetired):
+        g.acquire(routed.slot)
+    promoted_away = g.stable_target()
+    g.set_canary(Backend("c2", "http://127.0.0.1:9", "m"), 0.0)
+    g.promote_canary()
+    with pytest.raises(SlotRetired):
+        g.acquire(promoted_away.slot)
+    assert g.acquire(g.stable_target().slot).name == "c2"
 
 
 def test_remove_canary_sends_everything_to_stable(fakes, start_gateway):

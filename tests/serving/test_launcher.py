@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import time
+from pathlib import Path
 
 import httpx
 import pytest
+import yaml
 
 from serving import launcher, server
 from serving.client import chat_once, client
@@ -61,6 +64,31 @@ def test_missing_gpu_engine_fails_clearly_before_spawning(engine, command, extra
     assert f"pip install -e '.[{extra}]'" in message
     assert "serve.engine: cpu" in message
     assert not log.exists()
+
+
+def test_trtllm_serve_is_started_with_its_prometheus_metrics_on(tmp_path, monkeypatch):
+    """trtllm-serve mounts /prometheus/metrics only with return_perf_metrics: true in its LLM
+    options, which it reads from --extra_llm_api_options. A stand-in `trtllm-serve` on PATH
+    records how it was started (then exits, as a server without a GPU would).
+    Seen red: without trtllm_options() in launch() (as before), the recorded argv had no
+    options file: "ValueError: '--extra_llm_api_options' is not in list"."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    record = tmp_path / "argv.txt"
+    fake = bin_dir / "trtllm-serve"
+    fake.write_text(f'#!/bin/sh\nfor a in "$@"; do echo "$a"; done > {record}\nexit 3\n')
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    with pytest.raises(ServerStartError, match="exited with code 3"):
+        launch("tensorrt-llm", "/models/m", "champ", "127.0.0.1", free_port(), tmp_path / "logs" / "v3-r0.log", startup_timeout_s=30)
+    argv = record.read_text().split()
+    options = Path(argv[argv.index("--extra_llm_api_options") + 1])
+    assert yaml.safe_load(options.read_text()) == {"return_perf_metrics": True, "enable_iter_perf_stats": True}
+    assert argv[:2] == ["/models/m", "--host"] and "--served_model_name" in argv
+    # An options file of the caller's own decides for itself.
+    with pytest.raises(ServerStartError):
+        launch("tensorrt-llm", "/models/m", "champ", "127.0.0.1", free_port(), tmp_path / "logs" / "v3-r1.log", 30, extra_args=["--config", "mine.yaml"])
+    assert record.read_text().split().count("--extra_llm_api_options") == 0
 
 
 def test_cpu_engine_launches_answers_and_stops(model_dir, tmp_path):

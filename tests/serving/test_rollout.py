@@ -60,6 +60,41 @@ def test_good_canary_is_promoted(model_dir, stable, golden, tmp_path):
     assert result.client_errors == 0 and answer == golden[0][1]
 
 
+@pytest.fixture(scope="module")
+def other_model_dir(model_dir, tmp_path_factory):
+    """Another model with the same tokenizer: other weights (another seed), other answers."""
+    from transformers import AutoTokenizer
+
+    from pipelines.bootstrap import build_model
+    from pipelines.config import ModelParams
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = build_model(ModelParams(hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2, seed=7), tokenizer)
+    path = tmp_path_factory.mktemp("other-model")
+    tokenizer.save_pretrained(path)
+    model.save_pretrained(path)
+    return str(path)
+
+
+def test_a_better_candidate_that_answers_differently_is_promoted(other_model_dir, stable, tmp_path):
+    """The references are the candidate's own answers: it is right on every golden prompt, the
+    champion (other weights) on few, and the two rarely say the same thing. Agreement with the
+    champion is reported; correctness decides.
+    Seen red: with the old `agreement >= min_agreement` check restored in decide_canary, this
+    candidate was rolled back at its first (25 %) step: "golden EM 1.00, agreement 0.00 -> FAILED:
+    agreement = 0.0000 vs >= 0.8000: FAILED by 0.8000"."""
+    with serve(other_model_dir, "canary", tmp_path) as canary:
+        api = client(canary.base_url)
+        references = [(p, chat_once(api, "canary", p, MAX_TOKENS)[0]) for p in PROMPTS]
+        result, gateway, answer = rollout(stable, canary, references)
+    assert result.outcome == "promoted", result.summary()
+    first = result.steps[0]
+    assert first.canary["exact_match"] == 1.0 and first.stable["exact_match"] < 0.5, "the candidate is the better one"
+    assert first.canary["agreement"] < 0.5, "and it answers differently"
+    assert any(c.metric == "agreement" and c.passed for c in first.decision.checks)
+    assert result.client_errors == 0
+
+
 def test_canary_answering_500s_is_rolled_back(model_dir, stable, golden, tmp_path):
     with serve(model_dir, "canary", tmp_path, "--fault-error-rate", "1.0") as canary:
         result, gateway, answer = rollout(stable, canary, golden)

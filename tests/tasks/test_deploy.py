@@ -1,10 +1,15 @@
-"""The canary task against real servers and a real MLflow registry: a first candidate is
-promoted after its golden-prompt checks; a candidate that cannot serve is rolled back and the
-champion keeps its alias; a candidate that is already champion is not redeployed; a champion
-that cannot serve stops the release with the registry as it was; servers that require an API
-key are rolled out through."""
+"""The canary task against real servers and a real MLflow registry, with no plane running: each
+release starts a temporary plane (serving/plane/temporary.py), releases into it as into
+`make serve`'s, and stops it. A first candidate is promoted after its golden-prompt checks; a
+candidate that cannot serve is rolled back and the champion keeps its alias; a candidate that
+is already champion is not redeployed; a champion that cannot serve stops the release with the
+registry as it was; engines that require an API key, and a gateway that requires keys from a
+keys file, are rolled out through. No engine outlives its release."""
 
+import json
+import os
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -43,12 +48,28 @@ def alias(name):
     return str(mv.version) if mv else None
 
 
+def engines_left() -> list[int]:
+    """The temporary plane's engines (from its state file) that are still running."""
+    state = Path(".serving/release-plane/state.json")
+    pids = [r["pid"] for reps in json.loads(state.read_text())["replicas"].values() for r in reps] if state.exists() else []
+
+    def alive(pid: int) -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+
+    return [p for p in pids if alive(p)]
+
+
 def test_first_candidate_promoted_then_broken_candidate_rolled_back(workspace, registry_store):
     hook = Webhook()  # the release's notifications: a promotion, then a rollback
     params = PARAMS.model_copy(update={"notify": NotifyParams(webhook_url=hook.url)})
     v1 = register(registry_store, workspace / "models/base", "good")
     outcome = canary_release.fn(params, v1)
-    assert outcome["outcome"] == "promoted"
+    assert outcome["outcome"] == "promoted" and outcome["where"].startswith("a temporary plane")
+    assert engines_left() == []
     (step,) = outcome["steps"]  # first release: one health + golden-prompt check
     assert step["canary"]["requests"] == 4 and step["canary"]["error_rate"] == 0.0
     assert alias("champion") == v1
@@ -72,9 +93,9 @@ def test_first_candidate_promoted_then_broken_candidate_rolled_back(workspace, r
     assert canary_release.fn(PARAMS, v1)["outcome"] == "unchanged"
 
 
-def test_candidate_rolled_out_beside_champion_through_the_gateway_with_an_api_key(workspace, registry_store, monkeypatch):
-    # As the README advises for a non-loopback bind: the spawned servers then require the key,
-    # so the gateway, the probes and the health waits must all send it.
+def test_candidate_rolled_out_through_a_temporary_plane_whose_engines_require_a_key(workspace, registry_store, monkeypatch):
+    # As the README advises for a non-loopback bind: the engines then require the key, so the
+    # plane, the probes and the health waits must all send it.
     monkeypatch.setenv("SERVING_API_KEY", "deploy-secret")
     v1 = register(registry_store, workspace / "models/base", "one")
     models.promote("reverse-digits", v1)
@@ -82,10 +103,32 @@ def test_candidate_rolled_out_beside_champion_through_the_gateway_with_an_api_ke
     outcome = canary_release.fn(PARAMS, v2)
     # Same weights on both sides: identical greedy answers, so the candidate is promoted.
     assert outcome["outcome"] == "promoted", outcome["reasons"]
+    assert outcome["where"].startswith("a temporary plane")
     assert [s["weight"] for s in outcome["steps"]] == [50, 100]
     assert all(s["canary"]["requests"] >= 3 and s["canary"]["agreement"] == 1.0 for s in outcome["steps"])
     assert outcome["client_errors"] == 0
     assert (alias("champion"), alias("previous")) == (v2, v1)
+    assert [e["event"] for e in outcome["history"]["plane_events"]][:1] == ["canary_attached"]
+    assert engines_left() == [], "the temporary plane stopped its engines"
+
+
+def test_a_gateway_that_takes_keys_from_a_keys_file_lets_the_releases_own_traffic_in(workspace, registry_store, monkeypatch):
+    """serve.keys_file set and no gateway key: clients need a key from the file, which the
+    release's synthetic users do not hold; they send the plane's own traffic key.
+    Seen red: with the synthetic users sending $GATEWAY_API_KEY or $SERVING_API_KEY as before
+    (neither set), every request was answered 401 and the canary was judged on nothing: rolled
+    back on "error_rate: 0 of 0 failed vs max_error_rate 0.00% (stable served nothing this
+    step) ... continue (undecided ...)" (and the report's summary crashed on the missing rate)."""
+    for key in ("SERVING_API_KEY", "GATEWAY_API_KEY"):
+        monkeypatch.delenv(key, raising=False)
+    (workspace / "keys.yaml").write_text('tiers:\n  free: {priority: 0, rpm: 60, tpm: 100000}\nkeys:\n  "sk-someone-else": free\n')
+    params = PARAMS.model_copy(update={"serve": PARAMS.serve.model_copy(update={"keys_file": str(workspace / "keys.yaml")})})
+    v1 = register(registry_store, workspace / "models/base", "one")
+    models.promote("reverse-digits", v1)
+    v2 = register(registry_store, workspace / "models/base", "two")
+    outcome = canary_release.fn(params, v2)
+    assert outcome["outcome"] == "promoted", outcome["reasons"]
+    assert all(s["canary"]["requests"] >= 3 for s in outcome["steps"]) and outcome["client_errors"] == 0
 
 
 def test_canary_drill_with_failing_candidate_is_rolled_back(workspace, registry_store):

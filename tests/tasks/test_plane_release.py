@@ -1,8 +1,10 @@
 """Releases into a running serving plane (`python -m serving.plane`, a real process, as `make serve`
-starts it) with a real MLflow registry, while 16 clients send requests without pause:
-a full release (canary steps, promotion) and then `make rollback`, a bad candidate rolled back,
-and the plane killed mid-canary and restarted. No client may see an error, and every answer
-names the version that gave it.
+starts it) with a real MLflow registry, while 16 clients send requests without pause through ONE
+queue slot (serve.queue_capacity 1, one replica), with keys of two tiers from a keys file and no
+gateway key: a full release (canary steps, promotion) and then `make rollback` (the real make
+target, in its own process), both while requests wait in the gateway's queue; a bad candidate
+rolled back; the plane killed mid-canary and restarted. No client may see an error, every answer
+names the version that gave it, and the release's own traffic gets in with the plane's key.
 
 One plane for the module; the versions are the same tiny checkpoint registered several times,
 so their greedy answers agree and a healthy candidate is promoted."""
@@ -29,9 +31,15 @@ from serving.launcher import free_port
 from serving.plane_client import PlaneClient
 from tasks.deploy import canary_release
 from tests.conftest import ROOT, tiny_params
-from tests.serving.conftest import wait_until
+from tests.serving.conftest import QueueWatch, wait_until
 
 NAME = "reverse-digits"
+GOLD, FREE = "sk-gold-plane-release-0001", "sk-free-plane-release-0001"
+KEYS = f'tiers:\n  gold: {{priority: 10, rpm: 1000000, tpm: 100000000}}\n  free: {{priority: 0, rpm: 1000000, tpm: 100000000}}\nkeys:\n  "{GOLD}": gold\n  "{FREE}": free\n'
+
+
+def auth(key: str = GOLD) -> dict[str, str]:
+    return {"authorization": f"Bearer {key}"}
 
 
 class Plane:
@@ -46,7 +54,7 @@ class Plane:
         env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
         log = (self.workdir / "plane.log").open("ab")
         self.process = subprocess.Popen([sys.executable, "-m", "serving.plane"], cwd=self.workdir, env=env, stdout=log, stderr=subprocess.STDOUT)
-        wait_until(self.ready, f"the plane answering on {self.url} (log: {self.workdir / 'plane.log'})", 180)
+        wait_until(self.ready, f"the plane answering on {self.url} (log: {self.workdir / 'plane.log'})", 600)  # a busy machine starts engines slowly
         return self
 
     def ready(self) -> bool:
@@ -57,16 +65,17 @@ class Plane:
             return False
 
     def state(self) -> dict:
-        return httpx.get(f"{self.url}/admin/state", timeout=30).json()
+        return httpx.get(f"{self.url}/admin/state", timeout=120).json()
 
     def stop(self, sig: signal.Signals = signal.SIGINT) -> None:
         if self.process is not None and self.process.poll() is None:
             self.process.send_signal(sig)
-            self.process.wait(timeout=60)
+            self.process.wait(timeout=300)
 
 
 class Clients:
-    """16 clients sending without pause; every answer: (sent, done, status, version)."""
+    """16 clients sending without pause, half with a gold key, half with a free one; every
+    answer: (sent, done, status, version)."""
 
     def __init__(self, url: str, n: int = 16) -> None:
         self.url, self.stop_event, self.lock = url, threading.Event(), threading.Lock()
@@ -79,7 +88,7 @@ class Clients:
                 sent = time.monotonic()
                 body = {"model": NAME, "messages": [{"role": "user", "content": f"{i % 10} {(i * 3) % 10}"}], "max_tokens": 4, "temperature": 0}
                 try:
-                    r = http.post(f"{self.url}/v1/chat/completions", json=body, headers={"cache-control": "no-cache"})
+                    r = http.post(f"{self.url}/v1/chat/completions", json=body, headers={"cache-control": "no-cache", **auth(GOLD if i % 2 else FREE)})
                     status, version = r.status_code, r.headers.get("x-gateway-version", "")
                 except httpx.HTTPError as exc:
                     status, version = 0, type(exc).__name__
@@ -89,7 +98,7 @@ class Clients:
     def __enter__(self) -> "Clients":
         for t in self.threads:
             t.start()
-        wait_until(lambda: len(self.answers) >= 16, "the clients' first answers", 120)
+        wait_until(lambda: len(self.answers) >= 16, "the clients' first answers", 300)
         return self
 
     def __exit__(self, *exc) -> None:
@@ -115,12 +124,19 @@ def plane(prepared_dir, tmp_path_factory):
     for sub in ("data", "models"):
         shutil.copytree(prepared_dir / sub, work / sub)
     port = free_port()
-    serve = ServeParams(port=port, replicas=1, max_new_tokens=8, startup_timeout_s=90, supervise_interval_s=0.3, drain_timeout_s=60)
+    (work / "keys.yaml").write_text(KEYS)
+    # One slot: 16 clients keep 15 requests waiting in the gateway's queue, through every switch.
+    serve = ServeParams(
+        port=port, replicas=1, max_new_tokens=8, startup_timeout_s=300, supervise_interval_s=0.3, drain_timeout_s=60,
+        queue_capacity=1, keys_file=str(work / "keys.yaml"),
+    )
     params = tiny_params(serve=serve, canary=CANARY)
     (work / "params.yaml").write_text(yaml.safe_dump({"serve": serve.model_dump(mode="json"), "canary": CANARY.model_dump(mode="json")}))
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(work)
         mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{work / 'mlflow.db'}")
+        for key in ("GATEWAY_API_KEY", "SERVING_API_KEY"):  # clients need a key from the file; the release holds none
+            mp.delenv(key, raising=False)
         from registry.store import experiment_id
 
         c, exp = client(), experiment_id("test")
@@ -139,38 +155,54 @@ def alias(name: str) -> str | None:
     return str(mv.version) if mv else None
 
 
-def test_a_release_and_a_rollback_under_load_lose_nothing_and_leave_registry_routing_and_engines_agreeing(plane):
+def make_rollback(workdir: Path) -> subprocess.CompletedProcess:
+    """`make rollback`, as a user types it in the project folder (the Makefile's own target)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run(["make", "-f", str(ROOT / "Makefile"), "-o", "setup", f"PY={sys.executable}", "rollback"], cwd=workdir, env=env, capture_output=True, text=True, timeout=900)
+
+
+def test_a_release_and_a_rollback_with_requests_queued_lose_nothing_and_leave_registry_routing_and_engines_agreeing(plane):
+    """Seen red: with the gateway routing each request before its wait in the queue and a
+    version that left the routing still handing out replicas (the code before the fix), the
+    queue assertions held but "11 of 3676 requests failed": 502s from version 2, reached after
+    the rollback had drained and stopped it, and a ReadTimeout."""
     v1, v2 = plane.versions[:2]
     assert plane.state()["stable"] == v1
-    with Clients(plane.url) as clients:
+    with Clients(plane.url) as clients, QueueWatch(plane.url) as queue:
+        release_started = time.monotonic()
         outcome = canary_release.fn(plane.params, v2)
         promoted_at = time.monotonic()
         assert outcome["outcome"] == "promoted", outcome["reasons"]
         assert outcome["where"].startswith("the running plane")
-        wait_until(lambda: len(clients.versions_sent_after(promoted_at)) and len(clients.answers) > 0, "answers after the promotion")
-        time.sleep(1)
-        from registry.cli import main as cli
-
+        wait_until(lambda: clients.versions_sent_after(promoted_at), "answers after the promotion", 300)
         rollback_started = time.monotonic()
-        cli(["rollback"])  # make rollback, on the running plane
+        rolled = make_rollback(plane.workdir)
         rolled_back_at = time.monotonic()
-        wait_until(lambda: clients.versions_sent_after(rolled_back_at + 0.5), "answers after the rollback", 60)
+        assert rolled.returncode == 0, rolled.stdout + rolled.stderr
+        wait_until(lambda: clients.versions_sent_after(rolled_back_at + 0.5), "answers after the rollback", 300)
+    assert queue.most_waiting(release_started, promoted_at) > 0, "requests were queued while the release switched versions"
+    assert queue.most_waiting(rollback_started, rolled_back_at) > 0, "requests were queued while the rollback switched back"
     assert clients.failed() == [], f"{len(clients.failed())} of {len(clients.answers)} requests failed: {clients.failed()[:3]}"
     assert {a[3] for a in clients.answers} == {v1, v2}, "clients were answered by the champion, then the candidate, then the champion"
     during = {a[3] for a in clients.answers if promoted_at < a[0] < rollback_started}
     assert during == {v2}, "after the promotion every new request went to the new stable"
     assert clients.versions_sent_after(rolled_back_at) == {v1}, "after the rollback every new request went back"
     assert [s["weight"] for s in outcome["steps"]] == [50, 100]
+    assert all(s["canary"]["requests"] > 0 for s in outcome["steps"]), "the release's own traffic got in with the plane's key"
+    assert f"version {v1} now serves all traffic" in rolled.stdout
 
     state = plane.state()
     assert (alias("champion"), alias("previous")) == (v1, v2)
     assert (state["stable"], state["canary"]) == (v1, None)
     assert list(state["replicas"]) == [v1], "only the champion's engine is running"
-    assert httpx.post(f"{plane.url}/v1/chat/completions", json={"model": NAME, "messages": [{"role": "user", "content": "1"}], "max_tokens": 2}).headers["x-gateway-version"] == v1
+    answer = httpx.post(f"{plane.url}/v1/chat/completions", json={"model": NAME, "messages": [{"role": "user", "content": "1"}], "max_tokens": 2}, headers=auth(), timeout=60)
+    assert answer.headers["x-gateway-version"] == v1
     events = [(e["event"], e.get("version")) for e in state["history"]]
     assert [("canary_attached", v2), ("promoted", v2), ("canary_attached", v1), ("promoted", v1)] == [e for e in events if e[0] in ("canary_attached", "promoted")]
     tags = client().get_model_version(NAME, v2).tags
     assert tags["release.history"].endswith(f"release/v{v2}.json"), "the release history is stored with the version"
+    assert tags["status"] == "rolled_back" and tags["status.reason"].startswith("rolled back by hand"), "a rerun of these bytes is refused"
+    assert models.blocked(client().get_model_version(NAME, v2)) is not None
 
 
 def test_a_bad_candidate_released_into_the_plane_is_rolled_back_while_clients_keep_sending(plane):
@@ -196,7 +228,10 @@ def test_a_plane_killed_mid_canary_resumes_the_same_routing_on_restart(plane):
     assert (after["stable"], after["canary"], after["weight"]) == (v1, v4, 0.5)
     assert after["replicas"] == before["replicas"], "the running engines were adopted, not restarted"
     assert any(e["event"] == "adopted" for e in after["history"])
-    seen = {httpx.post(f"{plane.url}/v1/chat/completions", json={"model": NAME, "messages": [{"role": "user", "content": str(i)}], "max_tokens": 2, "temperature": 0}).headers["x-gateway-version"] for i in range(30)}
+    seen = {
+        httpx.post(f"{plane.url}/v1/chat/completions", json={"model": NAME, "messages": [{"role": "user", "content": str(i)}], "max_tokens": 2, "temperature": 0}, headers=auth(), timeout=60).headers["x-gateway-version"]
+        for i in range(30)
+    }
     assert seen == {v1, v4}, "half the traffic still goes to the canary"
     admin.rollback()
     admin.close()
@@ -209,7 +244,7 @@ def test_blue_green_switches_all_traffic_at_once_after_an_analysis_on_mirrored_t
         started = time.monotonic()
         outcome = canary_release.fn(params, v4)
         switched = time.monotonic()
-        wait_until(lambda: clients.versions_sent_after(switched), "answers after the switch", 60)
+        wait_until(lambda: clients.versions_sent_after(switched), "answers after the switch", 300)
     assert outcome["outcome"] == "promoted", outcome["reasons"]
     (step,) = outcome["steps"]
     assert step["weight"] == 0 and step["canary"]["mirrored_compared"] >= 1 and step["canary"]["agreement"] == 1.0

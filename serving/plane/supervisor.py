@@ -14,10 +14,14 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from typing import TYPE_CHECKING
 
-from serving.plane import Plane, healthy
+from serving.plane.engines import healthy
 
-log = logging.getLogger("serving.supervisor")
+if TYPE_CHECKING:
+    from serving.plane.operations import Plane
+
+log = logging.getLogger("serving.plane.supervisor")
 FAILED_CHECKS = 3  # consecutive /health failures that make a live process "dead"...
 UNHEALTHY_AFTER_S = 30.0  # ...when they span at least this long: saturation is not death
 MAX_BACKOFF_S = 60.0

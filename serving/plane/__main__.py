@@ -1,0 +1,69 @@
+"""`make serve`: `python -m serving.plane` serves the champion behind the gateway and keeps it
+running until Ctrl-C or SIGTERM, both of which stop its engines (see serving/plane/app.py)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from serving import auth
+from serving.launcher import ServerStartError
+from serving.plane.app import STOPPED, create_plane_app
+from serving.plane.operations import STATE_DIR, Plane, champion_version
+from serving.plane.state import PlaneError
+
+
+def main(argv: list[str] | None = None) -> None:
+    import uvicorn
+
+    from pipelines.config import ConfigError, load_params
+    from serving.gateway import ADMIN_KEY_ENV, API_KEY_ENV, LEGACY_ADMIN_KEY_ENV
+    from serving.netaddr import is_loopback
+
+    parser = argparse.ArgumentParser(prog="python -m serving.plane", description="Serve the champion behind the gateway and keep it running (make serve).")
+    parser.add_argument("--params", default="params.yaml", help="the params file (serve:, registry:)")
+    parser.add_argument("--state-dir", default=str(STATE_DIR), help="where the routing state, model copies and engine logs live")
+    parser.add_argument("--insecure", action="store_true", help="allow a non-loopback serve.host without API and admin keys")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # the supervisor's health checks, twice a second each
+    try:
+        params = load_params(args.params)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        sys.exit(2)
+    serve = params.serve
+    api_key = auth.env_key(API_KEY_ENV) or auth.backend_key()
+    admin_key = auth.env_key(ADMIN_KEY_ENV) or auth.env_key(LEGACY_ADMIN_KEY_ENV)
+    if not is_loopback(serve.host) and not (api_key and admin_key) and not args.insecure:
+        parser.error(f"refusing to listen on {serve.host} without ${API_KEY_ENV} and ${ADMIN_KEY_ENV}: set both, bind 127.0.0.1, or pass --insecure")
+    plane = Plane(params, Path(args.state_dir))
+    try:
+        gateway = plane.start(champion_version(params))
+    except (PlaneError, ServerStartError) as exc:
+        print(f"the plane could not start: {type(exc).__name__}: {exc}", file=sys.stderr)
+        plane.stop_all()
+        sys.exit(1)
+
+    def stopped(anything: bool) -> None:
+        print(STOPPED, flush=True)
+
+    app = create_plane_app(plane, api_key=api_key, admin_key=admin_key, on_stopped=stopped)
+    canary = f", canary version {gateway.canary.version} at {gateway.weight:.0%}" if gateway.canary else ""
+    guarded = " (requires $GATEWAY_API_KEY or $SERVING_API_KEY)" if api_key else ""
+    print(
+        f"serving '{plane.public_model}' on http://{serve.host}:{serve.port}/v1{guarded}: stable version {gateway.stable.version} "
+        f"x{len(gateway.stable_backends)}{canary}. Ctrl-C or SIGTERM stops it; routing is kept in {plane.state_path}.", flush=True,
+    )
+    try:
+        uvicorn.run(app, host=serve.host, port=serve.port, log_level="warning")
+    finally:
+        # The lifespan stopped the engines already; this covers a server that never got that far
+        # (its port taken). On SIGTERM uvicorn re-raises the signal, so nothing here runs then.
+        plane.stop_all()
+
+
+if __name__ == "__main__":
+    main()
