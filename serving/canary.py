@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from pipelines.formats import chat_messages
+
 from serving.client import chat_once, client
 from serving.routing import percentile
 
@@ -38,9 +40,18 @@ class ProbeStats:
 
 
 def golden_prompts(test_file: Path, n: int) -> list[tuple[str, str]]:
-    """Held-out (never trained on) prompts with their reference answers."""
-    rows = pd.read_parquet(test_file)["messages"].head(n)
-    return [(m[0]["content"], m[1]["content"]) for m in rows]
+    """Held-out (never trained on) prompts with their reference answers: the first n test
+    conversations that are one user turn and one plain assistant answer. A probe sends the
+    prompt alone, so a conversation with a system prompt, history or tool calls (whose answer
+    depends on what the probe would leave out) is not a golden prompt."""
+    out = []
+    for cell in pd.read_parquet(test_file)["messages"]:
+        m = chat_messages(cell)
+        if len(m) == 2 and m[0]["role"] == "user" and m[1]["role"] == "assistant" and not m[1].get("tool_calls") and m[1]["content"]:
+            out.append((m[0]["content"], m[1]["content"]))
+            if len(out) == n:
+                break
+    return out
 
 
 def probe(backends: dict[str, tuple[str, str]], prompts: list[tuple[str, str]], max_tokens: int, api_key: str | None = None) -> dict[str, dict]:
