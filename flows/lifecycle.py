@@ -39,7 +39,7 @@ from flows.control import data_hash, label_run, lifecycle_run_name, link_mlflow_
 
 from pipelines.common import METRICS, read_json
 from pipelines.config import ConfigError, Params, load_params
-from pipelines.dag import stage_names, sync
+from pipelines.dag import check_params_file, stage_names, sync
 from tasks.deploy import canary_release
 from tasks.gates import GateFailed, quality_gate, quantization_gate
 from tasks.registry import register_candidate
@@ -84,6 +84,7 @@ def lifecycle(deploy: bool = True, canary_drill: list[str] | None = None) -> dic
     to rehearse a rollback through the real release path."""
     # DVC stages read ./params.yaml, so the flow reads exactly that file too: one source of truth.
     params: Params = load_params()  # invalid config fails here, before any work
+    check_params_file(params)  # and so does a key DVC needs that the file leaves out
     data = data_hash(params)
     label_run(flow_run.id, run_tags(params, data))
     with ExitStack() as stack:
@@ -215,7 +216,7 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
-        load_params()  # fail fast, before Prefect even starts its API
+        check_params_file(load_params())  # fail fast, before Prefect even starts its API
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         sys.exit(2)

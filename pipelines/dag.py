@@ -203,6 +203,38 @@ def stage_names(params: Params) -> list[str]:
     return list(render(params)["stages"])
 
 
+def missing_params(params: Params, path: str | Path = "params.yaml") -> list[str]:
+    """The params keys the stages depend on that `path` leaves to their defaults. DVC reads
+    the file itself and refuses a stage whose listed key is absent ("Parameters ... are missing
+    from 'params.yaml'"), mid-run, after the stages before it ran; the flow asks this first."""
+    raw = yaml.safe_load(Path(path).read_text()) or {}
+    missing = []
+    for stage in render(params)["stages"].values():
+        for key in stage.get("params", []):
+            node = raw
+            for part in key.split("."):
+                node = node.get(part, KeyError) if isinstance(node, dict) else KeyError
+            if node is KeyError and key not in missing:
+                missing.append(key)
+    return missing
+
+
+def check_params_file(params: Params, path: str | Path = "params.yaml") -> None:
+    """A ConfigError naming every key DVC needs written out, with the value to write."""
+    missing = missing_params(params, path)
+    if not missing:
+        return
+    dumped = params.model_dump(mode="json")
+    lines = [f"{path} leaves out keys the DVC stages depend on (DVC reads the file itself and needs them written out); nothing was run:"]
+    for key in missing:
+        value = dumped
+        for part in key.split("."):
+            value = value[part]
+        shown = yaml.safe_dump(value, default_flow_style=True, width=200).strip().removesuffix("\n...")
+        lines.append(f"  - {key}: add it (the default is {shown})")
+    raise ConfigError("\n".join(lines))
+
+
 def sync(params: Params, path: Path = DVC_YAML) -> bool:
     """Rewrite dvc.yaml when the params call for another DAG; True when it changed."""
     text = render_text(params)
@@ -219,6 +251,11 @@ def main() -> None:
     args = parser.parse_args()
     try:
         params = load_params(args.params)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        sys.exit(2)
+    try:
+        check_params_file(params, args.params)
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         sys.exit(2)
