@@ -51,7 +51,7 @@ def mean_rule_reward(trainer, tokenizer, cfg: RlParams) -> dict:
 
 def build_rl(step: str, params: Params, cfg: RlParams, trainer_cls, config_cls, plan, ckpt, ref) -> Step:
     tokenizer = load_tokenizer(ref)
-    model = load_model(ref, plan, cfg.peft)
+    model = load_model(ref, plan, cfg.peft, cfg.seed)
     args = config_cls(
         **trainer_args(cfg, plan, ckpt),
         num_generations=cfg.num_generations,

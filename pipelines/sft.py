@@ -60,7 +60,7 @@ def run(params: Params) -> None:
         from trl import SFTConfig, SFTTrainer
 
         tokenizer = load_tokenizer(ref)
-        model = load_model(ref, plan, cfg.peft)
+        model = load_model(ref, plan, cfg.peft, cfg.seed)
         args = SFTConfig(
             **trainer_args(cfg, plan, ckpt),
             max_length=cfg.max_length,

@@ -83,11 +83,16 @@ def load_tokenizer(ref: str):
     return tokenizer
 
 
-def load_model(ref: str, plan: DevicePlan, peft: PeftParams, model_cls=None, **kwargs):
+def load_model(ref: str, plan: DevicePlan, peft: PeftParams, seed: int, model_cls=None, **kwargs):
     """Trained weights stay fp32 (the optimizer's master copy; autocast gives the speed), while
     weights a PEFT method freezes are loaded in the plan's precision to save memory. QLoRA loads
-    them in 4 bits, which bitsandbytes does on CUDA only."""
-    from transformers import AutoModelForCausalLM
+    them in 4 bits, which bitsandbytes does on CUDA only. The step's seed is set first: what
+    loading creates (a reward model's new score head) is drawn from it, not from whatever the
+    process's random state happened to be (the reward model's held-out accuracy once depended
+    on whether SFT had run earlier in the same process)."""
+    from transformers import AutoModelForCausalLM, set_seed
+
+    set_seed(seed)
 
     model_cls = model_cls or AutoModelForCausalLM
     frozen = peft.method != "full"
@@ -263,7 +268,7 @@ def offline_step(trainer_cls, config, cfg: TrainParams, plan: DevicePlan, ref: s
     """What every offline algorithm builds alike: tokenizer and model from `ref`, its TRL
     trainer on `table`'s train and test splits, and the PEFT config of `cfg`."""
     tokenizer = load_tokenizer(ref)
-    model = load_model(ref, plan, cfg.peft, model_cls=model_cls, **model_kw)
+    model = load_model(ref, plan, cfg.peft, cfg.seed, model_cls=model_cls, **model_kw)
     if model.config.pad_token_id is None:  # a classifier reads the last non-pad token
         model.config.pad_token_id = tokenizer.pad_token_id
     task_type = "SEQ_CLS" if model_cls is not None and "SequenceClassification" in model_cls.__name__ else "CAUSAL_LM"
