@@ -164,6 +164,20 @@ def adapter_callbacks(cfg: PeftParams) -> list:
     return [AdaLoraBudget()]
 
 
+def steps_counter():
+    """A callback counting the optimizer steps this process runs: a resumed run's own work,
+    whatever its checkpoint is called and wherever its step counter starts."""
+    from transformers import TrainerCallback
+
+    class StepsRun(TrainerCallback):
+        steps = 0
+
+        def on_step_end(self, args, state, control, **kw):
+            self.steps += 1
+
+    return StepsRun()
+
+
 def crash_drill_callbacks() -> list:
     at = os.environ.get(CRASH_ENV)
     if not at:
@@ -293,7 +307,8 @@ def run_step(step: str, params: Params, cfg: TrainParams, data_files: list[Path]
     ckpt = checkpoint_dir(step, cfg.model_dump(mode="json"), plan.precision, digest, file_digest(*data_files))
     built = build(plan, ckpt, ref)
     trainer = built.trainer
-    for cb in adapter_callbacks(cfg.peft) + crash_drill_callbacks():
+    counter = steps_counter()
+    for cb in [counter, *adapter_callbacks(cfg.peft), *crash_drill_callbacks()]:
         trainer.add_callback(cb)
     # Under DeepSpeed the engine is built by train(); an evaluation before it would ask for a
     # ZeRO inference engine, which only stage 3 offers. The "before" figures are then skipped.
@@ -328,8 +343,7 @@ def run_step(step: str, params: Params, cfg: TrainParams, data_files: list[Path]
             "world_size": trainer.args.world_size,
             "input_model": ref,
             "resumed_from": resume,
-            # optimizer steps this process ran: a resumed run shows only what was left
-            "steps_run": trainer.state.global_step - (int(resume.rsplit("-", 1)[-1]) if resume else 0),
+            "steps_run": counter.steps,  # optimizer steps this process ran: a resumed run shows only what was left
         },
     )
     shutil.rmtree(ckpt, ignore_errors=True)  # finished: the checkpoint has done its job

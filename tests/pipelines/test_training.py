@@ -299,8 +299,11 @@ def run_stage(module: str, cwd: Path, env: dict | None = None) -> subprocess.Com
 
 def test_killed_run_resumes_to_the_uninterrupted_weights(workspace, tmp_path_factory):
     """Die after step 25 with the last checkpoint at step 20; the rerun must continue from 20
-    (the step count goes on, the data order is the same) and end with exactly the weights of a
-    run that was never interrupted. A restart from scratch would differ."""
+    and end with exactly the weights of a run that was never interrupted. The weights alone
+    cannot tell a resume from a deterministic restart (both end the same), so the rerun must
+    also have run only the 20 optimizer steps that were left (a callback counts them).
+    Seen red: `trainer.train()` without resume_from_checkpoint -> steps_run 40 != 20 (when
+    steps_run was read off the checkpoint's name, that break stayed green)."""
     params = tiny_params(sft=SftParams(peft=PeftParams(method="full"), max_steps=40, batch_size=4, save_steps=10, warmup_steps=0))
     Path("params.yaml").write_text(yaml.safe_dump(params.model_dump(mode="json")))
     twin = tmp_path_factory.mktemp("uninterrupted")
@@ -316,7 +319,7 @@ def test_killed_run_resumes_to_the_uninterrupted_weights(workspace, tmp_path_fac
     assert resumed.returncode == 0, resumed.stdout[-2000:]
     m = metrics("sft")
     assert m["resumed_from"].endswith("checkpoint-20") and m["steps"] == 40
-    assert m["steps_run"] == 20, "the rerun must continue from step 20, not start over"
+    assert m["steps_run"] == 20, f"the rerun ran {m['steps_run']} optimizer steps: it must continue from step 20, not start over"
 
     straight = run_stage("pipelines.sft", twin)
     assert straight.returncode == 0, straight.stdout[-2000:]
