@@ -67,8 +67,17 @@ def plan_device(cfg: ComputeParams, cuda_available: bool, bf16_supported: bool) 
 
 
 def machine_plan(cfg: ComputeParams) -> DevicePlan:
+    """The plan for this machine; also gives torch the configured CPU thread count, so every
+    stage that asks where to run (training, evaluation, quantization) runs with it."""
+    use_cpu_threads(cfg)
     cuda = torch.cuda.is_available()
     return plan_device(cfg, cuda, cuda and torch.cuda.is_bf16_supported())
+
+
+def use_cpu_threads(cfg: ComputeParams) -> None:
+    """`compute.cpu_threads` torch threads, unless the environment already says (OMP_NUM_THREADS)."""
+    if cfg.cpu_threads and "OMP_NUM_THREADS" not in os.environ and torch.get_num_threads() != cfg.cpu_threads:
+        torch.set_num_threads(cfg.cpu_threads)
 
 
 # ---------------------------------------------------------------- models and adapters
