@@ -58,3 +58,9 @@ class Patience:
 
     def __str__(self) -> str:
         return f"{self.waited():.0f} s ({self.seconds:g} s of patience, stretched by the machine's load: now {load_factor():.1f} runnable processes per core)"
+
+
+def stretched(seconds: float) -> float:
+    """For an API that takes one fixed timeout (Prefect's test harness, run_deployment): an
+    idle machine's `seconds` at the load of this moment."""
+    return seconds * load_factor()
