@@ -80,6 +80,27 @@ def use_cpu_threads(cfg: ComputeParams) -> None:
         torch.set_num_threads(cfg.cpu_threads)
 
 
+# Optional packages that transformers, accelerate and TRL import only to ask whether a model is
+# wrapped by them, or for a feature no stage here uses: DeepSpeed (and through its autotuner
+# MLflow and FastAPI) on every trainer start and model save, scikit-learn (and SciPy) for
+# assisted generation's confidence threshold. 3-4 s of CPU in every stage process on this
+# machine (measured: ARCHITECTURE.md). A stage that does not use them runs as if they were not
+# installed, which every one of those libraries supports.
+OPTIONAL_UNUSED = ("deepspeed", "sklearn")
+
+
+def skip_unused_imports(*names: str) -> None:
+    """Make `import name` fail as for a package that is not installed (libraries then take
+    their path without it), unless this process already imported it. Only in a stage's own
+    process (`python -m pipelines.<stage>`): a process that runs stages as a library (the
+    tests, the flow) may need these packages afterwards."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if spec is None or not spec.name.startswith("pipelines."):
+        return
+    for name in names:
+        sys.modules.setdefault(name, None)
+
+
 # ---------------------------------------------------------------- models and adapters
 
 
@@ -311,6 +332,7 @@ def run_step(step: str, params: Params, cfg: TrainParams, data_files: list[Path]
     plain checkpoint, write metrics/<step>.json, and drop the checkpoints once done."""
     if maybe_relaunch_distributed(cfg, f"pipelines.{step}"):
         return None
+    skip_unused_imports(*(n for n in OPTIONAL_UNUSED if not (n == "deepspeed" and cfg.deepspeed)))
     plan = machine_plan(params.compute)
     ref, digest = step_inputs(params, step)
     ckpt = checkpoint_dir(step, cfg.model_dump(mode="json"), plan.precision, digest, file_digest(*data_files))
