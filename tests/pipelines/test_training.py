@@ -327,6 +327,25 @@ def test_killed_run_resumes_to_the_uninterrupted_weights(workspace, tmp_path_fac
     assert all(torch.equal(ours[k], theirs[k]) for k in ours), "the resumed run diverged from the uninterrupted one"
 
 
+def test_a_stage_process_leaves_optional_packages_it_does_not_use_unimported(workspace):
+    """`python -m pipelines.bootstrap` saves a model without importing DeepSpeed (nor, through
+    it, MLflow) or scikit-learn; a process using the stages as a library keeps them.
+    Seen red: bootstrap without its skip_unused_imports call -> deepspeed, mlflow and sklearn
+    in the import trace."""
+    from pipelines.training import skip_unused_imports
+
+    Path("params.yaml").write_text(yaml.safe_dump(tiny_params().model_dump(mode="json")))
+    shutil.rmtree("models/base")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    r = subprocess.run([sys.executable, "-X", "importtime", "-m", "pipelines.bootstrap"], cwd=workspace, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    imported = {line.rsplit("|", 1)[-1].strip() for line in r.stderr.splitlines() if line.startswith("import time:")}
+    assert "transformers" in imported and Path("models/base/model.safetensors").exists()
+    assert not {"deepspeed", "mlflow", "sklearn"} & imported, sorted({"deepspeed", "mlflow", "sklearn"} & imported)
+    skip_unused_imports("deepspeed")  # here, in pytest's process: no effect
+    assert sys.modules.get("deepspeed", "absent") is not None
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("step,nproc,zero", [("sft", 1, "zero2"), ("sft", 2, "zero2"), ("dpo", 2, "zero2"), ("sft", 2, "zero3")])
 def test_deepspeed_under_torch_distributed(after_sft, step, nproc, zero):
