@@ -222,11 +222,12 @@ def main() -> None:
         sys.exit(2)
     from flows import temporary_api  # the same module the early start used
 
-    api = temporary_api.attach()
     try:
-        with temporary_api.run_settings(api):
-            summary = lifecycle(deploy=not args.no_deploy, canary_drill=shlex.split(args.canary_drill) if args.canary_drill else None)
-    except (GateFailed, RuntimeError) as exc:
+        with temporary_api.startup_allowance():
+            api = temporary_api.attach()
+            with temporary_api.run_settings(api):
+                summary = lifecycle(deploy=not args.no_deploy, canary_drill=shlex.split(args.canary_drill) if args.canary_drill else None)
+    except (GateFailed, RuntimeError) as exc:  # RuntimeError includes temporary_api.ApiStartTimeout
         print(f"\nlifecycle stopped: {exc}", file=sys.stderr)
         sys.exit(1)
     except CancelledRun as exc:  # another run held the project's slot (orchestration.on_busy: drop)

@@ -23,6 +23,11 @@ or the cluster at that address. The flow is the same either way; only the task r
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # `make sweep`: Prefect's API boots while the imports below run (flows/temporary_api.py)
+    from flows import temporary_api
+
+    temporary_api.start()
+
 import argparse
 import datetime
 import itertools
@@ -392,12 +397,17 @@ def main() -> None:
     except (ConfigError, SweepError) as exc:
         print(exc, file=sys.stderr)
         sys.exit(2)
+    from flows import temporary_api  # the same module the early start used
+
     try:
-        if args.evaluate:
-            evaluate_candidates(args.evaluate, runner=args.runner)
-        else:
-            sft_sweep(runner=args.runner, repro_inputs=not args.no_repro)
-    except (SweepError, TrialFailed) as exc:
+        with temporary_api.startup_allowance():
+            api = temporary_api.attach()
+            with temporary_api.run_settings(api):
+                if args.evaluate:
+                    evaluate_candidates(args.evaluate, runner=args.runner)
+                else:
+                    sft_sweep(runner=args.runner, repro_inputs=not args.no_repro)
+    except (SweepError, TrialFailed, temporary_api.ApiStartTimeout) as exc:
         print(f"\nsweep stopped: {exc}", file=sys.stderr)
         sys.exit(1)
 

@@ -18,6 +18,7 @@ import torch
 from pipelines.common import BASE_DIR, PREPARED, log, stage_main, write_json
 from pipelines.config import ModelParams, Params
 from pipelines.tokenizer import ROLES, SPECIAL, train_bpe
+from pipelines.training import OPTIONAL_UNUSED, skip_unused_imports
 # Prefix-consistent, so TRL can split prompt and completion by rendering the prompt alone.
 CHAT_TEMPLATE = (
     "{%- for m in messages -%}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{%- endfor -%}"
@@ -76,6 +77,7 @@ def run(params: Params) -> None:
         write_json(BASE_DIR / "SOURCE.json", {"base_model": params.model.base_model})
         log.info("base_model=%s: nothing to bootstrap", params.model.base_model)
         return
+    skip_unused_imports(*OPTIONAL_UNUSED)  # saving would import DeepSpeed, building the model scikit-learn
     train = pd.read_parquet(PREPARED / "sft_train.parquet")
     tokenizer = train_tokenizer(corpus(train), params.model.vocab_size)
     model = build_model(params.model, tokenizer)

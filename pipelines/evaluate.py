@@ -86,6 +86,18 @@ def runner_tasks():
     return TaskManager(include_defaults=False)
 
 
+@functools.cache
+def env_info() -> dict:
+    """lm-eval's environment record for its results (torch's collect_env runs pip and other
+    subprocesses: ~1 s each time). It is the same for every task and model of this process,
+    so it is taken once instead of once per `simple_evaluate`."""
+    from lm_eval.loggers.utils import add_env_info
+
+    info: dict = {}
+    add_env_info(info)
+    return info
+
+
 def load_task(task: EvalTask) -> dict:
     """The task's lm-eval config: the project's YAML, else the stock task's (includes and
     `!function`s resolved by lm-eval's own loader). An unknown name says what exists."""
@@ -191,16 +203,19 @@ def run_task(lm, task: EvalTask, cfg: EvaluateParams, data_file: Path = TEST_FIL
     """One suite task on one model: its metrics (gate names '<task>/<metric>') and per-item rows."""
     import lm_eval
 
+    from unittest import mock
+
     conf = task_config(task, cfg, data_file)
-    out = lm_eval.simple_evaluate(
-        model=lm,
-        tasks=[conf],
-        num_fewshot=task.num_fewshot,
-        apply_chat_template=task.apply_chat_template,
-        log_samples=True,
-        limit=task.limit or cfg.limit,
-        task_manager=runner_tasks(),
-    )
+    with mock.patch("lm_eval.evaluator.add_env_info", lambda storage: storage.update(env_info())):
+        out = lm_eval.simple_evaluate(
+            model=lm,
+            tasks=[conf],
+            num_fewshot=task.num_fewshot,
+            apply_chat_template=task.apply_chat_template,
+            log_samples=True,
+            limit=task.limit or cfg.limit,
+            task_manager=runner_tasks(),
+        )
     name = conf["task"]
     rows = []
     for s in out["samples"][name]:
@@ -284,25 +299,46 @@ def load_for_scoring(model_ref: str, compute: ComputeParams):
 
 def answer_logprob(model, tokenizer, prompt: list[dict], answer: list[dict]) -> tuple[float, int]:
     """Sum of log-probabilities of the answer's tokens given the prompt (teacher-forced)."""
-    head = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
-    full = tokenizer.apply_chat_template(prompt + answer, tokenize=False)
-    n_prompt = len(tokenizer(head, add_special_tokens=False)["input_ids"])
-    ids = torch.tensor([tokenizer(full, add_special_tokens=False)["input_ids"]], device=model.device)
-    logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), dim=-1)
-    picked = logp.gather(1, ids[0, 1:, None])[:, 0][n_prompt - 1 :]
-    return float(picked.sum()), int(picked.numel())
+    return answer_logprobs(model, tokenizer, [(prompt, answer)])[0]
+
+
+def answer_logprobs(model, tokenizer, pairs: list[tuple[list[dict], list[dict]]], batch_size: int = 32) -> list[tuple[float, int]]:
+    """`answer_logprob` of many (prompt, answer) pairs, `batch_size` per forward pass, sorted by
+    length so little is padded (one pass per pair cost ~4 ms of overhead each, most of this
+    stage's scoring time on the tiny model)."""
+    encoded = []
+    for prompt, answer in pairs:
+        head = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+        full = tokenizer.apply_chat_template(prompt + answer, tokenize=False)
+        encoded.append((len(tokenizer(head, add_special_tokens=False)["input_ids"]), tokenizer(full, add_special_tokens=False)["input_ids"]))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][1]))
+    out: list[tuple[float, int]] = [(0.0, 0)] * len(encoded)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        width = max(len(encoded[i][1]) for i in chunk)
+        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, i in enumerate(chunk):
+            seq = encoded[i][1]
+            ids[row, : len(seq)], mask[row, : len(seq)] = torch.tensor(seq), 1
+        ids, mask = ids.to(model.device), mask.to(model.device)
+        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        logp = torch.log_softmax(logits[:, :-1].float(), dim=-1).gather(2, ids[:, 1:, None])[..., 0]
+        for row, i in enumerate(chunk):
+            n_prompt, seq = encoded[i]
+            picked = logp[row, n_prompt - 1 : len(seq) - 1]  # right padding: the answer ends where the row's tokens do
+            out[i] = (float(picked.sum()), int(picked.numel()))
+    return out
 
 
 @torch.no_grad()
 def validation_loss(model_ref: str, data_file: Path = VALIDATION_FILE, compute: ComputeParams | None = None) -> float:
     """Mean NLL per final-answer token (prompt tokens masked), teacher-forced, over the validation split."""
     model, tokenizer = load_for_scoring(model_ref, compute or ComputeParams())
-    total, count = 0.0, 0
-    for cell in pd.read_parquet(data_file)["messages"]:
-        messages = chat_messages(cell)
-        logp, n = answer_logprob(model, tokenizer, messages[:-1], messages[-1:])
-        total, count = total - logp, count + n
-    return total / max(count, 1)
+    conversations = [chat_messages(cell) for cell in pd.read_parquet(data_file)["messages"]]
+    scored = answer_logprobs(model, tokenizer, [(m[:-1], m[-1:]) for m in conversations])
+    return -sum(logp for logp, _ in scored) / max(sum(n for _, n in scored), 1)
 
 
 @torch.no_grad()
@@ -314,11 +350,10 @@ def preference_accuracy(model_ref: str, data_file: Path = PAIRS_FILE, compute: C
     if pairs.empty:
         return None
     model, tokenizer = load_for_scoring(model_ref, compute or ComputeParams())
-    wins = 0.0
-    for p, c, r in zip(pairs["prompt"], pairs["chosen"], pairs["rejected"]):
-        prompt = chat_messages(p)
-        chosen, rejected = answer_logprob(model, tokenizer, prompt, chat_messages(c))[0], answer_logprob(model, tokenizer, prompt, chat_messages(r))[0]
-        wins += 1.0 if chosen > rejected else 0.5 if chosen == rejected else 0.0
+    prompts = [chat_messages(p) for p in pairs["prompt"]]
+    chosen = answer_logprobs(model, tokenizer, [(p, chat_messages(c)) for p, c in zip(prompts, pairs["chosen"])])
+    rejected = answer_logprobs(model, tokenizer, [(p, chat_messages(r)) for p, r in zip(prompts, pairs["rejected"])])
+    wins = sum(1.0 if c > r else 0.5 if c == r else 0.0 for (c, _), (r, _) in zip(chosen, rejected))
     return wins / len(pairs)
 
 

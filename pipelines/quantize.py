@@ -18,6 +18,7 @@ from pipelines.config import Params, QuantizeParams
 from pipelines.evaluate import measure, reward_model_of
 from pipelines.formats import chat_messages
 from pipelines.recipe import final_step, model_dir
+from pipelines.training import skip_unused_imports, use_cpu_threads
 
 
 def recipe(cfg: QuantizeParams):
@@ -66,6 +67,8 @@ def quantize(src: str, out_dir, cfg: QuantizeParams) -> float:
 
 def run(params: Params) -> None:
     cfg = params.quantize
+    use_cpu_threads(params.compute)  # GPTQ's calibration runs before anything asks for the device plan
+    skip_unused_imports("deepspeed")  # scikit-learn stays: lm-eval's metrics may need it
     before = read_json(METRICS / "evaluate.json")["candidate"]
     # The evaluate stage chose the candidate: the recipe's last step, or under
     # gate.step_regression: serve_best the last step before a regression.

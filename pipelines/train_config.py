@@ -36,6 +36,7 @@ class ComputeParams(Section):
 
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="'auto' uses CUDA when a GPU is visible, else the CPU.")
     precision: Literal["auto", "bf16", "fp16", "fp32"] = Field("auto", description="'auto': bf16 on a GPU that supports it, fp16 on an older GPU, fp32 on the CPU.")
+    cpu_threads: int = Field(0, ge=0, description="Torch threads of each stage's process (0: torch's default, one per core). An OMP_NUM_THREADS in the environment wins (the sweep sets it per trial). The embedded default uses 1: its tiny matrices gain ~25 % from a second thread on an idle machine and lose 4x when another process holds a core (measured: ARCHITECTURE.md).")
 
 
 PEFT_METHODS = ("full", "lora", "qlora", "dora", "rslora", "pissa", "olora", "adalora", "ia3", "loha", "lokr", "vera")

@@ -67,8 +67,38 @@ def plan_device(cfg: ComputeParams, cuda_available: bool, bf16_supported: bool) 
 
 
 def machine_plan(cfg: ComputeParams) -> DevicePlan:
+    """The plan for this machine; also gives torch the configured CPU thread count, so every
+    stage that asks where to run (training, evaluation, quantization) runs with it."""
+    use_cpu_threads(cfg)
     cuda = torch.cuda.is_available()
     return plan_device(cfg, cuda, cuda and torch.cuda.is_bf16_supported())
+
+
+def use_cpu_threads(cfg: ComputeParams) -> None:
+    """`compute.cpu_threads` torch threads, unless the environment already says (OMP_NUM_THREADS)."""
+    if cfg.cpu_threads and "OMP_NUM_THREADS" not in os.environ and torch.get_num_threads() != cfg.cpu_threads:
+        torch.set_num_threads(cfg.cpu_threads)
+
+
+# Optional packages that transformers, accelerate and TRL import only to ask whether a model is
+# wrapped by them, or for a feature no stage here uses: DeepSpeed (and through its autotuner
+# MLflow and FastAPI) on every trainer start and model save, scikit-learn (and SciPy) for
+# assisted generation's confidence threshold. 3-4 s of CPU in every stage process on this
+# machine (measured: ARCHITECTURE.md). A stage that does not use them runs as if they were not
+# installed, which every one of those libraries supports.
+OPTIONAL_UNUSED = ("deepspeed", "sklearn")
+
+
+def skip_unused_imports(*names: str) -> None:
+    """Make `import name` fail as for a package that is not installed (libraries then take
+    their path without it), unless this process already imported it. Only in a stage's own
+    process (`python -m pipelines.<stage>`): a process that runs stages as a library (the
+    tests, the flow) may need these packages afterwards."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if spec is None or not spec.name.startswith("pipelines."):
+        return
+    for name in names:
+        sys.modules.setdefault(name, None)
 
 
 # ---------------------------------------------------------------- models and adapters
@@ -167,6 +197,20 @@ def adapter_callbacks(cfg: PeftParams) -> list:
                 inner.update_and_allocate(state.global_step)
 
     return [AdaLoraBudget()]
+
+
+def steps_counter():
+    """A callback counting the optimizer steps this process runs: a resumed run's own work,
+    whatever its checkpoint is called and wherever its step counter starts."""
+    from transformers import TrainerCallback
+
+    class StepsRun(TrainerCallback):
+        steps = 0
+
+        def on_step_end(self, args, state, control, **kw):
+            self.steps += 1
+
+    return StepsRun()
 
 
 def crash_drill_callbacks() -> list:
@@ -293,12 +337,14 @@ def run_step(step: str, params: Params, cfg: TrainParams, data_files: list[Path]
     plain checkpoint, write metrics/<step>.json, and drop the checkpoints once done."""
     if maybe_relaunch_distributed(cfg, f"pipelines.{step}"):
         return None
+    skip_unused_imports(*(n for n in OPTIONAL_UNUSED if not (n == "deepspeed" and cfg.deepspeed)))
     plan = machine_plan(params.compute)
     ref, digest = step_inputs(params, step)
     ckpt = checkpoint_dir(step, cfg.model_dump(mode="json"), plan.precision, digest, file_digest(*data_files))
     built = build(plan, ckpt, ref)
     trainer = built.trainer
-    for cb in adapter_callbacks(cfg.peft) + crash_drill_callbacks():
+    counter = steps_counter()
+    for cb in [counter, *adapter_callbacks(cfg.peft), *crash_drill_callbacks()]:
         trainer.add_callback(cb)
     # Under DeepSpeed the engine is built by train(); an evaluation before it would ask for a
     # ZeRO inference engine, which only stage 3 offers. The "before" figures are then skipped.
@@ -333,8 +379,7 @@ def run_step(step: str, params: Params, cfg: TrainParams, data_files: list[Path]
             "world_size": trainer.args.world_size,
             "input_model": ref,
             "resumed_from": resume,
-            # optimizer steps this process ran: a resumed run shows only what was left
-            "steps_run": trainer.state.global_step - (int(resume.rsplit("-", 1)[-1]) if resume else 0),
+            "steps_run": counter.steps,  # optimizer steps this process ran: a resumed run shows only what was left
         },
     )
     shutil.rmtree(ckpt, ignore_errors=True)  # finished: the checkpoint has done its job

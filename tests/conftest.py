@@ -9,11 +9,17 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from pipelines import bootstrap, generate, prepare, sft
-from pipelines.config import DpoParams, EvaluateParams, GenerateParams, ModelParams, Params, PeftParams, SftParams
+from pipelines.config import ComputeParams, DpoParams, EvaluateParams, GenerateParams, ModelParams, Params, PeftParams, SftParams
 
 ROOT = Path(__file__).resolve().parents[1]
+
+# One torch thread in the test process, as the embedded default's stages run (params.yaml
+# compute.cpu_threads): the tiny models' ops gain little from a second thread and stall 4x
+# whenever another process holds a core, which on a shared 2-core machine is most of the time.
+torch.set_num_threads(1)
 
 
 def tiny_params(**overrides) -> Params:
@@ -24,6 +30,7 @@ def tiny_params(**overrides) -> Params:
         sft=SftParams(max_steps=12, batch_size=8, save_steps=6, warmup_steps=0),
         dpo=DpoParams(max_steps=4, batch_size=4),
         evaluate=EvaluateParams(limit=8, batch_size=8, max_new_tokens=12),
+        compute=ComputeParams(cpu_threads=1),
     )
     base.update(overrides)
     return Params(**base)

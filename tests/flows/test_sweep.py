@@ -142,7 +142,10 @@ def local_runs(prepared_dir, tmp_path_factory):
     sweep = SweepParams(grid={"learning_rate": [LEARNING_RATES[0], LEARNING_RATES[-1]]}, evaluate=True, metric="validation_loss")
     gate = GateParams(thresholds={"reverse_digits/exact_match": Threshold(min=0.8)})  # the suite without its safety task
     d = make_project(tmp_path_factory.mktemp("local-sweep"), prepared_dir, evaluate=suite, gate=gate, sweep=sweep)
-    with pytest.MonkeyPatch.context() as mp, prefect_test_harness(server_startup_timeout=60):
+    from flows.patience import stretched
+    from flows.temporary_api import STARTUP_TIMEOUT_S
+
+    with pytest.MonkeyPatch.context() as mp, prefect_test_harness(server_startup_timeout=round(stretched(STARTUP_TIMEOUT_S))):
         mp.chdir(d)
         mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{d / 'mlflow.db'}")
         mp.delenv("RAY_ADDRESS", raising=False)

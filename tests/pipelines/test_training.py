@@ -121,6 +121,40 @@ def test_packing_trains_on_the_masked_conversations(workspace):
     assert relative_change(before, weights("models/sft")) > MIN_RELATIVE_CHANGE and metrics("sft")["steps"] == 4
 
 
+def test_packed_batches_train_exactly_like_padded_rows(workspace):
+    """A step's conversations packed into shared rows (each restarting its positions) give the
+    loss and gradients of one padded row each, on fewer tokens: attention never crosses from
+    one conversation into the next.
+    Seen red: positions running on across a row (arange(at, at + n)) -> loss 5.7093 vs 5.7097."""
+    import pandas as pd
+    from transformers import AutoModelForCausalLM
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    from pipelines.sft import BatchPacker, to_dataset
+    from pipelines.training import load_tokenizer
+
+    tok = load_tokenizer("models/base")
+    rows = to_dataset(pd.read_parquet("data/prepared/sft_train.parquet").sample(32, random_state=0), tok, "all_assistant")
+    examples = [{"input_ids": r["input_ids"], "labels": [t if m else -100 for t, m in zip(r["input_ids"], r["assistant_masks"])]} for r in rows]
+    assert len({len(e["input_ids"]) for e in examples}) > 1, "the batch must mix lengths for padding to matter"
+    model = AutoModelForCausalLM.from_pretrained("models/base")
+
+    def loss_and_grads(batch):
+        model.zero_grad()
+        loss = model(**batch, use_cache=False).loss  # as the trainer calls it
+        loss.backward()
+        return float(loss), torch.cat([p.grad.flatten() for p in model.parameters()])
+
+    padded = DataCollatorForLanguageModeling(pad_token_id=tok.pad_token_id)(examples)
+    packed = BatchPacker(tok.pad_token_id, row_length=64)(examples)
+    assert packed["input_ids"].numel() < 0.8 * padded["input_ids"].numel(), (packed["input_ids"].shape, padded["input_ids"].shape)
+    assert packed["input_ids"].shape[1] <= 64
+    loss_padded, grads_padded = loss_and_grads(padded)
+    loss_packed, grads_packed = loss_and_grads(packed)
+    assert loss_packed == pytest.approx(loss_padded, rel=1e-5)
+    assert torch.allclose(grads_packed, grads_padded, rtol=1e-4, atol=1e-6)
+
+
 def test_multi_turn_loss_covers_every_assistant_turn(workspace):
     from pipelines.sft import tokenize_conversation
     from pipelines.training import load_tokenizer
@@ -265,8 +299,11 @@ def run_stage(module: str, cwd: Path, env: dict | None = None) -> subprocess.Com
 
 def test_killed_run_resumes_to_the_uninterrupted_weights(workspace, tmp_path_factory):
     """Die after step 25 with the last checkpoint at step 20; the rerun must continue from 20
-    (the step count goes on, the data order is the same) and end with exactly the weights of a
-    run that was never interrupted. A restart from scratch would differ."""
+    and end with exactly the weights of a run that was never interrupted. The weights alone
+    cannot tell a resume from a deterministic restart (both end the same), so the rerun must
+    also have run only the 20 optimizer steps that were left (a callback counts them).
+    Seen red: `trainer.train()` without resume_from_checkpoint -> steps_run 40 != 20 (when
+    steps_run was read off the checkpoint's name, that break stayed green)."""
     params = tiny_params(sft=SftParams(peft=PeftParams(method="full"), max_steps=40, batch_size=4, save_steps=10, warmup_steps=0))
     Path("params.yaml").write_text(yaml.safe_dump(params.model_dump(mode="json")))
     twin = tmp_path_factory.mktemp("uninterrupted")
@@ -282,12 +319,31 @@ def test_killed_run_resumes_to_the_uninterrupted_weights(workspace, tmp_path_fac
     assert resumed.returncode == 0, resumed.stdout[-2000:]
     m = metrics("sft")
     assert m["resumed_from"].endswith("checkpoint-20") and m["steps"] == 40
-    assert m["steps_run"] == 20, "the rerun must continue from step 20, not start over"
+    assert m["steps_run"] == 20, f"the rerun ran {m['steps_run']} optimizer steps: it must continue from step 20, not start over"
 
     straight = run_stage("pipelines.sft", twin)
     assert straight.returncode == 0, straight.stdout[-2000:]
     ours, theirs = weights("models/sft"), weights(twin / "models/sft")
     assert all(torch.equal(ours[k], theirs[k]) for k in ours), "the resumed run diverged from the uninterrupted one"
+
+
+def test_a_stage_process_leaves_optional_packages_it_does_not_use_unimported(workspace):
+    """`python -m pipelines.bootstrap` saves a model without importing DeepSpeed (nor, through
+    it, MLflow) or scikit-learn; a process using the stages as a library keeps them.
+    Seen red: bootstrap without its skip_unused_imports call -> deepspeed, mlflow and sklearn
+    in the import trace."""
+    from pipelines.training import skip_unused_imports
+
+    Path("params.yaml").write_text(yaml.safe_dump(tiny_params().model_dump(mode="json")))
+    shutil.rmtree("models/base")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    r = subprocess.run([sys.executable, "-X", "importtime", "-m", "pipelines.bootstrap"], cwd=workspace, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    imported = {line.rsplit("|", 1)[-1].strip() for line in r.stderr.splitlines() if line.startswith("import time:")}
+    assert "transformers" in imported and Path("models/base/model.safetensors").exists()
+    assert not {"deepspeed", "mlflow", "sklearn"} & imported, sorted({"deepspeed", "mlflow", "sklearn"} & imported)
+    skip_unused_imports("deepspeed")  # here, in pytest's process: no effect
+    assert sys.modules.get("deepspeed", "absent") is not None
 
 
 @pytest.mark.slow
