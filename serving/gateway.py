@@ -153,7 +153,7 @@ def create_gateway(
                 await asyncio.to_thread(record.close)  # what is buffered is written first
 
     app = FastAPI(title=f"gateway: {gateway.public_model}", lifespan=lifespan)
-    app.state.gateway = gateway
+    app.state.gateway, app.state.record = gateway, record
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
 
     @app.exception_handler(APIError)

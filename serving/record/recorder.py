@@ -64,6 +64,15 @@ def answer_of(body: bytes | None, chat: bool) -> tuple[str | None, str | None, d
         return None, None, None
 
 
+def storable(text: str | None) -> str | None:
+    """Text every store takes: PostgreSQL refuses NUL in text and psycopg cannot encode a lone
+    surrogate (a byte-level model answers both; JSON carries them as \\u escapes). One
+    replacement character each, in every store alike."""
+    if text is None:
+        return None
+    return text.replace("\x00", "\ufffd").encode("utf-8", "replace").decode("utf-8")
+
+
 def to_row(p: Pending) -> Row:
     """Parsed and redacted: what the store keeps."""
     tap = p.tap
@@ -76,9 +85,9 @@ def to_row(p: Pending) -> Row:
     return Row(
         id=tap.id, ts=tap.ts, key_id=tap.key_id, tier=tap.tier, model=tap.model, version=p.version, replica=p.replica,
         endpoint="chat" if tap.chat else "text",
-        prompt=redacted_json(payload.get("messages" if tap.chat else "prompt")),
-        answer=redact(text) if isinstance(text, str) else None,
-        params=redacted_json({k: v for k, v in payload.items() if k not in NOT_PARAMS}),
+        prompt=storable(redacted_json(payload.get("messages" if tap.chat else "prompt"))),
+        answer=storable(redact(text)) if isinstance(text, str) else None,
+        params=storable(redacted_json({k: v for k, v in payload.items() if k not in NOT_PARAMS})),
         finish_reason=finish, prompt_tokens=usage.get("prompt_tokens"), completion_tokens=usage.get("completion_tokens"),
         latency_s=p.latency_s, cache_hit=p.cache_hit, status=p.status, stream=bool(payload.get("stream")),
     )
@@ -117,6 +126,7 @@ class Recorder:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._started: threading.Event = threading.Event()
+        self._store: Store | None = None  # the writer's; reopened after a failure
         self._start_error: BaseException | None = None
 
     @classmethod
@@ -186,19 +196,21 @@ class Recorder:
             self._started.set()
             return
         self._started.set()
+        self._store = store
         next_purge = time.monotonic()
         try:
             while True:
                 batch = self._take()
                 if batch:
-                    self._write(store, batch)
-                if self.retention_s is not None and time.monotonic() >= next_purge:
+                    self._write(batch)
+                if self.retention_s is not None and time.monotonic() >= next_purge and self._store is not None:
                     next_purge = time.monotonic() + self.purge_interval_s
-                    self._purge(store)
+                    self._purge(self._store)
                 if self._stop.is_set() and self.buffer.empty():
                     return
         finally:
-            store.close()
+            if self._store is not None:
+                self._store.close()
 
     def _take(self) -> list[Pending]:
         """Up to batch_rows rows: waits flush_interval_s for the first, then takes what is there."""
@@ -213,16 +225,50 @@ class Recorder:
                 break
         return batch
 
-    def _write(self, store: Store, batch: list[Pending]) -> None:
+    def _write(self, batch: list[Pending]) -> None:
+        rows: list[Row] = []
+        for p in batch:
+            try:
+                rows.append(to_row(p))
+            except Exception as exc:  # a bug for one odd request costs its row, never the batch
+                self.dropped.labels("store_error").inc()
+                log.warning("record: completion %s could not be made a row: %s: %s", p.tap.id, type(exc).__name__, exc)
         try:
-            store.write_batch([to_row(p) for p in batch])
-            self.written.inc(len(batch))
-        except Exception as exc:  # a store outage costs rows, never the writer
-            self.dropped.labels("store_error").inc(len(batch))
-            log.warning("record: %d completion(s) not written to %s: %s: %s", len(batch), store, type(exc).__name__, exc)
+            self._reopened().write_batch(rows)
+            self.written.inc(len(rows))
+        except Exception as exc:
+            # Either the store is down (every row fails: dropped, counted) or one row is
+            # refused (the rest are written): one at a time tells which, on a new connection.
+            log.warning("record: a batch of %d completion(s) not written to %s (%s: %s); retrying them one by one", len(rows), self.where, type(exc).__name__, exc)
+            self._discard_store()
+            for i, row in enumerate(rows):
+                try:
+                    store = self._reopened()
+                except Exception:  # still down: the rest of the batch is lost, counted
+                    self.dropped.labels("store_error").inc(len(rows) - i)
+                    break
+                try:
+                    store.write_batch([row])
+                    self.written.inc()
+                except Exception:
+                    self.dropped.labels("store_error").inc()
         with self._progress:
             self._settled += len(batch)
             self._progress.notify_all()
+
+    def _reopened(self) -> Store:
+        """The store, opened again after a failure (a restarted database, a dropped connection)."""
+        if self._store is None:
+            self._store = self.open_store()
+        return self._store
+
+    def _discard_store(self) -> None:
+        if self._store is not None:
+            try:
+                self._store.close()
+            except Exception:
+                pass
+            self._store = None
 
     def _purge(self, store: Store) -> None:
         try:

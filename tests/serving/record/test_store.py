@@ -93,3 +93,19 @@ def test_bad_store_addresses_name_the_fix(tmp_path):
         open_store("postgresql://u:secret@127.0.0.1:1/db")
     assert redact_url("postgresql://u:secret@h:5432/db") == "postgresql://u:***@h:5432/db"
     assert open_store(f"sqlite:///{tmp_path / 'r.sqlite3'}").count() == 0
+
+
+def test_what_a_byte_level_model_answers_is_stored_by_both(store):
+    """A tiny byte-level model answers NUL and lone surrogates (JSON \\u escapes): PostgreSQL
+    refuses NUL in text and psycopg cannot encode a surrogate, so the recorder replaces them
+    (in every store alike). Seen red: without `storable` on the answer, both stores refused the
+    row (UnicodeEncodeError: surrogates not allowed). PostgreSQL's refusal of NUL (DataError)
+    was found by the 32-client plane test, whose record was 22 rows short."""
+    from serving.record.recorder import Pending, to_row
+    from serving.record.tap import Tap
+
+    tap = Tap(None, "/v1/chat/completions", {"model": "m", "messages": [{"role": "user", "content": "a\x00b"}]}, None, "untiered", "m")
+    body = json.dumps({"id": "x", "choices": [{"index": 0, "message": {"role": "assistant", "content": "1\x002\ud8003"}, "finish_reason": "stop"}]}).encode()
+    store.write_batch([to_row(Pending(tap, 200, body, "1", "v1-r0", False, 0.1))])
+    (got,) = store.query()
+    assert got.answer == "1\ufffd2?3" and json.loads(got.prompt) == [{"role": "user", "content": "a\x00b"}], "JSON keeps NUL as an escape"
