@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
@@ -224,38 +225,68 @@ class SlowStore(SQLiteStore):
         super().write_batch(rows)
 
 
+class StuckStore(SQLiteStore):
+    """The real SQLite store, whose writes wait until `release` is set: a database that hangs."""
+
+    release = threading.Event()
+
+    def write_batch(self, rows):
+        assert StuckStore.release.wait(120), "the test never released the store"
+        super().write_batch(rows)
+
+
 def test_a_full_buffer_drops_rows_never_requests(gateway, tmp_path):
-    """Seen red: with Recorder.submit calling buffer.put() (waiting for room) instead of
-    put_nowait(), requests waited for the slow store (0.3 s a row) and failed with the
-    client's 2 s ReadTimeout."""
+    """The store hangs on its first row; the buffer holds 2 more: of 40 requests, 37 rows are
+    dropped, and all 40 are answered while the store still hangs.
+    Seen red: with Recorder.submit calling buffer.put() (waiting for room) instead of
+    put_nowait(), the gateway's event loop blocked on the full buffer and the requests failed
+    with the client's ReadTimeout."""
     path = tmp_path / "record.sqlite3"
-    recorder = Recorder(lambda: SlowStore(path), buffer_rows=2, batch_rows=1, flush_interval_s=0.05)
+    StuckStore.release.clear()
+    recorder = Recorder(lambda: StuckStore(path), buffer_rows=2, batch_rows=1, flush_interval_s=0.05)
     server = gateway(recorder)
 
     def one(i: int) -> httpx.Response:
         body = {"model": PUBLIC, "messages": [{"role": "user", "content": f"{i}"}], "max_tokens": 8}
-        return httpx.post(f"{server.root_url}/v1/chat/completions", json=body, timeout=2)
+        return httpx.post(f"{server.root_url}/v1/chat/completions", json=body, timeout=30)
 
-    with ThreadPoolExecutor(40) as pool:
-        answers = list(pool.map(one, range(40)))
-    assert [a.status_code for a in answers] == [200] * 40, "every request answered, at the backend's pace"
+    try:
+        with ThreadPoolExecutor(40) as pool:
+            answers = list(pool.map(one, range(40)))
+        assert [a.status_code for a in answers] == [200] * 40, "every request answered while the store hangs"
+        samples = scrape(server.root_url)
+        assert sample(samples, "gateway_record_dropped_total", reason="buffer_full") == 37 and sample(samples, "gateway_record_buffered") == 2
+    finally:
+        StuckStore.release.set()
     assert recorder.flush(120)
     samples = scrape(server.root_url)
-    written, dropped = sample(samples, "gateway_record_written_total"), sample(samples, "gateway_record_dropped_total", reason="buffer_full")
-    assert dropped > 0 and written + dropped == 40, (written, dropped)
-    assert open_store(path).count() == written
-    assert sample(samples, "gateway_record_buffered") == 0
+    assert sample(samples, "gateway_record_written_total") == 3 and sample(samples, "gateway_record_dropped_total", reason="buffer_full") == 37
+    assert {r.id for r in open_store(path).query()} <= {a.headers["x-completion-id"] for a in answers} and open_store(path).count() == 3
 
 
 def test_shutdown_writes_what_is_buffered(engine, tmp_path):
-    """Seen red: with the lifespan's record.close() removed, the gateway stopped with rows still
+    """The store hangs until the gateway begins to stop, then takes 0.2 s a batch: every row
+    buffered by then is in the store when the gateway has stopped.
+    Seen red: with the lifespan's record.close() removed, the gateway stopped with rows still
     in the buffer, and the store lacked them (ids missing from the stored set)."""
     path = tmp_path / "record.sqlite3"
-    recorder = Recorder(lambda: SlowStore(path), batch_rows=5, flush_interval_s=0.05)
+
+    class StuckThenSlow(StuckStore):
+        def write_batch(self, rows):
+            super().write_batch(rows)
+            time.sleep(0.2)
+
+    StuckStore.release.clear()
+    recorder = Recorder(lambda: StuckThenSlow(path), batch_rows=5, flush_interval_s=0.05)
     app = create_gateway(engine.backend, public_model=PUBLIC, front=FrontDoor(record=recorder))
-    with ThreadedServer(app) as server:
-        ids = [chat(server.root_url, f"{i}").headers["x-completion-id"] for i in range(20)]
-        assert recorder.buffer.qsize() > 0, "rows still buffered when the gateway stops"
+    try:
+        with ThreadedServer(app) as server:
+            ids = [chat(server.root_url, f"{i}").headers["x-completion-id"] for i in range(20)]
+            wait_until(lambda: recorder.buffer.qsize() == 19, "19 rows buffered behind the first, which the store holds")
+            watcher = threading.Thread(target=lambda: (wait_until(lambda: server.server.should_exit, "the gateway stopping"), StuckStore.release.set()))
+            watcher.start()
+    finally:
+        StuckStore.release.set()
     assert {r.id for r in open_store(path).query()} == set(ids)
 
 
