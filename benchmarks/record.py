@@ -185,7 +185,8 @@ def main() -> None:
         size = sum(f.stat().st_size for f in (work / "record").glob("record.sqlite3*")) / 1e6
         print(f"  recording gateway: {answered_on} requests answered, {m.get('gateway_record_written_total', 0):.0f} rows written, "
               f"{m.get('gateway_record_dropped_total{buffer_full}', 0):.0f} dropped (buffer full), {m.get('gateway_record_dropped_total{store_error}', 0):.0f} (store errors); "
-              f"{stored} rows in the SQLite file ({size:.1f} MB with its WAL, {1000 * size / max(1, stored):.2f} kB a row)")
+              f"{stored} rows in the SQLite file ({size:.1f} MB with its WAL, {1000 * size / max(1, stored):.2f} kB a row); "
+              f"its writer thread's CPU: {1000 * m.get('gateway_record_writer_cpu_seconds_total', 0) / max(1, m.get('gateway_record_written_total', 0)):.2f} ms a row")
     finally:
         for g in gateways:
             g.terminate()

@@ -18,6 +18,7 @@ only do by rewriting whole files, and WAL lets `lifecycle traffic` read while th
 
 from __future__ import annotations
 
+import abc
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,6 +28,7 @@ from serving.record.export import write_jsonl
 from serving.record.schema import COLUMNS, TABLE, Filters, Row, create_statements, row_from_db
 
 POSTGRES_SCHEMES = ("postgresql://", "postgres://")
+CUT_SHORT = ("error", "aborted")  # a stream's finish reasons when it broke or the client left: not data
 SELECT = f"SELECT {', '.join(COLUMNS)} FROM {TABLE}"
 
 
@@ -34,7 +36,7 @@ class StoreError(RuntimeError):
     """The store cannot be opened or used; the message names it and what to do."""
 
 
-class Store:
+class Store(abc.ABC):
     """The SQL both dialects share; subclasses open the connection and name the placeholder."""
 
     placeholder = "?"
@@ -46,10 +48,10 @@ class Store:
             for statement in create_statements(self.dialect):
                 cur.execute(statement)
 
+    @abc.abstractmethod
     def _transaction(self, streaming: bool = False):
         """A context manager giving a cursor inside one transaction (committed on success);
         `streaming`: the cursor reads its result a batch at a time where the driver needs asking."""
-        raise NotImplementedError
 
     def write_batch(self, rows: list[Row]) -> None:
         if not rows:
@@ -98,10 +100,12 @@ class Store:
             return cur.rowcount
 
     def export(self, path: str | Path, filters: Filters = Filters()) -> int:
-        """The matching answered rows (status 200, an answer) as a dataset `data.sources` reads:
-        OpenAI `messages` JSONL, the answer as the assistant turn, with provenance fields."""
+        """The matching answered rows (status 200, an answer, not a stream cut short: finish
+        reason neither "error" nor "aborted") as a dataset `data.sources` reads: OpenAI
+        `messages` JSONL, the answer as the assistant turn, with provenance fields."""
         answered = Filters(**{**filters.__dict__, "status": 200})
-        return write_jsonl(Path(path), (r for r in self.iter_rows(answered) if r.answer))
+        whole = (r for r in self.iter_rows(answered) if r.answer and r.finish_reason not in CUT_SHORT)
+        return write_jsonl(Path(path), whole)
 
     def close(self) -> None:
         self.connection.close()

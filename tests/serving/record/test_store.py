@@ -70,13 +70,13 @@ def test_an_exported_window_is_read_by_the_prepare_stage_as_openai_rows(store, t
     """Seen red: with the answer left out of the exported messages (the prompt alone), prepare
     read every row as SFT whose last turn is the user's: check_file still counted them, so the
     test also checks the assistant turn and provenance field by field."""
-    store.write_batch([row(i) for i in range(10)] + [row(10, status=500, answer=None)])
+    store.write_batch([row(i) for i in range(10)] + [row(10, status=500, answer=None), row(12, ts=T0 + 9.5, stream=True, finish_reason="aborted", answer="3 2")])
     text = row(11, endpoint="text", prompt=json.dumps("Reverse the list: 1 2"), answer="2 1", version="2")
     store.write_batch([text])
     path = tmp_path / "export" / "traffic.jsonl"
     n = store.export(path, Filters(version="2", since=T0 + 7))
     lines = [json.loads(line) for line in path.read_text().splitlines()]
-    assert n == len(lines) == 4, "rows 7, 8, 9 and the text completion; the failed one is not data"
+    assert n == len(lines) == 4, "rows 7, 8, 9 and the text completion; the failed one and the stream cut short are not data"
     chat = next(line for line in lines if line["completion_id"] == "chatcmpl-0008")
     assert chat["messages"] == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "reverse 8 2 3 <EMAIL>"}, {"role": "assistant", "content": "3 2 8"}]
     assert (chat["version"], chat["tier"], chat["model"], chat["finish_reason"]) == ("2", "free", "m", "stop")
