@@ -4,9 +4,11 @@ No stage reads these: DVC does not rebuild a model when only they change."""
 
 from __future__ import annotations
 
+import os
+import re
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from pipelines.section import Section
 
@@ -35,6 +37,38 @@ class ServeParams(Section):
     drain_timeout_s: float = Field(60, gt=0, description="How long a version leaving the plane (promoted away, rolled back) may finish its requests in flight before it is stopped.")
     supervise_interval_s: float = Field(0.5, gt=0, description="How often the plane's supervisor checks each engine process (exited, or failing /health 3 times in a row: restarted).")
     target: Literal["local", "kserve"] = Field("local", description="Where a release goes: 'local' serves and judges it on this machine (in the running plane, or a temporary one); 'kserve' renders a KServe InferenceService per canary step into kserve.out_dir for a cluster to apply (serving/kserve.py) and serves nothing here.")
+
+
+class RecordParams(Section):
+    """The record of every answer the gateway gives (serving/record/): PII-redacted prompts and
+    answers with their version, key tier, tokens and latency, written off the request path.
+    `lifecycle traffic` reads and exports it; `lifecycle forget KEY` deletes a key's rows."""
+
+    enabled: bool = Field(True, description="Record every completion the plane's gateway answers (chat and text, streamed or not, cache hits included).")
+    store: str | None = Field(None, description="Where: a SQLite file path, or postgresql://user@host:port/db. null: record.sqlite3 in the plane's state folder (.serving/plane/ for `make serve`; a release's temporary plane keeps its own).")
+    store_env: str = Field("LIFECYCLE_RECORD_URL", description="Environment variable holding the store's URL; it wins over `store` when set (a database password stays out of git).")
+    retention_days: float = Field(30, gt=0, description="Rows older than this are purged (every purge_interval_s while the gateway runs).")
+    purge_interval_s: float = Field(3600, gt=0, description="How often the gateway purges rows past retention_days (also once at start).")
+    opt_out_keys: list[str] = Field(default_factory=list, description="Key ids whose completions are not recorded (they still get an id): 16 hex digits, a digest of the key, which `lifecycle traffic --key KEY` prints. Never the key itself: params.yaml is committed.")
+    opt_out_tiers: list[str] = Field(default_factory=list, description="Tiers (serve.keys_file) whose completions are not recorded; 'untiered' is the gateway's own key or no key, 'service' the plane's own traffic (a release's synthetic users).")
+    buffer_rows: int = Field(10_000, ge=1, description="Completions the buffer between the requests and the store holds; when full, further rows are dropped (gateway_record_dropped_total), never requests.")
+    batch_rows: int = Field(256, ge=1, description="Most rows written to the store in one transaction.")
+    flush_interval_s: float = Field(0.5, gt=0, description="Longest a row waits in the buffer for its batch to fill.")
+
+    @field_validator("opt_out_keys")
+    @classmethod
+    def _key_ids(cls, ids: list[str]) -> list[str]:
+        for i, value in enumerate(ids):
+            if not re.fullmatch(r"[0-9a-f]{16}", value):
+                raise ValueError(
+                    f"opt_out_keys[{i}] is not a key id (16 hex digits): never write a key in params.yaml; "
+                    "`lifecycle traffic --key KEY` prints the id of a key"
+                )
+        return ids
+
+    def store_url(self) -> str | None:
+        """The store to use: $store_env when set, else `store` (None: the plane's default file)."""
+        return os.environ.get(self.store_env) or self.store
 
 
 class KServeParams(Section):

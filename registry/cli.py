@@ -9,6 +9,9 @@ is where, what made it, rebuild it, serve the champion, roll back.
     python -m registry.cli rollback --reason "p95 doubled"   # champion <- previous, switched live on a running plane (make rollback);
                                       # the version taken out is marked rolled_back: its bytes are not released again unapproved
     python -m registry.cli approve 7 --reason "flaky canary host, re-run"   # lift a rejection
+    lifecycle traffic 3 --since 2h  # the record of every answer: counts and the newest rows (version 3, last 2 hours)
+    lifecycle traffic --since 1d --export data/raw/traffic.jsonl   # a window as a dataset data.sources reads (format openai)
+    lifecycle forget sk-...         # delete a key's recorded completions (the key or its key id)
 """
 
 from __future__ import annotations
@@ -182,24 +185,91 @@ def serve(params) -> None:
         os.execvpe(cmd[0], cmd, {**os.environ, **engine_key_env(params.serve.engine, dict(os.environ))})
 
 
+def record_store(params, where: str | None):
+    """The record's store: --store, else $record.store_env / record.store, else the plane's file.
+    A SQLite file that does not exist yet is not created here: nothing was recorded."""
+    from serving.plane.operations import STATE_DIR
+    from serving.record import StoreError, open_store
+    from serving.record.recorder import STORE_FILE
+    from serving.record.store import POSTGRES_SCHEMES
+
+    target = where or params.record.store_url() or str(STATE_DIR / STORE_FILE)
+    if not target.startswith(POSTGRES_SCHEMES) and not Path(target.removeprefix("sqlite:///")).exists():
+        raise SystemExit(f"no record at {target} yet: the plane (`make serve`) records every answer there (record.store in params.yaml, or --store)")
+    try:
+        return open_store(target)
+    except StoreError as exc:
+        raise SystemExit(str(exc)) from None
+
+
+def traffic_cmd(params, args) -> None:
+    from serving.record import Filters, key_id
+    from serving.record.report import parse_time, render
+    from serving.record.schema import KEY_ID
+
+    try:
+        since = parse_time(args.since) if args.since else None
+        until = parse_time(args.until) if args.until else None
+    except ValueError as exc:
+        raise SystemExit(f"--since/--until: {exc}") from None
+    kid = None
+    if args.key:
+        kid = args.key if KEY_ID.match(args.key) else key_id(args.key)
+        if kid != args.key:
+            print(f"key {args.key[:6]}… has key id {kid} (for record.opt_out_keys)")
+    filters = Filters(version=args.version, key_id=kid, tier=args.tier, finish_reason=args.finish_reason, since=since, until=until)
+    with record_store(params, args.store) as store:
+        if args.export:
+            n = store.export(args.export, filters)
+            print(f"exported {n:,} answered completion(s) to {args.export}: OpenAI messages JSONL, read by data.sources as "
+                  f"{{name: traffic, path: {args.export}, format: openai}} (provenance: completion_id, version, tier)")
+            return
+        print(render(store, filters, args.limit))
+
+
+def forget_cmd(params, key: str, where: str | None) -> None:
+    """Delete every recorded completion of a key, given as the key itself or its key id."""
+    from serving.record import key_id
+    from serving.record.schema import KEY_ID
+
+    ids = {key_id(key)} | ({key} if KEY_ID.match(key) else set())
+    with record_store(params, where) as store:
+        gone = sum(store.delete_key(i) for i in sorted(ids))
+        print(f"forgot {gone:,} completion(s) of key id {' or '.join(sorted(ids))} in {store} (files exported before are not touched)")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="lifecycle", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=["status", "lineage", "reproduce", "show", "serve", "rollback", "approve"])
-    parser.add_argument("version", nargs="?", help="lineage, reproduce: the version; approve: the version whose rejection a person overrides")
+    parser.add_argument("command", choices=["status", "lineage", "reproduce", "show", "serve", "rollback", "approve", "traffic", "forget"])
+    parser.add_argument("version", nargs="?", metavar="VERSION|KEY", help="lineage, reproduce: the version; approve: the version whose rejection a person overrides; traffic: only this version's completions; forget: the API key (or its key id) whose completions are deleted")
     parser.add_argument("--reason", default="", help="approve: why it may be released despite its status; rollback: why the champion is taken out (both recorded on the version)")
     parser.add_argument("--out", type=Path, help="lineage: where the graph image goes (default lineage-v<N>.png)")
     parser.add_argument("--scratch", type=Path, help="reproduce: the scratch worktree (default: a folder under the system temp dir)")
     parser.add_argument("--keep", action="store_true", help="reproduce: keep the scratch worktree even when every hash matches")
+    parser.add_argument("--since", help="traffic: from this time: how long ago (90s, 30min, 2h, 7d) or ISO 8601 (UTC unless zoned)")
+    parser.add_argument("--until", help="traffic: before this time (same spellings)")
+    parser.add_argument("--key", help="traffic: only this key's completions (the key, or its key id; the id is printed)")
+    parser.add_argument("--tier", help="traffic: only this tier's completions")
+    parser.add_argument("--finish-reason", help="traffic: only completions that finished so (stop, length, error, aborted)")
+    parser.add_argument("--limit", type=int, default=20, help="traffic: newest rows shown (default 20)")
+    parser.add_argument("--export", type=Path, help="traffic: write the matching answered completions to this file as OpenAI messages JSONL (a data source)")
+    parser.add_argument("--store", help="traffic, forget: the record's store (a SQLite path or postgresql:// URL; default: record.store, else .serving/plane/record.sqlite3)")
     args = parser.parse_args(argv)
     if args.command in ("approve", "lineage", "reproduce") and not args.version:
         parser.error(f"{args.command} needs a VERSION (`lifecycle status` lists them)")
+    if args.command == "forget" and not args.version:
+        parser.error("forget needs a KEY: the API key whose recorded completions are deleted, or its key id")
     try:
         params = load_params()
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         sys.exit(2)
     name = params.registry.model_name
-    if args.command == "status":
+    if args.command == "traffic":
+        traffic_cmd(params, args)
+    elif args.command == "forget":
+        forget_cmd(params, args.version, args.store)
+    elif args.command == "status":
         status(name)
     elif args.command == "lineage":
         lineage_cmd(name, args.version, args.out)

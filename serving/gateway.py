@@ -19,8 +19,10 @@ per-version statistics, and moves traffic (`set_weight`, `set_canary`, `remove_c
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import logging
+import time
 from collections.abc import AsyncIterator, Callable, Collection
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -37,6 +39,7 @@ from serving.cache import MemoryCache, RedisCache, ResponseCache
 from serving.keys import PRIORITY_HEADER, BadPriority, KeyTable, Tier, load_keys, request_priority
 from serving.queue import AdmissionQueue, ClientDisconnected, QueueFull
 from serving.ratelimit import LimiterUnavailable, MemoryRateLimiter, RateLimited, RateLimiter, RedisRateLimiter, estimate_tokens
+from serving.record.recorder import SERVICE_TIER, Recorder
 from serving.protocol import APIError
 from serving.protocol import error_body as protocol_error_body
 from serving.proxy import Attempt, Proxy, StreamStart, error_body, rewrite_sse_line, sessions, sse_data
@@ -68,17 +71,20 @@ class FrontDoor:
     # While the limiter cannot be read (Redis down): True serves keyed requests without their
     # limits, False refuses them with 503 (serve.redis_failure_mode).
     limits_fail_open: bool = True
+    # The record of every answer (serving/record/): started and flushed with the app.
+    record: Recorder | None = None
 
     @classmethod
-    def from_params(cls, serve, replicas: int = 1) -> "FrontDoor":
-        """From `serve:` params; `replicas` sizes the queue's in-flight slots."""
+    def from_params(cls, serve, replicas: int = 1, record: Recorder | None = None) -> "FrontDoor":
+        """From `serve:` params; `replicas` sizes the queue's in-flight slots; `record` is the
+        recorder (`Recorder.from_params(params.record, ...)`), if any."""
         cache = None
         if serve.cache_entries:
             cache = RedisCache.from_url(serve.redis_url) if serve.redis_url else MemoryCache(serve.cache_entries)
         keys = load_keys(serve.keys_file) if serve.keys_file else None
         limiter = (RedisRateLimiter.from_url(serve.redis_url) if serve.redis_url else MemoryRateLimiter()) if keys else None
         queue = AdmissionQueue(serve.queue_capacity * max(1, replicas), serve.queue_max_waiting)
-        return cls(cache, serve.cache_ttl_s, queue, keys, limiter, serve.max_new_tokens, serve.redis_failure_mode == "open")
+        return cls(cache, serve.cache_ttl_s, queue, keys, limiter, serve.max_new_tokens, serve.redis_failure_mode == "open", record)
 
 
 __all__ = [  # the routing state and the proxy live in their own modules; re-exported for callers
@@ -129,15 +135,25 @@ def create_gateway(
     if admin_key is None:
         admin_key = auth.env_key(ADMIN_KEY_ENV) or auth.env_key(LEGACY_ADMIN_KEY_ENV)
 
+    record = front.record
+    if record is not None:
+        record.register(gateway.metrics.registry)
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        http, fresh = sessions()
-        async with http, fresh:
-            app.state.proxy = Proxy(gateway, http, retry_timeout_s, timeout_s, fresh)
-            yield
+        if record is not None:
+            await asyncio.to_thread(record.start)  # a store that cannot be opened fails the start
+        try:
+            http, fresh = sessions()
+            async with http, fresh:
+                app.state.proxy = Proxy(gateway, http, retry_timeout_s, timeout_s, fresh)
+                yield
+        finally:
+            if record is not None:
+                await asyncio.to_thread(record.close)  # what is buffered is written first
 
     app = FastAPI(title=f"gateway: {gateway.public_model}", lifespan=lifespan)
-    app.state.gateway = gateway
+    app.state.gateway, app.state.record = gateway, record
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
 
     @app.exception_handler(APIError)
@@ -205,6 +221,7 @@ def create_gateway(
         raise APIError(401, "missing or invalid API key: send 'Authorization: Bearer <key>'", code="invalid_api_key")
 
     async def proxied(request: Request, path: str) -> Response:
+        arrived = time.perf_counter()  # a completion's recorded latency starts here
         key, tier = caller(request)
         payload = await json_body(request)
         if payload.get("model") != gateway.public_model:
@@ -224,7 +241,15 @@ def create_gateway(
                     ) from None
                 log.warning("gateway: serving %s without its rate limits (serve.redis_failure_mode: open): %s", tier.name, exc)
         cached = "no-cache" not in request.headers.get("cache-control", "").lower()
-        response = await request.app.state.proxy.forward(path, payload, front, priority, request.is_disconnected, cached)
+        tap = None
+        if record is not None:
+            header = request.headers.get("authorization", "")
+            # A key the gateway checked (a keyed one, its own, the plane's): recorded by its id.
+            checked = key is not None or api_key is not None or front.keys is not None
+            token = header.partition(" ")[2].strip() if checked else None
+            who = tier.name if tier is not None else SERVICE_TIER if any(bearer_matches(header, k) for k in service_keys) else UNTIERED.name
+            tap = record.tap(path, payload, token or None, who, gateway.public_model, arrived)
+        response = await request.app.state.proxy.forward(path, payload, front, priority, request.is_disconnected, cached, tap)
         response.headers.update(limit_headers)
         return response
 

@@ -15,7 +15,9 @@ nothing has reached the client; once bytes are out, a failure ends the stream wi
 error event. Stable's 4xx are the caller's own errors and are passed through.
 
 Every answer names the replica that gave it in `x-gateway-backend` and its model version in
-`x-gateway-version`.
+`x-gateway-version`. With the record on, a completion's `Tap` (serving/record/tap.py) stamps
+its id on the answer (`x-completion-id`, the body's `id`) and hands it to the recorder once the
+answer is known: a JSON answer when it is ready, a stream when it ends.
 """
 
 from __future__ import annotations
@@ -189,12 +191,15 @@ class Proxy:
                 return target, backend
             await asyncio.sleep(0.05)
 
-    async def forward(self, path: str, payload: dict, front: Any = None, priority: int = 0, disconnected: Any = None, cached: bool = True) -> Response:
+    async def forward(
+        self, path: str, payload: dict, front: Any = None, priority: int = 0, disconnected: Any = None, cached: bool = True, tap: Any = None,
+    ) -> Response:
         """With a `front` (the gateway's FrontDoor): answer from the cache if the version the
         request would go to answered it before, else wait for a slot in the priority queue,
         route (now: the routing may have changed while it waited), send, and store a
         deterministic answer under the model version that gave it. `cached=False` (the client
-        sent `Cache-Control: no-cache`) always asks a backend."""
+        sent `Cache-Control: no-cache`) always asks a backend. `tap` (the record's) gets the
+        answer, whatever gave it."""
         stream = bool(payload.get("stream"))
         cache = None if front is None or stream or not cached else front.cache
         if cache is not None:
@@ -204,11 +209,16 @@ class Proxy:
                 body = await cache.get(key)
                 self.gateway.metrics.cache.labels("hit" if body is not None else "miss").inc()
                 if body is not None:  # never recorded in a version's statistics: no backend answered
-                    return Response(body, media_type="application/json", headers={"x-gateway-cache": "hit", **backend_headers(peek.backend, replica="cache")})
+                    headers = {"x-gateway-cache": "hit", **backend_headers(peek.backend, replica="cache")}
+                    if tap is None:
+                        return Response(body, media_type="application/json", headers=headers)
+                    response = Response(tap.stamp_body(body), media_type="application/json", headers={**headers, **tap.headers})
+                    tap.answered(response, cache_hit=True)
+                    return response
         queue = None if front is None else front.queue
         admission = await queue.acquire(priority, disconnected) if queue is not None else None
         try:
-            response, answered_by = await self._forward(path, payload, stream, admission)
+            response, answered_by = await self._forward(path, payload if tap is None else tap.upstream(payload), stream, admission, tap)
         except BaseException:
             if admission is not None:
                 admission.release()
@@ -219,9 +229,11 @@ class Proxy:
             key = cache_key(self.gateway.public_model, identity_of(answered_by), path, payload)  # the version that answered
             if key is not None:
                 await cache.put(key, response.body, front.cache_ttl_s)
+        if tap is not None and not isinstance(response, StreamingResponse):  # a stream is recorded when it ends
+            tap.answered(response)
         return response
 
-    async def _forward(self, path: str, payload: dict, stream: bool, admission: Any) -> tuple[Response, Backend | None]:
+    async def _forward(self, path: str, payload: dict, stream: bool, admission: Any, tap: Any = None) -> tuple[Response, Backend | None]:
         """Route (the request holds its queue slot now), send, retry where the client cannot see
         it; returns the response and the replica that gave it."""
         send = self._open_stream if stream else self._call
@@ -259,6 +271,7 @@ class Proxy:
             result = await send(stable, path, payload, retry=True, fallback=False, fresh=True, exclude=frozenset(tried))
         if isinstance(result, StreamStart):
             result.on_close = admission.release if admission is not None else None
+            result.tap = tap
             return result.response(self.gateway), result.backend
         if result.outcome in FAILURES:
             self.gateway.metrics.lost.inc()
@@ -268,7 +281,7 @@ class Proxy:
                 task = asyncio.create_task(self._mirror(mirror, path, payload, result.body))
                 self._background.add(task)
                 task.add_done_callback(self._background.discard)
-        return self._respond(result), result.backend
+        return self._respond(result, tap), result.backend
 
     async def _second_opinion(self, refused: "Attempt", send: Any, path: str, payload: dict) -> "Attempt | StreamStart":
         """The canary refused the request (4xx): ask stable the same. Stable refusing it too makes
@@ -286,12 +299,14 @@ class Proxy:
         if attempt.target is not None:
             self.gateway.record(attempt.target, attempt.outcome, attempt.latency_s, retry, attempt.backend)
 
-    def _respond(self, attempt: Attempt) -> Response:
+    def _respond(self, attempt: Attempt, tap: Any = None) -> Response:
         body = attempt.body
         if attempt.outcome == "ok":
             with suppress(ValueError):  # not JSON: pass it on untouched
-                body = json.dumps(with_public_model(json.loads(body), self.gateway.public_model)).encode()
-        return Response(body, status_code=attempt.status, media_type=attempt.content_type, headers={**attempt.headers, **backend_headers(attempt.backend)})
+                answer = with_public_model(json.loads(body), self.gateway.public_model)
+                body = json.dumps(answer if tap is None else tap.stamp(answer)).encode()
+        headers = {**attempt.headers, **backend_headers(attempt.backend), **(tap.headers if tap is not None else {})}
+        return Response(body, status_code=attempt.status, media_type=attempt.content_type, headers=headers)
 
     def _budget(self, fallback: bool, fresh: bool) -> tuple[float, aiohttp.ClientSession, float]:
         """(timeout, client, start) of one attempt: stable waits longer (nobody is behind it), a
@@ -395,13 +410,16 @@ class StreamStart:
     retry: bool
     outcome: str = "ok"  # so far: Proxy.forward retries only failed Attempts
     on_close: Any = None  # called once the stream is over (the queue slot it held)
+    tap: Any = None  # the record's: stamps each chunk's id, collects the answer
 
     def response(self, gateway: Gateway) -> StreamingResponse:
-        return StreamingResponse(self.relay(gateway), media_type="text/event-stream", headers={**backend_headers(self.backend), "cache-control": "no-cache"})
+        headers = {**backend_headers(self.backend), "cache-control": "no-cache", **(self.tap.headers if self.tap is not None else {})}
+        return StreamingResponse(self.relay(gateway), media_type="text/event-stream", headers=headers)
 
     async def relay(self, gateway: Gateway) -> AsyncIterator[str]:
         public = gateway.public_model
         recorded = False
+        tap = self.tap
 
         def finish(outcome: str) -> None:
             # Called before the last bytes go out: a client that has read them may look at the
@@ -413,18 +431,33 @@ class StreamStart:
                 gateway.record(self.target, outcome, time.perf_counter() - self.started, self.retry, self.backend)
                 if outcome in FAILURES:
                     gateway.metrics.lost.inc()  # bytes were out, so the client sees this one
+                if tap is not None:
+                    tap.streamed(outcome, version_of(self.backend), self.backend.name)
+
+        def out(line: str, payload: Any) -> str:
+            if tap is not None and isinstance(payload, dict):  # stamped with the completion's id
+                return "data: " + json.dumps(with_public_model(payload, public), separators=(",", ":")) + "\n"
+            return rewrite_sse_line(line, payload, public) + "\n"
 
         try:
             for line in self.head[:-1]:
                 yield line + "\n"
-            yield rewrite_sse_line(self.head[-1], self.first, public) + "\n"
-            failed = False
+            if tap is not None:
+                tap.chunk(self.first)
+            yield out(self.head[-1], self.first)
+            failed = skip_blank = False
             async for line in self.lines:
+                if skip_blank and not line:  # the end of an event the client does not get
+                    skip_blank = False
+                    continue
                 payload = sse_data(line)
                 failed = failed or is_error_event(payload)  # the backend's own error event
                 if line.startswith("data:") and line[5:].strip() == "[DONE]":
                     finish("server_error" if failed else "ok")
-                yield rewrite_sse_line(line, payload, public) + "\n"
+                if tap is not None and not tap.chunk(payload):
+                    skip_blank = True  # the usage the record asked the engine for
+                    continue
+                yield out(line, payload)
             finish("server_error" if failed else "ok")
         except (aiohttp.ClientError, TimeoutError) as exc:
             finish("timeout" if isinstance(exc, TimeoutError) else "connection_error")

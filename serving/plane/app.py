@@ -34,6 +34,7 @@ from serving.launcher import ServerStartError
 from serving.plane.operations import Plane
 from serving.plane.state import PlaneError
 from serving.plane.supervisor import Supervisor
+from serving.record.recorder import Recorder
 from serving.routing import NoCanaryError
 
 STOPPED = "the plane stopped its engines; `make serve` resumes the same routing"
@@ -46,7 +47,8 @@ def create_plane_app(
     """The gateway app for `plane.gateway`, with the plane's admin routes and its supervisor.
     Its shutdown stops every engine the plane runs, then calls `on_stopped(anything_stopped)`."""
     gateway = plane.require_gateway()
-    front = gateway_kwargs.pop("front", None) or FrontDoor.from_params(plane.params.serve, plane.params.serve.replicas)
+    record = Recorder.from_params(plane.params.record, plane.state_dir)  # in the plane's state folder unless record.store names one
+    front = gateway_kwargs.pop("front", None) or FrontDoor.from_params(plane.params.serve, plane.params.serve.replicas, record)
     app = create_gateway(gateway, api_key=api_key, admin_key=admin_key, on_change=plane.save, front=front, service_keys=[plane.traffic_key], **gateway_kwargs)
     require_admin = app.state.require_admin
     supervisor = Supervisor(plane, plane.params.serve.supervise_interval_s)

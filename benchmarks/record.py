@@ -1,0 +1,204 @@
+"""`make bench`: what the record of every answer costs the gateway, at 32 clients.
+
+One CPU engine (the default-size bootstrap model) behind two gateway processes built exactly as
+the plane builds its gateway (`FrontDoor.from_params`: the queue, the cache), one recording
+every completion to SQLite (`Recorder.from_params`, the default params) and one not. The same
+32 clients (aiohttp, as benchmarks/plane.py) load one gateway and then the other, in several
+alternating rounds (on, off, off, on, ...: the machine is shared and noisy, so each side gets
+early and late slots), with the personal data the redaction has to find planted in a quarter
+of the prompts. Printed, never asserted: each round's throughput and p50 latency, the medians
+per side and their ratio (target: the record costs <= 2 % of either), each gateway's CPU per
+request, and what the recording gateway wrote, dropped and stored.
+
+Two loads: engine-answered requests (`Cache-Control: no-cache`, what users mostly send; the
+target applies here) and cache hits (no engine: the gateway's own cost, the worst case for
+the record's share).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import aiohttp
+import httpx
+import psutil
+
+from benchmarks.serving_load import build_default_model
+from serving.launcher import PROJECT_ROOT, free_port, launch
+
+NAME = "bench-record"
+CLIENTS = int(os.environ.get("BENCH_RECORD_CLIENTS", "32"))
+SECONDS = float(os.environ.get("BENCH_RECORD_SECONDS", "10"))
+ROUNDS = int(os.environ.get("BENCH_RECORD_ROUNDS", "6"))  # per side, alternating
+MAX_TOKENS = int(os.environ.get("BENCH_RECORD_MAX_TOKENS", "16"))
+PII = ["mail jane.doe@example.com", "call +1 202-555-0143", "host 2001:db8:85a3::8a2e:370:7334", "card 4111 1111 1111 1111"]
+
+
+def serve_gateway(argv: list[str]) -> None:
+    """One gateway process, as the plane builds its own (the bench starts two of these)."""
+    import uvicorn
+
+    from pipelines.config import RecordParams, ServeParams
+    from serving.gateway import FrontDoor, create_gateway
+    from serving.record import Recorder
+    from serving.routing import Backend
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--engine-url", required=True)
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--record-dir", help="record to <dir>/record.sqlite3; none: no record")
+    args = parser.parse_args(argv)
+    serve = ServeParams(max_new_tokens=MAX_TOKENS, cache_entries=4096, queue_max_waiting=1024)
+    record = Recorder.from_params(RecordParams(), Path(args.record_dir)) if args.record_dir else None
+    app = create_gateway(Backend("v1-r0", args.engine_url, args.model, version="1"), public_model=NAME, front=FrontDoor.from_params(serve, 1, record))
+    uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning")
+
+
+async def load(url: str, seconds: float, cached: bool, offset: int) -> dict:
+    """CLIENTS users sending greedy chats for `seconds`: every prompt its own (`cached` False),
+    or 16 prompts over and over (answered from the cache after their first time)."""
+    latencies: list[float] = []
+    failures: list[str] = []
+    counter = iter(range(offset, 10**9))
+    deadline = time.monotonic() + seconds
+    headers = {"content-type": "application/json"} | ({} if cached else {"cache-control": "no-cache"})
+
+    async def user(http: aiohttp.ClientSession) -> None:
+        while time.monotonic() < deadline:
+            n = next(counter)
+            m = n % 16 if cached else n
+            text = f"Reverse the list:\n{m % 10} {(m // 10) % 10} {(m // 100) % 10}" + (f" ({PII[(m // 4) % 4]})" if m % 4 == 0 else "")
+            body = json.dumps({"model": NAME, "messages": [{"role": "user", "content": text}], "max_tokens": MAX_TOKENS, "temperature": 0})
+            started = time.perf_counter()
+            try:
+                async with http.post(url, data=body, headers=headers) as r:
+                    answer = await r.read()
+                    if r.status == 200:
+                        latencies.append(time.perf_counter() - started)
+                    else:
+                        failures.append(f"{r.status} {answer[:120].decode(errors='replace')}")
+            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                failures.append(type(exc).__name__)
+
+    started = time.perf_counter()
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=CLIENTS * 2), timeout=aiohttp.ClientTimeout(total=300)) as http:
+        await asyncio.gather(*(user(http) for _ in range(CLIENTS)))
+    elapsed = time.perf_counter() - started
+    return {"rps": len(latencies) / elapsed, "p50_s": statistics.median(latencies) if latencies else float("nan"), "ok": len(latencies), "failed": failures}
+
+
+def record_metrics(root: str) -> dict[str, float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"{root}/metrics", timeout=30).text
+    return {
+        (s.name + (f"{{{s.labels['reason']}}}" if "reason" in s.labels else "")): s.value
+        for f in text_string_to_metric_families(text) for s in f.samples if s.name.startswith("gateway_record_") and not s.name.endswith("_created")
+    }
+
+
+def compare(label: str, gateways: dict[str, tuple[str, psutil.Process]], cached: bool) -> dict:
+    """ROUNDS rounds per side, alternating which goes first; medians and their ratio."""
+    runs: dict[str, list[dict]] = {"on": [], "off": []}
+    cpu: dict[str, float] = {"on": 0.0, "off": 0.0}
+    order = ["on", "off", "off", "on"] * ((ROUNDS + 1) // 2)
+    for i, side in enumerate(order[: 2 * ROUNDS]):
+        url, process = gateways[side]
+        before = sum(process.cpu_times()[:2])
+        result = asyncio.run(load(f"{url}/v1/chat/completions", SECONDS, cached, offset=i * 10**6))
+        cpu[side] += sum(process.cpu_times()[:2]) - before
+        runs[side].append(result)
+        print(f"    round {i + 1:2d} record {side:<3}  {result['rps']:7.1f} req/s  p50 {1000 * result['p50_s']:7.1f} ms  ({result['ok']} answered, {len(result['failed'])} failed)", flush=True)
+    summary = {}
+    for side in ("on", "off"):
+        rs = runs[side]
+        summary[side] = {
+            "rps": statistics.median(r["rps"] for r in rs), "p50_s": statistics.median(r["p50_s"] for r in rs),
+            "ok": sum(r["ok"] for r in rs), "failed": sum(len(r["failed"]) for r in rs), "cpu_ms": 1000 * cpu[side] / max(1, sum(r["ok"] for r in rs)),
+        }
+    on, off = summary["on"], summary["off"]
+    throughput_cost, latency_cost = 1 - on["rps"] / off["rps"], on["p50_s"] / off["p50_s"] - 1
+    met = throughput_cost <= 0.02 and latency_cost <= 0.02
+    print(f"  {label}: medians of {ROUNDS} rounds a side")
+    print(f"    record off  {off['rps']:7.1f} req/s  p50 {1000 * off['p50_s']:7.1f} ms  gateway CPU {off['cpu_ms']:.2f} ms a request  ({off['ok']} answered, {off['failed']} failed)")
+    print(f"    record on   {on['rps']:7.1f} req/s  p50 {1000 * on['p50_s']:7.1f} ms  gateway CPU {on['cpu_ms']:.2f} ms a request  ({on['ok']} answered, {on['failed']} failed)")
+    print(f"    the record's cost: throughput {throughput_cost:+.1%} (on/off x{on['rps'] / off['rps']:.3f}), p50 latency {latency_cost:+.1%} (x{on['p50_s'] / off['p50_s']:.3f}); "
+          f"target <= 2 % each: {'met' if met else 'MISSED'}", flush=True)
+    return summary
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "gateway":
+        serve_gateway(sys.argv[2:])
+        return
+    work = Path(tempfile.mkdtemp(prefix="bench-record-"))
+    env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT), "PYTHONUNBUFFERED": "1"}
+    engine = None
+    gateways: list[subprocess.Popen] = []
+    try:
+        build_default_model(work / "model")
+        engine = launch("cpu", str(work / "model"), f"{NAME}-v1", "127.0.0.1", free_port(), work / "engine.log", 600)
+        urls, answered_on = {}, 0
+        for side in ("on", "off"):
+            port = free_port()
+            cmd = [sys.executable, "-m", "benchmarks.record", "gateway", "--engine-url", engine.root_url, "--model", f"{NAME}-v1", "--port", str(port)]
+            if side == "on":
+                cmd += ["--record-dir", str(work / "record")]
+            gateways.append(subprocess.Popen(cmd, cwd=work, env=env, stdout=(work / f"gateway-{side}.log").open("wb"), stderr=subprocess.STDOUT))
+            urls[side] = (f"http://127.0.0.1:{port}", psutil.Process(gateways[-1].pid))
+        for side, (root, _) in urls.items():
+            deadline = time.monotonic() + 120
+            while True:
+                try:
+                    if httpx.get(f"{root}/health", timeout=2).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise SystemExit(f"the {side} gateway did not start:\n{(work / f'gateway-{side}.log').read_text()[-3000:]}")
+                time.sleep(0.2)
+            warm = asyncio.run(load(f"{root}/v1/chat/completions", 3, False, offset=10**8))  # warm-up
+            answered_on += warm["ok"] if side == "on" else 0
+
+        print(f"record of every answer: its cost on the gateway, {CLIENTS} clients, {SECONDS:g}s rounds, greedy, max_tokens {MAX_TOKENS}, "
+              f"a quarter of the prompts with personal data (default-size bootstrap model, one CPU engine, SQLite record):", flush=True)
+        answered_on += compare("engine-answered (no-cache)", urls, cached=False)["on"]["ok"]
+        answered_on += compare("cache hits (the gateway alone)", urls, cached=True)["on"]["ok"]
+        on_root = urls["on"][0]
+        time.sleep(1.5)  # the writer's last batch (flush_interval_s 0.5)
+        m = record_metrics(on_root)
+        from serving.record import open_store
+
+        with open_store(work / "record" / "record.sqlite3") as store:
+            stored = store.count()
+        size = sum(f.stat().st_size for f in (work / "record").glob("record.sqlite3*")) / 1e6
+        print(f"  recording gateway: {answered_on} requests answered, {m.get('gateway_record_written_total', 0):.0f} rows written, "
+              f"{m.get('gateway_record_dropped_total{buffer_full}', 0):.0f} dropped (buffer full), {m.get('gateway_record_dropped_total{store_error}', 0):.0f} (store errors); "
+              f"{stored} rows in the SQLite file ({size:.1f} MB with its WAL, {1000 * size / max(1, stored):.2f} kB a row); "
+              f"its writer thread's CPU: {1000 * m.get('gateway_record_writer_cpu_seconds_total', 0) / max(1, m.get('gateway_record_written_total', 0)):.2f} ms a row")
+    finally:
+        for g in gateways:
+            g.terminate()
+        for g in gateways:
+            try:
+                g.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                g.kill()
+        if engine is not None:
+            engine.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,212 @@
+"""Where the record is kept: SQLite by default (a file, WAL), PostgreSQL by URL. One schema
+(`serving.record.schema`), one interface:
+
+    store = open_store(".serving/plane/record.sqlite3")      # or "postgresql://user@host:5432/db"
+    store.write_batch(rows)                  # rows: list[Row], in one transaction
+    store.query(Filters(version="3", since=t0, limit=100))   # list[Row], newest first
+    store.count(Filters(...))                # how many rows match
+    store.counts_by("finish_reason", Filters(...))           # {value: rows}
+    store.delete_key(key_id)                 # rows of one key, deleted; returns how many
+    store.purge_older_than(ts)               # rows with ts < ts, deleted; returns how many
+    store.export(path, Filters(...))         # OpenAI `messages` JSONL for data.sources; returns rows written
+    store.close()
+
+A store is used from one thread at a time (the recorder's writer, or a command). SQLite rather
+than Parquet files by day: forgetting a key and purging by age delete rows, which Parquet can
+only do by rewriting whole files, and WAL lets `lifecycle traffic` read while the gateway writes.
+"""
+
+from __future__ import annotations
+
+import abc
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from serving.record.export import write_jsonl
+from serving.record.schema import COLUMNS, TABLE, Filters, Row, create_statements, row_from_db
+
+POSTGRES_SCHEMES = ("postgresql://", "postgres://")
+CUT_SHORT = ("error", "aborted")  # a stream's finish reasons when it broke or the client left: not data
+SELECT = f"SELECT {', '.join(COLUMNS)} FROM {TABLE}"
+
+
+class StoreError(RuntimeError):
+    """The store cannot be opened or used; the message names it and what to do."""
+
+
+class Store(abc.ABC):
+    """The SQL both dialects share; subclasses open the connection and name the placeholder."""
+
+    placeholder = "?"
+    dialect = "sqlite"
+
+    def __init__(self, connection: Any, where: str) -> None:
+        self.connection, self.where = connection, where
+        with self._transaction() as cur:
+            for statement in create_statements(self.dialect):
+                cur.execute(statement)
+
+    @abc.abstractmethod
+    def _transaction(self, streaming: bool = False):
+        """A context manager giving a cursor inside one transaction (committed on success);
+        `streaming`: the cursor reads its result a batch at a time where the driver needs asking."""
+
+    def write_batch(self, rows: list[Row]) -> None:
+        if not rows:
+            return
+        marks = ", ".join([self.placeholder] * len(COLUMNS))
+        sql = f"INSERT INTO {TABLE} ({', '.join(COLUMNS)}) VALUES ({marks})"
+        with self._transaction() as cur:
+            cur.executemany(sql, [tuple(getattr(r, c) for c in COLUMNS) for r in rows])
+
+    def iter_rows(self, filters: Filters = Filters(), batch: int = 1000) -> Iterator[Row]:
+        """Matching rows, newest first, fetched `batch` at a time (an export of a long window
+        never holds it all in memory)."""
+        where, values = filters.where(self.placeholder)
+        limit = f" LIMIT {int(filters.limit)}" if filters.limit is not None else ""
+        with self._transaction(streaming=True) as cur:
+            cur.execute(f"{SELECT}{where} ORDER BY ts DESC, id{limit}", values)
+            while chunk := cur.fetchmany(batch):
+                yield from (row_from_db(tuple(v)) for v in chunk)
+
+    def query(self, filters: Filters = Filters()) -> list[Row]:
+        return list(self.iter_rows(filters))
+
+    def count(self, filters: Filters = Filters()) -> int:
+        where, values = filters.where(self.placeholder)
+        with self._transaction() as cur:
+            cur.execute(f"SELECT COUNT(*) FROM {TABLE}{where}", values)
+            return int(cur.fetchone()[0])
+
+    def counts_by(self, column: str, filters: Filters = Filters()) -> dict[Any, int]:
+        """Matching rows per value of `column` (a schema column), most first."""
+        if column not in COLUMNS:
+            raise ValueError(f"unknown column {column!r}; the record's columns: {', '.join(COLUMNS)}")
+        where, values = filters.where(self.placeholder)
+        with self._transaction() as cur:
+            cur.execute(f"SELECT {column}, COUNT(*) FROM {TABLE}{where} GROUP BY {column} ORDER BY COUNT(*) DESC", values)
+            return {value: int(n) for value, n in cur.fetchall()}
+
+    def delete_key(self, key_id: str) -> int:
+        with self._transaction() as cur:
+            cur.execute(f"DELETE FROM {TABLE} WHERE key_id = {self.placeholder}", [key_id])
+            return cur.rowcount
+
+    def purge_older_than(self, ts: float) -> int:
+        with self._transaction() as cur:
+            cur.execute(f"DELETE FROM {TABLE} WHERE ts < {self.placeholder}", [ts])
+            return cur.rowcount
+
+    def export(self, path: str | Path, filters: Filters = Filters()) -> int:
+        """The matching answered rows (status 200, an answer, not a stream cut short: finish
+        reason neither "error" nor "aborted") as a dataset `data.sources` reads: OpenAI
+        `messages` JSONL, the answer as the assistant turn, with provenance fields."""
+        answered = Filters(**{**filters.__dict__, "status": 200})
+        whole = (r for r in self.iter_rows(answered) if r.answer and r.finish_reason not in CUT_SHORT)
+        return write_jsonl(Path(path), whole)
+
+    def close(self) -> None:
+        self.connection.close()
+
+    def __enter__(self) -> "Store":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.where})"
+
+
+class _SQLiteTransaction:
+    def __init__(self, connection: sqlite3.Connection) -> None:
+        self.connection = connection
+
+    def __enter__(self) -> sqlite3.Cursor:
+        self.cursor = self.connection.cursor()
+        self.cursor.execute("BEGIN")
+        return self.cursor
+
+    def __exit__(self, kind, *exc: object) -> None:
+        self.connection.execute("ROLLBACK" if kind else "COMMIT")
+        self.cursor.close()
+
+
+class SQLiteStore(Store):
+    """A file under .serving/ in WAL mode: the gateway's writer and a reader (`lifecycle
+    traffic`) never block each other; a second writer (`lifecycle forget`) waits its turn."""
+
+    def __init__(self, path: str | Path) -> None:
+        path = Path(path)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            # Transactions are explicit (isolation_level=None); the writer thread owns it.
+            connection = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
+            connection.execute("PRAGMA journal_mode=WAL")
+            connection.execute("PRAGMA synchronous=NORMAL")  # WAL's safe setting: a power cut may lose the last batch, never corrupt
+        except (OSError, sqlite3.Error) as exc:
+            raise StoreError(f"cannot open the record's SQLite file {path}: {exc}; fix record.store in params.yaml") from None
+        super().__init__(connection, str(path))
+
+    def _transaction(self, streaming: bool = False) -> _SQLiteTransaction:
+        return _SQLiteTransaction(self.connection)  # SQLite's cursors always step through a result
+
+
+class PostgresStore(Store):
+    """PostgreSQL by URL (psycopg 3). Shared by every gateway that names the same URL."""
+
+    placeholder = "%s"
+    dialect = "postgresql"
+
+    def __init__(self, url: str) -> None:
+        import psycopg
+
+        self.url = url
+        try:
+            # Autocommit, with explicit transaction blocks: a read never leaves one open.
+            connection = psycopg.connect(url, connect_timeout=10, autocommit=True)
+        except psycopg.Error as exc:
+            raise StoreError(f"cannot connect to the record's PostgreSQL at {redact_url(url)}: {str(exc).strip()}; check record.store (or ${{record.store_env}}) and that the server runs") from None
+        super().__init__(connection, redact_url(url))
+
+    def _transaction(self, streaming: bool = False):
+        return _PostgresTransaction(self.connection, streaming)
+
+
+class _PostgresTransaction:
+    def __init__(self, connection: Any, streaming: bool) -> None:
+        self.connection, self.streaming = connection, streaming
+
+    def __enter__(self):
+        self.tx = self.connection.transaction()
+        self.tx.__enter__()
+        # A named (server-side) cursor sends rows as they are fetched; a plain one holds the
+        # whole result in memory, which a long export window must not.
+        self.cursor = self.connection.cursor(name="record_rows") if self.streaming else self.connection.cursor()
+        return self.cursor
+
+    def __exit__(self, *exc: Any) -> None:
+        self.cursor.close()
+        self.tx.__exit__(*exc)
+
+
+def redact_url(url: str) -> str:
+    """A database URL without its password, for messages and logs."""
+    scheme, sep, rest = url.partition("://")
+    userinfo, at, host = rest.rpartition("@")
+    if not at or ":" not in userinfo:
+        return url
+    return f"{scheme}{sep}{userinfo.split(':', 1)[0]}:***@{host}"
+
+
+def open_store(where: str | Path) -> Store:
+    """A store by where it is: postgresql://... (or postgres://) is PostgreSQL; sqlite:///path or
+    a plain path is a SQLite file."""
+    text = str(where)
+    if text.startswith(POSTGRES_SCHEMES):
+        return PostgresStore(text)
+    if "://" in text and not text.startswith("sqlite:///"):
+        raise StoreError(f"record store {redact_url(text)!r}: use a file path (SQLite), sqlite:///path, or postgresql://user@host:port/db")
+    return SQLiteStore(text.removeprefix("sqlite:///") if text.startswith("sqlite:///") else text)

@@ -1,0 +1,59 @@
+"""The recorder's writer against a store that fails (serving/record/recorder.py): a row the
+store refuses costs only itself, and a store that goes down and comes back loses the rows of
+its outage (counted) and none after it."""
+
+from __future__ import annotations
+
+import sqlite3
+
+from serving.record import Recorder, SQLiteStore, open_store
+from serving.record.tap import Tap
+
+
+class FlakyStore(SQLiteStore):
+    """The real SQLite store, which refuses any batch holding a row whose prompt has 'refuse',
+    and every batch while `down` is set (as a database that restarts)."""
+
+    down = False
+
+    def write_batch(self, rows):
+        if FlakyStore.down:
+            raise sqlite3.OperationalError("the database is restarting")
+        if any("refuse" in r.prompt for r in rows):
+            raise sqlite3.IntegrityError("refused")
+        super().write_batch(rows)
+
+
+def submit(recorder: Recorder, text: str) -> str:
+    tap = recorder.tap("/v1/completions", {"model": "m", "prompt": text}, None, "untiered", "m")
+    body = b'{"id": "x", "choices": [{"index": 0, "text": "ok", "finish_reason": "stop"}]}'
+    tap.answered(type("Response", (), {"status_code": 200, "body": body, "headers": {"x-gateway-version": "1", "x-gateway-backend": "v1-r0"}})())
+    return tap.id
+
+
+def test_a_refused_row_costs_only_itself_and_an_outage_only_its_own_rows(tmp_path):
+    """Seen red: with the one-by-one retry removed (a failed batch dropped whole), the batch
+    holding the refused row lost its 4 good rows too (written 0 of them)."""
+    path = tmp_path / "record.sqlite3"
+    recorder = Recorder(lambda: FlakyStore(path), batch_rows=5, flush_interval_s=0.05)
+    recorder.start()
+    try:
+        FlakyStore.down = False
+        good = [submit(recorder, f"fine {i}") for i in range(4)]
+        submit(recorder, "refuse me")
+        assert recorder.flush()
+        assert {r.id for r in open_store(path).query()} == set(good), "the refused row alone is lost"
+        assert recorder.dropped.labels("store_error")._value.get() == 1
+
+        FlakyStore.down = True
+        for i in range(3):
+            submit(recorder, f"during the outage {i}")
+        assert recorder.flush()
+        FlakyStore.down = False
+        after = [submit(recorder, f"after {i}") for i in range(3)]
+        assert recorder.flush()
+        assert {r.id for r in open_store(path).query()} == set(good) | set(after)
+        assert recorder.dropped.labels("store_error")._value.get() == 4 and recorder.written._value.get() == 7
+    finally:
+        FlakyStore.down = False
+        recorder.close()
