@@ -34,9 +34,9 @@ def test_a_failing_canary_is_rolled_back_by_the_alert_path_and_the_clients_lose_
     """Prometheus sees the canary's failures, ErrorBudgetBurn / CanaryWorseThanStable fire,
     Alertmanager sends them to the receiver, which rolls the canary back through the admin API
     and marks the version in the registry. The gateway retries every canary failure on stable.
-    Seen red: with the receiver's plan() sending burns to "notify" only (no rollback), the wait
-    for the rollback timed out ("timed out waiting until the alert path rolled the canary back")
-    while the record held ErrorBudgetBurn and CanaryWorseThanStable as notified."""
+    Seen red: with the receiver's plan() no longer sending burns and CanaryWorseThanStable to
+    "rollback" (they fell through to "notify"), "timed out waiting until the alert path rolled the
+    canary back" while both alerts kept firing."""
     v1, v2 = served.versions
     admin = PlaneClient(served.plane_url)
     with Clients(served.plane_url) as clients:
@@ -76,8 +76,8 @@ def test_a_failing_canary_is_rolled_back_by_the_alert_path_and_the_clients_lose_
 
 
 def test_a_replica_killed_and_restarted_by_the_supervisor_is_scraped_again_without_a_reload(served):
-    """Seen red: with Plane.save() no longer rewriting the targets file, Prometheus kept scraping
-    the dead port and the wait for `up` of the new address timed out."""
+    """Seen red: with Plane.restart_replica no longer calling save() (the targets file kept the
+    dead port), "timed out waiting until Prometheus scraping the new replica at 127.0.0.1:57397"."""
     v1 = served.versions[0]
     reloads = served.query("prometheus_config_last_reload_success_timestamp_seconds")[0]["value"][1]
     before = served.state()["replicas"][v1][0]
@@ -96,8 +96,8 @@ def test_a_quality_drop_and_drift_emit_prefect_events_and_notify_through_the_web
     """The checks' files (written as the scheduled flows will) -> the receiver's exporter ->
     OnlineQualityDrop and DriftDetected -> Alertmanager -> the receiver: a Prefect event on the
     model's resource and a webhook notification each.
-    Seen red: with the exporter reading `value` instead of `score` from the files, no gauge was
-    exported and the wait for OnlineQualityDrop's action timed out."""
+    Seen red: with ChecksCollector no longer adding the quality gauges, OnlineQualityDrop never
+    fired: "timed out waiting until the receiver acting on the quality drop and the drift"."""
     v1 = served.versions[0]
     checks = served.workdir / ".serving/monitoring/checks"
     now = datetime.datetime.now(datetime.UTC).isoformat()
@@ -133,8 +133,9 @@ def test_every_dashboard_panel_has_data_after_traffic_and_renders_to_png(served,
     """Grafana is not installed here: each panel's PromQL is asked of the running Prometheus
     over the module's traffic, and every query must return data. The same views are rendered
     to PNG (what a flow attaches to its run).
-    Seen red: with the gateway's tokens counter not fed from the answers' usage, the cost
-    panels "Tokens/s by key tier" and "Tokens in the last hour by key tier" had no data."""
+    Seen red: with Gateway.record_tokens returning at once (the tokens counter never fed), "panels
+    without data: cost / Tokens/s by key tier: tier:gateway_tokens:rate5m, cost / Tokens in the
+    last hour by key tier: ..."."""
     now = datetime.datetime.now(datetime.UTC).isoformat()
     checks = served.workdir / ".serving/monitoring/checks"  # the scheduled checks' latest results, as the flows will write them
     write_check({"kind": "online_quality", "model": NAME, "version": served.versions[0], "score": 0.3, "at": now}, checks)
@@ -150,3 +151,24 @@ def test_every_dashboard_panel_has_data_after_traffic_and_renders_to_png(served,
     assert empty == [], "panels without data:\n  " + "\n  ".join(empty)
     pngs = render_all(served.prometheus_url, tmp_path, minutes=15)
     assert sorted(p.stem for p in pngs) == sorted(boards) and all(p.stat().st_size > 10_000 for p in pngs)
+
+
+def test_a_flow_attaches_the_dashboards_to_its_mlflow_run_and_its_prefect_run_page(served, tmp_path):
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    from monitoring.panels import publish_dashboards
+    from registry.store import experiment_id
+
+    run_id = client().create_run(experiment_id("test")).info.run_id
+
+    @flow
+    def after_a_release() -> list[str]:
+        return [p.name for p in publish_dashboards(served.prometheus_url, run_id, tmp_path, minutes=15)]
+
+    assert sorted(after_a_release()) == ["canary.png", "cost.png", "drift.png", "quality.png", "service.png"]
+    assert sorted(a.path for a in client().list_artifacts(run_id, "monitoring")) == [f"monitoring/{n}.png" for n in ("canary", "cost", "drift", "quality", "service")]
+    with get_client(sync_client=True) as prefect:
+        (artifact,) = prefect.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["monitoring"])), limit=1)
+    assert artifact.data.count("data:image/png;base64,") == 5

@@ -47,8 +47,8 @@ def test_each_alert_has_its_action(a, action):
 
 
 def test_a_flapping_alert_notifies_once_within_the_cooldown_even_across_a_restart(tmp_path):
-    """Seen red: with the cooldown check removed from Receiver.receive, the webhook received
-    three notifications instead of one."""
+    """Seen red: with the cooldown check removed from Receiver.receive (`cooling` always
+    False), the second firing was queued and acted on again: "assert ['queued'] == ['suppressed']"."""
     hook = Webhook()
     try:
         params = Params.model_validate({"notify": {"webhook_url": hook.url}, "monitor": {"cooldown_s": 600}})
@@ -89,7 +89,7 @@ def gauges(text: str) -> dict[tuple[str, frozenset], float]:
 def test_the_exporter_serves_the_checks_latest_results_and_drops_stale_and_broken_ones(tmp_path, serve_app):
     """The file format the scheduled flows write (write_check), read at every scrape.
     Seen red: with read_checks not comparing `at` with check_max_age_s, the 2020 result was
-    exported as lifecycle_online_quality_score{version="1"} 0.9."""
+    exported: lifecycle_online_quality_score{model="m",version="1"} 0.9 was in the scrape."""
     checks = tmp_path / "checks"
     now = datetime.datetime.now(datetime.UTC).isoformat()
     write_check({"kind": "online_quality", "model": "m", "version": "2", "score": 0.81, "at": now, "samples": 200}, checks)
