@@ -20,7 +20,7 @@ MLFLOW_UI_PORT ?= 5000
 MLFLOW_SERVER = $(filter http://% https://%,$(MLFLOW_TRACKING_URI))
 MLFLOW_UI = $(VENV)/bin/mlflow ui --backend-store-uri $(MLFLOW_TRACKING_URI) --host 127.0.0.1 --port $(MLFLOW_UI_PORT)
 
-.PHONY: setup pipeline test test-fast bench serve status lineage reproduce rollback ui ui-prefect ui-mlflow serve-flows schedule dvc-repro data-add sweep clean clean-all
+.PHONY: setup pipeline test test-fast bench serve monitor status lineage reproduce rollback ui ui-prefect ui-mlflow serve-flows schedule dvc-repro data-add sweep clean clean-all
 
 setup: $(STAMP) .prefect/prefect.db
 
@@ -46,7 +46,7 @@ test: setup  ## the whole suite, whole-flow tests included
 test-fast: setup  ## everything but the whole-flow and multi-process tests
 	$(PY) -m pytest -m "not slow"
 
-bench: setup  ## pipeline cold/no-op times, orchestration overhead (flow vs its stages run directly), SFT tokens/s vs plain TRL, eval time per task and the gate's false-block rate, CPU-engine batching speed-up, gateway load test, the plane's overhead, cache speed-up and requests lost during a release, the record of every answer's cost on the gateway
+bench: setup  ## pipeline cold/no-op times, orchestration overhead (flow vs its stages run directly), SFT tokens/s vs plain TRL, eval time per task and the gate's false-block rate, CPU-engine batching speed-up, gateway load test, the plane's overhead, cache speed-up and requests lost during a release, the record of every answer's cost on the gateway, Prometheus' scrape cost on an engine
 	$(PY) -m benchmarks.pipeline
 	$(PY) -m benchmarks.orchestration
 	$(PY) -m benchmarks.prepare
@@ -56,6 +56,7 @@ bench: setup  ## pipeline cold/no-op times, orchestration overhead (flow vs its 
 	$(PY) -m benchmarks.serving_load
 	$(PY) -m benchmarks.plane
 	$(PY) -m benchmarks.record
+	$(PY) -m benchmarks.monitoring
 
 data-add: setup  ## add your data: make data-add FILE=path [FORMAT=auto] (copied to data/raw/, tracked by DVC; a FORMAT is recorded in data/raw/dataset_info.json)
 	@test -n "$(FILE)" || { echo "usage: make data-add FILE=path/to/data.jsonl [FORMAT=alpaca|sharegpt|openai|prompt_completion|preference|kto|text]"; exit 2; }
@@ -70,6 +71,9 @@ sweep: setup  ## SFT hyperparameter sweep (params.yaml `sweep`): trials side by 
 
 serve: setup  ## the serving plane: gateway on serve.port, the champion's engines behind it, releases go into it (Ctrl-C stops it)
 	$(PY) -m serving.plane
+
+monitor: setup  ## Prometheus + Alertmanager + the alert receiver against `make serve`'s plane (params `monitor:`; needs apt-get install prometheus prometheus-alertmanager); prints the URLs; Ctrl-C stops all three
+	$(PY) -m monitoring
 
 status: setup  ## champion, previous and candidate: metrics, ages, the latest versions and the champion's release history
 	$(PY) -m registry.cli status

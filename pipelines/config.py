@@ -23,7 +23,7 @@ from pipelines.data_config import DataParams, GenerateParams, PrepareParams
 from pipelines.eval_config import EvalTask, EvaluateParams, GateParams, JudgeParams, QuantizeParams, Threshold
 from pipelines.recipe import DEFAULT_RECIPE, check_recipe
 from pipelines.section import Section
-from pipelines.serve_config import CanaryParams, KServeParams, NotifyParams, OrchestrationParams, RecordParams, RegistryParams, ServeParams
+from pipelines.serve_config import CanaryParams, KServeParams, MonitorParams, NotifyParams, OrchestrationParams, RecordParams, RegistryParams, ServeParams
 from pipelines.train_config import (
     BOOTSTRAP,
     PEFT_METHODS,
@@ -46,7 +46,7 @@ from pipelines.train_config import (
 
 __all__ = [
     "BOOTSTRAP", "PEFT_METHODS", "PARAMS_FILE", "AlignParams", "CanaryParams", "ComputeParams", "ConfigError", "CpoParams", "DataParams", "DpoParams", "EvalTask",
-    "EvaluateParams", "GateParams", "GenerateParams", "GrpoParams", "JudgeParams", "KServeParams", "KtoParams", "ModelParams", "NotifyParams", "OrchestrationParams",
+    "EvaluateParams", "GateParams", "GenerateParams", "GrpoParams", "JudgeParams", "KServeParams", "KtoParams", "ModelParams", "MonitorParams", "NotifyParams", "OrchestrationParams",
     "OrpoParams", "Params", "PeftParams", "PrepareParams", "QuantizeParams", "RecordParams", "RegistryParams", "RlParams", "RlooParams", "RmParams", "Section", "ServeParams",
     "SftParams", "SweepParams", "Threshold", "TrainParams", "format_errors", "load_params", "snapshot",
 ]
@@ -80,6 +80,7 @@ class Params(Section):
     canary: CanaryParams = Field(default_factory=CanaryParams)
     kserve: KServeParams = Field(default_factory=KServeParams, description="The InferenceService a release renders when serve.target is kserve (serving/kserve.py).")
     notify: NotifyParams = Field(default_factory=NotifyParams)
+    monitor: MonitorParams = Field(default_factory=MonitorParams, description="Prometheus, its rules, Alertmanager and the receiver that acts on alerts (`make monitor`, monitoring/).")
     orchestration: OrchestrationParams = Field(default_factory=OrchestrationParams)
 
     @model_validator(mode="after")

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, StringConstraints, field_validator, model_validator
 
 from pipelines.section import Section
 
@@ -162,8 +162,9 @@ class NotifyParams(Section):
 
     webhook_url: str | None = Field(None, description="URL the notifications are POSTed to; null = none (a URL with a secret in it belongs in webhook_url_env's variable, not here).")
     webhook_url_env: str = Field("LIFECYCLE_WEBHOOK_URL", description="Environment variable holding the webhook URL; it wins over webhook_url when set.")
-    events: list[Literal["gate_failed", "rolled_back", "promoted", "shadowed"]] = Field(
-        default_factory=lambda: ["gate_failed", "rolled_back", "promoted"], description="Which outcomes are sent."
+    events: list[Literal["gate_failed", "rolled_back", "promoted", "shadowed", "quality_dropped", "drift_detected", "alert"]] = Field(
+        default_factory=lambda: ["gate_failed", "rolled_back", "promoted", "quality_dropped", "drift_detected", "alert"],
+        description="Which outcomes are sent: a release's (gate_failed, rolled_back, promoted, shadowed) and the alerts' (serving/alerts.py: rolled_back when an alert rolls a canary back, quality_dropped, drift_detected, and alert for any other firing alert).",
     )
     timeout_s: float = Field(5, gt=0, description="Per attempt; a webhook that does not answer never fails or holds up the run (three attempts, then a warning).")
 
@@ -175,3 +176,80 @@ class OrchestrationParams(Section):
     timezone: str = Field("UTC", description="Time zone the cron is read in (an IANA name, e.g. Europe/Berlin).")
     concurrency_limit: int = Field(1, ge=1, description="Lifecycle and release runs of this project (model name and folder) that may run at once, on one Prefect server: they share the DVC workspace and the registry's aliases.")
     on_busy: Literal["wait", "drop"] = Field("wait", description="A run started while the limit is taken: 'wait' queues it (AwaitingConcurrencySlot) until a slot frees; 'drop' cancels it at once, its state message saying which run is busy.")
+
+
+# A Prometheus duration: 30s, 5m, 1h30m, 3d.
+Duration = Annotated[str, StringConstraints(pattern=r"^([0-9]+(ms|s|m|h|d|w|y))+$")]
+
+
+class BurnWindow(Section):
+    """One window pair of a multi-window, multi-burn-rate alert (Google SRE workbook, ch. 5): it
+    fires while the budget burns faster than `burn_rate` over both the long window and the short
+    one (the short one makes it stop soon after the burn does)."""
+
+    long: Duration = Field(description="Long window, e.g. 1h.")
+    short: Duration = Field(description="Short window, e.g. 5m (the workbook uses long / 12).")
+    burn_rate: float = Field(gt=0, description="Budget consumption rate that fires: 1 spends the budget exactly over the SLO period; 14.4 over 1h spends 2 % of a 30-day budget.")
+    severity: Literal["page", "ticket"] = Field(description="The alert's severity label; Alertmanager groups by it, the receiver acts on either.")
+
+
+def workbook_windows() -> list[BurnWindow]:
+    return [
+        BurnWindow(long="1h", short="5m", burn_rate=14.4, severity="page"),
+        BurnWindow(long="6h", short="30m", burn_rate=6, severity="page"),
+        BurnWindow(long="1d", short="2h", burn_rate=3, severity="ticket"),
+        BurnWindow(long="3d", short="6h", burn_rate=1, severity="ticket"),
+    ]
+
+
+class MonitorParams(Section):
+    """Watching the plane serve (`make monitor`, monitoring/): Prometheus scrapes the gateway and
+    every engine, its rules (rendered from this section by monitoring/render.py) record the
+    service levels and alert on them, Alertmanager routes the alerts to the receiver
+    (serving/alerts.py), which acts. Everything listens on loopback and keeps its data under
+    .serving/monitoring/."""
+
+    prometheus_port: int = Field(9090, ge=1, le=65535, description="Prometheus' port (loopback).")
+    alertmanager_port: int = Field(9093, ge=1, le=65535, description="Alertmanager's port (loopback; its cluster gossip is off).")
+    receiver_port: int = Field(9097, ge=1, le=65535, description="The receiver's port (loopback): Alertmanager's webhook, and /metrics with the scheduled checks' gauges.")
+    scrape_interval: Duration = Field("15s", description="How often Prometheus scrapes the gateway, the engines and the checks' exporter.")
+    evaluation_interval: Duration = Field("15s", description="How often the recording and alert rules are evaluated.")
+    retention: Duration = Field("15d", description="How long Prometheus keeps samples (at least the longest burn window).")
+    slo_error_ratio: float = Field(0.01, gt=0, lt=1, description="SLO: the largest share of a version's requests that may fail (5xx, 429, timeouts, dropped connections, a canary's 4xx stable answers): the error budget the burn-rate alerts measure.")
+    slo_p95_latency_s: float = Field(2.5, gt=0, description="SLO: 95 % of a version's successful answers (a stream to its end) come within this, as the gateway times them; 5 % is the budget. Must be a bucket bound of gateway_backend_latency_seconds (serving/routing.py LATENCY_BUCKETS).")
+    slo_p95_ttft_s: float = Field(1.0, gt=0, description="SLO: 95 % of a version's generation requests get their first token within this, as its engines report it; 5 % is the budget. Must be a bucket bound of the engine's serving_time_to_first_token_seconds (serving/server_metrics.py).")
+    burn_windows: list[BurnWindow] = Field(default_factory=workbook_windows, description="The burn-rate alerts' window pairs (SRE workbook: 1h/5m x14.4 and 6h/30m x6 page, 1d/2h x3 and 3d/6h x1 ticket). One alert per SLO and severity, firing on any of its pairs.")
+    engine_down_for: Duration = Field("1m", description="EngineDown / GatewayDown: a target unreachable this long (a supervisor restart takes seconds and moves the target).")
+    queue_saturation: float = Field(0.9, gt=0, le=1, description="QueueSaturated: the gateway's waiting requests at this share of serve.queue_max_waiting...")
+    queue_for: Duration = Field("2m", description="...for this long.")
+    canary_window: Duration = Field("5m", description="CanaryWorseThanStable compares both versions over this window.")
+    canary_error_ratio_margin: float = Field(0.02, ge=0, lt=1, description="CanaryWorseThanStable: the canary's error ratio exceeds stable's by more than this (absolute)...")
+    canary_latency_ratio: float = Field(2.0, gt=1, description="...or its p95 latency is more than this multiple of stable's...")
+    canary_for: Duration = Field("2m", description="...for this long.")
+    quality_min: float = Field(0.7, ge=0, le=1, description="OnlineQualityDrop: lifecycle_online_quality_score (0..1, from the scheduled online-quality check) below this...")
+    quality_for: Duration = Field("30m", description="...for this long: a sustained drop, not one bad sample.")
+    drift_for: Duration = Field("1h", description="DriftDetected: lifecycle_drift_score above its lifecycle_drift_threshold for this long.")
+    group_wait: Duration = Field("10s", description="Alertmanager: how long a new group of alerts waits for others before it is sent.")
+    group_interval: Duration = Field("1m", description="Alertmanager: how long before a group's new alerts are sent.")
+    repeat_interval: Duration = Field("4h", description="Alertmanager: how long before a still-firing alert is sent again.")
+    cooldown_s: float = Field(900, ge=0, description="The receiver acts once per alert and subject (a version, a check) within this: a flapping alert rolls back, notifies or emits once; later firings are recorded as suppressed.")
+    check_max_age_s: float = Field(172800, gt=0, description="A scheduled check's result (.serving/monitoring/checks/*.json) older than this is no longer exported: a check that stopped running must not hold an alert forever.")
+
+    @model_validator(mode="after")
+    def _windows(self) -> "MonitorParams":
+        if not self.burn_windows:
+            raise ValueError("burn_windows needs at least one window pair")
+        for w in self.burn_windows:
+            if seconds(w.short) >= seconds(w.long):
+                raise ValueError(f"burn_windows: short window {w.short} must be shorter than long window {w.long}")
+        if len({self.prometheus_port, self.alertmanager_port, self.receiver_port}) < 3:
+            raise ValueError("prometheus_port, alertmanager_port and receiver_port must differ")
+        return self
+
+
+def seconds(duration: str) -> float:
+    """A Prometheus duration in seconds (1h30m -> 5400)."""
+    import re
+
+    unit = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800, "y": 31536000}
+    return sum(int(n) * unit[u] for n, u in re.findall(r"([0-9]+)(ms|s|m|h|d|w|y)", duration))

@@ -43,7 +43,7 @@ from serving.record.recorder import SERVICE_TIER, Recorder
 from serving.protocol import APIError
 from serving.protocol import error_body as protocol_error_body
 from serving.proxy import Attempt, Proxy, StreamStart, error_body, rewrite_sse_line, sessions, sse_data
-from serving.routing import FAILURES, LATENCY_SAMPLES, Backend, Gateway, NoCanaryError, Slot, Stats, Target, check_weight, classify, percentile
+from serving.routing import CALLER_TIER, FAILURES, LATENCY_SAMPLES, Backend, Gateway, NoCanaryError, Slot, Stats, Target, check_weight, classify, percentile
 
 log = logging.getLogger("serving.gateway")
 API_KEY_ENV = "GATEWAY_API_KEY"  # keys come from the environment: a key in argv is visible in `ps`
@@ -223,6 +223,7 @@ def create_gateway(
     async def proxied(request: Request, path: str) -> Response:
         arrived = time.perf_counter()  # a completion's recorded latency starts here
         key, tier = caller(request)
+        CALLER_TIER.set((tier or UNTIERED).name)  # this request's series carry its tier (serving.routing)
         payload = await json_body(request)
         if payload.get("model") != gateway.public_model:
             raise APIError(404, f"The model '{payload.get('model')}' does not exist; this gateway serves '{gateway.public_model}'", code="model_not_found")

@@ -35,7 +35,7 @@ from fastapi.responses import Response, StreamingResponse
 
 from serving import auth, protocol
 from serving.cache import cache_key
-from serving.routing import FAILURES, REFUSED_VALID, Backend, Gateway, SlotRetired, Target, classify
+from serving.routing import CALLER_TIER, FAILURES, REFUSED_VALID, Backend, Gateway, SlotRetired, Target, classify, version_of
 
 PASSED_HEADERS = ("retry-after",)  # upstream headers a client may act on
 # Stable's dropped connections: retried this many times, on another replica when there is one,
@@ -66,12 +66,6 @@ class Attempt:
     def answered(cls, r: aiohttp.ClientResponse, body: bytes, latency_s: float) -> "Attempt":
         kept = {h: r.headers[h] for h in PASSED_HEADERS if h in r.headers}
         return cls(classify(r.status), latency_s, r.status, body, r.headers.get("content-type", "application/json"), headers=kept)
-
-
-def version_of(backend: Backend) -> str:
-    """The registered version a replica serves, else its served model name (distinct per
-    version wherever this project starts the engines)."""
-    return backend.version if backend.version is not None else f"model:{backend.model}"
 
 
 def identity_of(backend: Backend) -> str:
@@ -207,7 +201,7 @@ class Proxy:
             key = cache_key(self.gateway.public_model, identity_of(peek.backend), path, payload)
             if key is not None:
                 body = await cache.get(key)
-                self.gateway.metrics.cache.labels("hit" if body is not None else "miss").inc()
+                self.gateway.metrics.cache.labels("hit" if body is not None else "miss", CALLER_TIER.get()).inc()
                 if body is not None:  # never recorded in a version's statistics: no backend answered
                     headers = {"x-gateway-cache": "hit", **backend_headers(peek.backend, replica="cache")}
                     if tap is None:
@@ -216,7 +210,11 @@ class Proxy:
                     tap.answered(response, cache_hit=True)
                     return response
         queue = None if front is None else front.queue
-        admission = await queue.acquire(priority, disconnected) if queue is not None else None
+        admission = None
+        if queue is not None:
+            queued_at = time.perf_counter()
+            admission = await queue.acquire(priority, disconnected)
+            self.gateway.metrics.queue_wait_seconds.labels(CALLER_TIER.get()).observe(time.perf_counter() - queued_at)
         try:
             response, answered_by = await self._forward(path, payload if tap is None else tap.upstream(payload), stream, admission, tap)
         except BaseException:
@@ -303,7 +301,10 @@ class Proxy:
         body = attempt.body
         if attempt.outcome == "ok":
             with suppress(ValueError):  # not JSON: pass it on untouched
-                answer = with_public_model(json.loads(body), self.gateway.public_model)
+                answer = json.loads(body)
+                if attempt.target is not None and isinstance(answer, dict):
+                    self.gateway.record_tokens(attempt.target, answer.get("usage"), attempt.backend)
+                answer = with_public_model(answer, self.gateway.public_model)
                 body = json.dumps(answer if tap is None else tap.stamp(answer)).encode()
         headers = {**attempt.headers, **backend_headers(attempt.backend), **(tap.headers if tap is not None else {})}
         return Response(body, status_code=attempt.status, media_type=attempt.content_type, headers=headers)
@@ -380,6 +381,7 @@ class Proxy:
                         head.append(await anext(lines))
                     first = sse_data(head[-1])
                     if not is_error_event(first):  # recorded, and released, when the stream ends
+                        self.gateway.record_first_token(target, time.perf_counter() - started, backend)
                         return StreamStart(target, backend, response, lines, head, first, started, retry)
                     response.close()
                     attempt = Attempt("server_error", time.perf_counter() - started, 502, json.dumps(first).encode())
@@ -452,6 +454,8 @@ class StreamStart:
                     continue
                 payload = sse_data(line)
                 failed = failed or is_error_event(payload)  # the backend's own error event
+                if isinstance(payload, dict) and payload.get("usage"):  # stream_options.include_usage
+                    gateway.record_tokens(self.target, payload["usage"], self.backend)
                 if line.startswith("data:") and line[5:].strip() == "[DONE]":
                     finish("server_error" if failed else "ok")
                 if tap is not None and not tap.chunk(payload):

@@ -22,17 +22,28 @@ from __future__ import annotations
 import random
 import threading
 from collections import deque
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 LATENCY_SAMPLES = 10_000  # per version and window: enough for a stable p95, bounded memory
+# Bucket bounds, shared with the rules' renderer (monitoring/render.py): a latency SLO threshold
+# must be one of them, since the share of requests under it is read off a bucket.
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+QUEUE_WAIT_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 # What a backend is blamed for, and what a canary's request is retried on stable after.
 FAILURES = frozenset({"server_error", "overloaded", "connection_error", "timeout", "refused_valid_request"})
 # A canary's 4xx that stable, asked the same request, answered: the canary's fault (a smaller
 # context, a changed template), not the client's. A 4xx both give is the request's own.
 REFUSED_VALID = "refused_valid_request"
+# The caller's key tier (serving.keys; "untiered" without a keys file, or for the gateway's own
+# key), set once per request by the gateway and read wherever that request is recorded: its
+# attempts, retries, a stream's end, a mirrored copy (a task started from the request copies
+# it). A context variable, so the tier does not have to travel through every call on the way.
+UNTIERED = "untiered"
+CALLER_TIER: ContextVar[str] = ContextVar("caller_tier", default=UNTIERED)
 
 
 @dataclass(frozen=True)
@@ -53,6 +64,12 @@ class Backend:
 
     def describe(self) -> dict[str, str | None]:
         return {"name": self.name, "base_url": self.base_url, "model": self.model, "version": self.version}
+
+
+def version_of(backend: Backend) -> str:
+    """The registered version a replica serves, else its served model name (distinct per
+    version wherever this project starts the engines): the `version` label of its series."""
+    return backend.version if backend.version is not None else f"model:{backend.model}"
 
 
 # --- statistics: plain counters the controller reads without scraping Prometheus ----------------
@@ -162,22 +179,33 @@ class Target:
 
 
 class Metrics:
-    """The gateway's Prometheus series, in a registry of its own so several apps (tests) coexist."""
+    """The gateway's Prometheus series, in a registry of their own so several apps (tests) coexist.
+
+    Per model version (`version`: the registered version, see `version_of`) and per key tier
+    (`tier`): what Prometheus' recording rules (monitoring/) aggregate into the service levels,
+    the cost view and canary vs stable. `role` is the version's part when the request was
+    dispatched (stable, canary, shadow). The cache counter has a tier but no version: a hit is
+    answered by no version."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        labels = ["role", "backend"]
+        labels = ["role", "backend", "version", "tier"]
         self.requests = Counter("gateway_backend_requests", "Requests sent to a backend, by outcome.", [*labels, "outcome"], registry=self.registry)
         self.latency = Histogram(
             "gateway_backend_latency_seconds", "Latency of successful backend answers (a stream until its end).", labels,
-            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60), registry=self.registry,
+            buckets=LATENCY_BUCKETS, registry=self.registry,
         )
+        self.ttft = Histogram(
+            "gateway_time_to_first_token_seconds", "Streams: from sending to the backend to its first event, as the gateway sees it (the engines report their own for every request).",
+            ["role", "version", "tier"], buckets=LATENCY_BUCKETS, registry=self.registry,
+        )
+        self.tokens = Counter("gateway_tokens", "Tokens of answered requests, from the answer's usage (a stream's when it asked for it), by kind: prompt or completion.", ["role", "version", "tier", "kind"], registry=self.registry)
         self.retries = Counter("gateway_retries", "Failures retried: a canary's on stable, stable's dropped connections on a new connection or replica.", ["backend"], registry=self.registry)
         self.lost = Counter("gateway_client_visible_errors", "Requests the client saw fail (every retry failed too).", registry=self.registry)
         self.weight = Gauge("gateway_canary_weight", "Share of requests routed to the canary.", registry=self.registry)
         self.outstanding = Gauge("gateway_outstanding_requests", "Requests in flight on a replica.", ["backend"], registry=self.registry)
         self.healthy = Gauge("gateway_replica_healthy", "1 while a replica is in rotation, 0 while it is out (restarting, draining).", ["backend"], registry=self.registry)
-        self.cache = Counter("gateway_cache_requests", "Cacheable requests by result: hit (answered from the cache) or miss.", ["result"], registry=self.registry)
+        self.cache = Counter("gateway_cache_requests", "Cacheable requests by result: hit (answered from the cache) or miss.", ["result", "tier"], registry=self.registry)
         self.refused = Counter("gateway_refused_requests", "Requests refused before any backend: QueueFull, RateLimited, BadPriority.", ["reason"], registry=self.registry)
         self.limits_unavailable = Counter(
             "gateway_rate_limits_unavailable", "Keyed requests whose rate limits could not be read (Redis down), by what the gateway did: served them (open) or refused them (closed).",
@@ -185,6 +213,7 @@ class Metrics:
         )
         self.queue = Gauge("gateway_queue", "The admission queue: in_flight, waiting, and its running totals (admitted, rejected_full, dropped_disconnected, cancelled).", ["state"], registry=self.registry)
         self.queue_wait = Gauge("gateway_queue_wait_p95_seconds", "p95 wait in the queue by priority (recent requests).", ["priority"], registry=self.registry)
+        self.queue_wait_seconds = Histogram("gateway_queue_wait_seconds", "Time a request waited in the admission queue for its slot, by key tier.", ["tier"], buckets=QUEUE_WAIT_BUCKETS, registry=self.registry)
 
     def observe_queue(self, stats: dict[str, Any]) -> None:
         for state in ("in_flight", "waiting", "admitted", "rejected_full", "dropped_disconnected", "cancelled"):
@@ -407,10 +436,24 @@ class Gateway:
         with self._lock:
             for stats in target.stats:
                 stats.record(outcome, latency_s, retry)
-        name = (backend or target.backend).name
-        self.metrics.requests.labels(target.role, name, outcome).inc()
+        chosen = backend or target.backend
+        labels = (target.role, chosen.name, version_of(chosen), CALLER_TIER.get())
+        self.metrics.requests.labels(*labels, outcome).inc()
         if outcome == "ok" and latency_s is not None:
-            self.metrics.latency.labels(target.role, name).observe(latency_s)
+            self.metrics.latency.labels(*labels).observe(latency_s)
+
+    def record_tokens(self, target: Target, usage: Any, backend: Backend | None = None) -> None:
+        """The tokens an answer's `usage` reports (OpenAI's shape), for the cost view per tier."""
+        if not isinstance(usage, dict):
+            return
+        labels = (target.role, version_of(backend or target.backend), CALLER_TIER.get())
+        for kind in ("prompt", "completion"):
+            n = usage.get(f"{kind}_tokens")
+            if isinstance(n, int) and not isinstance(n, bool) and n > 0:
+                self.metrics.tokens.labels(*labels, kind).inc(n)
+
+    def record_first_token(self, target: Target, seconds: float, backend: Backend | None = None) -> None:
+        self.metrics.ttft.labels(target.role, version_of(backend or target.backend), CALLER_TIER.get()).observe(seconds)
 
     def record_agreement(self, target: Target, same: bool) -> None:
         with self._lock:

@@ -12,6 +12,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from serving.engine import Generation
 
 ENDPOINTS = ("/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions")
+# Latency and time-to-first-token bucket bounds; a TTFT SLO (monitor.slo_p95_ttft_s) must be one.
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
 
 def endpoint_label(path: str) -> str:
@@ -25,7 +27,7 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = r = CollectorRegistry()
-        latency_buckets = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+        latency_buckets = LATENCY_BUCKETS
         self.requests = Counter("serving_requests", "HTTP requests answered, by endpoint and status code.", ["endpoint", "status"], registry=r)
         self.errors = Counter("serving_errors", "Error answers (also those sent inside a stream), by endpoint and OpenAI error code.", ["endpoint", "code"], registry=r)
         self.latency = Histogram("serving_request_latency_seconds", "From receiving a request to the last byte of its answer.", ["endpoint"], buckets=latency_buckets, registry=r)

@@ -12,6 +12,7 @@ goes into a plane: the one `make serve` runs, or a temporary one the release sta
 - `operations.py`: `Plane`, the engines and routing and the admin API's verbs on them;
 - `supervisor.py`: restarts an engine that exits or stops answering;
 - `app.py`: the gateway app with the admin routes; its shutdown stops the engines;
+- `targets.py`: what Prometheus scrapes (`<state_dir>/targets.json`, rewritten on every change);
 - `temporary.py`: a plane in this process for one release, on a free loopback port;
 - `__main__.py`: the command line (`make serve`).
 

@@ -13,6 +13,7 @@ from serving.launcher import ServerStartError
 from serving.plane.app import STOPPED, create_plane_app
 from serving.plane.operations import STATE_DIR, Plane, champion_version
 from serving.plane.state import PlaneError
+from serving.plane.targets import scrape_address
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -40,6 +41,7 @@ def main(argv: list[str] | None = None) -> None:
     if not is_loopback(serve.host) and not (api_key and admin_key) and not args.insecure:
         parser.error(f"refusing to listen on {serve.host} without ${API_KEY_ENV} and ${ADMIN_KEY_ENV}: set both, bind 127.0.0.1, or pass --insecure")
     plane = Plane(params, Path(args.state_dir))
+    plane.gateway_address = scrape_address(serve.host, serve.port)  # in its scrape targets from the first save
     try:
         gateway = plane.start(champion_version(params))
     except (PlaneError, ServerStartError) as exc:

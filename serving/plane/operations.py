@@ -23,6 +23,7 @@ from serving.plane.adoption import adopt, stop_orphans
 from serving.plane.engines import EngineStarter, Replica, registry_resolver
 from serving.plane.reconcile import reconcile
 from serving.plane.state import History, PlaneError, RoutingState, traffic_key
+from serving.plane.targets import TARGETS_FILE, scrape_targets, write_targets
 from serving.routing import Backend, Gateway
 
 STATE_DIR = Path(".serving/plane")
@@ -40,6 +41,8 @@ class Plane:
         self.params = params
         self.state_dir = Path(state_dir)
         self.state_path = self.state_dir / "state.json"
+        self.targets_path = self.state_dir / TARGETS_FILE  # what Prometheus scrapes (serving/plane/targets.py)
+        self.gateway_address: str | None = None  # host:port the gateway listens on, once whoever serves it knows
         self.public_model = params.registry.model_name
         self.engines = EngineStarter(params, self.public_model, self.state_dir / "logs", resolve or registry_resolver(params, self.state_dir / "models"))
         self.side_by_side = side_by_side
@@ -92,8 +95,17 @@ class Plane:
         )
 
     def save(self) -> None:
+        """The routing state, and the scrape targets: every change of replicas or routing passes here."""
         if self.gateway is not None:
             self.routing().save(self.state_path)
+            self.write_targets()
+
+    def write_targets(self) -> None:
+        g = self.gateway
+        stable = g.stable.version if g is not None else None
+        canary = g.canary.version if g is not None and g.canary else None
+        replicas = [(name, r.version, r.backend.base_url) for name, r in sorted(self.replicas.items())]
+        write_targets(self.targets_path, scrape_targets(self.public_model, self.state_dir.name, self.gateway_address, replicas, stable, canary))
 
     # --- start: reconcile the state file, the running engines and the registry ---
 
@@ -273,6 +285,7 @@ class Plane:
             for r in list(self.replicas.values()):
                 r.process.stop()
             self.replicas.clear()
+            write_targets(self.targets_path, [])  # nothing of this plane is left to scrape
         return stopped
 
 

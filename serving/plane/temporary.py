@@ -60,6 +60,8 @@ class TemporaryPlane:
             plane.start(self.version)
             app = create_plane_app(plane, api_key=auth.env_key(API_KEY_ENV) or auth.backend_key(), admin_key=auth.env_key(ADMIN_KEY_ENV))
             self.server = ThreadedServer(app, host="127.0.0.1", startup_timeout_s=self.params.serve.startup_timeout_s).__enter__()
+            plane.gateway_address = self.server.root_url.split("://", 1)[1]
+            plane.save()  # the scrape targets now name the gateway too
         except BaseException:
             self._close()
             raise
