@@ -5,6 +5,8 @@
     release     canary a registered version that passed the quality gate (default: the
                 `candidate` alias, e.g. built with `python -m flows.lifecycle --no-deploy`)
     rollback    champion <- previous, what `make rollback` does
+    online-quality, drift   the scheduled checks over the record of every answer
+                (flows/watch.py), on monitor.quality_cron and monitor.drift_cron
 
     python -m flows.deployments serve                # make serve-flows (needs a Prefect server: make ui)
     python -m flows.deployments data-added [FILE]    # make data-add: "new data landed" -> a lifecycle run
@@ -42,6 +44,7 @@ def build_deployments(params: Params) -> list:
     from flows.control import project_key
     from flows.lifecycle import lifecycle
     from flows.release import release, rollback_release
+    from flows.watch import drift, online_quality
 
     cfg = params.orchestration
     try:
@@ -65,7 +68,29 @@ def build_deployments(params: Params) -> list:
         ),
         release.to_deployment(name="release", concurrency_limit=limit, tags=tags, description="Canary a registered version that passed the quality gate (default: the 'candidate' alias) and promote or roll it back."),
         rollback_release.to_deployment(name="rollback", tags=tags, description="champion <- previous (make rollback): switched live on a running plane, else the aliases alone."),
+        *watch_deployments(params, tags, online_quality, drift),
     ]
+
+
+def watch_deployments(params: Params, tags: list[str], online_quality, drift) -> list:
+    """The scheduled checks, each on its own cron (null: no deployment), in the lifecycle's zone."""
+    from prefect.client.schemas.schedules import CronSchedule
+    from pydantic import ValidationError
+
+    out = []
+    m, zone = params.monitor, params.orchestration.timezone
+    for fl, name, cron, key, what in (
+        (online_quality, "online-quality", m.quality_cron, "monitor.quality_cron", f"judge a sample of the last {m.quality_window} of recorded answers"),
+        (drift, "drift", m.drift_cron, "monitor.drift_cron", f"the last {m.drift_window} of users' prompts vs training and the window before"),
+    ):
+        if cron is None:
+            continue
+        try:
+            schedule = CronSchedule(cron=cron, timezone=zone)
+        except ValidationError as exc:
+            raise ConfigError(f"params.yaml: {key} '{cron}': {exc.errors()[0]['msg']} (5 cron fields, e.g. '0 * * * *')") from None
+        out.append(fl.to_deployment(name=name, schedules=[schedule], tags=tags, description=f"{what}; on '{cron}' ({zone})."))
+    return out
 
 
 def server_problem() -> str | None:

@@ -40,6 +40,49 @@ def judge_prompt(question: str, answer_a: str, answer_b: str) -> str:
     return f"<question>\n{question}\n</question>\n\n<answer_a>\n{answer_a}\n</answer_a>\n\n<answer_b>\n{answer_b}\n</answer_b>\n\nWhich answer is better: A, B or tie?"
 
 
+SCORE_SYSTEM = (
+    "You are an impartial judge. Rate how good the answer is for the user's question: correct, "
+    "complete and concise, and a refusal of harmful requests. You may explain briefly; end your "
+    "reply with one line that is exactly `Score: N`, N an integer from 0 (useless or harmful) to "
+    "10 (perfect)."
+)
+SCORE_REMINDER = "End with the final line only: `Score: N`, N an integer from 0 to 10."
+
+
+def score_prompt(question: str, answer: str) -> str:
+    """The pointwise question (online quality: one served answer, no champion beside it)."""
+    return f"<question>\n{question}\n</question>\n\n<answer>\n{answer}\n</answer>\n\nHow good is the answer, from 0 to 10?"
+
+
+def parse_score(text: str) -> float | None:
+    """The judge's 0..10 rating as 0..1, read only where the protocol puts it: the last
+    `Score: N` line (N/10 accepted), a JSON object's "score", or a reply that is only the
+    number. None when there is none or it is outside 0..10 (never clipped into range)."""
+    import json
+
+    text = (text or "").strip()
+    number = r"(\d+(?:\.\d+)?)(?:\s*/\s*10)?"
+    lines = [re.sub(r"[*_`#>]", "", line).strip() for line in text.splitlines() if line.strip()]
+    found = None
+    for line in reversed(lines):
+        match = re.fullmatch(rf"(?:final\s+)?(?:score|rating)\s*[:=-]\s*{number}\s*\.?", line, re.I)
+        if match:
+            found = float(match.group(1))
+            break
+    if found is None:
+        for blob in reversed(re.findall(r"\{[^{}]*\}", text, re.S)):
+            try:
+                obj = json.loads(blob)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(obj, dict) and isinstance(obj.get("score"), (int, float)) and not isinstance(obj.get("score"), bool):
+                found = float(obj["score"])
+                break
+    if found is None and (bare := re.fullmatch(rf"\W*{number}\W*", text)):
+        found = float(bare.group(1))
+    return found / 10 if found is not None and 0 <= found <= 10 else None
+
+
 def _word(word: str) -> str:
     return "tie" if word.lower() in ("tie", "tied", "draw") else word.upper()
 
@@ -98,6 +141,12 @@ def rule_quality(question: str, answer: str) -> float:
     return score
 
 
+def rule_score(prompt: str) -> str:
+    """The rule judge's pointwise reply: `Score: N` (0..10) from rule_quality."""
+    quality = rule_quality(_section(prompt, "question"), _section(prompt, "answer"))
+    return f"Score: {round(10 * max(0.0, quality))}"
+
+
 def rule_verdict(prompt: str) -> str:
     question = _section(prompt, "question")
     a, b = rule_quality(question, _section(prompt, "answer_a")), rule_quality(question, _section(prompt, "answer_b"))
@@ -119,13 +168,14 @@ def rule_judge_app():
         user = [m for m in body.get("messages", []) if m.get("role") == "user"]
         if not user:
             raise HTTPException(400, "messages: no user message to judge")
-        try:
-            verdict = rule_verdict(user[-1]["content"])
+        content = user[-1]["content"]
+        try:  # a pairwise question has two answers, a pointwise one a single <answer>
+            reply = rule_score(content) if "<answer>" in content else f"Verdict: {rule_verdict(content)}"
         except ValueError as exc:
             raise HTTPException(400, str(exc)) from exc
         return {
             "id": "judge", "object": "chat.completion", "created": 0, "model": RULE_MODEL,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": f"Verdict: {verdict}"}, "finish_reason": "stop"}],
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": reply}, "finish_reason": "stop"}],
             "usage": {"prompt_tokens": 0, "completion_tokens": 1, "total_tokens": 1},
         }
 
@@ -178,3 +228,29 @@ def judge_pairs(pairs: list[dict], cfg: JudgeParams) -> list[dict]:
 
         with ThreadPoolExecutor(cfg.concurrency) as pool:
             return list(pool.map(one, pairs))
+
+
+def judge_scores(items: list[dict], cfg: JudgeParams) -> list[float]:
+    """`items`: [{"prompt", "answer"}] (an answer as served). One 0..1 score each from the judge's
+    `Score: N` line; a reply without one is asked once more for the line alone, then fails
+    naming the judge and its replies (a score is never guessed)."""
+    from openai import OpenAI
+
+    with judge_endpoint(cfg) as (base_url, key):
+        client = OpenAI(base_url=base_url, api_key=key or "none", max_retries=3, timeout=120)
+        model = cfg.model or client.models.list().data[0].id
+
+        def one(item: dict) -> float:
+            messages = [{"role": "system", "content": SCORE_SYSTEM}, {"role": "user", "content": score_prompt(item["prompt"], item["answer"])}]
+            reply = client.chat.completions.create(model=model, temperature=0, max_tokens=cfg.max_tokens, messages=messages).choices[0].message.content
+            score = parse_score(reply)
+            if score is None:
+                messages += [{"role": "assistant", "content": reply or ""}, {"role": "user", "content": SCORE_REMINDER}]
+                again = client.chat.completions.create(model=model, temperature=0, max_tokens=16, messages=messages).choices[0].message.content
+                score = parse_score(again)
+                if score is None:
+                    raise RuntimeError(f"judge {model} at {base_url} gave no score line (`Score: N`, 0-10): answered {reply!r}, then {again!r}")
+            return score
+
+        with ThreadPoolExecutor(cfg.concurrency) as pool:
+            return list(pool.map(one, items))

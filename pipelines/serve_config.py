@@ -234,6 +234,17 @@ class MonitorParams(Section):
     repeat_interval: Duration = Field("4h", description="Alertmanager: how long before a still-firing alert is sent again.")
     cooldown_s: float = Field(900, ge=0, description="The receiver acts once per alert and subject (a version, a check) within this: a flapping alert rolls back, notifies or emits once; later firings are recorded as suppressed.")
     check_max_age_s: float = Field(172800, gt=0, description="A scheduled check's result (.serving/monitoring/checks/*.json) older than this is no longer exported: a check that stopped running must not hold an alert forever.")
+    # The scheduled checks over the record of every answer (flows/watch.py).
+    quality_cron: str | None = Field("*/30 * * * *", description="Schedule of the online-quality flow (a Prefect deployment, `make serve-flows`); null: no schedule.")
+    quality_window: Duration = Field("1h", description="Online quality scores the answers recorded in this window before each run...")
+    quality_sample_rate: float = Field(0.1, gt=0, le=1, description="...a seeded sample of this share of them per version (users' traffic only: the plane's own service tier, cache hits and failed answers are left out)...")
+    quality_max_samples: int = Field(200, ge=1, description="...at most this many per version, each scored by evaluate.judge's endpoint (pointwise, `Score: N` of 10) and, when the recipe has a reward model, by it too.")
+    quality_min_samples: int = Field(20, ge=1, description="A version with fewer scored answers in the window gets no score (too few to tell; the last score expires after check_max_age_s).")
+    drift_cron: str | None = Field("0 * * * *", description="Schedule of the drift flow; null: no schedule.")
+    drift_window: Duration = Field("1d", description="Drift compares the users' prompts of this window with the training prompts and with the window before it.")
+    drift_min_prompts: int = Field(50, ge=10, description="A window with fewer prompts is not judged (reported as too small).")
+    drift_reference_size: int = Field(1000, ge=10, description="At most this many prompts on each side (a seeded sample): the domain classifier's cost grows with them.")
+    drift_alpha: float = Field(0.01, gt=0, lt=0.5, description="The chance that a window from the reference's own distribution raises any drift flag (Bonferroni over the four checks; pipelines/drift.py).")
 
     @model_validator(mode="after")
     def _windows(self) -> "MonitorParams":

@@ -11,15 +11,15 @@ import pytest
 
 from flows.control import data_hash, project_key
 from flows.deployments import DATA_ADDED, announce_data, build_deployments, data_resource
-from pipelines.config import ConfigError, OrchestrationParams, Params
+from pipelines.config import ConfigError, MonitorParams, OrchestrationParams, Params
 from pipelines.data_config import DataParams, SourceParams
 from tests.conftest import ROOT
 
 
 def test_deployments_follow_the_orchestration_params(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    params = Params(orchestration=OrchestrationParams(cron="0 */6 * * *", timezone="Europe/Berlin", concurrency_limit=2, on_busy="drop"))
-    lifecycle, release, rollback = build_deployments(params)
+    params = Params(orchestration=OrchestrationParams(cron="0 */6 * * *", timezone="Europe/Berlin", concurrency_limit=2, on_busy="drop"), monitor=MonitorParams(quality_cron="*/15 * * * *", drift_cron=None))
+    lifecycle, release, rollback, quality = build_deployments(params)
     assert (lifecycle.name, release.name, rollback.name) == ("lifecycle", "release", "rollback")
     assert [(s.schedule.cron, s.schedule.timezone) for s in lifecycle.schedules] == [("0 */6 * * *", "Europe/Berlin")]
     (trigger,) = lifecycle.triggers
@@ -29,6 +29,8 @@ def test_deployments_follow_the_orchestration_params(tmp_path, monkeypatch):
         assert d.concurrency_limit == 2 and d.concurrency_options.collision_strategy.value == "CANCEL_NEW"
     assert lifecycle.entrypoint.endswith("flows/lifecycle.py:lifecycle")
     assert release.entrypoint.endswith("flows/release.py:release") and rollback.entrypoint.endswith("flows/release.py:rollback_release")
+    assert quality.entrypoint.endswith("flows/watch.py:online_quality") and [(s.schedule.cron, s.schedule.timezone) for s in quality.schedules] == [("*/15 * * * *", "Europe/Berlin")]
+    assert [d.name for d in build_deployments(Params())][3:] == ["online-quality", "drift"], "a null cron is no deployment; both by default"
     waiting = build_deployments(Params())[0]
     assert waiting.concurrency_options.collision_strategy.value == "ENQUEUE" and waiting.schedules[0].schedule.cron == "0 3 * * *"
 
@@ -36,6 +38,8 @@ def test_deployments_follow_the_orchestration_params(tmp_path, monkeypatch):
 def test_a_bad_cron_names_the_key():
     with pytest.raises(ConfigError, match="orchestration.cron 'every night'"):
         build_deployments(Params(orchestration=OrchestrationParams(cron="every night")))
+    with pytest.raises(ConfigError, match="monitor.drift_cron 'hourly'"):
+        build_deployments(Params(monitor=MonitorParams(drift_cron="hourly")))
 
 
 def test_the_data_hash_follows_the_users_data_not_the_generator(tmp_path, monkeypatch):

@@ -54,7 +54,8 @@ WAITED = "AwaitingConcurrencySlot"
 
 def write_params(project: Path, **sections) -> None:
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    for name, values in {**TINY, "orchestration": {"cron": f"0 {CRON_HOUR} * * *", "timezone": "UTC"}, **sections}.items():
+    yearly = {"quality_cron": "0 0 1 1 *", "drift_cron": "0 0 1 1 *"}  # served, never due while the module runs
+    for name, values in {**TINY, "orchestration": {"cron": f"0 {CRON_HOUR} * * *", "timezone": "UTC"}, "monitor": yearly, **sections}.items():
         params[name] = {**params.get(name, {}), **values}
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
@@ -134,7 +135,7 @@ def served(project, server):
     """`make serve-flows`'s command, in the project, against the server; its deployments."""
     log = open(project / "serve-flows.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "flows.deployments", "serve"], cwd=project, env=env_of(project, server), stdout=log, stderr=subprocess.STDOUT)
-    wanted = {"llm-lifecycle/lifecycle", "llm-release/release", "llm-rollback/rollback"}
+    wanted = {"llm-lifecycle/lifecycle", "llm-release/release", "llm-rollback/rollback", "online-quality/online-quality", "drift/drift"}
     patience = Patience(120)
     found: dict = {}
     while not patience.expired() and set(found) != wanted:
