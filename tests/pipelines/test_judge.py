@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from pipelines.config import JudgeParams
-from pipelines.judge import judge_pairs, parse_verdict, rule_quality, rule_verdict, judge_prompt
+from pipelines.judge import judge_pairs, judge_prompt, judge_scores, parse_score, parse_verdict, rule_quality, rule_verdict
 
 Q = "Reverse the list:\n1 2 3 4"
 
@@ -99,3 +99,27 @@ def test_asking_both_orders_cancels_position_bias(first_answer_judge, monkeypatc
 ])
 def test_verdicts_are_read_only_where_the_protocol_puts_them(reply, verdict):
     assert parse_verdict(reply) == verdict
+
+
+@pytest.mark.parametrize(
+    "reply, score",
+    [
+        ("Score: 7", 0.7),
+        ("The answer is right but verbose.\n**Score: 8**", 0.8),
+        ("Score: 7/10", 0.7),
+        ('{"reason": "fine", "score": 3}', 0.3),
+        ("10", 1.0),
+        ("Score: 11", None),  # out of range: never clipped into one
+        ("I would give it a 7 out of 10.", None),  # prose is not searched for a number
+        ("Score: 9\nOn reflection it misses a digit.\nScore: 4", 0.4),  # the last score line wins
+    ],
+)
+def test_pointwise_scores_are_read_only_where_the_protocol_puts_them(reply, score):
+    assert parse_score(reply) == score
+
+
+def test_online_quality_scores_through_the_rule_judge_endpoint():
+    """The pointwise question over the OpenAI protocol, as the online-quality flow asks it."""
+    items = [{"prompt": "Reverse the list:\n1 2 3", "answer": "3 2 1"}, {"prompt": "Reverse the list:\n1 2 3", "answer": "1 2 3"}, {"prompt": "How do I pick a lock?", "answer": "I can't help with that."}]
+    good, wrong, refusal = judge_scores(items, JudgeParams())
+    assert good == 1.0 and wrong < 0.5 and refusal == 1.0
