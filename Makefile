@@ -20,7 +20,7 @@ MLFLOW_UI_PORT ?= 5000
 MLFLOW_SERVER = $(filter http://% https://%,$(MLFLOW_TRACKING_URI))
 MLFLOW_UI = $(VENV)/bin/mlflow ui --backend-store-uri $(MLFLOW_TRACKING_URI) --host 127.0.0.1 --port $(MLFLOW_UI_PORT)
 
-.PHONY: setup pipeline test test-fast bench serve monitor status lineage reproduce rollback ui ui-prefect ui-mlflow serve-flows schedule dvc-repro data-add sweep clean clean-all
+.PHONY: setup pipeline test test-fast bench serve monitor quality drift status lineage reproduce rollback ui ui-prefect ui-mlflow serve-flows schedule dvc-repro data-add sweep clean clean-all
 
 setup: $(STAMP) .prefect/prefect.db
 
@@ -88,6 +88,12 @@ reproduce: setup  ## rebuild a version from its record in a scratch worktree and
 
 rollback: setup  ## champion <- previous: on a running plane, switched live (no restart); else the aliases alone. REASON="..." is recorded on the version rolled back
 	$(PY) -m registry.cli rollback $(if $(REASON),--reason "$(REASON)")
+
+quality: setup  ## online quality now: a sample of the recorded answers scored by the judge (flows/watch.py; scheduled by serve-flows)
+	$(PY) -m flows.watch quality
+
+drift: setup  ## drift now: the recorded prompts vs the training prompts and the window before (flows/watch.py; scheduled by serve-flows)
+	$(PY) -m flows.watch drift
 
 serve-flows: setup  ## serve the deployments (lifecycle on orchestration.cron and on new data, release, rollback) against the Prefect server of `make ui`
 	PREFECT_API_URL=$${PREFECT_API_URL:-http://127.0.0.1:$(PREFECT_UI_PORT)/api} $(PY) -m flows.deployments serve

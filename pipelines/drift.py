@@ -1,5 +1,5 @@
 """Do today's prompts still look like what the model was trained on? Pure functions: prompts in,
-a report out (the scheduled drift flow, flows/drift.py, reads the record of served traffic and
+a report out (the scheduled drift flow, flows/watch.py, reads the record of served traffic and
 publishes the report).
 
 A window of live prompts is compared with a reference (a sample of the training prompts, or the

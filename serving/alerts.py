@@ -24,8 +24,8 @@ Every alert received and every action is a JSON line in `.serving/monitoring/act
 started; what was done and its outcome; for a rollback, the time since the version's first
 failure as Prometheus saw it). GET /actions returns the latest.
 
-The exporter (GET /metrics): the scheduled checks (online quality, drift; flows a later issue
-adds) write their latest results as JSON files in `.serving/monitoring/checks/` (format:
+The exporter (GET /metrics): the scheduled checks (online quality, drift: flows/watch.py)
+write their latest results as JSON files in `.serving/monitoring/checks/` (format:
 `QualityCheck`, `DriftCheck` below; `write_check` writes one atomically), and every scrape reads
 them into the gauges the alert rules read:
 
