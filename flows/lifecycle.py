@@ -142,7 +142,7 @@ def run_lifecycle(params: Params, data: str, deploy: bool, canary_drill: list[st
         parent()
         stage_runs.update({name: future.result() for name, future in logged.items()})
         summary["quality"] = quality_summary(params)
-        summary["steps"] = step_summary()
+        summary["recipe_steps"] = step_summary()  # not "steps": a release adds its canary steps under that key
         then(quantization_gate, params, quote(parent()))
         then(push_artifacts)
         # The served artifact is registered first, so the quality gate's verdict (and a
@@ -193,7 +193,7 @@ def render(summary: dict) -> str:
         summary_table(summary["stages"]),
         "",
         *(f"{metric} (held-out): " + ", ".join(f"{k} {v:.3f}" for k, v in per.items() if v is not None) for metric, per in quality.items()),
-        *summary.get("steps", []),
+        *summary.get("recipe_steps", []),
         f"outcome: {summary.get('outcome')} (version {summary.get('version', '-')})",
         *([f"gate: {summary['gate_failure']}"] if "gate_failure" in summary else []),
         *([f"error: {summary['error']}"] if "error" in summary else []),

@@ -126,3 +126,16 @@ def test_only_io_tasks_retry():
 
     assert [t.retries for t in (repro, quality_gate, quantization_gate, canary_release)] == [0, 0, 0, 0]
     assert all(t.retries and t.retries > 0 for t in (push_artifacts, register_candidate, start_parent_run, log_stage, finish_parent_run))
+
+
+def test_the_run_summary_shows_the_recipe_steps_beside_a_releases_canary_steps():
+    """A release's result carries its canary steps (dicts) under "steps"; the summary's
+    recipe-step lines must not share that key. Seen red: with both under "steps", every
+    released run failed at its summary ("sequence item 6: expected str instance, dict found")."""
+    from flows.lifecycle import render
+
+    summary = {"stages": [{"stage": "sft", "ran": True, "seconds": 1.0}], "quality": {}, "recipe_steps": ["step dpo vs sft on reverse_digits/exact_match: 1.000 -> 1.000 (+0.000 [-0.020, +0.020]): not worse"],
+               "mlflow_parent_run_id": "r1", "recipe": ["sft", "dpo"], "version": "2", "outcome": "promoted"}
+    summary.update({"steps": [{"weight": 100, "requests": 3}], "outcome": "promoted"})  # what canary_release returns
+    text = render(summary)
+    assert "step dpo vs sft" in text and "outcome: promoted (version 2)" in text
