@@ -16,19 +16,10 @@ import time
 
 from scipy.stats import beta
 
-from pipelines.data_config import GenerateParams
 from pipelines.drift import DriftPolicy, compare
-from pipelines.generate import make_item
+from pipelines.generate import user_prompts as demo_prompts
 
-TEMPLATES = ["Reverse the list:\n{}", "Reverse this list of digits: {}", "Please reverse {}", "{}\nReverse it."]
 ENGLISH = ["How do I bake bread?", "What is the capital of France?", "Write a poem about the sea.", "Explain photosynthesis simply.", "Translate 'hello' to Spanish."]
-
-
-def demo_prompts(n: int, seed: int, min_len: int = 3, max_len: int = 5) -> list[str]:
-    """Prompts as the demo's users write them: lists of digits in a few phrasings."""
-    rng = random.Random(seed)
-    cfg = GenerateParams(min_len=min_len, max_len=max_len)
-    return [rng.choice(TEMPLATES).format(make_item(rng, cfg)[0]) for _ in range(n)]
 
 
 def clopper_pearson(k: int, n: int, level: float = 0.95) -> tuple[float, float]:

@@ -219,28 +219,6 @@ def online_quality(window: str | None = None, until: float | None = None) -> dic
 # ---------------------------------------------------------------- drift
 
 
-def plot_lengths(reference: list[str], window: list[str], previous: list[str], path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 3.2))
-    top = max(len(t) for t in [*reference, *window, *previous, "x"])
-    bins = list(range(0, top + 10, max(1, top // 40)))
-    for texts, label in ((reference, "training"), (previous, "previous window"), (window, "this window")):
-        if texts:
-            ax.hist([len(t) for t in texts], bins=bins, density=True, histtype="step", linewidth=1.5, label=f"{label} ({len(texts)})")
-    ax.set_xlabel("prompt length (characters)")
-    ax.set_ylabel("share")
-    ax.legend()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
-
-
 @task(name="compare-prompts")
 def compare_prompts(reference: list[str], window: list[str], alpha: float, label: str, seed: int) -> dict:
     from pipelines.drift import DriftPolicy, compare
@@ -293,6 +271,8 @@ def drift(window: str | None = None, until: float | None = None) -> dict:
     metrics |= {f"{label.replace(' ', '_')}/{c['check']}/effect": c["effect"] for label, r in report["comparisons"].items() for c in r["checks"]}
     metrics["drifted"] = float(report["drifted"])
     report["mlflow_run"] = log_run(params, "drift", metrics, report, {"window": window, "drifted": str(report["drifted"]).lower()})
+    from pipelines.plots import plot_lengths
+
     png = plot_lengths(references["training"], live_sample, references.get("previous window", []), MONITOR_DIR / "drift" / "lengths.png")
     if report["mlflow_run"]:
         from registry.store import client

@@ -40,6 +40,17 @@ def make_item(rng: random.Random, cfg: GenerateParams) -> tuple[str, str]:
     return " ".join(digits), " ".join(reversed(digits))
 
 
+USER_PHRASINGS = ("Reverse the list:\n{}", "Reverse this list of digits: {}", "Please reverse {}", "{}\nReverse it.")
+
+
+def user_prompts(n: int, seed: int, min_len: int = 3, max_len: int = 5) -> list[str]:
+    """The demo task as users phrase it (not only the training instruction): what a drift check
+    should find unshifted, and a shift when the lists get longer."""
+    rng = random.Random(seed)
+    cfg = GenerateParams(min_len=min_len, max_len=max_len)
+    return [rng.choice(USER_PHRASINGS).format(make_item(rng, cfg)[0]) for _ in range(n)]
+
+
 def wrong_answer(rng: random.Random, question: str, answer: str) -> str:
     """A plausible mistake for the preference set: not reversed, or one digit changed."""
     if rng.random() < 0.5 and question != answer:

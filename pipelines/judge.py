@@ -198,6 +198,21 @@ def judge_endpoint(cfg: JudgeParams) -> Iterator[tuple[str, str | None]]:
 # ---------------------------------------------------------------- judging
 
 
+def ask_judge(client, model: str, max_tokens: int, system: str, question: str, parse, reminder: str, failure: str):
+    """One judgement: the reply parsed where the protocol puts it; a reply without it is asked
+    once more for the protocol's last line alone, then fails saying what the judge answered."""
+    messages = [{"role": "system", "content": system}, {"role": "user", "content": question}]
+    reply = client.chat.completions.create(model=model, temperature=0, max_tokens=max_tokens, messages=messages).choices[0].message.content
+    found = parse(reply)
+    if found is None:  # once more, holding the judge to the protocol's last line
+        messages += [{"role": "assistant", "content": reply or ""}, {"role": "user", "content": reminder}]
+        again = client.chat.completions.create(model=model, temperature=0, max_tokens=16, messages=messages).choices[0].message.content
+        found = parse(again)
+        if found is None:
+            raise RuntimeError(f"{failure}: answered {reply!r}, then {again!r}")
+    return found
+
+
 def judge_pairs(pairs: list[dict], cfg: JudgeParams) -> list[dict]:
     """`pairs`: [{"id", "prompt", "candidate", "champion"}] (answers as served). Returns one row
     per pair: {"id", "judge_win_rate": candidate's points, "verdicts": [first order, swapped]}."""
@@ -209,16 +224,7 @@ def judge_pairs(pairs: list[dict], cfg: JudgeParams) -> list[dict]:
         model = cfg.model or client.models.list().data[0].id
 
         def ask(question: str, a: str, b: str) -> str:
-            messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": judge_prompt(question, a, b)}]
-            reply = client.chat.completions.create(model=model, temperature=0, max_tokens=cfg.max_tokens, messages=messages).choices[0].message.content
-            verdict = parse_verdict(reply)
-            if verdict is None:  # once more, holding the judge to the protocol's last line
-                messages += [{"role": "assistant", "content": reply or ""}, {"role": "user", "content": REMINDER}]
-                again = client.chat.completions.create(model=model, temperature=0, max_tokens=16, messages=messages).choices[0].message.content
-                verdict = parse_verdict(again)
-                if verdict is None:
-                    raise RuntimeError(f"judge {model} at {base_url} gave no verdict line (`Verdict: A`, `B` or `tie`): answered {reply!r}, then {again!r}")
-            return verdict
+            return ask_judge(client, model, cfg.max_tokens, SYSTEM, judge_prompt(question, a, b), parse_verdict, REMINDER, f"judge {model} at {base_url} gave no verdict line (`Verdict: A`, `B` or `tie`)")
 
         def one(p: dict) -> dict:
             first = ask(p["prompt"], p["candidate"], p["champion"])  # candidate shown as A
@@ -241,16 +247,7 @@ def judge_scores(items: list[dict], cfg: JudgeParams) -> list[float]:
         model = cfg.model or client.models.list().data[0].id
 
         def one(item: dict) -> float:
-            messages = [{"role": "system", "content": SCORE_SYSTEM}, {"role": "user", "content": score_prompt(item["prompt"], item["answer"])}]
-            reply = client.chat.completions.create(model=model, temperature=0, max_tokens=cfg.max_tokens, messages=messages).choices[0].message.content
-            score = parse_score(reply)
-            if score is None:
-                messages += [{"role": "assistant", "content": reply or ""}, {"role": "user", "content": SCORE_REMINDER}]
-                again = client.chat.completions.create(model=model, temperature=0, max_tokens=16, messages=messages).choices[0].message.content
-                score = parse_score(again)
-                if score is None:
-                    raise RuntimeError(f"judge {model} at {base_url} gave no score line (`Score: N`, 0-10): answered {reply!r}, then {again!r}")
-            return score
+            return ask_judge(client, model, cfg.max_tokens, SCORE_SYSTEM, score_prompt(item["prompt"], item["answer"]), parse_score, SCORE_REMINDER, f"judge {model} at {base_url} gave no score line (`Score: N`, 0-10)")
 
         with ThreadPoolExecutor(cfg.concurrency) as pool:
             return list(pool.map(one, items))

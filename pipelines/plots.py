@@ -1,4 +1,4 @@
-"""Plots a person would rather look at than read: training curves."""
+"""Plots a person would rather look at than read: training curves, the gate, drift."""
 
 from __future__ import annotations
 
@@ -52,3 +52,21 @@ def plot_gate(models: dict[str, dict[str, tuple[float, float, float] | None]], o
     fig.savefig(out, dpi=100)
     plt.close(fig)
     return out
+
+
+def plot_lengths(reference: list[str], window: list[str], previous: list[str], path: Path) -> Path:
+    """Drift: the prompt lengths of the training sample, the window before and this window."""
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    top = max(len(t) for t in [*reference, *window, *previous, "x"])
+    bins = list(range(0, top + 10, max(1, top // 40)))
+    for texts, label in ((reference, "training"), (previous, "previous window"), (window, "this window")):
+        if texts:
+            ax.hist([len(t) for t in texts], bins=bins, density=True, histtype="step", linewidth=1.5, label=f"{label} ({len(texts)})")
+    ax.set_xlabel("prompt length (characters)")
+    ax.set_ylabel("share")
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
