@@ -178,7 +178,7 @@ class FeedbackDesk:
 
     async def completion(self, completion_id: str, param: str) -> Row:
         """The recorded completion, waiting for it while it is still in the recorder's buffer."""
-        if self.recorder.buffered(completion_id) and not await asyncio.to_thread(self.recorder.wait_written, completion_id, self.policy.wait_for_record_s):
+        if self.recorder.holds(completion_id) and not await asyncio.to_thread(self.recorder.wait_written, completion_id, self.policy.wait_for_record_s):
             raise APIError(503, f"completion {completion_id!r} is still waiting to be written to the record; retry in a moment", code="record_busy", error_type="server_error", headers={"Retry-After": "1"}, param=param)
         row = await self.run(Store.find, completion_id)
         if row is None:

@@ -304,7 +304,7 @@ class Recorder:
             target = self._submitted
             return self._progress.wait_for(lambda: self._settled >= target or self._thread is None, timeout_s)
 
-    def buffered(self, completion_id: str) -> bool:
+    def holds(self, completion_id: str) -> bool:
         """Whether the completion's row is in the buffer, not yet in the store."""
         with self._progress:
             return completion_id in self._unwritten
