@@ -160,7 +160,8 @@ def test_a_feedback_any_tier_rates_any_completion_and_stars_take_one_to_five(ser
     path = tmp_path / "record.sqlite3"
     server = serve(path, feedback=FeedbackPolicy(rating_scale="stars"))
     gold = ask(server, GOLD)
-    assert send(server, REVIEWER, {"completion_id": gold, "rating": 5}).status_code == 201
+    reviewer = openai.OpenAI(base_url=server.base_url, api_key=REVIEWER, max_retries=0)
+    assert reviewer.post("/feedback", body={"completion_id": gold, "rating": 5}, cast_to=object)["id"].startswith("fb-"), "the openai client's own post"
     assert send(server, GOLD, {"completion_id": gold, "rating": 2}).status_code == 201, "the owner's own feedback is another row"
     assert send(server, GOLD, {"completion_id": gold, "rating": -1}).json()["error"]["param"] == "rating"
     with open_store(path) as store:
