@@ -23,7 +23,7 @@ from pipelines.data_config import DataParams, GenerateParams, PrepareParams
 from pipelines.eval_config import EvalTask, EvaluateParams, GateParams, JudgeParams, QuantizeParams, Threshold
 from pipelines.recipe import DEFAULT_RECIPE, check_recipe
 from pipelines.section import Section
-from pipelines.serve_config import CanaryParams, KServeParams, MonitorParams, NotifyParams, OrchestrationParams, RecordParams, RegistryParams, ServeParams
+from pipelines.serve_config import CanaryParams, FeedbackParams, KServeParams, MonitorParams, NotifyParams, OrchestrationParams, RecordParams, RegistryParams, ReviewParams, ServeParams
 from pipelines.train_config import (
     BOOTSTRAP,
     PEFT_METHODS,
@@ -46,8 +46,8 @@ from pipelines.train_config import (
 
 __all__ = [
     "BOOTSTRAP", "PEFT_METHODS", "PARAMS_FILE", "AlignParams", "CanaryParams", "ComputeParams", "ConfigError", "CpoParams", "DataParams", "DpoParams", "EvalTask",
-    "EvaluateParams", "GateParams", "GenerateParams", "GrpoParams", "JudgeParams", "KServeParams", "KtoParams", "ModelParams", "MonitorParams", "NotifyParams", "OrchestrationParams",
-    "OrpoParams", "Params", "PeftParams", "PrepareParams", "QuantizeParams", "RecordParams", "RegistryParams", "RlParams", "RlooParams", "RmParams", "Section", "ServeParams",
+    "EvaluateParams", "FeedbackParams", "GateParams", "GenerateParams", "GrpoParams", "JudgeParams", "KServeParams", "KtoParams", "ModelParams", "MonitorParams", "NotifyParams", "OrchestrationParams",
+    "OrpoParams", "Params", "PeftParams", "PrepareParams", "QuantizeParams", "RecordParams", "RegistryParams", "ReviewParams", "RlParams", "RlooParams", "RmParams", "Section", "ServeParams",
     "SftParams", "SweepParams", "Threshold", "TrainParams", "format_errors", "load_params", "snapshot",
 ]
 
@@ -77,6 +77,8 @@ class Params(Section):
     registry: RegistryParams = Field(default_factory=RegistryParams)
     serve: ServeParams = Field(default_factory=ServeParams)
     record: RecordParams = Field(default_factory=RecordParams, description="The record of every answer the gateway gives (serving/record/).")
+    feedback: FeedbackParams = Field(default_factory=FeedbackParams, description="POST /v1/feedback on the gateway: ratings, corrections, preferred answers and implicit signals on recorded completions (serving/feedback.py).")
+    review: ReviewParams = Field(default_factory=ReviewParams, description="The review flow: people accept, edit or reject feedback in the Prefect UI (flows/review.py).")
     canary: CanaryParams = Field(default_factory=CanaryParams)
     kserve: KServeParams = Field(default_factory=KServeParams, description="The InferenceService a release renders when serve.target is kserve (serving/kserve.py).")
     notify: NotifyParams = Field(default_factory=NotifyParams)

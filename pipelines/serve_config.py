@@ -71,6 +71,29 @@ class RecordParams(Section):
         return os.environ.get(self.store_env) or self.store
 
 
+class FeedbackParams(Section):
+    """POST /v1/feedback on the gateway (serving/feedback.py): what users say about an answer, by
+    its completion id, stored PII-redacted beside the record (serving/record/feedback.py). Needs
+    record.enabled: feedback is only taken on recorded completions."""
+
+    enabled: bool = Field(True, description="Answer POST /v1/feedback on the plane's gateway (404 `feedback_unavailable` when off, or when record.enabled is false).")
+    rating_scale: Literal["thumbs", "stars"] = Field("thumbs", description="What `rating` takes: 'thumbs' is +1 or -1, 'stars' an integer 1 to 5. Each stored rating keeps the scale it was given in.")
+    max_age_days: float = Field(7, gt=0, description="Feedback on a completion older than this is refused (404 `completion_expired`): the answer is no longer what the user saw in context. Keep it below record.retention_days.")
+    max_body_bytes: int = Field(65_536, ge=256, description="Largest feedback body accepted; larger ones get 413 `request_too_large` and store nothing (a correction is one answer, not a document).")
+    wait_for_record_s: float = Field(5, ge=0, description="How long a feedback waits for its completion's row when that row is still in the recorder's buffer (a client can rate faster than the writer's next batch); past it, 503 with Retry-After.")
+    max_tags: int = Field(16, ge=0, description="Most `tags` one feedback carries (each at most 64 characters).")
+
+
+class ReviewParams(Section):
+    """The review flow (flows/review.py): a batch of unreviewed explicit feedback shown in the
+    Prefect UI, paused until a person accepts, edits or rejects it (per item or in bulk)."""
+
+    batch_size: int = Field(20, ge=1, description="Feedback items per review: the oldest unreviewed first.")
+    auto_accept_ratings: bool = Field(False, description="Accept feedback that is only a rating (no correction, no preferred answer) without a person: recorded as decided by 'auto (review.auto_accept_ratings)'. Corrections and preferences are always reviewed.")
+    timeout_s: int = Field(86_400, ge=1, description="How long a review waits for its decision in the Prefect UI before its flow run fails; its items stay unreviewed for the next run.")
+    poll_interval_s: int = Field(10, ge=1, description="How often the paused flow run checks whether it was resumed.")
+
+
 class KServeParams(Section):
     """Serving on a cluster (serve.target: kserve): the InferenceService the release renders for
     each canary step, with KServe's Hugging Face runtime and its vLLM backend (serving/kserve.py).

@@ -12,6 +12,7 @@ is where, what made it, rebuild it, serve the champion, roll back.
     lifecycle traffic 3 --since 2h  # the record of every answer: counts and the newest rows (version 3, last 2 hours)
     lifecycle traffic --since 1d --export data/raw/traffic.jsonl   # a window as a dataset data.sources reads (format openai)
     lifecycle forget sk-...         # delete a key's recorded completions (the key or its key id)
+    lifecycle feedback [3]          # feedback on answers (POST /v1/feedback): counts by kind, version, rating, review decision
 """
 
 from __future__ import annotations
@@ -238,10 +239,26 @@ def forget_cmd(params, key: str, where: str | None) -> None:
         print(f"forgot {gone:,} completion(s) of key id {' or '.join(sorted(ids))} in {store} (files exported before are not touched)")
 
 
+def feedback_cmd(params, version: str | None, where: str | None) -> None:
+    """Counts of the feedback (explicit and implicit) by kind, answering version, rating and
+    review decision (None: not reviewed yet); VERSION: only on that version's answers."""
+    from serving.record.feedback import FeedbackFilters
+
+    filters = FeedbackFilters(kind=None, version=version)
+    with record_store(params, where) as store:
+        kinds = store.count_feedback_by("kind", filters)
+        print(f"{sum(kinds.values()):,} feedback in {store}" + (f" on version {version}'s answers" if version else ""))
+        if not kinds:
+            return
+        for column in ("kind", "signal", "version", "rating", "decision"):
+            counts = store.count_feedback_by(column, filters)
+            print(f"  by {column:<9} " + "  ".join(f"{'-' if value is None else value}: {n:,}" for value, n in counts.items()))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="lifecycle", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=["status", "lineage", "reproduce", "show", "serve", "rollback", "approve", "traffic", "forget"])
-    parser.add_argument("version", nargs="?", metavar="VERSION|KEY", help="lineage, reproduce: the version; approve: the version whose rejection a person overrides; traffic: only this version's completions; forget: the API key (or its key id) whose completions are deleted")
+    parser.add_argument("command", choices=["status", "lineage", "reproduce", "show", "serve", "rollback", "approve", "traffic", "forget", "feedback"])
+    parser.add_argument("version", nargs="?", metavar="VERSION|KEY", help="lineage, reproduce: the version; approve: the version whose rejection a person overrides; traffic, feedback: only this version's completions; forget: the API key (or its key id) whose completions are deleted")
     parser.add_argument("--reason", default="", help="approve: why it may be released despite its status; rollback: why the champion is taken out (both recorded on the version)")
     parser.add_argument("--out", type=Path, help="lineage: where the graph image goes (default lineage-v<N>.png)")
     parser.add_argument("--scratch", type=Path, help="reproduce: the scratch worktree (default: a folder under the system temp dir)")
@@ -253,7 +270,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--finish-reason", help="traffic: only completions that finished so (stop, length, error, aborted)")
     parser.add_argument("--limit", type=int, default=20, help="traffic: newest rows shown (default 20)")
     parser.add_argument("--export", type=Path, help="traffic: write the matching answered completions to this file as OpenAI messages JSONL (a data source)")
-    parser.add_argument("--store", help="traffic, forget: the record's store (a SQLite path or postgresql:// URL; default: record.store, else .serving/plane/record.sqlite3)")
+    parser.add_argument("--store", help="traffic, forget, feedback: the record's store (a SQLite path or postgresql:// URL; default: record.store, else .serving/plane/record.sqlite3)")
     args = parser.parse_args(argv)
     if args.command in ("approve", "lineage", "reproduce") and not args.version:
         parser.error(f"{args.command} needs a VERSION (`lifecycle status` lists them)")
@@ -269,6 +286,8 @@ def main(argv: list[str] | None = None) -> None:
         traffic_cmd(params, args)
     elif args.command == "forget":
         forget_cmd(params, args.version, args.store)
+    elif args.command == "feedback":
+        feedback_cmd(params, args.version, args.store)
     elif args.command == "status":
         status(name)
     elif args.command == "lineage":

@@ -6,7 +6,7 @@ Clients talk to one public model name; each request goes to the canary with prob
 replica that gave it in `x-gateway-backend` and its version in `x-gateway-version`.
 
 Routes: POST /v1/chat/completions and /v1/completions (JSON or `stream: true` SSE),
-GET /v1/models, GET /health, GET /metrics (Prometheus, one registry per app), and the admin
+POST /v1/feedback (on a recorded completion, serving/feedback.py), GET /v1/models, GET /health, GET /metrics (Prometheus, one registry per app), and the admin
 routes GET /admin/backends and POST /admin/weight, which answer loopback clients and clients
 sending the admin key (Bearer `admin_key`, by default $SERVING_ADMIN_KEY), and 403 to others.
 The serving plane (`serving.plane`) adds its own admin routes with the same rule.
@@ -25,7 +25,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable, Collection
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -36,10 +36,13 @@ from serving import auth
 from serving.limits import DEFAULT_MAX_BODY_BYTES, BodyLimit
 from serving.netaddr import is_loopback
 from serving.cache import MemoryCache, RedisCache, ResponseCache
+from serving.feedback import Caller, FeedbackDesk, FeedbackPolicy
+from serving.feedback import answer as feedback_answer
 from serving.keys import PRIORITY_HEADER, BadPriority, KeyTable, Tier, load_keys, request_priority
 from serving.queue import AdmissionQueue, ClientDisconnected, QueueFull
 from serving.ratelimit import LimiterUnavailable, MemoryRateLimiter, RateLimited, RateLimiter, RedisRateLimiter, estimate_tokens
 from serving.record.recorder import SERVICE_TIER, Recorder
+from serving.record.schema import key_id
 from serving.protocol import APIError
 from serving.protocol import error_body as protocol_error_body
 from serving.proxy import Attempt, Proxy, StreamStart, error_body, rewrite_sse_line, sessions, sse_data
@@ -73,18 +76,22 @@ class FrontDoor:
     limits_fail_open: bool = True
     # The record of every answer (serving/record/): started and flushed with the app.
     record: Recorder | None = None
+    # What POST /v1/feedback accepts (serving/feedback.py); None, or no record: 404 feedback_unavailable.
+    feedback: FeedbackPolicy | None = field(default_factory=FeedbackPolicy)
 
     @classmethod
-    def from_params(cls, serve, replicas: int = 1, record: Recorder | None = None) -> "FrontDoor":
+    def from_params(cls, serve, replicas: int = 1, record: Recorder | None = None, feedback=None) -> "FrontDoor":
         """From `serve:` params; `replicas` sizes the queue's in-flight slots; `record` is the
-        recorder (`Recorder.from_params(params.record, ...)`), if any."""
+        recorder (`Recorder.from_params(params.record, ...)`), if any; `feedback` the `feedback:`
+        params section (None: the endpoint's defaults)."""
         cache = None
         if serve.cache_entries:
             cache = RedisCache.from_url(serve.redis_url) if serve.redis_url else MemoryCache(serve.cache_entries)
         keys = load_keys(serve.keys_file) if serve.keys_file else None
         limiter = (RedisRateLimiter.from_url(serve.redis_url) if serve.redis_url else MemoryRateLimiter()) if keys else None
         queue = AdmissionQueue(serve.queue_capacity * max(1, replicas), serve.queue_max_waiting)
-        return cls(cache, serve.cache_ttl_s, queue, keys, limiter, serve.max_new_tokens, serve.redis_failure_mode == "open", record)
+        policy = FeedbackPolicy() if feedback is None else FeedbackPolicy.from_params(feedback)
+        return cls(cache, serve.cache_ttl_s, queue, keys, limiter, serve.max_new_tokens, serve.redis_failure_mode == "open", record, policy)
 
 
 __all__ = [  # the routing state and the proxy live in their own modules; re-exported for callers
@@ -138,6 +145,7 @@ def create_gateway(
     record = front.record
     if record is not None:
         record.register(gateway.metrics.registry)
+    desk = FeedbackDesk(record.open_store, record, front.feedback) if record is not None and front.feedback is not None else None
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -149,6 +157,8 @@ def create_gateway(
                 app.state.proxy = Proxy(gateway, http, retry_timeout_s, timeout_s, fresh)
                 yield
         finally:
+            if desk is not None:
+                await asyncio.to_thread(desk.close)
             if record is not None:
                 await asyncio.to_thread(record.close)  # what is buffered is written first
 
@@ -220,6 +230,16 @@ def create_gateway(
             return None, None
         raise APIError(401, "missing or invalid API key: send 'Authorization: Bearer <key>'", code="invalid_api_key")
 
+    def identity(request: Request, key: str | None, tier: Tier | None) -> tuple[str | None, str]:
+        """(the key as the record knows it, the tier name) of a caller `caller()` let in: a key the
+        gateway checked (a keyed one, its own, the plane's), else None; its tier, 'service' for
+        the plane's own key, else 'untiered'."""
+        header = request.headers.get("authorization", "")
+        checked = key is not None or api_key is not None or front.keys is not None
+        token = header.partition(" ")[2].strip() if checked else None
+        who = tier.name if tier is not None else SERVICE_TIER if any(bearer_matches(header, k) for k in service_keys) else UNTIERED.name
+        return token or None, who
+
     async def proxied(request: Request, path: str) -> Response:
         arrived = time.perf_counter()  # a completion's recorded latency starts here
         key, tier = caller(request)
@@ -244,12 +264,8 @@ def create_gateway(
         cached = "no-cache" not in request.headers.get("cache-control", "").lower()
         tap = None
         if record is not None:
-            header = request.headers.get("authorization", "")
-            # A key the gateway checked (a keyed one, its own, the plane's): recorded by its id.
-            checked = key is not None or api_key is not None or front.keys is not None
-            token = header.partition(" ")[2].strip() if checked else None
-            who = tier.name if tier is not None else SERVICE_TIER if any(bearer_matches(header, k) for k in service_keys) else UNTIERED.name
-            tap = record.tap(path, payload, token or None, who, gateway.public_model, arrived)
+            token, who = identity(request, key, tier)  # recorded by the key's id
+            tap = record.tap(path, payload, token, who, gateway.public_model, arrived)
         response = await request.app.state.proxy.forward(path, payload, front, priority, request.is_disconnected, cached, tap)
         response.headers.update(limit_headers)
         return response
@@ -261,6 +277,17 @@ def create_gateway(
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
         return await proxied(request, "/v1/completions")
+
+    @app.post("/v1/feedback")
+    async def feedback(request: Request) -> JSONResponse:
+        key, tier = caller(request)
+        if desk is None:
+            why = "the gateway keeps no record of its answers (record.enabled: false)" if record is None else "feedback.enabled is false"
+            raise APIError(404, f"this gateway takes no feedback: {why}", code="feedback_unavailable")
+        token, who = identity(request, key, tier)
+        asker = Caller(key_id(token) if token else None, who, bool(tier is not None and tier.feedback_any))
+        stored, created = await desk.take(await request.body(), asker)
+        return JSONResponse(feedback_answer(stored), status_code=201 if created else 200)
 
     @app.get("/v1/models")
     async def models(request: Request) -> dict[str, Any]:

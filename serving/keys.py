@@ -4,8 +4,12 @@ often, and how urgently.
     tiers:
       gold: {priority: 10, rpm: 600, tpm: 100000}
       free: {priority: 0, rpm: 60, tpm: 10000}
+      review: {priority: 0, rpm: 60, tpm: 1000, feedback_any: true}
     keys:
       "sk-...": gold
+
+A tier's optional `feedback_any: true` lets its keys send feedback (POST /v1/feedback) on any
+completion; other keys may rate only the completions they asked for themselves.
 
 Keys live in a file, never in argv (visible to every user in `ps`) nor in params.yaml
 (committed); keep the file out of git and readable by the gateway's user only. Errors name the
@@ -27,6 +31,7 @@ import yaml
 
 PRIORITY_HEADER = "x-priority"
 TIER_FIELDS = ("priority", "rpm", "tpm")
+OPTIONAL_TIER_FIELDS = ("feedback_any",)
 
 
 @dataclass(frozen=True)
@@ -38,6 +43,7 @@ class Tier:
     priority: int
     rpm: int
     tpm: int
+    feedback_any: bool = False  # may send feedback on any key's completions (serving/feedback.py)
 
 
 class KeysFileError(ValueError):
@@ -123,16 +129,18 @@ def _tiers(path: Path, raw: Any) -> dict[str, Tier]:
         where = f"{path}: tiers.{name}"
         if not isinstance(fields, dict):
             raise KeysFileError(f"{where} must be a mapping {{priority: <int>, rpm: <int>, tpm: <int>}}, got {fields!r}")
-        unknown = sorted(set(fields) - set(TIER_FIELDS))
+        unknown = sorted(set(fields) - set(TIER_FIELDS) - set(OPTIONAL_TIER_FIELDS))
         missing = [f for f in TIER_FIELDS if f not in fields]
         if unknown or missing:
-            raise KeysFileError(f"{where}: unknown field(s) {unknown}, missing field(s) {missing}; a tier has exactly {', '.join(TIER_FIELDS)}")
+            raise KeysFileError(f"{where}: unknown field(s) {unknown}, missing field(s) {missing}; a tier has exactly {', '.join(TIER_FIELDS)} (and optionally {', '.join(OPTIONAL_TIER_FIELDS)})")
+        if not isinstance(fields.get("feedback_any", False), bool):
+            raise KeysFileError(f"{where}.feedback_any must be true or false, got {fields['feedback_any']!r}")
         for field in TIER_FIELDS:
             value = fields[field]
             if isinstance(value, bool) or not isinstance(value, int) or (field != "priority" and value < 1):
                 need = "an integer" if field == "priority" else "a whole number >= 1"
                 raise KeysFileError(f"{where}.{field} must be {need}, got {value!r}")
-        tiers[str(name)] = Tier(str(name), fields["priority"], fields["rpm"], fields["tpm"])
+        tiers[str(name)] = Tier(str(name), fields["priority"], fields["rpm"], fields["tpm"], fields.get("feedback_any", False))
     return tiers
 
 

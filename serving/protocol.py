@@ -28,16 +28,21 @@ class APIError(Exception):
         code: str | None = None,
         error_type: str = "invalid_request_error",
         headers: dict[str, str] | None = None,
+        param: str | None = None,
     ) -> None:
         super().__init__(message)
-        self.status, self.message, self.code, self.error_type, self.headers = status, message, code, error_type, headers
+        self.status, self.message, self.code, self.error_type, self.headers, self.param = status, message, code, error_type, headers, param
 
     def body(self) -> dict[str, Any]:
-        return error_body(self.message, self.code, self.error_type)
+        return error_body(self.message, self.code, self.error_type, self.param)
 
 
-def error_body(message: str, code: str | None = None, error_type: str = "server_error") -> dict[str, Any]:
-    return {"error": {"message": message, "type": error_type, "code": code}}
+def error_body(message: str, code: str | None = None, error_type: str = "server_error", param: str | None = None) -> dict[str, Any]:
+    """OpenAI's error shape; `param` (the request field at fault) only when one is."""
+    error = {"message": message, "type": error_type, "code": code}
+    if param is not None:
+        error["param"] = param
+    return {"error": error}
 
 
 def sse(payload: dict[str, Any] | str) -> str:

@@ -48,7 +48,7 @@ def create_plane_app(
     Its shutdown stops every engine the plane runs, then calls `on_stopped(anything_stopped)`."""
     gateway = plane.require_gateway()
     record = Recorder.from_params(plane.params.record, plane.state_dir)  # in the plane's state folder unless record.store names one
-    front = gateway_kwargs.pop("front", None) or FrontDoor.from_params(plane.params.serve, plane.params.serve.replicas, record)
+    front = gateway_kwargs.pop("front", None) or FrontDoor.from_params(plane.params.serve, plane.params.serve.replicas, record, plane.params.feedback)
     app = create_gateway(gateway, api_key=api_key, admin_key=admin_key, on_change=plane.save, front=front, service_keys=[plane.traffic_key], **gateway_kwargs)
     require_admin = app.state.require_admin
     supervisor = Supervisor(plane, plane.params.serve.supervise_interval_s)

@@ -137,6 +137,7 @@ class Recorder:
         self._submitted = 0  # rows put in the buffer; with _settled, what flush() waits for
         self._settled = 0  # rows written or dropped by the writer
         self._progress = threading.Condition()
+        self._unwritten: set[str] = set()  # ids of buffered rows: a feedback on one waits for it (wait_written)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._started: threading.Event = threading.Event()
@@ -185,6 +186,7 @@ class Recorder:
             return
         with self._progress:
             self._submitted += 1
+            self._unwritten.add(tap.id)
 
     # --- the writer ---
 
@@ -271,6 +273,7 @@ class Recorder:
                     self.dropped.labels("store_error").inc()
         with self._progress:
             self._settled += len(batch)
+            self._unwritten.difference_update(p.tap.id for p in batch)
             self._progress.notify_all()
 
     def _reopened(self) -> Store:
@@ -300,6 +303,19 @@ class Recorder:
         with self._progress:
             target = self._submitted
             return self._progress.wait_for(lambda: self._settled >= target or self._thread is None, timeout_s)
+
+    def holds(self, completion_id: str) -> bool:
+        """Whether the completion's row is in the buffer, not yet in the store."""
+        with self._progress:
+            return completion_id in self._unwritten
+
+    def wait_written(self, completion_id: str, timeout_s: float) -> bool:
+        """Wait until the completion's row has left the buffer (written, or dropped by a store
+        error); True at once for an id the buffer does not hold (written long ago, never
+        recorded, unknown), False when it is still buffered after `timeout_s`. A feedback can
+        arrive before the writer's next batch: its completion is then in the buffer, not the store."""
+        with self._progress:
+            return self._progress.wait_for(lambda: completion_id not in self._unwritten or self._thread is None, timeout_s)
 
     def close(self, timeout_s: float = 60) -> None:
         """Write what is buffered, then stop the writer."""

@@ -9,6 +9,10 @@
     store.delete_key(key_id)                 # rows of one key, deleted; returns how many
     store.purge_older_than(ts)               # rows with ts < ts, deleted; returns how many
     store.export(path, Filters(...))         # OpenAI `messages` JSONL for data.sources; returns rows written
+    store.find(completion_id)                # one Row, or None
+    store.put_feedback(feedback)             # (stored Feedback, created?): a repeat merges into its row
+    store.iter_feedback(FeedbackFilters(...))  # FeedbackItems: feedback + completion + review (serving.record.feedback)
+    store.put_reviews(reviews)               # decisions, one per (feedback, revision)
     store.close()
 
 A store is used from one thread at a time (the recorder's writer, or a command). SQLite rather
@@ -24,12 +28,26 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from serving.record import feedback as fb
 from serving.record.export import write_jsonl
+from serving.record.feedback import FEEDBACK, FEEDBACK_COLUMNS, MUTABLE, REVIEW_COLUMNS, REVIEWS, Feedback, FeedbackFilters, FeedbackItem, Review
 from serving.record.schema import COLUMNS, TABLE, Filters, Row, create_statements, row_from_db
 
 POSTGRES_SCHEMES = ("postgresql://", "postgres://")
 CUT_SHORT = ("error", "aborted")  # a stream's finish reasons when it broke or the client left: not data
 SELECT = f"SELECT {', '.join(COLUMNS)} FROM {TABLE}"
+# A feedback with its completion, the preferred completion's answer and the decision on its
+# current revision (an edit after a decision leaves the new revision unreviewed).
+SELECT_FEEDBACK = (
+    f"SELECT {', '.join('f.' + c for c in FEEDBACK_COLUMNS)}, {', '.join('c.' + c for c in COLUMNS)}, p.answer, {', '.join('r.' + c for c in REVIEW_COLUMNS)} "
+    f"FROM {FEEDBACK} f JOIN {TABLE} c ON c.id = f.completion_id LEFT JOIN {TABLE} p ON p.id = f.preferred "
+    f"LEFT JOIN {REVIEWS} r ON r.feedback_id = f.id AND r.revision = f.revision"
+)
+# Feedback (and its reviews) whose completion is gone: forgotten with its key, or purged by age.
+ORPHANS = [
+    f"DELETE FROM {FEEDBACK} WHERE NOT EXISTS (SELECT 1 FROM {TABLE} c WHERE c.id = {FEEDBACK}.completion_id)",
+    f"DELETE FROM {REVIEWS} WHERE NOT EXISTS (SELECT 1 FROM {FEEDBACK} f WHERE f.id = {REVIEWS}.feedback_id)",
+]
 
 
 class StoreError(RuntimeError):
@@ -45,7 +63,7 @@ class Store(abc.ABC):
     def __init__(self, connection: Any, where: str) -> None:
         self.connection, self.where = connection, where
         with self._transaction() as cur:
-            for statement in create_statements(self.dialect):
+            for statement in (*create_statements(self.dialect), *fb.create_statements(self.dialect)):
                 cur.execute(statement)
 
     @abc.abstractmethod
@@ -90,14 +108,92 @@ class Store(abc.ABC):
             return {value: int(n) for value, n in cur.fetchall()}
 
     def delete_key(self, key_id: str) -> int:
+        """The key's completions, the feedback on them and the feedback it gave; returns how
+        many completions."""
         with self._transaction() as cur:
             cur.execute(f"DELETE FROM {TABLE} WHERE key_id = {self.placeholder}", [key_id])
-            return cur.rowcount
+            gone = cur.rowcount
+            cur.execute(f"DELETE FROM {FEEDBACK} WHERE key_id = {self.placeholder}", [key_id])
+            for statement in ORPHANS:
+                cur.execute(statement)
+            return gone
 
     def purge_older_than(self, ts: float) -> int:
+        """Completions older than `ts`, with the feedback on them; returns how many completions."""
         with self._transaction() as cur:
             cur.execute(f"DELETE FROM {TABLE} WHERE ts < {self.placeholder}", [ts])
-            return cur.rowcount
+            gone = cur.rowcount
+            if gone:
+                for statement in ORPHANS:
+                    cur.execute(statement)
+            return gone
+
+    # --- feedback (serving.record.feedback) ---
+
+    def find(self, completion_id: str) -> Row | None:
+        with self._transaction() as cur:
+            cur.execute(f"{SELECT} WHERE id = {self.placeholder}", [completion_id])
+            found = cur.fetchone()
+        return None if found is None else row_from_db(tuple(found))
+
+    def put_feedback(self, given: Feedback) -> tuple[Feedback, bool]:
+        """Store `given` under its id: (the stored feedback, True) when new; a repeat merges into
+        the stored row (fields it sends replace theirs, fields it leaves out are kept) and is a
+        new revision only when that changed something: (stored, False)."""
+        mark = self.placeholder
+        with self._transaction() as cur:
+            cur.execute(f"SELECT {', '.join(FEEDBACK_COLUMNS)} FROM {FEEDBACK} WHERE id = {mark}", [given.id])
+            found = cur.fetchone()
+            if found is None:
+                cur.execute(f"INSERT INTO {FEEDBACK} ({', '.join(FEEDBACK_COLUMNS)}) VALUES ({', '.join([mark] * len(FEEDBACK_COLUMNS))})", [getattr(given, c) for c in FEEDBACK_COLUMNS])
+                return given, True
+            old = fb.feedback_from_db(tuple(found))
+            merged = {c: getattr(given, c) if getattr(given, c) is not None else getattr(old, c) for c in MUTABLE}
+            if all(merged[c] == getattr(old, c) for c in MUTABLE):
+                return old, False
+            new = Feedback(**{**old.__dict__, **merged, "updated": given.updated, "revision": old.revision + 1})
+            changed = (*MUTABLE, "updated", "revision")
+            cur.execute(f"UPDATE {FEEDBACK} SET {', '.join(f'{c} = {mark}' for c in changed)} WHERE id = {mark}", [*(getattr(new, c) for c in changed), new.id])
+            return new, False
+
+    def iter_feedback(self, filters: FeedbackFilters = FeedbackFilters(), batch: int = 1000) -> Iterator[FeedbackItem]:
+        """Matching feedback, oldest update first, each joined with its completion (feedback whose
+        completion is gone is not returned), the preferred completion's answer and the decision
+        on its current revision."""
+        where, values = filters.where(self.placeholder)
+        limit = f" LIMIT {int(filters.limit)}" if filters.limit is not None else ""
+        nf, nc = len(FEEDBACK_COLUMNS), len(COLUMNS)
+        with self._transaction(streaming=True) as cur:
+            cur.execute(f"{SELECT_FEEDBACK}{where} ORDER BY f.updated, f.id{limit}", values)
+            while chunk := cur.fetchmany(batch):
+                for values_ in chunk:
+                    v = tuple(values_)
+                    yield FeedbackItem(fb.feedback_from_db(v[:nf]), row_from_db(v[nf : nf + nc]), v[nf + nc], fb.review_from_db(v[nf + nc + 1 :]))
+
+    def count_feedback_by(self, column: str, filters: FeedbackFilters = FeedbackFilters(kind=None)) -> dict[Any, int]:
+        """Matching feedback per value of a feedback column, the completion's `version`, or the
+        review's `decision` (None: not reviewed), most first."""
+        qualified = {"version": "c.version", "decision": "r.decision", **{c: f"f.{c}" for c in FEEDBACK_COLUMNS}}.get(column)
+        if qualified is None:
+            raise ValueError(f"cannot count feedback by {column!r}: use version, decision or a feedback column ({', '.join(FEEDBACK_COLUMNS)})")
+        where, values = filters.where(self.placeholder)
+        joined = SELECT_FEEDBACK.split(" FROM ", 1)[1]
+        with self._transaction() as cur:
+            cur.execute(f"SELECT {qualified}, COUNT(*) FROM {joined}{where} GROUP BY {qualified} ORDER BY COUNT(*) DESC", values)
+            return {value: int(n) for value, n in cur.fetchall()}
+
+    def put_reviews(self, reviews: list[Review]) -> None:
+        """Record decisions; a second decision on the same (feedback, revision) replaces the first."""
+        if not reviews:
+            return
+        mark = self.placeholder
+        later = [c for c in REVIEW_COLUMNS if c not in ("feedback_id", "revision")]
+        sql = (
+            f"INSERT INTO {REVIEWS} ({', '.join(REVIEW_COLUMNS)}) VALUES ({', '.join([mark] * len(REVIEW_COLUMNS))}) "
+            f"ON CONFLICT (feedback_id, revision) DO UPDATE SET {', '.join(f'{c} = excluded.{c}' for c in later)}"
+        )
+        with self._transaction() as cur:
+            cur.executemany(sql, [tuple(getattr(r, c) for c in REVIEW_COLUMNS) for r in reviews])
 
     def export(self, path: str | Path, filters: Filters = Filters()) -> int:
         """The matching answered rows (status 200, an answer, not a stream cut short: finish

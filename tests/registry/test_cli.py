@@ -124,6 +124,30 @@ def test_traffic_counts_and_lists_what_matches_by_version_time_key_and_finish_re
         cli.main(["traffic", "--since", "yesterday"])
 
 
+def test_feedback_counts_by_kind_version_rating_and_decision(record, capsys):
+    """Seen red: with feedback_cmd counting explicit feedback only (FeedbackFilters' default
+    kind), the implicit signal was missing from the counts (2 feedback, not 3)."""
+    from serving.record import key_id, open_store
+    from serving.record.feedback import Feedback, Review, feedback_id
+
+    def fb(cid: str, key: str, kind: str = "explicit", **fields) -> Feedback:
+        base = dict(id=feedback_id(cid, key_id(key), kind, fields.get("signal")), completion_id=cid, key_id=key_id(key), tier="gold", kind=kind, signal=None, rating=None,
+                    scale=None, correction=None, preferred=None, reason=None, tags=None, created=1.0, updated=1.0, revision=1)
+        return Feedback(**{**base, **fields})
+
+    with open_store(record) as s:
+        first, _ = s.put_feedback(fb("chatcmpl-001", GOLD, rating=-1, scale="thumbs", correction="3 2 1"))
+        s.put_feedback(fb("chatcmpl-002", FREE, rating=1, scale="thumbs"))
+        s.put_feedback(fb("chatcmpl-002", FREE, "implicit", signal="copied"))
+        s.put_reviews([Review(first.id, 1, "accepted", None, "ann", 2.0)])
+    cli.main(["feedback"])
+    out = capsys.readouterr().out
+    assert "3 feedback in" in out and "by kind      explicit: 2  implicit: 1" in out and "by decision  -: 2  accepted: 1" in out
+    assert "by rating" in out and "-1: 1" in out and "copied: 1" in out
+    cli.main(["feedback", "1"])
+    assert "0 feedback in" in capsys.readouterr().out
+
+
 def test_traffic_exports_a_window_that_the_prepare_stage_reads(record, tmp_path, capsys):
     import json
 
