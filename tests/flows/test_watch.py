@@ -140,8 +140,8 @@ def test_nothing_recorded_yet_is_a_completed_run_that_says_so(project):
 
 
 def test_drift_is_quiet_on_the_test_split_and_flags_prompts_from_another_distribution(project):
-    """Four consecutive hours of users sending the test split's prompts: no window is flagged
-    against the training prompts or against the hour before (8 comparisons at alpha = 0.01).
+    """Four consecutive hours of users sending the test split's prompts: none of the last three is flagged
+    against the training prompts or against the hour before (6 comparisons at alpha = 0.01).
     Then an hour of other requests (English questions, the task in Russian): flagged against
     both, by the checks that should see it, and exported above the threshold.
     Seen red: with a row's prompt read as the stored JSON of its messages instead of the user's
