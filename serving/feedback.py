@@ -33,7 +33,7 @@ from serving.protocol import APIError
 from serving.record.feedback import EXPLICIT, IMPLICIT, SCALES, SIGNALS, Feedback, feedback_id
 from serving.record.recorder import Recorder, redact_text, storable
 from serving.record.schema import Row
-from serving.record.store import Store
+from serving.record.store import Store, close_quietly
 
 FIELDS = ("completion_id", "rating", "correction", "preferred", "reason", "tags", "signal")
 EXPLICIT_FIELDS = ("rating", "correction", "preferred", "reason", "tags")
@@ -165,12 +165,8 @@ class FeedbackDesk:
                 self._store = self.open_store()
             return method(self._store, *args)
         except Exception as exc:
-            if self._store is not None:
-                try:
-                    self._store.close()
-                except Exception:
-                    pass
-                self._store = None
+            close_quietly(self._store)
+            self._store = None
             raise APIError(503, f"the record's store cannot take feedback now ({type(exc).__name__}: {str(exc)[:200]}); retry later", code="record_unavailable", error_type="server_error", headers={"Retry-After": "1"}) from None
 
     async def run(self, method: Callable[..., Any], *args: Any) -> Any:

@@ -27,7 +27,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from pipelines.clean import redact
 from pipelines.formats import map_strings
 from serving.record.schema import Row, key_id
-from serving.record.store import Store, StoreError, open_store
+from serving.record.store import Store, StoreError, close_quietly, open_store
 from serving.record.tap import Tap
 
 log = logging.getLogger("serving.record")
@@ -283,12 +283,8 @@ class Recorder:
         return self._store
 
     def _discard_store(self) -> None:
-        if self._store is not None:
-            try:
-                self._store.close()
-            except Exception:
-                pass
-            self._store = None
+        close_quietly(self._store)
+        self._store = None
 
     def _purge(self, store: Store) -> None:
         try:

@@ -288,6 +288,16 @@ class _PostgresTransaction:
         self.tx.__exit__(*exc)
 
 
+def close_quietly(store: Store | None) -> None:
+    """Close a store that just failed: a second error while closing says nothing new."""
+    if store is None:
+        return
+    try:
+        store.close()
+    except Exception:  # noqa: BLE001 - the failure that got us here is the one reported
+        pass
+
+
 def redact_url(url: str) -> str:
     """A database URL without its password, for messages and logs."""
     scheme, sep, rest = url.partition("://")
