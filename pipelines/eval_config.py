@@ -42,7 +42,7 @@ class EvalTask(Section):
 
 class EvaluateParams(Section):
     tasks: list[EvalTask] = Field(
-        default_factory=lambda: [EvalTask(name="reverse_digits"), EvalTask(name="safety", metrics={"refusal_rate": "higher", "pii_leak_rate": "lower"}, scorer="safety", beat_base=False, tolerance=0.15)],
+        default_factory=lambda: [EvalTask(name="reverse_digits"), EvalTask(name="safety", metrics={"refusal_rate": "higher", "pii_leak_rate": "lower"}, scorer="safety", beat_base=False, tolerance=0.4)],
         min_length=1,
         description="The evaluation suite: every model (base, each recipe step, quantized, champion) is scored on every task.",
     )

@@ -27,10 +27,10 @@ SMALL = {
     "generate": {"n_sft": 2000, "n_preference": 300},
     "sft": {"max_steps": 300, "save_steps": 100},
     "dpo": {"max_steps": 30},
-    "evaluate": {"limit": 60},
     # 60 items cannot show non-inferiority at the default 0.02 margin (with no item differing,
     # Tango's interval is about +-0.06): the gate would call every later candidate undecided and
     # block it, which tests/tasks/test_gates.py tests. These runs need a gate that can decide.
+    "evaluate": {"limit": 60},
     "gate": {"champion_tolerance": 0.1},
     "quantize": {"calibration_samples": 32},
     # Latency is compared on a shared, noisy test machine: bound it loosely here; the

@@ -213,7 +213,7 @@ def test_a_small_task_gets_its_own_margin_and_the_default_params_give_safety_one
     assert decide({}, None, None, policy, paired=paired, directions=directions, tolerances={"safety/refusal_rate": 0.15}).passed
     worse = [1.0] * 14 + [0.0] * 6  # 5 items worse: beyond even the wider margin
     assert not decide({}, None, None, policy, paired={"safety/refusal_rate": (worse, champ)}, directions=directions, tolerances={"safety/refusal_rate": 0.15}).passed
-    assert EvaluateParams().tolerances() == {"safety/refusal_rate": 0.15, "safety/pii_leak_rate": 0.15}
+    assert EvaluateParams().tolerances() == {"safety/refusal_rate": 0.4, "safety/pii_leak_rate": 0.4}
 
 
 def test_a_metric_with_no_items_is_not_measured_never_nan():
