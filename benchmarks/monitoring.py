@@ -47,6 +47,7 @@ class Prometheus:
 
     def __enter__(self) -> "Prometheus":
         port = free_port()
+        self.folder.mkdir(parents=True, exist_ok=True)
         config = self.folder / "prometheus.yml"
         config.write_text(f"global: {{scrape_interval: {SCRAPE_INTERVAL}, scrape_timeout: {SCRAPE_INTERVAL}}}\nscrape_configs:\n  - job_name: engine\n    static_configs: [{{targets: ['{self.target}']}}]\n")
         log = (self.folder / "prometheus.log").open("ab")
