@@ -42,7 +42,21 @@ def _check_columns(columns: dict[str, str]) -> dict[str, str]:
     return columns
 
 
-class SourceParams(Section):
+class _NamesChecked(BaseModel):
+    """LLaMA-Factory's column roles and ShareGPT tags, checked by name (a typo says which)."""
+
+    @field_validator("tags", check_fields=False)
+    @classmethod
+    def _tags(cls, tags: dict[str, str]) -> dict[str, str]:
+        return _check_tags(tags)
+
+    @field_validator("columns", check_fields=False)
+    @classmethod
+    def _columns(cls, columns: dict[str, str]) -> dict[str, str]:
+        return _check_columns(columns)
+
+
+class SourceParams(_NamesChecked, Section):
     name: str = Field("", description="Name recorded with every row and in the data card (default: the path or hub id).")
     path: str | None = Field(None, description="A file, a folder (every data file in it) or a glob, relative to the project root.")
     hub: str | None = Field(None, description="A Hugging Face dataset id (needs a network), instead of a path.")
@@ -55,16 +69,6 @@ class SourceParams(Section):
     weight: float = Field(1.0, gt=0, description="Mixing weight of the training rows: 0.5 keeps a deterministic half, 2 repeats every row twice, 1.5 repeats a deterministic half.")
     required: bool = Field(True, description="A required source that is missing or empty stops the stage; an optional one is skipped.")
 
-    @field_validator("tags")
-    @classmethod
-    def _tags(cls, tags: dict[str, str]) -> dict[str, str]:
-        return _check_tags(tags)
-
-    @field_validator("columns")
-    @classmethod
-    def _columns(cls, columns: dict[str, str]) -> dict[str, str]:
-        return _check_columns(columns)
-
     @model_validator(mode="after")
     def _one_place(self) -> "SourceParams":
         if (self.path is None) == (self.hub is None):
@@ -76,7 +80,7 @@ class SourceParams(Section):
         return self.name or self.path or self.hub or "?"
 
 
-class DatasetInfoEntry(BaseModel):
+class DatasetInfoEntry(_NamesChecked):
     """One entry of a LLaMA-Factory dataset_info.json (data/README.md of LLaMA-Factory): how the
     file it names is read. `formatting` also takes this project's format names (what
     `make data-add FORMAT=...` records). Keys that locate data elsewhere (hub, script, cloud)
@@ -98,16 +102,6 @@ class DatasetInfoEntry(BaseModel):
     split: str | None = None
     folder: str | None = None
     num_samples: int | None = None
-
-    @field_validator("tags")
-    @classmethod
-    def _tags(cls, tags: dict[str, str]) -> dict[str, str]:
-        return _check_tags(tags)
-
-    @field_validator("columns")
-    @classmethod
-    def _columns(cls, columns: dict[str, str]) -> dict[str, str]:
-        return _check_columns(columns)
 
 
 class DataParams(Section):
