@@ -10,6 +10,14 @@ matplotlib.use("Agg")  # no display on servers and CI
 import matplotlib.pyplot as plt  # noqa: E402
 
 
+def save(fig, out: Path) -> None:
+    """Lay out, write (its folder made) and free a figure."""
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+
+
 def plot_history(history: list[dict], out: Path, title: str) -> Path | None:
     train = [(h["step"], h["loss"]) for h in history if "loss" in h]
     evals = [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h]
@@ -25,10 +33,7 @@ def plot_history(history: list[dict], out: Path, title: str) -> Path | None:
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
+    save(fig, out)
     return out
 
 
@@ -47,10 +52,7 @@ def plot_gate(models: dict[str, dict[str, tuple[float, float, float] | None]], o
         ax.set_title(metric)
         ax.grid(axis="y", alpha=0.3)
     fig.suptitle(title)
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
+    save(fig, out)
     return out
 
 
@@ -65,8 +67,5 @@ def plot_lengths(reference: list[str], window: list[str], previous: list[str], p
     ax.set_xlabel("prompt length (characters)")
     ax.set_ylabel("share")
     ax.legend()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save(fig, path)
     return path
