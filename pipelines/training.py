@@ -360,6 +360,7 @@ def run_step(step: str, params: Params, cfg: TrainParams, data_files: list[Path]
     if is_zero3(trainer):
         export_zero3(trainer, ckpt / "final", out, cfg.peft)  # a collective: every rank takes part
     if not trainer.is_world_process_zero():
+        close_distributed()
         return None
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     if not is_zero3(trainer):
@@ -384,7 +385,19 @@ def run_step(step: str, params: Params, cfg: TrainParams, data_files: list[Path]
     )
     shutil.rmtree(ckpt, ignore_errors=True)  # finished: the checkpoint has done its job
     log.info("%s done: %s", step, summary)
+    close_distributed()
     return summary
+
+
+def close_distributed() -> None:
+    """Every rank waits here until rank 0 has saved, then leaves the process group itself. A rank
+    that simply exited while another still held the group was once killed by SIGABRT at
+    interpreter exit (ZeRO-3, 2 processes, in CI), failing a run whose work was done."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def save_merged(trainer, out_dir: Path) -> None:

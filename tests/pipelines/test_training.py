@@ -362,7 +362,7 @@ def test_deepspeed_under_torch_distributed(after_sft, step, nproc, zero):
     start = "models/base" if step == "sft" else "models/sft"
     before = weights(start)
     proc = run_stage(f"pipelines.{step}", after_sft)
-    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert proc.returncode == 0, proc.stdout[-12000:]  # a rank's own error comes before torchrun's summary
     m = metrics(step)
     assert m["world_size"] == nproc and m["steps"] == cfg.max_steps
     after = weights(f"models/{step}")
