@@ -13,6 +13,8 @@ is where, what made it, rebuild it, serve the champion, roll back.
     lifecycle traffic --since 1d --export data/raw/traffic.jsonl   # a window as a dataset data.sources reads (format openai)
     lifecycle forget sk-...         # delete a key's recorded completions (the key or its key id)
     lifecycle feedback [3]          # feedback on answers (POST /v1/feedback): counts by kind, version, rating, review decision
+    lifecycle keys create|list|revoke|rotate|migrate   # API keys, stored hashed, with scopes (registry/access_cli.py)
+    lifecycle audit [verify]        # who promoted, rolled back, approved, changed keys, called /admin (registry/audit.py)
 """
 
 from __future__ import annotations
@@ -256,6 +258,11 @@ def feedback_cmd(params, version: str | None, where: str | None) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in ("keys", "audit"):  # subcommands of their own (registry/access_cli.py)
+        from registry.access_cli import main as access_main
+
+        sys.exit(access_main(argv))
     parser = argparse.ArgumentParser(prog="lifecycle", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", choices=["status", "lineage", "reproduce", "show", "serve", "rollback", "approve", "traffic", "forget", "feedback"])
     parser.add_argument("version", nargs="?", metavar="VERSION|KEY", help="lineage, reproduce: the version; approve: the version whose rejection a person overrides; traffic, feedback: only this version's completions; forget: the API key (or its key id) whose completions are deleted")

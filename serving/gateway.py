@@ -7,9 +7,14 @@ replica that gave it in `x-gateway-backend` and its version in `x-gateway-versio
 
 Routes: POST /v1/chat/completions and /v1/completions (JSON or `stream: true` SSE),
 POST /v1/feedback (on a recorded completion, serving/feedback.py), GET /v1/models, GET /health, GET /metrics (Prometheus, one registry per app), and the admin
-routes GET /admin/backends and POST /admin/weight, which answer loopback clients and clients
-sending the admin key (Bearer `admin_key`, by default $SERVING_ADMIN_KEY), and 403 to others.
-The serving plane (`serving.plane`) adds its own admin routes with the same rule.
+routes GET /admin/backends and POST /admin/weight, which answer keys-file keys holding the
+`admin` scope, clients sending the admin key (Bearer `admin_key`, by default $SERVING_ADMIN_KEY)
+and loopback clients that send no keys-file key; a keys-file key without the scope gets 403 in
+OpenAI's error shape, from anywhere. The serving plane (`serving.plane`) adds its own admin
+routes with the same rule. Each key's scopes gate its routes (serving/keys.py: `inference`,
+`feedback`, `read-metrics` for /metrics from off this machine). With an audit log
+(registry/audit.py), every refused admin call and every allowed one that changes something is
+an entry: who, the route, the answer's status.
 
 In-process callers hold the `Gateway` controller (`app.state.gateway`): it routes, keeps the
 per-version statistics, and moves traffic (`set_weight`, `set_canary`, `remove_canary`,
@@ -38,7 +43,9 @@ from serving.netaddr import is_loopback
 from serving.cache import MemoryCache, RedisCache, ResponseCache
 from serving.feedback import Caller, FeedbackDesk, FeedbackPolicy
 from serving.feedback import answer as feedback_answer
-from serving.keys import PRIORITY_HEADER, BadPriority, KeyTable, Tier, load_keys, request_priority
+from registry.audit import AuditLog
+from serving.keys import PRIORITY_HEADER, BadPriority, KeyEntry, KeyRing, KeyTable, Tier, request_priority
+from serving.keys import key_id as keys_key_id
 from serving.queue import AdmissionQueue, ClientDisconnected, QueueFull
 from serving.ratelimit import LimiterUnavailable, MemoryRateLimiter, RateLimited, RateLimiter, RedisRateLimiter, estimate_tokens
 from serving.record.recorder import SERVICE_TIER, Recorder
@@ -68,7 +75,7 @@ class FrontDoor:
     cache: ResponseCache | None = None
     cache_ttl_s: float = 300
     queue: AdmissionQueue | None = None
-    keys: KeyTable | None = None
+    keys: KeyTable | KeyRing | None = None  # a KeyRing re-reads its file when it changes
     limiter: RateLimiter | None = None
     default_max_tokens: int = 64
     # While the limiter cannot be read (Redis down): True serves keyed requests without their
@@ -87,7 +94,7 @@ class FrontDoor:
         cache = None
         if serve.cache_entries:
             cache = RedisCache.from_url(serve.redis_url) if serve.redis_url else MemoryCache(serve.cache_entries)
-        keys = load_keys(serve.keys_file) if serve.keys_file else None
+        keys = KeyRing(serve.keys_file) if serve.keys_file else None
         limiter = (RedisRateLimiter.from_url(serve.redis_url) if serve.redis_url else MemoryRateLimiter()) if keys else None
         queue = AdmissionQueue(serve.queue_capacity * max(1, replicas), serve.queue_max_waiting)
         policy = FeedbackPolicy() if feedback is None else FeedbackPolicy.from_params(feedback)
@@ -101,6 +108,44 @@ __all__ = [  # the routing state and the proxy live in their own modules; re-exp
 
 
 # --- the app -----------------------------------------------------------------------------------
+
+
+class AdminAudit:
+    """Writes an admin call to the audit log once it is answered (its status known): every
+    refused call, and every allowed one but the plain reads (GET), which the release polls every
+    second; handing out the traffic key is logged though. Who it was is what `require_admin`
+    left on the request's state; a route may add the version it acted on (`audit_version`)."""
+
+    LOGGED_READS = frozenset({"/admin/traffic-key"})
+
+    def __init__(self, app, log: AuditLog) -> None:
+        self.app, self.log = app, log
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or not scope["path"].startswith("/admin/"):
+            await self.app(scope, receive, send)
+            return
+        status = 500
+
+        async def sent(message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sent)
+        finally:
+            state = scope.get("state") or {}
+            refused = state.get("audit_refusal") or (f"answered {status}" if status in (401, 403) else None)
+            if refused or scope["method"] != "GET" or scope["path"] in self.LOGGED_READS:
+                try:
+                    await asyncio.to_thread(
+                        self.log.append, "admin_call", state.get("audit_who") or "unidentified caller", version=state.get("audit_version"),
+                        reason=refused, route=scope["path"], method=scope["method"], status=status, outcome="refused" if refused else "answered",
+                    )
+                except OSError as exc:  # the call was answered; a lost entry is logged loudly
+                    log.error("gateway: audit log %s not written for %s %s: %s", self.log.path, scope["method"], scope["path"], exc)
 
 
 bearer_matches = auth.bearer_matches
@@ -121,6 +166,7 @@ def create_gateway(
     on_change: Callable[[], None] | None = None,
     front: FrontDoor | None = None,
     service_keys: Collection[str] = (),
+    audit: AuditLog | None = None,
 ) -> FastAPI:
     """The gateway app; its controller is `app.state.gateway`.
 
@@ -135,6 +181,7 @@ def create_gateway(
     engines: the response cache, the priority queue, the keys file and its rate limits.
     `service_keys` are accepted like `api_key` (untiered, no rate limit): the plane's own key
     for a release's synthetic users, which must get in whatever keys the clients use.
+    `audit`: where admin calls are recorded (None: nowhere).
 
     Every error is answered in OpenAI's shape, an unexpected one too (500, `internal_error`)."""
     front = front or FrontDoor()
@@ -165,6 +212,9 @@ def create_gateway(
     app = FastAPI(title=f"gateway: {gateway.public_model}", lifespan=lifespan)
     app.state.gateway, app.state.record = gateway, record
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
+    if audit is not None:
+        app.add_middleware(AdminAudit, log=audit)
+    app.state.audit = audit
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
@@ -193,16 +243,35 @@ def create_gateway(
         if key is not None and not bearer_matches(request.headers.get("authorization", ""), key):
             raise APIError(401, "missing or invalid API key: send 'Authorization: Bearer <key>'", code="invalid_api_key")
 
+    def keyed(request: Request) -> tuple[str, KeyEntry] | None:
+        return front.keys.lookup(request.headers.get("authorization")) if front.keys is not None else None
+
     def require_admin(request: Request) -> None:
-        """Moving traffic is for this machine, or for whoever holds the admin key."""
-        if admin_key is not None and bearer_matches(request.headers.get("authorization", ""), admin_key):
-            return
-        if request.client is not None and is_loopback(request.client.host):
-            return
-        raise APIError(
-            403, f"the admin routes answer loopback clients only, or clients sending 'Authorization: Bearer ${ADMIN_KEY_ENV}'",
-            code="forbidden", error_type="permission_error",
-        )
+        """Moving traffic is for keys with the `admin` scope, whoever holds the admin key, or this
+        machine. A keys-file key without the scope is refused even from loopback: the caller
+        named itself, and that key may not. Who it was is left on `request.state` for the audit."""
+        header = request.headers.get("authorization", "")
+        host = request.client.host if request.client is not None else "?"
+        found = keyed(request)
+        refusal = None
+        if found is not None:
+            entry = found[1]
+            request.state.audit_who = f"key {entry.id}"
+            if entry.expired():
+                refusal = f"key {entry.id} expired at {entry.expires.isoformat()}"
+            elif not entry.allows("admin"):
+                refusal = f"key {entry.id} lacks the 'admin' scope (it has: {', '.join(sorted(entry.scopes))}); issue one with `lifecycle keys create --scopes admin`"
+        elif admin_key is not None and bearer_matches(header, admin_key):
+            request.state.audit_who = f"admin key ${ADMIN_KEY_ENV} ({keys_key_id(admin_key)})"
+        elif request.client is not None and is_loopback(host):
+            request.state.audit_who = f"loopback client {host}"
+        else:
+            token = header.partition(" ")[2].strip()
+            request.state.audit_who = f"unknown key {keys_key_id(token)} from {host}" if token else f"no key, from {host}"
+            refusal = f"the admin routes answer keys with the 'admin' scope, clients sending 'Authorization: Bearer ${ADMIN_KEY_ENV}', and loopback clients"
+        request.state.audit_refusal = refusal
+        if refusal is not None:
+            raise APIError(403, refusal, code="forbidden", error_type="permission_error")
 
     app.state.require_admin = require_admin  # for routes added by the plane
 
@@ -215,13 +284,19 @@ def create_gateway(
             raise APIError(400, "the body must be a JSON object")
         return body
 
-    def caller(request: Request) -> tuple[str | None, Tier | None]:
-        """(key, tier) of a caller named in the keys file; (None, None) for one holding the
-        gateway's own key, or for anyone when no key is required. Else 401."""
+    def caller(request: Request, scope: str) -> tuple[str | None, Tier | None]:
+        """(key, tier) of a caller named in the keys file, if its key holds `scope` (else 403)
+        and has not expired (else 401); (None, None) for one holding the gateway's own key, or
+        for anyone when no key is required. Else 401."""
         header = request.headers.get("authorization", "")
-        found = front.keys.from_authorization(header) if front.keys is not None else None
+        found = keyed(request)
         if found is not None:
-            return found
+            token, entry = found
+            if entry.expired():
+                raise APIError(401, f"key {entry.id} expired at {entry.expires.isoformat()}: ask for a new one", code="expired_api_key")
+            if not entry.allows(scope):
+                raise APIError(403, f"key {entry.id} lacks the '{scope}' scope (it has: {', '.join(sorted(entry.scopes))})", code="forbidden", error_type="permission_error")
+            return token, entry.tier
         if api_key is None and front.keys is None:
             return None, None
         if api_key is not None and bearer_matches(header, api_key):
@@ -242,7 +317,7 @@ def create_gateway(
 
     async def proxied(request: Request, path: str) -> Response:
         arrived = time.perf_counter()  # a completion's recorded latency starts here
-        key, tier = caller(request)
+        key, tier = caller(request, "inference")
         CALLER_TIER.set((tier or UNTIERED).name)  # this request's series carry its tier (serving.routing)
         payload = await json_body(request)
         if payload.get("model") != gateway.public_model:
@@ -280,7 +355,7 @@ def create_gateway(
 
     @app.post("/v1/feedback")
     async def feedback(request: Request) -> JSONResponse:
-        key, tier = caller(request)
+        key, tier = caller(request, "feedback")
         if desk is None:
             why = "the gateway keeps no record of its answers (record.enabled: false)" if record is None else "feedback.enabled is false"
             raise APIError(404, f"this gateway takes no feedback: {why}", code="feedback_unavailable")
@@ -301,7 +376,13 @@ def create_gateway(
         return {"status": "ok", "model": gateway.public_model, "stable": gateway.stable.name, "canary": canary_backend and canary_backend.name, "canary_weight": gateway.weight}
 
     @app.get("/metrics")
-    async def metrics() -> Response:
+    async def metrics(request: Request) -> Response:
+        # Prometheus beside the gateway scrapes it from loopback; from elsewhere a keyed gateway
+        # wants a key with the read-metrics scope (the figures name tiers and versions).
+        if front.keys is not None and not (request.client is not None and is_loopback(request.client.host)):
+            found = keyed(request)
+            if found is None or found[1].expired() or not found[1].allows("read-metrics"):
+                raise APIError(403, "/metrics answers loopback clients and keys with the 'read-metrics' scope", code="forbidden", error_type="permission_error")
         if front.queue is not None:
             gateway.metrics.observe_queue(front.queue.stats())
         return Response(generate_latest(gateway.metrics.registry), media_type=CONTENT_TYPE_LATEST)
@@ -404,7 +485,7 @@ def app_from_args(args: argparse.Namespace) -> FastAPI:
     return create_gateway(
         stable, canary, args.canary_weight, args.retry_timeout, args.seed,
         public_model=args.public_model, timeout_s=args.timeout, api_key=args.api_key, admin_key=args.admin_key,
-        max_body_bytes=args.max_body_bytes,
+        max_body_bytes=args.max_body_bytes, audit=AuditLog(),
     )
 
 

@@ -6,7 +6,8 @@ re-raises a SIGTERM it caught once its shutdown is done, so code after it never 
 `kill`, systemd's stop or Kubernetes' termination, and the engines (in process groups of their
 own) would be left running. Ctrl-C (SIGINT) goes the same way.
 
-Admin routes (loopback, or Bearer $SERVING_ADMIN_KEY; see `serving.gateway`):
+Admin routes (a key with the `admin` scope, Bearer $SERVING_ADMIN_KEY, or loopback; see
+`serving.gateway`), each change and each refusal an entry in the audit log (registry/audit.py):
   GET  /admin/state                   routing, replicas, statistics, recent history
   GET  /admin/canary-requests         the canary's requests in the current window (cheap)
   GET  /admin/traffic-key             the key the release's own synthetic users send
@@ -29,6 +30,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from starlette.concurrency import run_in_threadpool
 
+from registry.audit import AuditLog
 from serving.gateway import APIError, FrontDoor, create_gateway
 from serving.launcher import ServerStartError
 from serving.plane.operations import Plane
@@ -45,11 +47,13 @@ def create_plane_app(
     on_stopped: Callable[[bool], None] | None = None, **gateway_kwargs: Any,
 ) -> FastAPI:
     """The gateway app for `plane.gateway`, with the plane's admin routes and its supervisor.
-    Its shutdown stops every engine the plane runs, then calls `on_stopped(anything_stopped)`."""
+    Its shutdown stops every engine the plane runs, then calls `on_stopped(anything_stopped)`.
+    Admin calls go to the project's audit log (`audit=` another `AuditLog`)."""
     gateway = plane.require_gateway()
     record = Recorder.from_params(plane.params.record, plane.state_dir)  # in the plane's state folder unless record.store names one
     front = gateway_kwargs.pop("front", None) or FrontDoor.from_params(plane.params.serve, plane.params.serve.replicas, record, plane.params.feedback)
-    app = create_gateway(gateway, api_key=api_key, admin_key=admin_key, on_change=plane.save, front=front, service_keys=[plane.traffic_key], **gateway_kwargs)
+    audit = gateway_kwargs.pop("audit", None) or AuditLog()
+    app = create_gateway(gateway, api_key=api_key, admin_key=admin_key, on_change=plane.save, front=front, service_keys=[plane.traffic_key], audit=audit, **gateway_kwargs)
     require_admin = app.state.require_admin
     supervisor = Supervisor(plane, plane.params.serve.supervise_interval_s)
     app.state.plane, app.state.supervisor = plane, supervisor
@@ -113,6 +117,7 @@ def create_plane_app(
             raise APIError(400, f'send {{"version": "<registered version>"}}, got version={version!r}')
         if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
             raise APIError(400, f"args must be a list of strings, got {args!r}")
+        request.state.audit_version = str(version)
         return await run_in_threadpool(run, lambda: plane.attach_canary(str(version), float(weight), args))
 
     @app.post("/admin/mirror")
@@ -131,11 +136,13 @@ def create_plane_app(
     @app.post("/admin/promote")
     async def promote(request: Request) -> dict[str, Any]:
         require_admin(request)
+        request.state.audit_version = gateway.canary.version if gateway.canary else None
         return await run_in_threadpool(run, plane.promote)
 
     @app.post("/admin/rollback")
     async def rollback(request: Request) -> dict[str, Any]:
         require_admin(request)
+        request.state.audit_version = gateway.canary.version if gateway.canary else None
         return await run_in_threadpool(run, plane.rollback)
 
     @app.post("/admin/drain")

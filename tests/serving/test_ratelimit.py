@@ -176,7 +176,7 @@ def test_keys_file_maps_keys_to_tiers(tmp_path):
 @pytest.mark.parametrize(
     "text, names",
     [
-        ("tiers: {}\n", ["exactly 'tiers' and 'keys'"]),
+        ("tiers: {}\n", ["with 'tiers' and 'keys'"]),
         ("tiers:\n  gold: {priority: 1, rpm: 5}\nkeys: {}\n", ["tiers.gold", "missing field(s) ['tpm']"]),
         ("tiers:\n  gold: {priority: 1, rpm: 5, tpm: 9, rps: 1}\nkeys: {}\n", ["tiers.gold", "unknown field(s) ['rps']"]),
         ("tiers:\n  gold: {priority: 1, rpm: 0, tpm: 9}\nkeys: {}\n", ["tiers.gold.rpm", ">= 1"]),
