@@ -163,6 +163,18 @@ class Verdict:
     entries: int
 
 
+def of_version(version: str, log: AuditLog | None = None) -> list[dict[str, Any]]:
+    """The entries about one model version (a model card's and a release artifact's links)."""
+    return [e for e in (log or AuditLog()).entries() if e.get("version") == str(version)]
+
+
+def markdown(entries: list[dict[str, Any]]) -> str:
+    """Entries as a Markdown table (seq, when, who, what, why, evidence)."""
+    cell = lambda v: str(v or "").replace("|", "/").replace("\n", " ")[:200]  # noqa: E731
+    rows = [f"| {e.get('seq')} | {cell(e.get('at'))[:19]} | {cell(e.get('who'))} | {cell(e.get('action'))} | {cell(e.get('reason'))} | {cell(e.get('evidence'))} |" for e in entries]
+    return "\n".join(["| # | at (UTC) | who | what | why | evidence |", "|---|---|---|---|---|---|", *rows]) + "\n"
+
+
 def record(action: str, who: str | None = None, **fields: Any) -> dict[str, Any] | None:
     """Append to the default log. An audit write that fails must not undo what was done (the
     change happened), so the failure is logged loudly and None returned."""

@@ -70,6 +70,12 @@ def card(name: str, version: str) -> str:
             lines += ["", "```", tags["canary.report"][:1500], "```"]
     if tags.get("release.history"):
         lines += ["", f"Release history: `{tags['release.history']}`"]
+    from registry.audit import AuditLog, markdown, of_version
+
+    audited = of_version(str(mv.version))
+    if audited:  # the local audit log's entries about this version (registry/audit.py)
+        lines += ["", "## Audit log", "", f"{len(audited)} entr{'y' if len(audited) == 1 else 'ies'} in `{AuditLog().path}`, the latest:", "",
+                  markdown(audited[-8:]).rstrip("\n"), "", f"All: `lifecycle audit --version {mv.version}`; check the chain: `lifecycle audit verify`"]
     lines += ["", "Lineage: `lifecycle lineage " + str(mv.version) + "`; rebuild: `lifecycle reproduce " + str(mv.version) + "`"]
     return "\n".join(lines) + "\n"
 

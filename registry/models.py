@@ -4,6 +4,9 @@ Aliases replace the deprecated registry stages:
   candidate  the version under evaluation/canary,
   champion   the version serving users,
   previous   the champion before the current one (what `make rollback` restores).
+
+Every promotion, rollback and approval made here is also an entry of the audit log
+(registry/audit.py): who, why, the version, and the evidence the caller names.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import mlflow
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
+from registry import audit
 from registry.store import client
 
 CANDIDATE, CHAMPION, PREVIOUS = "candidate", "champion", "previous"
@@ -102,7 +106,8 @@ def blocked(mv: ModelVersion) -> str | None:
 
 
 def approve(name: str, version: str, reason: str, by: str) -> ModelVersion:
-    """A person overrides a version's rejection, with a reason; both are recorded on it."""
+    """A person overrides a version's rejection (a gate's or a canary's), with a reason; both
+    are recorded on it and in the audit log."""
     if not reason.strip():
         raise SystemExit("approve needs --reason: say why this version may be released despite its status")
     c = client()
@@ -113,11 +118,14 @@ def approve(name: str, version: str, reason: str, by: str) -> ModelVersion:
     tags = {"approval.for": mv.tags.get(f"{STATUS}.at", status), "approval.reason": reason, "approval.by": by, "approval.at": _now()}
     for k, v in tags.items():
         c.set_model_version_tag(name, str(version), k, v)
+    audit.record("approve", by or None, version=str(version), reason=reason, evidence=f"models:/{name}/{version} tag {STATUS}.reason",
+                 model=name, overrides=status, kind="gate override" if status == REJECTED else "rollback override", was=mv.tags.get(f"{STATUS}.reason", "")[:500])
     return c.get_model_version(name, str(version))
 
 
-def promote(name: str, version: str) -> ModelVersion | None:
-    """Make `version` the champion; the old champion becomes `previous`. Returns the old one."""
+def promote(name: str, version: str, *, evidence: str | None = None, reason: str | None = None, by: str | None = None) -> ModelVersion | None:
+    """Make `version` the champion; the old champion becomes `previous`. Returns the old one.
+    `evidence`, `reason`, `by` (default: the OS user) go to the audit log."""
     c = client()
     old = by_alias(name, CHAMPION)
     if old is not None and str(old.version) != str(version):
@@ -125,15 +133,18 @@ def promote(name: str, version: str) -> ModelVersion | None:
     c.set_registered_model_alias(name, CHAMPION, str(version))
     _drop_alias(name, CANDIDATE)
     set_status(name, version, PROMOTED, "promoted to champion" + (f" (replacing version {old.version})" if old is not None and str(old.version) != str(version) else ""))
+    audit.record("promote", by, version=str(version), reason=reason or "passed its canary", evidence=evidence, model=name, replaces=str(old.version) if old is not None else None)
     return old
 
 
-def reject(name: str, version: str, report: str) -> None:
-    """A candidate that failed its canary: tag it with why, and take away its alias."""
+def reject(name: str, version: str, report: str, *, evidence: str | None = None) -> None:
+    """A candidate that failed its canary: tag it with why, and take away its alias (and an
+    audit entry: a rollback by the canary)."""
     c = client()
     c.set_model_version_tag(name, str(version), "canary", "rolled_back")
     c.set_model_version_tag(name, str(version), "canary.report", report[:4900])
     set_status(name, version, ROLLED_BACK, "canary rolled back: " + report[:4800])
+    audit.record("rollback", None, version=str(version), reason=report[:2000], evidence=evidence, model=name, kind="canary")
 
 
 def shadowed(name: str, version: str, report: str) -> None:
@@ -160,6 +171,8 @@ def rollback(name: str, reason: str = "", by: str = "") -> tuple[str, str]:
         who = f" by {by}" if by else ""
         why = f": {reason.strip()}" if reason.strip() else " (no reason given: --reason says why)"
         set_status(name, str(current.version), ROLLED_BACK, f"rolled back by hand{who}, version {previous.version} serves again{why}")
+    audit.record("rollback", by or None, version=str(current.version) if current is not None else None, reason=reason.strip() or None,
+                 evidence=f"models:/{name}@{CHAMPION} -> version {previous.version}", model=name, kind="by hand", to=str(previous.version))
     return (str(current.version) if current else "none"), str(previous.version)
 
 

@@ -315,6 +315,10 @@ class Receiver:
             result["first_failure_seen_at"] = datetime.datetime.fromtimestamp(first, datetime.UTC).isoformat(timespec="milliseconds")
             result["seconds_from_first_failure"] = round(rolled_back_at - first, 3)
         result["registry"] = self._mark_rolled_back(model, version, state, why)
+        from registry import audit
+
+        audit.record("rollback", BY, version=version, reason=why, evidence=f"alert {labels.get('alertname')} in {self.record_path}",
+                     model=model, kind="alert", stable=state.get("stable"), plane=self.plane_url, seconds_from_first_failure=result.get("seconds_from_first_failure"))
         said = f"canary version {version} rolled back by {BY}: {why}" + (f" ({result['seconds_from_first_failure']:.1f}s after its first failure)" if first is not None else "")
         from tasks.notify import notify
 

@@ -194,6 +194,16 @@ def canary_release(params: Params, version: str, drill: list[str] | None = None)
     return finish(params, version, champion, result, TEMPORARY, started_at, str(champion.version), None, lambda: events)
 
 
+def release_evidence(name: str, version: str) -> str:
+    """Where the audit log's entry points: the release history (written just after) and the
+    Prefect flow run that made it."""
+    from prefect.runtime import flow_run
+
+    run_id = client().get_model_version(name, version).run_id
+    where = f"runs:/{run_id}/release/v{version}.json" if run_id else f"models:/{name}/{version}"
+    return where + (f" (Prefect flow run {flow_run.id})" if flow_run.id else "")
+
+
 def now() -> str:
     return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
 
@@ -207,8 +217,9 @@ def finish(
     name = params.registry.model_name
     report = result.summary()
     print(report)
+    evidence = release_evidence(name, version)
     if result.outcome == "promoted":
-        old = promote(name, version)
+        old = promote(name, version, evidence=evidence, reason="passed its canary via " + where)
         if then_promote is not None:
             then_promote()
         outcome = {"outcome": "promoted", "version": version, "previous": str(old.version) if old else None}
@@ -216,7 +227,7 @@ def finish(
         shadowed(name, version, report)
         outcome = {"outcome": "shadowed", "version": version, "champion": str(champion.version) if champion else None}
     else:
-        reject(name, version, report)
+        reject(name, version, report, evidence=evidence)
         outcome = {"outcome": "rolled_back", "version": version, "champion": str(champion.version) if champion else None}
     said = {
         "promoted": f"version {version} promoted to champion (was {outcome.get('previous')}) via {where}",
@@ -233,4 +244,8 @@ def finish(
     refresh_card(name, version)
     create_markdown_artifact(key="release-history", markdown=markdown, description=f"release history of version {version}")
     create_markdown_artifact(key="canary", markdown=f"## canary: {outcome['outcome']}\n\n```\n{report}\n```\n", description="canary analysis")
+    from registry.audit import AuditLog, markdown as audit_markdown, of_version
+
+    create_markdown_artifact(key="audit", markdown=f"## audit log of version {version}\n\n{audit_markdown(of_version(version))}\n`{AuditLog().path}`; `lifecycle audit verify` checks it\n",
+                             description=f"who did what to version {version} (registry/audit.py)")
     return {**outcome, "where": where, "steps": [s.as_dict() for s in result.steps], "client_errors": result.client_errors, "reasons": result.reasons, "history": history}

@@ -82,6 +82,38 @@ def test_a_rollback_without_a_plane_to_act_on_is_recorded_as_skipped(tmp_path):
     assert (entry["action"], entry["outcome"]) == ("rollback", "skipped") and "serve.plane_url is null" in entry["detail"]
 
 
+def test_a_rollback_by_an_alert_is_an_audit_entry_by_alertmanager_with_the_alert_as_evidence(tmp_path, serve_app, monkeypatch):
+    """The plane here is a fake with the admin API's real shapes (GET /admin/state, POST
+    /admin/rollback); its registry is another one, so only the audit log and the record change."""
+    from fastapi import FastAPI
+
+    from registry.audit import AUDIT_ENV, AuditLog
+    from tests.serving.redis_server import free_port
+
+    monkeypatch.setenv(AUDIT_ENV, str(tmp_path / "audit.jsonl"))
+    plane, rolled = FastAPI(), []
+
+    @plane.get("/admin/state")
+    def state() -> dict:
+        return {"public_model": "reverse-digits", "canary": None if rolled else "7", "stable": "6", "registry_uri": "sqlite:///elsewhere.db"}
+
+    @plane.post("/admin/rollback")
+    def rollback() -> dict:
+        rolled.append(True)
+        return {"stable": "6", "canary": None}
+
+    params = Params.model_validate({"registry": {"model_name": "reverse-digits"}})
+    with serve_app(plane) as server:
+        receiver = Receiver(params, tmp_path, prometheus_url=f"http://127.0.0.1:{free_port()}", plane_url=server.root_url)
+        receiver.receive(webhook_body(alert("CanaryWorseThanStable", role="canary", version="7")))
+        receiver.drain()
+        receiver.close()
+    assert rolled and receiver.entries()[-1]["outcome"] == "rolled_back"
+    (entry,) = AuditLog().entries()
+    assert (entry["action"], entry["who"], entry["version"], entry["detail"]["kind"]) == ("rollback", "alertmanager", "7", "alert")
+    assert "CanaryWorseThanStable" in entry["evidence"] and "actions.jsonl" in entry["evidence"] and "value 0.5" in entry["reason"]
+
+
 def gauges(text: str) -> dict[tuple[str, frozenset], float]:
     return {(s.name, frozenset(s.labels.items())): s.value for f in text_string_to_metric_families(text) for s in f.samples}
 

@@ -15,6 +15,7 @@ import pytest
 
 from pipelines.config import CanaryParams, NotifyParams, ServeParams
 from registry import models
+from registry.audit import AuditLog
 from tasks.deploy import ReleaseAborted, canary_release
 from tests.conftest import tiny_params
 from tests.tasks.webhook import Webhook
@@ -89,6 +90,14 @@ def test_first_candidate_promoted_then_broken_candidate_rolled_back(workspace, r
     assert any("error_rate" in r for r in rolled["reasons"])
     c, _ = registry_store
     assert c.get_model_version("reverse-digits", v2).tags["canary"] == "rolled_back"
+    # The audit log (registry/audit.py, in the project folder): the promotion and the canary's
+    # rollback with the release history as evidence, and the release's calls to the plane.
+    audit = AuditLog()
+    decided = [(e["action"], e["version"], (e.get("detail") or {}).get("kind")) for e in audit.entries() if e["action"] in ("promote", "rollback")]
+    assert decided == [("promote", v1, None), ("rollback", v2, "canary")]
+    assert all(e["evidence"].startswith("runs:/") and e["evidence"].split(" ")[0].endswith(f"/release/v{e['version']}.json") for e in audit.entries() if e["action"] != "admin_call")
+    assert ("POST", "/admin/canary", v2) in {(e["detail"]["method"], e["detail"]["route"], e["version"]) for e in audit.entries() if e["action"] == "admin_call"}
+    assert audit.verify().ok
 
     assert canary_release.fn(PARAMS, v1)["outcome"] == "unchanged"
 
