@@ -88,7 +88,7 @@ def parse(raw: bytes, policy: FeedbackPolicy) -> FeedbackRequest:
         raise bad(None, f"the feedback body is {len(raw)} bytes; at most {policy.max_body_bytes} are accepted (feedback.max_body_bytes)", "request_too_large", 413)
     try:
         body = json.loads(raw)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:  # RecursionError: [[[[...]]]] nested past the parser's limit
         raise bad(None, f"the body is not valid JSON: {exc}", "invalid_json") from None
     if not isinstance(body, dict):
         raise bad(None, "the body must be a JSON object with completion_id and any of rating, correction, preferred, reason, tags (or signal)")

@@ -280,6 +280,8 @@ def create_gateway(
             body = json.loads(await request.body())
         except ValueError as exc:
             raise APIError(400, f"the body is not valid JSON: {exc}") from None
+        except RecursionError:  # [[[[...]]]] within the body limit: Python's parser gives up
+            raise APIError(400, "the body is not valid JSON here: it nests deeper than any request does") from None
         if not isinstance(body, dict):
             raise APIError(400, "the body must be a JSON object")
         return body

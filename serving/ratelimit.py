@@ -60,18 +60,21 @@ def prompt_chars(payload: dict[str, Any]) -> int:
     completion prompt(s); a prompt of token ids counts CHARS_PER_TOKEN per id."""
     total = 0
 
-    def text(value: Any) -> int:
+    def text(value: Any, depth: int = 0) -> int:
         if isinstance(value, str):
             return len(value)
         if isinstance(value, int) and not isinstance(value, bool):  # a token id
             return CHARS_PER_TOKEN
+        if depth > 3:  # deeper than any real prompt (a list of token-id lists of parts): the backend refuses it
+            return 0
         if isinstance(value, list):
-            return sum(text(v) for v in value)
+            return sum(text(v, depth + 1) for v in value)
         if isinstance(value, dict):  # a content part: {"type": "text", "text": ...}
-            return text(value.get("text"))
+            return text(value.get("text"), depth + 1)
         return 0
 
-    for message in payload.get("messages") or []:
+    messages = payload.get("messages")
+    for message in messages if isinstance(messages, list) else []:  # anything else: the backend answers 400
         if isinstance(message, dict):
             total += text(message.get("content"))
     return total + text(payload.get("prompt"))

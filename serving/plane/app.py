@@ -77,7 +77,7 @@ def create_plane_app(
     async def body(request: Request) -> dict:
         try:
             data = json.loads(await request.body() or b"{}")
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:  # RecursionError: [[[[...]]]] nested past the parser's limit
             raise APIError(400, f"the body is not valid JSON: {exc}") from None
         if not isinstance(data, dict):
             raise APIError(400, "the body must be a JSON object")
