@@ -104,7 +104,8 @@ class AuditLog:
         try:
             seq = int(json.loads(last)["seq"])
         except (ValueError, KeyError, TypeError):
-            seq = sum(1 for _ in open(self.path, "rb"))  # a damaged last line: verify reports it; the chain goes on
+            with open(self.path, "rb") as counted:  # a damaged last line: verify reports it; the chain goes on
+                seq = sum(1 for _ in counted)
         return seq, line_hash(last)
 
     def _write_head(self, count: int, last: str) -> None:
