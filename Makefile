@@ -40,11 +40,17 @@ $(STAMP): pyproject.toml constraints.txt
 pipeline: setup  ## run the whole lifecycle on params.yaml (reruns skip what did not change)
 	$(PY) -m flows.lifecycle
 
-test: setup  ## the whole suite, whole-flow tests included
-	$(PY) -m pytest
+# Two workers, one test file each at a time (module fixtures such as a whole-flow project stay
+# in one worker): the suite waits on servers, subprocesses and flows much of its time, so a
+# second worker fills those waits. TEST_WORKERS=0 runs it in one process.
+TEST_WORKERS ?= 2
+XDIST = $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
+
+test: setup  ## the whole suite, whole-flow tests included (TEST_WORKERS=2 by default)
+	$(PY) -m pytest $(XDIST)
 
 test-fast: setup  ## everything but the whole-flow and multi-process tests
-	$(PY) -m pytest -m "not slow"
+	$(PY) -m pytest $(XDIST) -m "not slow"
 
 bench: setup  ## pipeline cold/no-op times, orchestration overhead (flow vs its stages run directly), SFT tokens/s vs plain TRL, eval time per task and the gate's false-block rate, CPU-engine batching speed-up, gateway load test, the plane's overhead, cache speed-up and requests lost during a release, the record of every answer's cost on the gateway, Prometheus' scrape cost on an engine, the drift checks' false-alarm rate and power
 	$(PY) -m benchmarks.pipeline
