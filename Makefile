@@ -52,7 +52,7 @@ test: setup  ## the whole suite, whole-flow tests included (TEST_WORKERS=2 by de
 test-fast: setup  ## everything but the whole-flow and multi-process tests
 	$(PY) -m pytest $(XDIST) -m "not slow"
 
-bench: setup  ## pipeline cold/no-op times, orchestration overhead (flow vs its stages run directly), SFT tokens/s vs plain TRL, eval time per task and the gate's false-block rate, CPU-engine batching speed-up, gateway load test, the plane's overhead, cache speed-up and requests lost during a release, the record of every answer's cost on the gateway, Prometheus' scrape cost on an engine, the drift checks' false-alarm rate and power
+bench: setup  ## pipeline cold/no-op times, orchestration overhead (flow vs its stages run directly), SFT tokens/s vs plain TRL, eval time per task and the gate's false-block rate, CPU-engine batching speed-up, gateway load test, the plane's overhead, cache speed-up and requests lost during a release, the record of every answer's cost on the gateway, Prometheus' scrape cost on an engine, the drift checks' false-alarm rate and power, the feedback endpoint's throughput and the export's rows a second
 	$(PY) -m benchmarks.pipeline
 	$(PY) -m benchmarks.orchestration
 	$(PY) -m benchmarks.prepare
@@ -64,6 +64,7 @@ bench: setup  ## pipeline cold/no-op times, orchestration overhead (flow vs its 
 	$(PY) -m benchmarks.record
 	$(PY) -m benchmarks.monitoring
 	$(PY) -m benchmarks.drift
+	$(PY) -m benchmarks.feedback
 
 data-add: setup  ## add your data: make data-add FILE=path [FORMAT=auto] (copied to data/raw/, tracked by DVC; a FORMAT is recorded in data/raw/dataset_info.json)
 	@test -n "$(FILE)" || { echo "usage: make data-add FILE=path/to/data.jsonl [FORMAT=alpaca|sharegpt|openai|prompt_completion|preference|kto|text]"; exit 2; }
