@@ -27,9 +27,9 @@ import time
 from pathlib import Path
 
 import aiohttp
-import httpx
 
 from benchmarks.serving_load import build_default_model
+from benchmarks.workspace import stop, wait_healthy
 from serving.launcher import PROJECT_ROOT, free_port, launch
 
 NAME = "bench-record"  # the gateway benchmarks.record serves
@@ -122,16 +122,7 @@ def main() -> None:
         cmd = [sys.executable, "-m", "benchmarks.record", "gateway", "--engine-url", engine.root_url, "--model", f"{NAME}-v1", "--port", str(port), "--record-dir", str(work / "record")]
         gateway = subprocess.Popen(cmd, cwd=work, env=env, stdout=(work / "gateway.log").open("wb"), stderr=subprocess.STDOUT)
         root = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(f"{root}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline or gateway.poll() is not None:
-                raise SystemExit(f"the gateway did not start:\n{(work / 'gateway.log').read_text()[-3000:]}")
-            time.sleep(0.2)
+        wait_healthy(root, gateway, work / "gateway.log", "gateway", 120)
 
         print(f"feedback endpoint: {CLIENTS} clients rate {COMPLETIONS} completions (default-size bootstrap model, one CPU engine, SQLite record):", flush=True)
         ids = asyncio.run(ask_all(root))
@@ -139,8 +130,7 @@ def main() -> None:
             r = asyncio.run(rate_all(root, ids, again))
             print(f"  {label:<44} {r['rps']:7.1f} req/s  p50 {1000 * r['p50_s']:6.1f} ms  p95 {1000 * r['p95_s']:6.1f} ms  "
                   f"(201: {r['statuses'][201]}, 200: {r['statuses'][200]}, failed: {len(r['failed'])}{', e.g. ' + r['failed'][0] if r['failed'] else ''})", flush=True)
-        gateway.terminate()
-        gateway.wait(timeout=60)  # the recorder flushes on shutdown
+        stop(gateway)  # the recorder flushes on shutdown
         gateway = None
         store_path = work / "record" / "record.sqlite3"
         from serving.record import open_store
@@ -153,11 +143,7 @@ def main() -> None:
         print(f"  export: {export_rate(store_path, work)}", flush=True)
     finally:
         if gateway is not None:
-            gateway.terminate()
-            try:
-                gateway.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                gateway.kill()
+            stop(gateway)
         if engine is not None:
             engine.stop()
         shutil.rmtree(work, ignore_errors=True)

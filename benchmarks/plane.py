@@ -31,6 +31,7 @@ import psutil
 import yaml
 
 from benchmarks.serving_load import build_default_model
+from benchmarks.workspace import wait_healthy
 from serving.launcher import PROJECT_ROOT, free_port
 
 NAME = "bench-model"
@@ -137,16 +138,7 @@ def main() -> None:
     plane = subprocess.Popen([sys.executable, "-m", "serving.plane"], cwd=work, env=env, stdout=(work / "plane.log").open("wb"), stderr=subprocess.STDOUT)
     root = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 900  # engines start slowly on a busy machine
-        while True:
-            try:
-                if httpx.get(f"{root}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if plane.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"the plane did not start:\n{(work / 'plane.log').read_text()[-3000:]}")
-            time.sleep(0.5)
+        wait_healthy(root, plane, work / "plane.log", "plane", 900)  # its engines start slowly on a busy machine
         admin = PlaneClient(root)
         engine = admin.state()["replicas"][v1][0]["url"]
         # The engine serves the version's own name; the plane's public name is NAME.

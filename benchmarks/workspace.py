@@ -62,3 +62,33 @@ def release(tmp: Path, keep: bool, what: str) -> None:
         print(f"\n{what} kept in {tmp}")
     else:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def wait_healthy(root: str, process: subprocess.Popen, log: Path, what: str, timeout_s: float) -> None:
+    """Poll `root`/health until it answers 200; exit with the log's tail if `process` dies or
+    `timeout_s` passes first (servers start slowly on a busy machine)."""
+    import time
+
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if httpx.get(f"{root}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if process.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit(f"the {what} did not start:\n{log.read_text()[-3000:]}")
+        time.sleep(0.2)
+
+
+def stop(*processes: subprocess.Popen) -> None:
+    """Ask every process to stop (they flush on SIGTERM), then wait; kill one that hangs."""
+    for p in processes:
+        p.terminate()
+    for p in processes:
+        try:
+            p.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            p.kill()
