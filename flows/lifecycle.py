@@ -233,6 +233,14 @@ def main() -> None:
     except CancelledRun as exc:  # another run held the project's slot (orchestration.on_busy: drop)
         print(f"\nlifecycle not run: {exc}", file=sys.stderr)
         sys.exit(1)
+    except Exception as exc:
+        from registry.store import unreadable
+
+        line = unreadable(exc)
+        if line is None:
+            raise
+        print(f"\nlifecycle stopped: {line}", file=sys.stderr)
+        sys.exit(1)
     if summary.get("outcome") == "rolled_back":
         # The flow did its job (the champion is untouched), but nothing new reached users:
         # scripts and schedulers should see that as a failure to release.

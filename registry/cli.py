@@ -28,6 +28,7 @@ from pathlib import Path
 
 from pipelines.config import ConfigError, load_params
 from registry.models import CANDIDATE, CHAMPION, PREVIOUS, STATUS, approve, by_alias, download, metrics_of, rollback
+from registry.store import unreadable
 from serving import auth
 
 
@@ -288,6 +289,17 @@ def main(argv: list[str] | None = None) -> None:
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         sys.exit(2)
+    try:
+        run_command(args, params)
+    except Exception as exc:
+        line = unreadable(exc)
+        if line is None:
+            raise
+        print(f"lifecycle {args.command}: {line}", file=sys.stderr)
+        sys.exit(2)
+
+
+def run_command(args: argparse.Namespace, params) -> None:
     name = params.registry.model_name
     if args.command == "traffic":
         traffic_cmd(params, args)

@@ -35,3 +35,22 @@ def artifact_location() -> str | None:
     if tracking_uri().startswith(("http://", "https://", "databricks")):
         return None
     return Path(root or "mlartifacts").resolve().as_uri()
+
+
+def unreadable(exc: BaseException) -> str | None:
+    """One line for a registry store that cannot be read (a damaged or half-written SQLite file,
+    a database that refuses us), naming the store and the fix; None for any other error."""
+    import sqlite3
+
+    from sqlalchemy.exc import DatabaseError
+
+    from serving.record.store import redact_url
+
+    seen = exc
+    while seen is not None:
+        if isinstance(seen, (DatabaseError, sqlite3.DatabaseError)):
+            reason = str(getattr(seen, "orig", None) or seen).splitlines()[0]
+            return (f"the MLflow registry at {redact_url(tracking_uri())} cannot be read ({reason}): it is damaged or was "
+                    "half-written; restore it from a backup, or point MLFLOW_TRACKING_URI at a good store, and rerun")
+        seen = seen.__cause__ or seen.__context__
+    return None

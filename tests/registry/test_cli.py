@@ -202,3 +202,20 @@ def test_traffic_without_a_record_says_where_it_looked(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match=r"no record at .serving/plane/record.sqlite3 yet: the plane \(`make serve`\) records every answer there"):
         cli.main(["traffic"])
     assert not Path(".serving").exists(), "looking does not create an empty record"
+
+
+def test_a_damaged_registry_store_is_one_line_naming_it_and_the_fix(store, tmp_path, monkeypatch, capsys):
+    """A half-written mlflow.db (a disk filled mid-write, a copy cut short) must not greet the user
+    with SQLAlchemy's traceback. Seen red: without run_command's handler the SystemExit never came
+    and sqlalchemy's DatabaseError escaped."""
+    good = (tmp_path / "mlflow.db").read_bytes()
+    damaged = tmp_path / "damaged.db"
+    damaged.write_bytes(good[: len(good) // 2])
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{damaged}")
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["show"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert err.startswith(f"lifecycle show: the MLflow registry at sqlite:///{damaged} cannot be read (")
+    assert "restore it from a backup, or point MLFLOW_TRACKING_URI at a good store" in err
