@@ -108,6 +108,9 @@ class Params(Section):
         primary = self.gate.primary_metric
         if primary is not None and primary not in self.evaluate.directions():
             raise ValueError(f"gate.primary_metric '{primary}' is not a metric of the evaluation suite: name one as '<task>/<metric>' ({', '.join(self.evaluate.directions())})")
+        slice_source = next((s for s in self.data.sources if s.label == self.evaluate.feedback_slice), None)
+        if slice_source is not None and slice_source.split != "test":
+            raise ValueError(f"evaluate.feedback_slice '{slice_source.label}' is declared in data.sources with split '{slice_source.split}': the feedback slice must be held out, set split: test on it (or name the held-out source, e.g. feedback_test)")
         judged = self.evaluate.judge.task
         if judged is not None and judged not in {t.name for t in self.evaluate.tasks}:
             raise ValueError(f"evaluate.judge.task '{judged}' is not in evaluate.tasks ({', '.join(t.name for t in self.evaluate.tasks)})")
