@@ -381,6 +381,8 @@ def slice_rows(pairs: pd.DataFrame, scored: list[tuple[float, float]]) -> list[d
     user's correction (chosen) likelier than the answer that was served (rejected), else 0. A
     tie is 0, not a half: the outcome stays right/wrong, which Tango's paired test needs, and
     a model that cannot tell the correction from the served answer has not learnt it."""
+    if pairs.empty:
+        return []
     return [
         {"task": SLICE_TASK, "id": f"{SLICE_TASK}:{rid}", "prompt": chat_messages(prompt)[-1]["content"], "target": chat_messages(chosen)[-1]["content"], "response": None, "raw": None, SLICE_METRIC: 1.0 if c > r else 0.0}
         for rid, prompt, chosen, (c, r) in zip(pairs["id"], pairs["prompt"], pairs["chosen"], scored)
@@ -395,7 +397,8 @@ def preference_scores(model_ref: str, data_file: Path = PAIRS_FILE, compute: Com
     if standard.empty and feedback.empty:
         return None, []
     model, tokenizer = load_for_scoring(model_ref, compute or ComputeParams())
-    return accuracy_of(pair_logprobs(model, tokenizer, standard)), slice_rows(feedback, pair_logprobs(model, tokenizer, feedback))
+    scored = pair_logprobs(model, tokenizer, standard) if not standard.empty else []
+    return accuracy_of(scored), slice_rows(feedback, pair_logprobs(model, tokenizer, feedback) if not feedback.empty else [])
 
 
 def preference_accuracy(model_ref: str, data_file: Path = PAIRS_FILE, compute: ComputeParams | None = None) -> float | None:
