@@ -45,7 +45,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from pipelines.clean import normal_form, redact
-from pipelines.common import METRICS, write_json
+from pipelines.common import METRICS, PREPARED, write_json
 from pipelines.config import ConfigError, Params, load_params
 from pipelines.data_config import FeedbackLoopParams
 
@@ -236,6 +236,67 @@ def read_state(path: Path) -> dict:
 def new_since(used: list, watermark: float | None) -> int:
     """Feedback rows decided after the last triggered run's newest decision."""
     return sum(1 for i in used if watermark is None or i.review.decided > watermark)
+
+
+# ---------------------------------------------------------------- lineage
+
+
+def feedback_sources(params: Params) -> dict[str, list]:
+    """The declared sources that read the export's folders: {'train': [...], 'test': [...]}."""
+    out: dict[str, list] = {"train": [], "test": []}
+    for split in out:
+        folder = (Path(params.feedback_loop.out_dir) / split).resolve()
+        out[split] = [s for s in params.data.sources if s.path and Path(s.path.split("*")[0]).resolve() == folder]
+    return out
+
+
+def provenance_summary(files: Iterable[Path]) -> dict:
+    """What exported rows came from, read from their provenance: rows per table, the model
+    versions whose answers they judge or correct, and the review decisions behind them."""
+    tables, versions, decisions, feedback = Counter(), Counter(), Counter(), set()
+    for path in files:
+        for line in Path(path).read_text().splitlines():
+            if not line.strip():
+                continue
+            row = json.loads(line)
+            tables[Path(path).stem] += 1
+            versions[str(row.get("version") or "unknown")] += 1
+            decisions[row.get("decision") or "unknown"] += 1
+            feedback.add(row.get("feedback_id"))
+    return {"rows": sum(tables.values()), "tables": dict(tables), "versions": dict(versions), "decisions": dict(decisions), "feedback": len(feedback - {None})}
+
+
+def _counts(c: dict) -> str:
+    return ",".join(f"{k}:{v}" for k, v in sorted(c.items(), key=lambda kv: (len(kv[0]), kv[0])))
+
+
+def feedback_lineage(params: Params, prepared: Path | None = None) -> dict[str, str]:
+    """The version's lineage tags for the feedback it was trained and gated on (empty without
+    any): the sources, how many rows (exported, and kept by prepare in the training split),
+    the model versions whose answers users corrected or rated, and the review decisions."""
+    from pipelines.sources import files_of
+
+    prepared = PREPARED if prepared is None else prepared
+    tags: dict[str, str] = {}
+    for split, key in (("train", "feedback"), ("test", "feedback_slice")):
+        sources = [s for s in feedback_sources(params)[split] if files_of(s)]
+        if not sources:
+            continue
+        summary = provenance_summary(f for s in sources for f in files_of(s))
+        if not summary["rows"]:
+            continue
+        tags |= {
+            f"lineage.{key}.source": ",".join(s.label for s in sources), f"lineage.{key}.rows": str(summary["rows"]),
+            f"lineage.{key}.tables": _counts(summary["tables"]), f"lineage.{key}.feedback": str(summary["feedback"]),
+            f"lineage.{key}.versions": _counts(summary["versions"]), f"lineage.{key}.decisions": _counts(summary["decisions"]),
+        }
+        if split == "train":  # what survived cleaning into the training split
+            import pandas as pd
+
+            names = {s.label for s in sources}
+            kept = sum(int(pd.read_parquet(f, columns=["source"])["source"].isin(names).sum()) for f in sorted(Path(prepared).glob("*_train.parquet")))
+            tags[f"lineage.{key}.rows_trained"] = str(kept)
+    return tags
 
 
 # ---------------------------------------------------------------- the command

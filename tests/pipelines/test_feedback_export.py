@@ -193,6 +193,34 @@ def test_prepare_reads_the_exported_folders_as_sources_and_quarantines_a_leaked_
     assert not any(leaked in m["content"] for cell in train["prompt"] for m in cell)
 
 
+def test_the_lineage_names_the_feedback_its_rows_the_corrected_versions_and_the_decisions(tmp_path, monkeypatch):
+    """What registration tags a version with (tasks/registry.py), read from the rows' provenance
+    after the real prepare. Seen red: `versions[...]` counting `row.get("model")` instead of the
+    version -> lineage.feedback.versions was 'm:...' and the assertion on '3:..,4:..' failed."""
+    cfg = params(test_fraction=0.3)
+    monkeypatch.chdir(tmp_path)
+    assert fe.feedback_lineage(cfg) == {}, "no feedback exported: no feedback lineage"
+    ours = [completion(i, prompt=f"please reverse these digits for me {i} {i + 3} {i + 5}", version="3" if i < 20 else "4") for i in range(30)]
+    with open_store(tmp_path / "record.sqlite3") as store:
+        store.write_batch(ours)
+        for r in ours:
+            store.put_feedback(given(r.id, correction=f"fixed {r.id[-2:]} answer"))
+        store.put_reviews([decided(r.id, "edited" if int(r.id[-2:]) % 3 == 0 else "accepted", f"edited {r.id[-2:]} answer" if int(r.id[-2:]) % 3 == 0 else None) for r in ours])
+        fe.export(cfg, store)
+    build_workspace(tmp_path, cfg, generate, prepare)
+    tags = fe.feedback_lineage(cfg)
+
+    train, test = read("data/feedback/train/preference.jsonl"), read("data/feedback/test/preference.jsonl")
+    assert len(train) + len(test) == 30 and test, "some held out"
+    count = lambda rows, key, value: sum(1 for r in rows if r[key] == value)  # noqa: E731
+    assert tags["lineage.feedback.source"] == "feedback" and tags["lineage.feedback.rows"] == str(len(train))
+    assert tags["lineage.feedback.tables"] == f"preference:{len(train)}"
+    assert tags["lineage.feedback.versions"] == f"3:{count(train, 'version', '3')},4:{count(train, 'version', '4')}"
+    assert tags["lineage.feedback.decisions"] == ",".join(f"{d}:{count(train, 'decision', d)}" for d in ("edited", "accepted") if count(train, "decision", d))
+    assert tags["lineage.feedback.rows_trained"] == str((pd.read_parquet("data/prepared/preference_train.parquet")["source"] == "feedback").sum())
+    assert tags["lineage.feedback_slice.source"] == "feedback_test" and tags["lineage.feedback_slice.rows"] == str(len(test))
+
+
 # ---------------------------------------------------------------- the trigger policy
 
 POLICY = FeedbackLoopParams(min_new_rows=5, cooldown_s=3600, max_runs_per_day=2)
