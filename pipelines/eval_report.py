@@ -83,7 +83,7 @@ def render(
         lines.append("")
     for c in superiority:
         r = c.paired
-        result = "pass" if c.passed and r.low > c.bound else "reported (not blocking)" if c.passed else "**FAIL**"
+        result = "pass" if c.passed and r.low > c.bound else "**undecided**" if c.pending and not c.passed else "undecided (passed)" if c.pending else "reported (not blocking)" if c.passed else "**FAIL**"
         lines += [
             "### Feedback slice: better than the champion",
             "",

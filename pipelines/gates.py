@@ -241,16 +241,26 @@ def slice_check(candidate: list[float], champion: list[float], policy: GateParam
     counts = f"{r.wins} better, {r.losses} worse of {r.n} held-out feedback items" if r.wins is not None else f"{r.n} held-out feedback items"
     head = (f"candidate {float(np.mean(candidate)):.4f} vs champion {float(np.mean(champion)):.4f}; paired diff {r.diff:+.4f} [{r.low:+.4f}, {r.high:+.4f}] "
             f"({counts}; {r.test}, {policy.confidence:.0%} interval); superiority: lower end must exceed {margin:g}")
+    # The best a candidate can do is fix every item the champion misses and break none: when
+    # even that could not clear the bar, the slice is too small to tell, not a verdict on this
+    # candidate (undecided, as gate.on_undecided says, like the suite's low-power checks).
+    misses = int(round(len(champion) - float(np.sum(champion))))
+    best_low = stats.score_interval(misses, 0, len(champion), policy.confidence)[0] if r.wins is not None else float("inf")
+    pending = False
     if better:
-        verdict = "better than the champion on the feedback slice: ok"
+        verdict, passed = "better than the champion on the feedback slice: ok", True
     elif r.high < 0:
-        verdict = "worse than the champion on the feedback slice: FAILED"
+        verdict, passed = "worse than the champion on the feedback slice: FAILED", False
+    elif best_low <= margin:
+        pending = True
+        passed = policy.on_undecided == "pass"
+        verdict = (f"not enough items to tell: the champion misses {misses}, and even fixing all of them would leave the lower end at {best_low:+.4f}: "
+                   + ("UNDECIDED, passed as gate.on_undecided says" if passed else "UNDECIDED, blocked (gate.on_undecided: block)"))
     else:
-        verdict = "not shown better than the champion on the feedback slice: FAILED"
-    passed = better or policy.feedback_slice == "report"
-    if not better and passed:
-        verdict = verdict.replace(": FAILED", ": reported, not blocking (gate.feedback_slice: report)")
-    return Check(FEEDBACK_SLICE_METRIC, f"superiority vs champion on the feedback slice ({r.test}, interval's lower end > margin)", r.low, margin, passed, text=f"{head}: {verdict}", paired=r)
+        verdict, passed = "not shown better than the champion on the feedback slice: FAILED", False
+    if not passed and policy.feedback_slice == "report":
+        passed, verdict = True, verdict.replace(": FAILED", ": reported, not blocking (gate.feedback_slice: report)").replace("UNDECIDED, blocked (gate.on_undecided: block)", "reported, not blocking (gate.feedback_slice: report)")
+    return Check(FEEDBACK_SLICE_METRIC, f"superiority vs champion on the feedback slice ({r.test}, interval's lower end > margin)", r.low, margin, passed, pending=pending, text=f"{head}: {verdict}", paired=r)
 
 
 def compare_steps(steps: list[tuple[str, list[dict]]], metric: str, policy: GateParams, directions: dict[str, str] | None = None) -> list[dict]:

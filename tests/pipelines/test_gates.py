@@ -265,6 +265,11 @@ def test_a_candidate_that_does_not_improve_the_feedback_slice_is_blocked_with_th
     # Worse is said as worse.
     d = decide(GOOD, BASE, None, POLICY, feedback_slice=pair_items(slice_items("0" * 40), SLICE_CHAMPION, metric))
     assert "worse than the champion on the feedback slice: FAILED" in d.reasons[0]
+    # A slice whose champion misses only 3 items cannot show superiority whatever the candidate
+    # does (3 fixed of 3 is the best case, and it is not enough): undecided, not rejected.
+    small_champion = slice_items("1" * 37 + "0" * 3)
+    d = decide(GOOD, BASE, None, POLICY, feedback_slice=pair_items(slice_items("1" * 40), small_champion, metric))
+    assert d.outcome == "continue" and d.checks[-1].pending and "not enough items to tell: the champion misses 3" in d.reasons[0], d.reasons
     # gate.feedback_slice: report shows it and lets it through.
     d = decide(GOOD, BASE, None, POLICY.model_copy(update={"feedback_slice": "report"}), feedback_slice=pair_items(same, SLICE_CHAMPION, metric))
     assert d.passed and "reported, not blocking (gate.feedback_slice: report)" in d.checks[-1].describe()
