@@ -382,7 +382,9 @@ def test_a_feedback_run_whose_candidate_does_not_improve_the_slice_is_blocked_an
         slice_metric = "feedback_slice/preference_accuracy"
         reason = next(line.strip() for line in out.splitlines() if line.strip().startswith(f"{slice_metric}: candidate") and "FAILED" in line)
         assert "held-out feedback items" in reason and "superiority: lower end must exceed 0" in reason and "better than the champion on the feedback slice: ok" not in reason
-        assert f"{slice_metric} (held-out):" in out, "the run's summary shows each model's slice score"
+        ev = json.loads((project / "metrics/evaluate.json").read_text())
+        assert all(ev[m]["feedback_slice_items"] == len(held) for m in ("base", "sft", "dpo")), "every model is scored on the slice"
+        assert "preference_accuracy" in ev["dpo"] and ev["dpo"][slice_metric] is not None
         version = max(registry(project).search_model_versions("name='reverse-digits'"), key=lambda mv: int(mv.version))
         assert version.tags["status"] == "rejected" and slice_metric in version.tags["status.reason"]
         tags = version.tags
