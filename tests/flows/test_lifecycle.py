@@ -354,8 +354,8 @@ def test_a_feedback_run_whose_candidate_does_not_improve_the_slice_is_blocked_an
     writes them, provenance included. The run trains on the training rows; its candidate is not
     shown better on the held-out corrections, so the gate blocks it with the slice's reason and
     interval, and the rejected version's lineage names the feedback it was made from.
-    Seen red: with `slice_check`'s verdict forced to pass (`better = True`) the flow ran into
-    its canary (exit 0, no slice reason)."""
+    Seen red: with `slice_check`'s verdict forced to pass (`better = True`) the run passed its
+    gate and exited 0 (`assert result.returncode == 1` failed)."""
     import random
 
     write_params(project)  # the module's earlier tests leave other params behind
