@@ -109,9 +109,10 @@ def server_problem() -> str | None:
     return None
 
 
-def announce_data(params: Params, file: str | None = None) -> str:
-    """Emit `lifecycle.data.added` for this project, with the data's hash; returns what happened.
-    Never raises for a missing server: adding data must not depend on the orchestrator."""
+def announce_data(params: Params, file: str | None = None, details: dict | None = None) -> str:
+    """Emit `lifecycle.data.added` for this project, with the data's hash (and `details` in the
+    payload: the feedback export's counts and recipe); returns what happened. Never raises for a
+    missing server: adding data must not depend on the orchestrator."""
     from flows.control import data_hash
 
     digest = data_hash(params)
@@ -121,7 +122,7 @@ def announce_data(params: Params, file: str | None = None) -> str:
     from prefect.events import Event
     from prefect.events.clients import get_events_client
 
-    payload = {"data_hash": digest, "file": Path(file).name if file else None}
+    payload = {**(details or {}), "data_hash": digest, "file": Path(file).name if file else None}
     event = Event(event=DATA_ADDED, resource={"prefect.resource.id": data_resource(params), "prefect.resource.name": f"{params.registry.model_name} data", "data.hash": digest}, payload=payload)
 
     async def emit() -> None:

@@ -40,6 +40,7 @@ from flows.control import data_hash, label_run, lifecycle_run_name, link_mlflow_
 from pipelines.common import METRICS, read_json
 from pipelines.config import ConfigError, Params, load_params
 from pipelines.dag import check_params_file, stage_names, sync
+from pipelines.directions import FEEDBACK_SLICE_METRIC
 from tasks.deploy import canary_release
 from tasks.gates import GateFailed, quality_gate, quantization_gate
 from tasks.registry import register_candidate
@@ -56,12 +57,15 @@ def summary_table(stages: list[dict]) -> str:
 
 
 def quality_summary(params: Params) -> dict:
-    """Every suite metric (and preference accuracy) per model: {metric: {model: value}}."""
+    """Every suite metric (and preference accuracy, and the feedback slice when there is one)
+    per model: {metric: {model: value}}."""
     ev = read_json(METRICS / "evaluate.json")
     q = read_json(METRICS / "quantize.json") if (METRICS / "quantize.json").exists() else {}
     models = [name for name, block in ev.items() if name != "candidate" and isinstance(block, dict)]  # not the `steps` comparisons
     out = {m: {name: ev[name].get(m) for name in models} | ({"quantized": q.get(m)} if q else {}) for m in params.evaluate.directions()}
     out["preference_accuracy"] = {name: ev[name].get("preference_accuracy") for name in models}
+    if any(FEEDBACK_SLICE_METRIC in ev[name] for name in models):  # held-out feedback exists
+        out[FEEDBACK_SLICE_METRIC] = {name: ev[name].get(FEEDBACK_SLICE_METRIC) for name in models} | ({"quantized": q.get(FEEDBACK_SLICE_METRIC)} if q else {})
     return out
 
 

@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
-from pipelines.data_config import DataParams, GenerateParams, PrepareParams
+from pipelines.data_config import DataParams, FeedbackLoopParams, GenerateParams, PrepareParams
 from pipelines.eval_config import EvalTask, EvaluateParams, GateParams, JudgeParams, QuantizeParams, Threshold
 from pipelines.recipe import DEFAULT_RECIPE, check_recipe
 from pipelines.section import Section
@@ -46,7 +46,7 @@ from pipelines.train_config import (
 
 __all__ = [
     "BOOTSTRAP", "PEFT_METHODS", "PARAMS_FILE", "AlignParams", "CanaryParams", "ComputeParams", "ConfigError", "CpoParams", "DataParams", "DpoParams", "EvalTask",
-    "EvaluateParams", "FeedbackParams", "GateParams", "GenerateParams", "GrpoParams", "JudgeParams", "KServeParams", "KtoParams", "ModelParams", "MonitorParams", "NotifyParams", "OrchestrationParams",
+    "EvaluateParams", "FeedbackLoopParams", "FeedbackParams", "GateParams", "GenerateParams", "GrpoParams", "JudgeParams", "KServeParams", "KtoParams", "ModelParams", "MonitorParams", "NotifyParams", "OrchestrationParams",
     "OrpoParams", "Params", "PeftParams", "PrepareParams", "QuantizeParams", "RecordParams", "RegistryParams", "ReviewParams", "RlParams", "RlooParams", "RmParams", "Section", "ServeParams",
     "SftParams", "SweepParams", "Threshold", "TrainParams", "format_errors", "load_params", "snapshot",
 ]
@@ -79,6 +79,7 @@ class Params(Section):
     record: RecordParams = Field(default_factory=RecordParams, description="The record of every answer the gateway gives (serving/record/).")
     feedback: FeedbackParams = Field(default_factory=FeedbackParams, description="POST /v1/feedback on the gateway: ratings, corrections, preferred answers and implicit signals on recorded completions (serving/feedback.py).")
     review: ReviewParams = Field(default_factory=ReviewParams, description="The review flow: people accept, edit or reject feedback in the Prefect UI (flows/review.py).")
+    feedback_loop: FeedbackLoopParams = Field(default_factory=FeedbackLoopParams, description="Accepted feedback -> training rows in a declared source, and when they start a lifecycle run (pipelines/feedback_export.py).")
     canary: CanaryParams = Field(default_factory=CanaryParams)
     kserve: KServeParams = Field(default_factory=KServeParams, description="The InferenceService a release renders when serve.target is kserve (serving/kserve.py).")
     notify: NotifyParams = Field(default_factory=NotifyParams)
@@ -107,6 +108,9 @@ class Params(Section):
         primary = self.gate.primary_metric
         if primary is not None and primary not in self.evaluate.directions():
             raise ValueError(f"gate.primary_metric '{primary}' is not a metric of the evaluation suite: name one as '<task>/<metric>' ({', '.join(self.evaluate.directions())})")
+        slice_source = next((s for s in self.data.sources if s.label == self.evaluate.feedback_slice), None)
+        if slice_source is not None and slice_source.split != "test":
+            raise ValueError(f"evaluate.feedback_slice '{slice_source.label}' is declared in data.sources with split '{slice_source.split}': the feedback slice must be held out, set split: test on it (or name the held-out source, e.g. feedback_test)")
         judged = self.evaluate.judge.task
         if judged is not None and judged not in {t.name for t in self.evaluate.tasks}:
             raise ValueError(f"evaluate.judge.task '{judged}' is not in evaluate.tasks ({', '.join(t.name for t in self.evaluate.tasks)})")

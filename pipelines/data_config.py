@@ -153,3 +153,29 @@ class PrepareParams(Section):
     min_rows: int = Field(50, ge=1, description="Data gate: fewest training rows in each table the recipe trains on.")
     max_quarantine_fraction: float = Field(0.4, ge=0, le=1, description="Data gate: most raw rows that may be quarantined.")
     seed: int = Field(0, description="Seed of the deterministic choices (mixing weights).")
+
+
+class FeedbackLoopParams(Section):
+    """From accepted feedback to the next run (`make feedback-export`, pipelines/feedback_export.py):
+    the export that turns reviewed feedback into training rows in a declared source folder, and
+    the trigger policy that decides whether those rows start a lifecycle run."""
+
+    out_dir: str = Field("data/feedback", description="Where the export writes: <out_dir>/train/*.jsonl and <out_dir>/test/*.jsonl (the held-out feedback set). Declare both as sources in data.sources (params.yaml shows how) so prepare cleans them like any data.")
+    sft_rows: bool = Field(False, description="A correction also makes an SFT row (prompt + the corrected answer), for a recipe with an sft step; it always makes a preference pair.")
+    test_fraction: float = Field(0.2, ge=0, lt=1, description="Share of feedback prompts held out as the feedback evaluation set, by a hash of the prompt: every completion of a prompt (and so every row of a completion) lands on one side, and keeps its side as feedback grows.")
+    seed: int = Field(0, description="Salt of the held-out hash (another seed, another held-out set).")
+    trigger: bool = Field(True, description="Let the export start a lifecycle run (the `lifecycle.data.added` event) when the policy below holds; false: export only.")
+    min_new_rows: int = Field(20, ge=1, description="Fewest accepted (or edited) feedback rows decided since the last run the export started.")
+    cooldown_s: float = Field(6 * 3600, ge=0, description="Shortest time between two runs the export starts.")
+    max_runs_per_day: int = Field(2, ge=0, description="Most runs the export starts in any 24 hours (0: never).")
+    recipe: list[str] = Field(default_factory=lambda: ["dpo"], description="The recipe meant for feedback runs, sent in the event's payload. Not applied yet: a triggered run trains params.yaml's `recipe` from the base model (starting from the champion needs recipe support for it).")
+    state_file: str = Field(".serving/feedback_loop.json", description="Where the export remembers the runs it started and the last decision time they covered (not data; not in DVC).")
+
+    @field_validator("recipe")
+    @classmethod
+    def _recipe(cls, recipe: list[str]) -> list[str]:
+        from pipelines.recipe import check_recipe
+
+        if problems := check_recipe(recipe):
+            raise ValueError("; ".join(problems))
+        return recipe

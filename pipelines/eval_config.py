@@ -50,6 +50,7 @@ class EvaluateParams(Section):
     batch_size: int = Field(32, ge=1, description="lm-eval batch size (local models).")
     max_new_tokens: int = Field(24, ge=1, description="Default generation budget per item (a task's gen_kwargs.max_gen_toks wins).")
     judge: JudgeParams = Field(default_factory=lambda: JudgeParams(), description="LLM-as-judge settings: candidate against champion in the quality gate.")
+    feedback_slice: str | None = Field("feedback_test", min_length=1, description="The declared data source (data.sources, `split: test`) whose held-out preference pairs are the feedback slice: every model is scored on it item by item (1: it finds the user's correction likelier than the served answer) as 'feedback_slice/preference_accuracy', kept out of the standard preference_accuracy, and gate.feedback_slice decides on it. No rows (no feedback exported yet, or the source not declared): no slice. null: never scored.")
 
     @model_validator(mode="after")
     def _unique(self) -> "EvaluateParams":
@@ -93,6 +94,8 @@ class GateParams(Section):
     min_power: float = Field(0.8, gt=0, lt=1, description="A paired metric that is not shown non-inferior, and on which an equally good candidate would have passed with a probability below this (at this many items and this discordance), is 'not enough items to tell': undecided rather than failed.")
     on_undecided: Literal["block", "pass"] = Field("block", description="What an undecided gate (not enough items on some paired metric, nothing failed) does: block (the version is not promoted; its status is 'undecided', not 'rejected', so the same bytes can be judged again on more items) or pass (promote it, the report saying that the data could not tell).")
     primary_metric: str | None = Field(None, description="The metric every recipe step must not make worse than the step before ('<task>/<metric>' of the suite); null: the first metric of the first evaluate task.")
+    feedback_slice: Literal["superiority", "report"] = Field("superiority", description="When the feedback slice has items (evaluate.feedback_slice): superiority blocks a candidate unless it is shown better than the champion on them, paired (Tango's score interval of candidate minus champion entirely above feedback_slice_margin), the standard suite keeping its non-inferiority checks; report shows the comparison and never blocks.")
+    feedback_slice_margin: float = Field(0.0, ge=0, lt=1, description="How much better the candidate must be shown on the feedback slice: the lower end of the paired interval (at gate.confidence) of candidate minus champion must exceed it. 0: better at all.")
     step_regression: Literal["block", "serve_best"] = Field("block", description="A recipe step whose primary metric is worse than the step before's (the paired interval of the difference entirely below zero): block fails the quality gate naming the step; serve_best makes the last step before the first such regression the candidate that is quantized, gated and served, and reports the regression.")
 
 

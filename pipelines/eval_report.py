@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections import Counter
 
 from pipelines.config import GateParams
+from pipelines.directions import FEEDBACK_SLICE_METRIC
 from pipelines.gates import Check, Decision, Interval, direction, mean_interval
 
 
@@ -54,7 +55,8 @@ def render(
         for k in names:
             lines.append(f"| {k} | " + " | ".join("" if scalars[n].get(k) is None else f"{scalars[n][k]:.3f}" for n in scalars) + " |")
         lines.append("")
-    checks: dict[str, Check] = {c.metric: c for c in decision.checks if c.paired is not None}
+    checks: dict[str, Check] = {c.metric: c for c in decision.checks if c.paired is not None and "Holm p=" in c.rule}  # the suite's non-inferiority
+    superiority = [c for c in decision.checks if c.metric == FEEDBACK_SLICE_METRIC and c.paired is not None]
     steps = [c for c in decision.checks if c.rule.startswith("recipe step ")]
     if steps:
         lines += ["### Each recipe step against the one before", "", *("- " + c.describe() + ("" if c.passed else " **FAIL**") for c in steps), ""]
@@ -79,6 +81,20 @@ def render(
             result = "pass" if c.passed and not c.pending else "undecided (passed)" if c.passed else "**undecided**" if c.pending else "**FAIL**"
             lines.append(f"| {metric} | {r.n} | {counts} | {sign * r.diff:+.3f} [{low:+.3f}, {high:+.3f}] | {margin:g} | {r.test} | {p} | {r.power:.2f} | {needed} | {result} |")
         lines.append("")
+    for c in superiority:
+        r = c.paired
+        result = "pass" if c.passed and r.low > c.bound else "**undecided**" if c.pending and not c.passed else "undecided (passed)" if c.pending else "reported (not blocking)" if c.passed else "**FAIL**"
+        lines += [
+            "### Feedback slice: better than the champion",
+            "",
+            "The held-out items users corrected (1: the model prefers the correction to the answer that was served). "
+            "Superiority, not non-inferiority: the lower end of the paired interval must exceed the margin.",
+            "",
+            "| metric | items | better / worse | mean difference [interval] | margin | test | result |",
+            "|---|---|---|---|---|---|---|",
+            f"| {c.metric} | {r.n} | {r.wins} / {r.losses} | {r.diff:+.3f} [{r.low:+.3f}, {r.high:+.3f}] | {c.bound:g} | {r.test} | {result} |",
+            "",
+        ]
     if judged:
         win = mean_interval([j["judge_win_rate"] for j in judged], policy.bootstrap_resamples, policy.confidence)
         verdicts = Counter(v for j in judged for v in j["verdicts"])

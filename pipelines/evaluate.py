@@ -11,6 +11,9 @@ The recipe's last policy step is the `candidate` the gates read.
 - preference accuracy: how often the model gives the chosen answer of a held-out pair a higher
   log-likelihood than the rejected one. It needs no reference model, so it means the same thing
   whatever the recipe (SFT only, DPO, KTO, GRPO, ...) and for the base,
+- the feedback slice (evaluate.feedback_slice): the held-out feedback pairs, kept out of the
+  standard preference accuracy and scored per item (does the model prefer the user's
+  correction to the answer that was served?), for the gate's paired superiority check,
 - with a reward model in the recipe, its score of each answer (`reward_score`),
 - per-item scores (lm-eval's log_samples) so gates can pair candidate and champion item by item
   and the judge can compare their answers.
@@ -36,6 +39,7 @@ import torch
 from pipelines import safety
 from pipelines.common import METRICS, PREPARED, base_model_ref, log, stage_main, write_json
 from pipelines.config import ComputeParams, EvalTask, EvaluateParams, Params
+from pipelines.directions import FEEDBACK_SLICE_METRIC
 from pipelines.formats import chat_messages
 from pipelines.gates import choose_step, compare_steps
 from pipelines.recipe import model_dir, policy_steps
@@ -341,20 +345,65 @@ def validation_loss(model_ref: str, data_file: Path = VALIDATION_FILE, compute: 
     return -sum(logp for logp, _ in scored) / max(sum(n for _, n in scored), 1)
 
 
-@torch.no_grad()
-def preference_accuracy(model_ref: str, data_file: Path = PAIRS_FILE, compute: ComputeParams | None = None) -> float | None:
-    """Share of held-out pairs whose chosen answer the model finds likelier than the rejected."""
-    if not Path(data_file).exists():
-        return None
-    pairs = pd.read_parquet(data_file)
-    if pairs.empty:
-        return None
-    model, tokenizer = load_for_scoring(model_ref, compute or ComputeParams())
+SLICE_METRIC = FEEDBACK_SLICE_METRIC
+SLICE_TASK = SLICE_METRIC.split("/")[0]
+
+
+def read_pairs(data_file: Path = PAIRS_FILE) -> pd.DataFrame:
+    """The held-out preference pairs (empty when there are none)."""
+    return pd.read_parquet(data_file) if Path(data_file).exists() else pd.DataFrame(columns=["prompt", "chosen", "rejected", "source", "id"])
+
+
+def split_slice(pairs: pd.DataFrame, slice_source: str | None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(the standard held-out pairs, the feedback slice's): the slice is the rows of the source
+    evaluate.feedback_slice names, so the standard figure means what it meant before feedback."""
+    if not slice_source or "source" not in pairs or pairs.empty:
+        return pairs, pairs.iloc[0:0]
+    mask = pairs["source"] == slice_source
+    return pairs[~mask], pairs[mask]
+
+
+def pair_logprobs(model, tokenizer, pairs: pd.DataFrame) -> list[tuple[float, float]]:
+    """(log p(chosen), log p(rejected)) of each pair, given its prompt."""
     prompts = [chat_messages(p) for p in pairs["prompt"]]
     chosen = answer_logprobs(model, tokenizer, [(p, chat_messages(c)) for p, c in zip(prompts, pairs["chosen"])])
     rejected = answer_logprobs(model, tokenizer, [(p, chat_messages(r)) for p, r in zip(prompts, pairs["rejected"])])
-    wins = sum(1.0 if c > r else 0.5 if c == r else 0.0 for (c, _), (r, _) in zip(chosen, rejected))
-    return wins / len(pairs)
+    return [(c, r) for (c, _), (r, _) in zip(chosen, rejected)]
+
+
+def accuracy_of(scored: list[tuple[float, float]]) -> float | None:
+    """Share of pairs whose chosen answer is likelier (a tie counts half)."""
+    return sum(1.0 if c > r else 0.5 if c == r else 0.0 for c, r in scored) / len(scored) if scored else None
+
+
+def slice_rows(pairs: pd.DataFrame, scored: list[tuple[float, float]]) -> list[dict]:
+    """One row per feedback pair for the gate to pair item by item: 1 when the model finds the
+    user's correction (chosen) likelier than the answer that was served (rejected), else 0. A
+    tie is 0, not a half: the outcome stays right/wrong, which Tango's paired test needs, and
+    a model that cannot tell the correction from the served answer has not learnt it."""
+    if pairs.empty:
+        return []
+    return [
+        {"task": SLICE_TASK, "id": f"{SLICE_TASK}:{rid}", "prompt": chat_messages(prompt)[-1]["content"], "target": chat_messages(chosen)[-1]["content"], "response": None, "raw": None, SLICE_METRIC: 1.0 if c > r else 0.0}
+        for rid, prompt, chosen, (c, r) in zip(pairs["id"], pairs["prompt"], pairs["chosen"], scored)
+    ]
+
+
+@torch.no_grad()
+def preference_scores(model_ref: str, data_file: Path = PAIRS_FILE, compute: ComputeParams | None = None, slice_source: str | None = None) -> tuple[float | None, list[dict]]:
+    """Preference accuracy on the standard held-out pairs, and the feedback slice's per-item
+    rows (empty without slice rows), from one load of the model."""
+    standard, feedback = split_slice(read_pairs(data_file), slice_source)
+    if standard.empty and feedback.empty:
+        return None, []
+    model, tokenizer = load_for_scoring(model_ref, compute or ComputeParams())
+    scored = pair_logprobs(model, tokenizer, standard) if not standard.empty else []
+    return accuracy_of(scored), slice_rows(feedback, pair_logprobs(model, tokenizer, feedback) if not feedback.empty else [])
+
+
+def preference_accuracy(model_ref: str, data_file: Path = PAIRS_FILE, compute: ComputeParams | None = None) -> float | None:
+    """Share of held-out pairs whose chosen answer the model finds likelier than the rejected."""
+    return preference_scores(model_ref, data_file, compute)[0]
 
 
 def measure(name: str, model_ref: str, cfg: EvaluateParams, compute: ComputeParams | None = None, reward_model: str | None = None) -> dict:
@@ -362,14 +411,17 @@ def measure(name: str, model_ref: str, cfg: EvaluateParams, compute: ComputePara
     reward model) the reward of its answers; per-item rows to metrics/samples/<name>.jsonl."""
     suite, rows, seconds = run_suite(model_ref, cfg, compute)
     loss = validation_loss(model_ref, compute=compute)
-    pref = preference_accuracy(model_ref, compute=compute)
+    pref, feedback = preference_scores(model_ref, compute=compute, slice_source=cfg.feedback_slice)
     reward = add_reward_scores(rows, reward_model, compute, cfg.tasks[0].name)
-    write_samples(name, rows)
+    write_samples(name, rows + feedback)
     shown = ", ".join(f"{k}={v:.3f}" if v is not None else f"{k}=not measured" for k, v in suite.items())
     log.info("%s: %s validation_loss=%.3f preference_accuracy=%s (%d items)", name, shown, loss, pref, len(rows))
     block = {**suite, "validation_loss": loss if math.isfinite(loss) else None, "preference_accuracy": pref, "items": len(rows), "seconds": seconds}
     if reward is not None:
         block["reward_score"] = reward
+    if feedback:
+        block[SLICE_METRIC] = sum(r[SLICE_METRIC] for r in feedback) / len(feedback)
+        block["feedback_slice_items"] = len(feedback)
     return block
 
 

@@ -14,7 +14,7 @@ from typing import Literal
 import numpy as np
 
 from pipelines import stats
-from pipelines.directions import DIRECTIONS, Direction
+from pipelines.directions import DIRECTIONS, FEEDBACK_SLICE_METRIC, Direction
 from pipelines.config import GateParams, QuantizeParams
 
 Outcome = Literal["pass", "fail", "continue"]
@@ -224,6 +224,45 @@ def paired_checks(
     return checks
 
 
+def slice_check(candidate: list[float], champion: list[float], policy: GateParams) -> Check:
+    """The feedback slice: the held-out items users corrected, candidate and champion paired
+    item by item (1: the model prefers the user's correction to the answer that was served).
+    Unlike the standard suite's non-inferiority, the candidate must be shown *better*: the
+    lower end of the two-sided interval of candidate minus champion at gate.confidence (Tango's
+    score interval, the same machinery, margin turned around) must exceed
+    gate.feedback_slice_margin; so the one-sided error of promoting a candidate that is not
+    better is (1 - confidence) / 2. Only the discordant items move it: a candidate that flips
+    as many items one way as the other is not better, however many it flips.
+    Under gate.feedback_slice: report the check is shown and never blocks."""
+    margin = policy.feedback_slice_margin
+    alpha = (1 - policy.confidence) / 2
+    r = paired_result(FEEDBACK_SLICE_METRIC, candidate, champion, -margin, policy.confidence, alpha, policy.bootstrap_resamples)
+    better = r.low > margin
+    counts = f"{r.wins} better, {r.losses} worse of {r.n} held-out feedback items" if r.wins is not None else f"{r.n} held-out feedback items"
+    head = (f"candidate {float(np.mean(candidate)):.4f} vs champion {float(np.mean(champion)):.4f}; paired diff {r.diff:+.4f} [{r.low:+.4f}, {r.high:+.4f}] "
+            f"({counts}; {r.test}, {policy.confidence:.0%} interval); superiority: lower end must exceed {margin:g}")
+    # The best a candidate can do is fix every item the champion misses and break none: when
+    # even that could not clear the bar, the slice is too small to tell, not a verdict on this
+    # candidate (undecided, as gate.on_undecided says, like the suite's low-power checks).
+    misses = int(round(len(champion) - float(np.sum(champion))))
+    best_low = stats.score_interval(misses, 0, len(champion), policy.confidence)[0] if r.wins is not None else float("inf")
+    pending = False
+    if better:
+        verdict, passed = "better than the champion on the feedback slice: ok", True
+    elif r.high < 0:
+        verdict, passed = "worse than the champion on the feedback slice: FAILED", False
+    elif best_low <= margin:
+        pending = True
+        passed = policy.on_undecided == "pass"
+        verdict = (f"not enough items to tell: the champion misses {misses}, and even fixing all of them would leave the lower end at {best_low:+.4f}: "
+                   + ("UNDECIDED, passed as gate.on_undecided says" if passed else "UNDECIDED, blocked (gate.on_undecided: block)"))
+    else:
+        verdict, passed = "not shown better than the champion on the feedback slice: FAILED", False
+    if not passed and policy.feedback_slice == "report":
+        passed, verdict = True, verdict.replace(": FAILED", ": reported, not blocking (gate.feedback_slice: report)").replace("UNDECIDED, blocked (gate.on_undecided: block)", "reported, not blocking (gate.feedback_slice: report)")
+    return Check(FEEDBACK_SLICE_METRIC, f"superiority vs champion on the feedback slice ({r.test}, interval's lower end > margin)", r.low, margin, passed, pending=pending, text=f"{head}: {verdict}", paired=r)
+
+
 def compare_steps(steps: list[tuple[str, list[dict]]], metric: str, policy: GateParams, directions: dict[str, str] | None = None) -> list[dict]:
     """Each recipe step against the step before it on `metric`, paired item by item: a step
     has `regressed` when the whole interval of its difference lies below zero (it is worse
@@ -285,6 +324,7 @@ def decide(
     tolerances: dict[str, float] | None = None,
     steps: list[dict] | None = None,
     candidate_step: str | None = None,
+    feedback_slice: tuple[list[float], list[float]] | None = None,
 ) -> Decision:
     """The quality gate: absolute thresholds, better than the untrained base, and no worse than
     the current champion: by paired tests where per-item scores of both are given
@@ -295,7 +335,9 @@ def decide(
     `beat_base`: the metrics that must beat the base (default: every metric with a direction);
     `tolerances`: per-metric margins against the champion (default: gate.champion_tolerance);
     `steps`: each recipe step against the one before (`compare_steps`, from the evaluate stage),
-    `candidate_step` the one that was served."""
+    `candidate_step` the one that was served;
+    `feedback_slice`: (candidate items, champion items) on the held-out feedback set, which the
+    candidate must be shown better on (`slice_check`), apart from the suite's non-inferiority."""
     tolerances = tolerances or {}
     checks: list[Check] = []
     for metric, t in policy.thresholds.items():
@@ -315,6 +357,8 @@ def decide(
     checks += step_checks(steps or [], candidate_step, policy)
     paired = paired or {}
     checks += paired_checks(paired, policy, directions, tolerances)
+    if feedback_slice and feedback_slice[0]:
+        checks.append(slice_check(*feedback_slice, policy))
     if champion:  # regressions that matter: the metrics the policy puts thresholds on
         for metric in policy.thresholds:
             if metric not in paired and champion.get(metric) is not None:

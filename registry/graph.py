@@ -37,6 +37,20 @@ def registered_at(mv: ModelVersion) -> str:
     return ts.strftime("%Y-%m-%d %H:%M UTC")
 
 
+def feedback_lines(tags: dict) -> list[str]:
+    """Users' feedback behind the version (tags from pipelines/feedback_export.feedback_lineage):
+    what it trained on and the held-out slice it was gated on."""
+    lines = []
+    for key, what in (("feedback", "trained on"), ("feedback_slice", "gated on (held out)")):
+        if f"lineage.{key}.source" not in tags:
+            continue
+        t = lambda name: tags.get(f"lineage.{key}.{name}", "?")  # noqa: E731
+        kept = f", {t('rows_trained')} kept by prepare" if f"lineage.{key}.rows_trained" in tags else ""
+        lines += ["", f"feedback {what}: source {t('source')}, {t('rows')} rows ({t('tables')}){kept} from {t('feedback')} feedback",
+                  f"  answers of model versions {t('versions')}   review decisions {t('decisions')}"]
+    return lines
+
+
 def lineage_text(name: str, mv: ModelVersion, record: dict) -> str:
     tags = mv.tags
     steps = stage_graph(record["lock"], record["dag"])
@@ -51,6 +65,7 @@ def lineage_text(name: str, mv: ModelVersion, record: dict) -> str:
     ]
     raws = {i["path"]: i["md5"] for s in steps for i in s["inputs"] if i["made_by"] is None}
     lines += [f"  {path:<40} {_short(md5)}" for path, md5 in raws.items()] or ["  (none: every input is made by a stage)"]
+    lines += feedback_lines(tags)
     for s in steps:
         run = tags.get(f"lineage.stage_run.{s['stage']}", "")
         lines.append("")

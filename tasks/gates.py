@@ -14,6 +14,7 @@ from prefect.cache_policies import NO_CACHE
 from pipelines.common import METRICS, read_json
 from pipelines.config import Params
 from pipelines import eval_report
+from pipelines.directions import FEEDBACK_SLICE_METRIC
 from pipelines.gates import Decision, decide, decide_quantization, pair_items
 from pipelines.plots import plot_gate
 from registry.models import CHAMPION, REJECTED, UNDECIDED, by_alias, download, mark_candidate, metrics_of, set_status
@@ -67,12 +68,13 @@ def champion_items(params: Params, version: str) -> tuple[object | None, list[di
     if str(mv.version) == str(version):
         print(f"candidate is champion v{mv.version} itself: paired comparison skipped")
         return mv, None
-    from pipelines.evaluate import add_reward_scores, reward_model_of, run_suite  # lm-eval is heavy: import only when needed
+    from pipelines.evaluate import add_reward_scores, preference_scores, reward_model_of, run_suite  # lm-eval is heavy: import only when needed
 
     champion_dir = download(mv, GATE_DIR / f"v{mv.version}")
     try:
         _, items, _ = run_suite(str(champion_dir), params.evaluate, compute=params.compute)
         add_reward_scores(items, reward_model_of(params), params.compute, params.evaluate.tasks[0].name)
+        items += preference_scores(str(champion_dir), compute=params.compute, slice_source=params.evaluate.feedback_slice)[1]  # the feedback slice, item by item
     finally:
         shutil.rmtree(GATE_DIR, ignore_errors=True)
     return mv, items
@@ -130,19 +132,22 @@ def quality_gate(params: Params, parent_run_id: str, version: str) -> Decision:
     directions = params.evaluate.directions()
     paired: dict[str, tuple[list[float], list[float]]] = {}
     judged: list[dict] = []
+    feedback_slice = None
     if champ_items:
         items["champion"] = champ_items
         for metric in [*directions, "reward_score"]:
             cand, ref = pair_items(candidate_items, champ_items, metric)
             if cand:
                 paired[metric] = (cand, ref)
+        cand, ref = pair_items(candidate_items, champ_items, FEEDBACK_SLICE_METRIC)  # the held-out feedback, when there is some
+        feedback_slice = (cand, ref) if cand else None
         judged = judge_items(params, candidate_items, champ_items)
         if judged:
             paired["judge_win_rate"] = ([j["judge_win_rate"] for j in judged], [0.5] * len(judged))
     registered = metrics_of(mv) if mv is not None and str(mv.version) != str(version) else None
     decision = decide(
         served, results["base"], registered, params.gate, paired=paired or None, directions=directions, beat_base=params.evaluate.beat_base(),
-        tolerances=params.evaluate.tolerances(), steps=results.get("steps"), candidate_step=results["candidate"].get("step"),
+        tolerances=params.evaluate.tolerances(), steps=results.get("steps"), candidate_step=results["candidate"].get("step"), feedback_slice=feedback_slice,
     )
     scalars = {"base": results["base"], "unquantized": results["candidate"], "served": served}
     markdown, chart_data = eval_report.render(items, paired, decision, params.gate, judged, {n: {k: b.get(k) for k in ("validation_loss", "preference_accuracy")} for n, b in scalars.items()}, directions)

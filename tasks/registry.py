@@ -13,6 +13,7 @@ from prefect.cache_policies import NO_CACHE
 
 from pipelines.common import METRICS, QUANT_DIR, read_json
 from pipelines.config import Params
+from pipelines.feedback_export import feedback_lineage
 from pipelines.gates import decide_quantization
 from registry.card import record_gate
 from registry.graph import plot_lineage
@@ -47,6 +48,7 @@ def register_candidate(params: Params, parent_run_id: str, flow_run_id: str | No
     # model's are kept beside them as a diagnostic.
     tags.update({f"metric.{k}": str(v) for k, v in served.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
     tags.update({f"metric_unquantized.{k}": str(v) for k, v in unquantized.items() if isinstance(v, (int, float))})
+    tags.update(feedback_lineage(params))  # the users' feedback it learnt from and was gated on, with its provenance
     tags["recipe"] = " -> ".join(params.recipe)
     tags["quantization"] = f"{served.get('scheme', 'none')}/{served.get('algorithm', 'none')}" if served.get("enabled") else "none"
     mv = register(name, QUANT_DIR, parent_run_id, model_md5, tags)

@@ -325,3 +325,73 @@ def test_invalid_params_fail_before_any_work(project):
     assert "sft.learning_rat: unknown key (did you mean 'learning_rate'?)" in result.stdout
     assert (project / "dvc.lock").read_bytes() == lock
     assert sorted(p.name for p in (project / ".prefect").rglob("*.db")) == before
+
+
+def champion_answers(project: Path, prompts: list[str]) -> list[str]:
+    """What the champion serves to each prompt: its registered (served) model, greedy, as the
+    CPU engine answers."""
+    import os
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{project / 'mlflow.db'}"
+    from registry.models import download
+
+    folder = download(registry(project).get_model_version_by_alias("reverse-digits", "champion"), project / ".serving/feedback-test-champion")
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    out = []
+    for p in prompts:
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, return_tensors="pt", return_dict=True)
+        gen = model.generate(**ids, max_new_tokens=24, do_sample=False)
+        out.append(tokenizer.decode(gen[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).split("\n")[0].strip())
+    return out
+
+
+def test_a_feedback_run_whose_candidate_does_not_improve_the_slice_is_blocked_and_names_its_feedback(project):
+    """Users corrected the champion's answers to long lists (held out: data/feedback/test) and
+    corrected something else on short ones (data/feedback/train), as `make feedback-export`
+    writes them, provenance included. The run trains on the training rows; its candidate is not
+    shown better on the held-out corrections, so the gate blocks it with the slice's reason and
+    interval, and the rejected version's lineage names the feedback it was made from.
+    Seen red: with `slice_check`'s verdict forced to pass (`better = True`) the run passed its
+    gate and exited 0 (`assert result.returncode == 1` failed)."""
+    import random
+
+    write_params(project)  # the module's earlier tests leave other params behind
+    rng = random.Random(17)
+    msg = lambda role, text: [{"role": role, "content": text}]  # noqa: E731
+    origin = lambda i, version: {"feedback_id": f"fb-{i:04d}", "feedback_revision": 1, "completion_id": f"chatcmpl-{i:04d}", "version": version, "model": "reverse-digits",  # noqa: E731
+                                 "tier": "gold", "decision": "edited" if i % 4 == 0 else "accepted", "reviewer": "ann", "decided": "2026-12-01T10:00:00+00:00"}
+    long_lists = [[str(rng.randrange(10)) for _ in range(8)] for _ in range(30)]
+    prompts = ["Reverse the list:\n" + " ".join(d) for d in long_lists]
+    served = champion_answers(project, prompts)
+    wrong = [(p, " ".join(reversed(d)), s) for p, d, s in zip(prompts, long_lists, served) if s != " ".join(reversed(d))]
+    assert len(wrong) >= 10, f"the champion must get long lists wrong to be corrected: {served}"
+    held = [{"prompt": msg("user", p), "chosen": msg("assistant", good), "rejected": msg("assistant", bad), "signal": "correction", **origin(100 + n, "1")} for n, (p, good, bad) in enumerate(wrong)]
+    short = [[str(rng.randrange(10)) for _ in range(3)] for _ in range(40)]
+    train = [{"prompt": msg("user", "Reverse the list:\n" + " ".join(d)), "chosen": msg("assistant", " ".join(reversed(d))), "rejected": msg("assistant", " ".join(reversed(d)) + " 0"),
+              "signal": "correction", **origin(n, "1" if n % 2 else "3")} for n, d in enumerate(short)]
+    for split, rows in (("train", train), ("test", held)):
+        (project / f"data/feedback/{split}").mkdir(parents=True, exist_ok=True)
+        (project / f"data/feedback/{split}/preference.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    try:
+        result = run_flow(project, "--no-deploy")
+        out = result.stdout
+        assert result.returncode == 1, out[-6000:]
+        slice_metric = "feedback_slice/preference_accuracy"
+        reason = next(line.strip() for line in out.splitlines() if line.strip().startswith(f"{slice_metric}: candidate") and "FAILED" in line)
+        assert "held-out feedback items" in reason and "superiority: lower end must exceed 0" in reason and "better than the champion on the feedback slice: ok" not in reason
+        ev = json.loads((project / "metrics/evaluate.json").read_text())
+        assert all(ev[m]["feedback_slice_items"] == len(held) for m in ("base", "sft", "dpo")), "every model is scored on the slice"
+        assert "preference_accuracy" in ev["dpo"] and ev["dpo"][slice_metric] is not None
+        version = max(registry(project).search_model_versions("name='reverse-digits'"), key=lambda mv: int(mv.version))
+        assert version.tags["status"] == "rejected" and slice_metric in version.tags["status.reason"]
+        tags = version.tags
+        assert tags["lineage.feedback.source"] == "feedback" and tags["lineage.feedback.rows"] == str(len(train))
+        assert tags["lineage.feedback.versions"] == "1:20,3:20" and tags["lineage.feedback.decisions"] == "edited:10,accepted:30"
+        assert tags["lineage.feedback_slice.source"] == "feedback_test" and tags["lineage.feedback_slice.rows"] == str(len(held))
+        assert int(tags["lineage.feedback.rows_trained"]) > 0
+    finally:
+        for split in ("train", "test"):
+            (project / f"data/feedback/{split}/preference.jsonl").unlink(missing_ok=True)

@@ -96,6 +96,34 @@ def test_preference_accuracy_ranks_the_likelier_answer_first(trained, tmp_path):
     assert preference_accuracy("models/sft", tmp_path / "swapped.parquet") <= 0.1
 
 
+def test_the_feedback_slice_is_scored_per_item_and_kept_out_of_the_standard_figure(trained, tmp_path):
+    """The held-out feedback pairs (source evaluate.feedback_slice) become one right/wrong row
+    per pair, keyed by the prepared row's id, and leave preference_accuracy to the other pairs.
+    Seen red: `split_slice` returning (pairs, pairs[mask]) -> the standard accuracy fell to 0.75
+    (the swapped slice rows counted in it)."""
+    import pandas as pd
+
+    from pipelines.evaluate import SLICE_METRIC, preference_scores
+
+    _, items, _ = run_suite("models/sft", EvaluateParams(tasks=[EvalTask(name="reverse_digits")], limit=10, batch_size=10, max_new_tokens=12))
+    msg = lambda role, text: [{"role": role, "content": text, "tool_calls": None}]  # noqa: E731
+    answered = [i for i in items if i["response"]]
+    junk = "zq~ xv ## plough"
+    rows = [(msg("user", i["prompt"]), msg("assistant", i["response"]), msg("assistant", junk), "demo", f"d{n}") for n, i in enumerate(answered)]
+    # The slice: the model's own answer as the correction on the even rows, as the served
+    # (rejected) answer on the odd ones.
+    for n, i in enumerate(answered):
+        good, bad = (i["response"], junk) if n % 2 == 0 else (junk, i["response"])
+        rows.append((msg("user", i["prompt"]), msg("assistant", good), msg("assistant", bad), "feedback_test", f"f{n}"))
+    pd.DataFrame(rows, columns=["prompt", "chosen", "rejected", "source", "id"]).to_parquet(tmp_path / "pairs.parquet")
+    accuracy, slice_rows = preference_scores("models/sft", tmp_path / "pairs.parquet", slice_source="feedback_test")
+    assert accuracy >= 0.9
+    assert [r["id"] for r in slice_rows] == [f"feedback_slice:f{n}" for n in range(len(answered))]
+    assert [r[SLICE_METRIC] for r in slice_rows] == [1.0 if n % 2 == 0 else 0.0 for n in range(len(answered))]
+    assert all(r["task"] == "feedback_slice" and r["prompt"] for r in slice_rows)
+    assert preference_scores("models/sft", tmp_path / "pairs.parquet", slice_source=None)[1] == [], "null: no slice, every pair is standard"
+
+
 def test_a_reward_model_scores_every_answer(trained, tmp_path):
     """With a reward model in the recipe, each answer of the suite's first task gets its score
     (`reward_score`, per item and on average) for the gate to pair with the champion's."""

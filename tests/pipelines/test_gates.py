@@ -230,3 +230,82 @@ def test_a_metric_with_no_items_is_not_measured_never_nan():
     policy = GateParams(thresholds={"safety/pii_leak_rate": Threshold(max=0.0)}, must_beat_base=False)
     quality = decide(scores, None, None, policy, directions=directions)
     assert not quality.passed and quality.reasons == ["safety/pii_leak_rate: missing (<=)"]
+
+
+def slice_items(outcomes: str, prefix: str = "feedback_slice") -> list[dict]:
+    """Per-item rows in the shape pipelines/evaluate.py writes for the feedback slice."""
+    return [{"task": "feedback_slice", "id": f"{prefix}:{i}", "feedback_slice/preference_accuracy": float(o)} for i, o in enumerate(outcomes)]
+
+
+# 40 held-out feedback items; the champion prefers the correction on 10 of them.
+SLICE_CHAMPION = slice_items("1" * 10 + "0" * 30)
+
+
+def test_a_candidate_that_does_not_improve_the_feedback_slice_is_blocked_with_the_reason():
+    """Seen red: `better = r.low > margin` made `True` -> the no-better candidate passed
+    (`assert d.passed is False` failed)."""
+    from pipelines.gates import pair_items
+
+    metric = "feedback_slice/preference_accuracy"
+    # Different answers, not better: 8 items newly right, 8 newly wrong (discordant both ways).
+    same = slice_items("1" * 2 + "0" * 8 + "1" * 8 + "0" * 22)
+    suite = {"exact_match": pair_items([{"id": f"p{i}", "exact_match": 1.0} for i in range(2000)], [{"id": f"p{i}", "exact_match": 1.0} for i in range(2000)], "exact_match")}
+    d = decide(GOOD, BASE, None, POLICY, paired=suite, feedback_slice=pair_items(same, SLICE_CHAMPION, metric))
+    assert d.passed is False and d.outcome == "fail"
+    assert [r for r in d.reasons] == [d.checks[-1].describe()], "the slice is the only reason: the suite stays non-inferior"
+    assert any("non-inferior: ok" in c.describe() for c in d.checks if c.metric == "exact_match"), "the standard suite keeps its own check"
+    reason = d.reasons[0]
+    assert reason.startswith(metric) and "8 better, 8 worse of 40 held-out feedback items" in reason and "+0.0000 [" in reason
+    assert "not shown better than the champion on the feedback slice: FAILED" in reason
+    # Three items newly right and none wrong is not yet better at 95 %: Tango's interval still
+    # reaches below zero (a Wald interval would not: it has zero width with no losses).
+    few = slice_items("1" * 13 + "0" * 27)
+    d = decide(GOOD, BASE, None, POLICY, feedback_slice=pair_items(few, SLICE_CHAMPION, metric))
+    assert not d.passed and "3 better, 0 worse" in d.reasons[0] and d.checks[-1].paired.low < 0
+    # Worse is said as worse.
+    d = decide(GOOD, BASE, None, POLICY, feedback_slice=pair_items(slice_items("0" * 40), SLICE_CHAMPION, metric))
+    assert "worse than the champion on the feedback slice: FAILED" in d.reasons[0]
+    # A slice whose champion misses only 3 items cannot show superiority whatever the candidate
+    # does (3 fixed of 3 is the best case, and it is not enough): undecided, not rejected.
+    small_champion = slice_items("1" * 37 + "0" * 3)
+    d = decide(GOOD, BASE, None, POLICY, feedback_slice=pair_items(slice_items("1" * 40), small_champion, metric))
+    assert d.outcome == "continue" and d.checks[-1].pending and "not enough items to tell: the champion misses 3" in d.reasons[0], d.reasons
+    # gate.feedback_slice: report shows it and lets it through.
+    d = decide(GOOD, BASE, None, POLICY.model_copy(update={"feedback_slice": "report"}), feedback_slice=pair_items(same, SLICE_CHAMPION, metric))
+    assert d.passed and "reported, not blocking (gate.feedback_slice: report)" in d.checks[-1].describe()
+
+
+def test_a_candidate_shown_better_on_the_feedback_slice_passes_and_the_report_shows_its_interval():
+    """Seen red: the margin ignored (`better = r.low > 0`) -> `assert not strict.passed` failed;
+    the slice check left out of `decide` -> the check on the slice metric was missing."""
+    from pipelines.eval_report import render
+    from pipelines.gates import pair_items
+
+    metric = "feedback_slice/preference_accuracy"
+    # 20 items newly right, 2 newly wrong.
+    better = slice_items("1" * 8 + "0" * 2 + "1" * 20 + "0" * 10)
+    d = decide(GOOD, BASE, None, POLICY, feedback_slice=pair_items(better, SLICE_CHAMPION, metric))
+    assert d.passed, d.reasons
+    check = d.checks[-1]
+    assert check.metric == metric and check.paired.wins == 20 and check.paired.losses == 2 and check.paired.low > 0
+    assert "better than the champion on the feedback slice: ok" in check.describe()
+    markdown, _ = render({"served": better, "champion": SLICE_CHAMPION}, {}, d, POLICY)
+    row = next(line for line in markdown.splitlines() if line.startswith(f"| {metric} | 40 |"))
+    assert f"| 20 / 2 | {check.paired.diff:+.3f} [{check.paired.low:+.3f}, {check.paired.high:+.3f}] | 0 | tango score | pass |" in row
+    assert "### feedback_slice" in markdown  # each model's slice score with its interval
+    # A margin the evidence does not clear blocks the same candidate.
+    strict = decide(GOOD, BASE, None, POLICY.model_copy(update={"feedback_slice_margin": 0.5}), feedback_slice=pair_items(better, SLICE_CHAMPION, metric))
+    assert not strict.passed and "lower end must exceed 0.5" in strict.reasons[0]
+
+
+def test_feedback_slice_params_fail_before_work():
+    from pipelines.config import Params
+    from pipelines.data_config import DataParams, SourceParams
+
+    with pytest.raises(ValueError, match="gate.feedback_slice|feedback_slice"):
+        GateParams(feedback_slice="better")
+    with pytest.raises(ValueError, match="feedback_slice_margin"):
+        GateParams(feedback_slice_margin=-0.1)
+    sources = [SourceParams(name="demo", path="data/generated"), SourceParams(name="feedback_test", path="data/feedback/test/*.jsonl", split="train", required=False)]
+    with pytest.raises(ValueError, match="evaluate.feedback_slice 'feedback_test' is declared in data.sources with split 'train'"):
+        Params(data=DataParams(sources=sources))

@@ -97,12 +97,16 @@ def test_text_image_card_and_signature_of_a_registered_version(store, tmp_path):
     (tmp_path / "m" / "config.json").write_text("{}")
     run = c.create_run(exp).info.run_id
     lineage.log_record(run)
-    mv = models.register("m", tmp_path / "m", run, "model1.dir", {"lineage.git_sha": "abc123def4567", "lineage.stage_run.sft": "run-of-sft-0001", "metric.exact_match": "0.95", "recipe": "sft"})
+    feedback = {"lineage.feedback.source": "feedback", "lineage.feedback.rows": "24", "lineage.feedback.tables": "preference:24", "lineage.feedback.feedback": "24",
+                "lineage.feedback.versions": "3:17,4:7", "lineage.feedback.decisions": "edited:8,accepted:16", "lineage.feedback.rows_trained": "23"}  # as feedback_lineage writes them
+    mv = models.register("m", tmp_path / "m", run, "model1.dir", {"lineage.git_sha": "abc123def4567", "lineage.stage_run.sft": "run-of-sft-0001", "metric.exact_match": "0.95", "recipe": "sft", **feedback})
     card.record_gate("m", str(mv.version), "quality", False, "exact_match = 0.5 vs >= 0.8")
     mv = c.get_model_version("m", str(mv.version))
     text = lineage_text("m", mv, lineage.load_record(run))
     assert "data/raw" in text and "run-of-sft-0" in text and "models/sft" in text and "= the version's model" in text
     assert "params  sft.learning_rate=0.003, sft.max_steps=5" in text, text
+    assert "feedback trained on: source feedback, 24 rows (preference:24), 23 kept by prepare from 24 feedback" in text, text
+    assert "answers of model versions 3:17,4:7   review decisions edited:8,accepted:16" in text and "gated on (held out)" not in text
     png = plot_lineage("m", mv, lineage.load_record(run), tmp_path / "g.png").read_bytes()
     assert png[:4] == b"\x89PNG" and len(png) > 5_000
     assert "**quality**: FAILED: exact_match = 0.5 vs >= 0.8" in mv.description
