@@ -1,8 +1,11 @@
 """The record's writer: a bounded buffer between the gateway's requests and the store.
 
 A request only appends to the buffer (`submit`, never blocking); a thread of its own takes rows
-out in batches, parses the answers, redacts prompts and answers with the data cleaning's PII
-rules (`pipelines.clean.redact`) and writes them (`Store.write_batch`). A full buffer drops the
+out in batches, has the redactor process (`serving.record.redactor`) parse the answers and
+redact prompts and answers with the data cleaning's PII rules (`pipelines.clean.redact`), and
+writes the rows (`Store.write_batch`). The thread mostly waits, the GIL released: the redaction's
+CPU is not spent in the gateway's process (when the redactor is not there, the thread redacts
+itself, as it did before the process existed). A full buffer drops the
 row, never the request: counted in `gateway_record_dropped_total{reason="buffer_full"}`; a
 batch the store refused is counted with reason "store_error". Written rows are counted in
 `gateway_record_written_total`. Rows past `retention_days` are purged every `purge_interval_s`.
@@ -11,99 +14,29 @@ batch the store refused is counted with reason "store_error". Written rows are c
 
 from __future__ import annotations
 
-import json
 import logging
 import queue
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
-from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from pipelines.clean import redact
-from pipelines.formats import map_strings
+from serving.record.redactor import Redactor, rows_of
+from serving.record.rows import NOT_PARAMS, PROMPT_FIELDS, Pending, answer_of, redact_text, redacted_json, storable, to_row
 from serving.record.schema import Row, key_id
 from serving.record.store import Store, StoreError, close_quietly, open_store
 from serving.record.tap import Tap
 
 log = logging.getLogger("serving.record")
-PROMPT_FIELDS = ("messages", "prompt")
-NOT_PARAMS = (*PROMPT_FIELDS, "model")  # everything else a request sends is a sampling parameter
+REDACTOR_RETRY_S = 10  # a redactor process that failed is started again this much later (a dead one at once)
+# Batches start GATHER_S apart at most while there is no backlog: a few a second, not one per
+# request, so the writer thread takes the gateway's GIL a few times a second. A row that comes
+# after a quiet spell is taken at once.
+GATHER_S = 0.1
 STORE_FILE = "record.sqlite3"  # in the plane's state folder unless record.store names one
 SERVICE_TIER, UNTIERED = "service", "untiered"
-
-
-@dataclass(slots=True)
-class Pending:
-    """A completion as the request path left it: raw, neither parsed nor redacted."""
-
-    tap: Tap
-    status: int
-    body: bytes | None  # a JSON answer; None for a stream (its text is in the tap)
-    version: str | None
-    replica: str | None
-    cache_hit: bool
-    latency_s: float
-
-
-@lru_cache(maxsize=8192)
-def _redact_seen(text: str) -> str:
-    return redact(text)
-
-
-def redact_text(text: str) -> str:
-    """`pipelines.clean.redact`, remembered for texts seen before: a system prompt, a repeated
-    question, a cached answer are redacted once (a text with seven digits or more costs ~0.4 ms
-    in libphonenumber). Long texts are not kept: the memory stays under ~32 MB."""
-    return _redact_seen(text) if len(text) <= 4096 else redact(text)
-
-
-def redacted_json(value: Any) -> str:
-    return json.dumps(map_strings(value, redact_text), ensure_ascii=False)
-
-
-def answer_of(body: bytes | None, chat: bool) -> tuple[str | None, str | None, dict | None]:
-    """(first choice's text, its finish reason, usage) of a JSON answer; Nones for an error."""
-    try:
-        data = json.loads(body or b"")
-        choice = data["choices"][0]
-        text = (choice.get("message") or {}).get("content") if chat else choice.get("text")
-        return text, choice.get("finish_reason"), data.get("usage")
-    except (ValueError, KeyError, IndexError, TypeError, AttributeError):
-        return None, None, None
-
-
-def storable(text: str | None) -> str | None:
-    """Text every store takes: PostgreSQL refuses NUL in text and psycopg cannot encode a lone
-    surrogate (a byte-level model answers both; JSON carries them as \\u escapes). One
-    replacement character each, in every store alike."""
-    if text is None:
-        return None
-    return text.replace("\x00", "\ufffd").encode("utf-8", "replace").decode("utf-8")
-
-
-def to_row(p: Pending) -> Row:
-    """Parsed and redacted: what the store keeps."""
-    tap = p.tap
-    if p.body is not None:
-        text, finish, usage = answer_of(p.body, tap.chat) if p.status == 200 else (None, None, None)
-    else:
-        text, finish, usage = "".join(tap.texts.get(0, ())), tap.finish, tap.usage
-    usage = usage if isinstance(usage, dict) else {}
-    payload = tap.payload
-    return Row(
-        id=tap.id, ts=tap.ts, key_id=tap.key_id, tier=tap.tier, model=tap.model, version=p.version, replica=p.replica,
-        endpoint="chat" if tap.chat else "text",
-        prompt=storable(redacted_json(payload.get("messages" if tap.chat else "prompt"))),
-        answer=storable(redact_text(text)) if isinstance(text, str) else None,
-        params=storable(redacted_json({k: v for k, v in payload.items() if k not in NOT_PARAMS})),
-        finish_reason=finish, prompt_tokens=usage.get("prompt_tokens"), completion_tokens=usage.get("completion_tokens"),
-        latency_s=p.latency_s, cache_hit=p.cache_hit, status=p.status, stream=bool(payload.get("stream")),
-    )
 
 
 class Recorder:
@@ -130,7 +63,7 @@ class Recorder:
         self.dropped = Counter("gateway_record_dropped", "Completions not recorded: buffer_full (the buffer was full: the request was still answered) or store_error (the store refused the batch).", ["reason"], registry=None)
         self.opted_out = Counter("gateway_record_opted_out", "Completions not recorded because their key or tier opted out (record.opt_out_keys, opt_out_tiers).", registry=None)
         self.buffered = Gauge("gateway_record_buffered", "Completions waiting in the record's buffer.", registry=None)
-        self.cpu = Counter("gateway_record_writer_cpu_seconds", "CPU time the record's writer thread spent parsing, redacting and writing: the record's cost to the gateway's process.", registry=None)
+        self.cpu = Counter("gateway_record_writer_cpu_seconds", "CPU time the record's writer spent on its rows: the writer thread in the gateway's process (shipping batches, writing them) and the redactor process (parsing, redacting).", registry=None)
         self.buffered.set_function(self.buffer.qsize)
         for reason in ("buffer_full", "store_error"):
             self.dropped.labels(reason)
@@ -142,6 +75,8 @@ class Recorder:
         self._thread: threading.Thread | None = None
         self._started: threading.Event = threading.Event()
         self._store: Store | None = None  # the writer's; reopened after a failure
+        self._redactor = Redactor()  # the writer's; restarted after a failure
+        self._redactor_retry = 0.0  # monotonic time before which a failed redactor is not restarted
         self._start_error: BaseException | None = None
 
     @classmethod
@@ -213,20 +148,24 @@ class Recorder:
             return
         self._started.set()
         self._store = store
+        self._start_redactor()
         next_purge = time.monotonic()
         try:
             while True:
                 batch = self._take()
                 if batch:
-                    cpu = time.thread_time()
+                    cpu, began = time.thread_time(), time.monotonic()
                     self._write(batch)
                     self.cpu.inc(time.thread_time() - cpu)
+                    if len(batch) < self.batch_rows:  # no backlog: let the next batch gather (returns at once on close)
+                        self._stop.wait(min(GATHER_S, self.flush_interval_s) - (time.monotonic() - began))
                 if self.retention_s is not None and time.monotonic() >= next_purge and self._store is not None:
                     next_purge = time.monotonic() + self.purge_interval_s
                     self._purge(self._store)
                 if self._stop.is_set() and self.buffer.empty():
                     return
         finally:
+            self._redactor.close()
             if self._store is not None:
                 self._store.close()
 
@@ -243,15 +182,37 @@ class Recorder:
                 break
         return batch
 
-    def _write(self, batch: list[Pending]) -> None:
-        rows: list[Row] = []
+    def _made(self, batch: list[Pending]) -> list[Row | str]:
+        """Each completion's row (or why not): by the redactor process, restarted if it is gone;
+        else here, a row at a time."""
+        if not self._redactor.running and time.monotonic() >= self._redactor_retry:
+            self._start_redactor()
+        if self._redactor.running:
+            try:
+                made, cpu = self._redactor.rows(batch)
+                self.cpu.inc(cpu)
+                return made
+            except (OSError, EOFError) as exc:
+                self._redactor_retry = time.monotonic() + REDACTOR_RETRY_S
+                log.warning("record: the redactor process failed (%s: %s); the writer thread redacts until it is restarted, in %gs", type(exc).__name__, exc, REDACTOR_RETRY_S)
+        made = []
         for p in batch:
             time.sleep(0)  # let the event loop have the GIL between rows: it never waits a whole batch
-            try:
-                rows.append(to_row(p))
-            except Exception as exc:  # a bug for one odd request costs its row, never the batch
+            made.extend(rows_of([p]))
+        return made
+
+    def _start_redactor(self) -> None:
+        if not self._redactor.start():
+            self._redactor_retry = time.monotonic() + REDACTOR_RETRY_S
+
+    def _write(self, batch: list[Pending]) -> None:
+        rows: list[Row] = []
+        for p, made in zip(batch, self._made(batch)):
+            if isinstance(made, Row):
+                rows.append(made)
+            else:  # a bug for one odd request costs its row, never the batch
                 self.dropped.labels("store_error").inc()
-                log.warning("record: completion %s could not be made a row: %s: %s", p.tap.id, type(exc).__name__, exc)
+                log.warning("record: completion %s could not be made a row: %s", p.tap.id, made)
         try:
             self._reopened().write_batch(rows)
             self.written.inc(len(rows))
@@ -327,4 +288,7 @@ class Recorder:
             self._progress.notify_all()
 
 
-__all__ = ["Pending", "Recorder", "SERVICE_TIER", "STORE_FILE", "StoreError", "UNTIERED", "to_row"]
+__all__ = [  # the row-making lives in serving.record.rows; re-exported for callers
+    "NOT_PARAMS", "PROMPT_FIELDS", "Pending", "Recorder", "SERVICE_TIER", "STORE_FILE", "StoreError", "UNTIERED",
+    "answer_of", "redact_text", "redacted_json", "storable", "to_row",
+]

@@ -10,8 +10,9 @@ client who gets it. Parsing, redaction and storage happen later, on the recorder
 from __future__ import annotations
 
 import json
+import os
+import threading
 import time
-import uuid
 from contextlib import suppress
 from typing import TYPE_CHECKING, Any
 
@@ -21,6 +22,31 @@ if TYPE_CHECKING:
     from serving.record.recorder import Recorder
 
 ID_HEADER = "x-completion-id"
+STAMPED = b'{"id": "'  # how a JSON answer the gateway re-encoded (json.dumps) begins: its id first
+
+
+class RandomIds:
+    """128-bit random hex ids (as uuid4().hex, from os.urandom), drawn 256 at a time: one
+    system call per 256 completions instead of one each (it was most of a tap's cost)."""
+
+    BATCH = 256
+
+    def __init__(self) -> None:
+        self._ready: list[str] = []
+        self._lock = threading.Lock()
+
+    def __call__(self) -> str:
+        while True:
+            try:
+                return self._ready.pop()  # atomic: two threads never get the same id
+            except IndexError:
+                with self._lock:
+                    if not self._ready:
+                        raw = os.urandom(16 * self.BATCH).hex()
+                        self._ready = [raw[i : i + 32] for i in range(0, len(raw), 32)]
+
+
+random_id = RandomIds()
 
 
 class Tap:
@@ -33,7 +59,7 @@ class Tap:
     def __init__(self, recorder: Recorder | None, path: str, payload: dict, key_id: str | None, tier: str, model: str) -> None:
         self.recorder = recorder
         self.chat = path.endswith("/chat/completions")
-        self.id = f"{'chatcmpl' if self.chat else 'cmpl'}-{uuid.uuid4().hex}"
+        self.id = f"{'chatcmpl' if self.chat else 'cmpl'}-{random_id()}"
         self.ts, self.started = time.time(), time.perf_counter()
         self.payload, self.key_id, self.tier, self.model = payload, key_id, tier, model
         self.hide_usage = False  # the stream's usage was asked of the engine for the record, not by the client
@@ -66,7 +92,15 @@ class Tap:
         return answer
 
     def stamp_body(self, body: bytes) -> bytes:
-        """A JSON answer (a cached one) re-issued under this completion's id."""
+        """A JSON answer (a cached one) re-issued under this completion's id. The gateway cached
+        what it sent, re-encoded with the id first: that id is replaced in the bytes (a cache
+        hit is the gateway alone, and parsing and re-encoding the answer cost ~5 % of it); any
+        other body is parsed and stamped."""
+        start = len(STAMPED)
+        if body.startswith(STAMPED) and b'"choices"' in body:
+            end = body.find(b'"', start)
+            if end > 0 and b"\\" not in body[start:end]:
+                return STAMPED + self.id.encode() + body[end:]
         with suppress(ValueError):
             return json.dumps(self.stamp(json.loads(body))).encode()
         return body

@@ -116,6 +116,7 @@ def test_bad_feedback_is_refused_by_name_and_stores_nothing(serve, tmp_path):
     server = serve(path, feedback=FeedbackPolicy(max_body_bytes=2048))
     mine, other = ask(server, GOLD), ask(server, FREE)
     other_prompt = ask(server, GOLD, "reverse 9 8")
+    assert server.recorder.flush()  # `mine`, read below, is written (the writer batches a tenth of a second apart)
     with open_store(path) as store:  # a completion from before feedback.max_age_days
         store.write_batch([Row(**{**store.find(mine).__dict__, "id": "chatcmpl-old", "ts": time.time() - 8 * 86400})])
     cases = [

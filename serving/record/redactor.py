@@ -1,0 +1,151 @@
+"""The record's redactor: a process of its own that turns the gateway's raw completions into the
+rows the store keeps (parse the answer, redact prompt, answer and parameters: `to_row`).
+
+Why a process: redaction is most of the record's CPU (regexes, libphonenumber: 0.05-0.4 ms a
+row), and in a thread of the gateway's process it held the GIL the gateway's event loop needs.
+On a busy machine every hand-over of the GIL can cost the loop a scheduler slice, and at 32
+clients the record cost the gateway a fifth of its throughput (benchmarks/record.py). Here the
+writer thread only ships a batch down a pipe and waits, the GIL released, for its rows.
+
+The writer thread (`serving.record.recorder`) calls `Redactor.rows(batch)`. A redactor that
+cannot be started, dies or answers nonsense is replaced at the next batch; the batch in hand is
+redacted in the writer thread itself, as before: a row is never lost, nor stored unredacted,
+for want of the process. The process exits when its pipe closes (the recorder's `close()`, or
+the gateway's death), and ignores SIGINT: a Ctrl-C stops the gateway, which writes its buffer
+(through this process) before it closes the pipe.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from multiprocessing.connection import Connection
+from pathlib import Path
+
+from serving.record.rows import Pending, Wire, to_row, unwire, wire
+from serving.record.schema import Row
+
+log = logging.getLogger("serving.record")
+START_TIMEOUT_S = 60  # the child imports the redaction (and libphonenumber's metadata) before it answers
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+READY = "ready"
+# Not `-m serving.record.redactor`: the package imports this module before runpy would run it.
+CHILD = "import sys; from serving.record.redactor import serve; serve(int(sys.argv[1]), int(sys.argv[2]))"
+
+
+def rows_of(batch: list[Pending]) -> list[Row | str]:
+    """Each completion's row, or why it could not be made one (a bug for one odd request
+    costs its row, never the batch)."""
+    out: list[Row | str] = []
+    for p in batch:
+        try:
+            out.append(to_row(p))
+        except Exception as exc:  # noqa: BLE001 - reported per row by the writer
+            out.append(f"{type(exc).__name__}: {exc}")
+    return out
+
+
+class Redactor:
+    """The redactor process, seen from the writer thread (one thread uses it)."""
+
+    def __init__(self) -> None:
+        self.process: subprocess.Popen | None = None
+        self.inbox: Connection | None = None  # what the process answers
+        self.outbox: Connection | None = None  # what it is sent
+        self.ready = False  # it said READY: its imports and warm-up are done
+
+    def start(self) -> bool:
+        """Start the process, not waiting for it (the first `rows` does); False (logged) when it
+        cannot be started."""
+        self.close()
+        ours_r, theirs_w = os.pipe()
+        theirs_r, ours_w = os.pipe()
+        try:
+            env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")]))}
+            self.process = subprocess.Popen(
+                [sys.executable, "-c", CHILD, str(theirs_r), str(theirs_w)],
+                pass_fds=(theirs_r, theirs_w), stdin=subprocess.DEVNULL, env=env, cwd=PROJECT_ROOT,
+            )
+        except OSError as exc:
+            for fd in (ours_r, ours_w):
+                os.close(fd)
+            log.warning("record: the redactor process could not start (%s); the writer thread redacts instead", exc)
+            return False
+        finally:
+            os.close(theirs_r)
+            os.close(theirs_w)
+        self.inbox, self.outbox = Connection(ours_r, writable=False), Connection(ours_w, readable=False)
+        return True
+
+    def _wait_ready(self) -> None:
+        assert self.inbox is not None
+        if not self.inbox.poll(START_TIMEOUT_S):
+            raise EOFError(f"the redactor process was not ready within {START_TIMEOUT_S}s")
+        said = self.inbox.recv()
+        if said != READY:
+            raise EOFError(f"the redactor process began with {said!r}, not {READY!r}")
+        self.ready = True
+
+    def rows(self, batch: list[Pending]) -> tuple[list[Row | str], float]:
+        """The batch's rows (or, per row, why not) and the CPU seconds the process spent; raises
+        OSError/EOFError (the process is gone: closed here) for the caller to redact itself."""
+        if self.outbox is None or self.inbox is None:
+            raise EOFError("the redactor process is not running")
+        try:
+            if not self.ready:
+                self._wait_ready()
+            self.outbox.send([wire(p) for p in batch])
+            out, cpu = self.inbox.recv()
+        except (OSError, EOFError):
+            self.close()
+            raise
+        if len(out) != len(batch):
+            self.close()
+            raise EOFError(f"the redactor answered {len(out)} rows for {len(batch)}")
+        return out, cpu
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None and self.outbox is not None
+
+    def close(self) -> None:
+        """Close the pipe (the process exits on it) and reap the process."""
+        for conn in (self.outbox, self.inbox):
+            if conn is not None:
+                conn.close()
+        self.inbox = self.outbox = None
+        self.ready = False
+        if self.process is not None:
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+            self.process = None
+
+
+def serve(read_fd: int, write_fd: int) -> None:
+    """The process: batches of wired completions in, (rows, CPU seconds) out, until EOF."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    inbox, outbox = Connection(read_fd, writable=False), Connection(write_fd, readable=False)
+    rows_of([unwire(w) for w in WARM_UP])  # load libphonenumber's metadata before the first real batch
+    outbox.send(READY)
+    while True:
+        try:
+            batch: list[Wire] = inbox.recv()
+        except (EOFError, OSError):
+            return
+        cpu = time.process_time()
+        out = rows_of([unwire(w) for w in batch])
+        outbox.send((out, time.process_time() - cpu))
+
+
+# One completion with a phone number, an e-mail address and a card number.
+WARM_UP: list[Wire] = [
+    ("chatcmpl-warm-up", 0.0, True, {"messages": [{"role": "user", "content": "call +1 202-555-0143, mail a@example.com, card 4111 1111 1111 1111"}]},
+     None, "untiered", "m", {}, None, None, 200, b'{"choices": [{"message": {"content": "020 7946 0958"}, "finish_reason": "stop"}]}', "1", "r", False, 0.0),
+]
