@@ -87,9 +87,11 @@ def files_with(root: Path, secrets: dict[str, str], except_: set[Path]) -> dict[
 
 
 def test_a_release_with_planted_secrets_leaves_none_in_any_record(workspace, monkeypatch, capfd, caplog):
-    """Seen red: with the effective config logged unredacted (tasks/tracking.py's
-    `flatten_params(params.model_dump(...))`, as before), the test failed naming the MLflow
-    params `record.store` and `notify.webhook_url`, `effective_config.json` and mlflow.db."""
+    """Seen red: (1) before notify.HideURL, httpx's own INFO line "HTTP Request: POST <url>" held
+    the webhook's path and query tokens -> {'logged': [('httpx', ['webhook path token', 'webhook
+    query token'])]}; (2) with tasks/tracking.py logging the config unredacted (as before) ->
+    'mlflow runs' named params record.store and notify.webhook_url, and 'files' named
+    mlflow.db and the run's effective_config.json."""
     caplog.set_level(logging.DEBUG)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{workspace / 'mlflow.db'}")
     monkeypatch.setenv("SERVING_ADMIN_KEY", ADMIN_KEY)
@@ -157,8 +159,8 @@ def test_a_release_with_planted_secrets_leaves_none_in_any_record(workspace, mon
 def test_admin_state_names_the_registry_without_its_password(workspace, tmp_path, monkeypatch):
     """/admin/state returns the tracking URI (the plane's clients compare it with their own): a
     password in it is masked, and a client with the same URI still recognises the plane.
-    Seen red: with Plane.state() returning tracking_uri() unredacted (as before) -> the password
-    was in the answer."""
+    Seen red: with registry_uri() returning tracking_uri() unredacted (as before) -> the answer
+    was 'postgresql://mlflow:dbPLANTEDpassword4242@db.internal:5432/mlflow?sslpassword=...'."""
     from serving.background import ThreadedServer
     from serving.plane import Plane, create_plane_app
     from serving.plane.operations import registry_uri
