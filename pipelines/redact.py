@@ -37,6 +37,11 @@ def redact_url(url: str) -> str:
     return f"{scheme}{sep}{rest}{question}{query}{hash_sign}{fragment}"
 
 
+def holds_secret(url: str) -> bool:
+    """Whether `url` carries a password or a credential-like query value."""
+    return redact_url(url) != url
+
+
 def url_host(url: str) -> str:
     """Only where a URL goes (scheme://host[:port]/...), for URLs whose path is the secret."""
     scheme, sep, rest = url.partition("://")
