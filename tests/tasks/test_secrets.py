@@ -38,12 +38,16 @@ HOOK_QUERY_TOKEN = "queryPLANTEDtoken98765"
 DB_PASSWORD = "dbPLANTEDpassword4242"
 
 
-def plant_keys_file(path: Path) -> tuple[str, str]:
-    """A keys file as `lifecycle keys create` writes it: (the key handed out, the file's HMAC secret)."""
-    doc = KeysDocument.open(path, create=True)
-    _, key = doc.add("free", ["inference", "admin"], None, note="planted")
-    doc.save()
-    return key, doc.raw["secret"]
+def plant_keys_file(path: Path, capfd) -> tuple[str, str]:
+    """A key made by `lifecycle keys create` (its audit entry included): (the key, which the
+    command shows once by design, and the file's HMAC secret). What it printed is taken out of
+    the capture here; everything printed afterwards is searched."""
+    from registry.access_cli import main as keys_main
+
+    assert keys_main(["keys", "create", "--file", str(path), "--scopes", "inference,admin", "--reason", "planted"]) == 0
+    shown = capfd.readouterr().out
+    key = shown.split("the key (shown once, not stored): ", 1)[1].split()[0]
+    return key, KeysDocument.open(path).raw["secret"]
 
 
 class ChildArgv:
@@ -97,7 +101,7 @@ def test_a_release_with_planted_secrets_leaves_none_in_any_record(workspace, mon
     monkeypatch.setenv("SERVING_ADMIN_KEY", ADMIN_KEY)
     monkeypatch.setenv("SERVING_API_KEY", ENGINE_KEY)  # the engines require it: the plane and the probes send it
     keys_file = workspace / "secrets" / "keys.yaml"
-    client_key, hmac_secret = plant_keys_file(keys_file)
+    client_key, hmac_secret = plant_keys_file(keys_file, capfd)
     hook = Webhook()
     hook_url = f"{hook.url}/services/T0/B0/{HOOK_TOKEN}?token={HOOK_QUERY_TOKEN}"
     secrets = {
@@ -145,7 +149,7 @@ def test_a_release_with_planted_secrets_leaves_none_in_any_record(workspace, mon
     problems["prefect artifacts"] = [(a.key, leaks(f"{a.data} {a.description}", secrets)) for a in artifacts if leaks(f"{a.data} {a.description}", secrets)]
     # Every file the release and MLflow wrote in the project: engine logs, the audit log, the
     # plane's state, mlflow.db, the MLflow artifacts (the keys file holds its HMAC secret by design).
-    assert Path(".serving/audit.jsonl").exists() and list(Path(".serving").rglob("*.log")), "the audit log and engine logs were written"
+    assert "key_create" in Path(".serving/audit.jsonl").read_text() and list(Path(".serving").rglob("*.log")), "the audit log and engine logs were written"
     problems["files"] = files_with(workspace, {k: v for k, v in secrets.items()}, except_={keys_file.resolve()})
     keys_text = keys_file.read_text()
     problems["keys file"] = leaks(keys_text, {"keys-file key": client_key})  # stored hashed
@@ -156,7 +160,7 @@ def test_a_release_with_planted_secrets_leaves_none_in_any_record(workspace, mon
     assert not any(problems.values()), {k: v for k, v in problems.items() if v}
 
 
-def test_admin_state_names_the_registry_without_its_password(workspace, tmp_path, monkeypatch):
+def test_admin_state_names_the_registry_without_its_password(workspace, tmp_path, monkeypatch, capfd):
     """/admin/state returns the tracking URI (the plane's clients compare it with their own): a
     password in it is masked, and a client with the same URI still recognises the plane.
     Seen red: with registry_uri() returning tracking_uri() unredacted (as before) -> the answer
@@ -167,7 +171,7 @@ def test_admin_state_names_the_registry_without_its_password(workspace, tmp_path
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"postgresql://mlflow:{DB_PASSWORD}@db.internal:5432/mlflow?sslpassword={DB_PASSWORD}")
     keys_file = tmp_path / "keys.yaml"
-    client_key, _ = plant_keys_file(keys_file)
+    client_key, _ = plant_keys_file(keys_file, capfd)
     params = tiny_params(serve=ServeParams(startup_timeout_s=120, max_new_tokens=4, keys_file=str(keys_file)), record=RecordParams(enabled=False))
     plane = Plane(params, tmp_path / "plane", resolve=lambda version: workspace / "models/base")
     plane.start(champion="1")
