@@ -31,8 +31,8 @@ def redact_url(url: str) -> str:
     userinfo, at, host = rest.rpartition("@")
     if at and ":" in userinfo:
         rest = f"{userinfo.split(':', 1)[0]}:{MASK}@{host}"
-    if question and query:
-        pairs = parse_qsl(query, keep_blank_values=True)
+    pairs = parse_qsl(query, keep_blank_values=True)
+    if any(SECRET_QUERY.search(k) for k, _ in pairs):  # else the query stays byte for byte
         query = urlencode([(k, MASK if SECRET_QUERY.search(k) else v) for k, v in pairs], safe="*/:")
     return f"{scheme}{sep}{rest}{question}{query}{hash_sign}{fragment}"
 
