@@ -155,10 +155,11 @@ def take_slot(stack: ExitStack, params: Params, flow_run_id: str | None) -> str 
 
 
 def mlflow_run_url(run_id: str) -> str:
+    from pipelines.redact import redact_url
     from registry.store import client
 
     experiment = client().get_run(run_id).info.experiment_id
-    base = os.environ.get(MLFLOW_UI_ENV, DEFAULT_MLFLOW_UI).rstrip("/")
+    base = redact_url(os.environ.get(MLFLOW_UI_ENV, DEFAULT_MLFLOW_UI)).rstrip("/")  # the link is a Prefect artifact: no password in it
     return f"{base}/#/experiments/{experiment}/runs/{run_id}"
 
 

@@ -30,6 +30,7 @@ from pydantic import BaseModel, Field
 
 from flows.watch import open_record
 from pipelines.config import ConfigError, load_params
+from pipelines.redact import holds_secret, redact_url
 
 AUTO_REVIEWER = "auto (review.auto_accept_ratings)"
 VERBS = {"accept": "accepted", "edit": "edited", "reject": "rejected"}
@@ -109,6 +110,13 @@ def decide(items: list, answer: ReviewInput, decided: float, flow_run_id: str | 
     return reviews, problems
 
 
+# A flow's parameters are stored with its run in Prefect (and argv is visible in `ps`).
+STORE_SECRET = (
+    "store {} holds a password: it would be kept with the flow run's parameters and shown in `ps`. "
+    "Put the URL in $LIFECYCLE_RECORD_URL (record.store_env) and leave --store/store out"
+)
+
+
 @flow(name="review-feedback", log_prints=True)
 def review_feedback(batch_size: int | None = None, store: str | None = None) -> dict:
     """Review one batch of unreviewed explicit feedback; returns the decisions' counts."""
@@ -116,6 +124,8 @@ def review_feedback(batch_size: int | None = None, store: str | None = None) -> 
 
     from serving.record.feedback import FeedbackFilters, Review
 
+    if store and holds_secret(store):
+        raise ValueError(STORE_SECRET.format(redact_url(store)))
     params = load_params()
     policy = params.review
     with open_record(params, store) as record:
@@ -149,6 +159,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, help="items in this review (default: review.batch_size)")
     parser.add_argument("--store", help="the record's store (default: record.store, $record.store_env, or the plane's file)")
     args = parser.parse_args(argv)
+    if args.store and holds_secret(args.store):
+        sys.exit(STORE_SECRET.format(redact_url(args.store)))
     try:
         load_params()
     except ConfigError as exc:

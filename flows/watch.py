@@ -140,8 +140,10 @@ def reward_scores(items: list[dict], model_dir: Path = RM_DIR) -> list[float]:
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+    from pipelines.model_files import pretrained_kwargs
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir, **pretrained_kwargs(model_dir)).eval()
     out = []
     with torch.no_grad():
         for item in items:

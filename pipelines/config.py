@@ -187,5 +187,8 @@ def load_params(path: str | Path = PARAMS_FILE) -> Params:
 
 
 def snapshot(params: Params) -> str:
-    """The effective config (defaults filled in), logged with every run."""
-    return json.dumps(params.model_dump(mode="json"), indent=2, sort_keys=True)
+    """The effective config (defaults filled in), logged with every run: URLs without their
+    credentials, webhook URLs as their host (pipelines/redact.py)."""
+    from pipelines.redact import redacted
+
+    return json.dumps(redacted(params.model_dump(mode="json")), indent=2, sort_keys=True)

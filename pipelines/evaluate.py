@@ -37,6 +37,7 @@ import pandas as pd
 import torch
 
 from pipelines import safety
+from pipelines.model_files import pretrained_kwargs, require_safetensors
 from pipelines.common import METRICS, PREPARED, base_model_ref, log, stage_main, write_json
 from pipelines.config import ComputeParams, EvalTask, EvaluateParams, Params
 from pipelines.directions import FEEDBACK_SLICE_METRIC
@@ -173,6 +174,7 @@ def lm_eval_model(model_ref: str, cfg: EvaluateParams, compute: ComputeParams | 
         if os.environ.get("SERVING_API_KEY"):
             args["auth_token"] = os.environ["SERVING_API_KEY"]
         return {"model": "local-chat-completions", "model_args": args}
+    require_safetensors(model_ref)  # lm-eval's hf model would unpickle a .bin (it keeps trust_remote_code off by default)
     plan = machine_plan(compute or ComputeParams())
     return {"model": "hf", "model_args": {"pretrained": model_ref, "dtype": str(plan.dtype).removeprefix("torch.")}, "batch_size": cfg.batch_size, "device": plan.device}
 
@@ -272,8 +274,8 @@ def reward_scores(rm_dir: str, rows: list[dict], compute: ComputeParams | None =
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     plan = machine_plan(compute or ComputeParams())
-    tokenizer = AutoTokenizer.from_pretrained(rm_dir)
-    model = AutoModelForSequenceClassification.from_pretrained(rm_dir, dtype=plan.dtype).to(plan.device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(rm_dir, trust_remote_code=False)
+    model = AutoModelForSequenceClassification.from_pretrained(rm_dir, dtype=plan.dtype, **pretrained_kwargs(rm_dir)).to(plan.device).eval()
     out = []
     for r in rows:
         text = tokenizer.apply_chat_template([{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r.get("raw") or r.get("response") or ""}], tokenize=False)
@@ -296,8 +298,8 @@ def load_for_scoring(model_ref: str, compute: ComputeParams):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     plan = machine_plan(compute)
-    tokenizer = AutoTokenizer.from_pretrained(model_ref)
-    model = AutoModelForCausalLM.from_pretrained(model_ref, dtype=plan.dtype).to(plan.device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_ref, trust_remote_code=False)
+    model = AutoModelForCausalLM.from_pretrained(model_ref, dtype=plan.dtype, **pretrained_kwargs(model_ref)).to(plan.device).eval()
     return model, tokenizer
 
 

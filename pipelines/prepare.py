@@ -182,7 +182,7 @@ class Lengths:
         if self.base_model:
             from transformers import AutoTokenizer
 
-            tok = AutoTokenizer.from_pretrained(self.base_model)
+            tok = AutoTokenizer.from_pretrained(self.base_model, trust_remote_code=False)
             self.encode = lambda batch: [len(ids) for ids in tok(batch, add_special_tokens=False)["input_ids"]]
         else:
             from pipelines.tokenizer import train_bpe

@@ -42,8 +42,10 @@ def quantize(src: str, out_dir, cfg: QuantizeParams) -> float:
     from llmcompressor import oneshot
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(src)
-    model = AutoModelForCausalLM.from_pretrained(src, dtype="auto")
+    from pipelines.model_files import pretrained_kwargs
+
+    tokenizer = AutoTokenizer.from_pretrained(src, trust_remote_code=False)
+    model = AutoModelForCausalLM.from_pretrained(src, dtype="auto", **pretrained_kwargs(src))
     started = time.perf_counter()
     oneshot(
         model=model,

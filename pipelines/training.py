@@ -25,6 +25,7 @@ import torch
 
 from pipelines.common import METRICS, MODELS, PREPARED, base_model_ref, file_digest, log, write_json
 from pipelines.config import ComputeParams, Params, PeftParams, TrainParams
+from pipelines.model_files import pretrained_kwargs
 from pipelines.recipe import input_model, model_dir
 
 # A drill for the resume path: the process dies (as under SIGKILL or an OOM kill) right after
@@ -107,7 +108,7 @@ def skip_unused_imports(*names: str) -> None:
 def load_tokenizer(ref: str):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(ref)
+    tokenizer = AutoTokenizer.from_pretrained(ref, trust_remote_code=False)
     if tokenizer.pad_token is None:  # many released checkpoints ship without one
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -132,7 +133,7 @@ def load_model(ref: str, plan: DevicePlan, peft: PeftParams, seed: int, model_cl
             raise ValueError("peft.method 'qlora' loads the base in 4 bits with bitsandbytes, which needs a CUDA GPU: use 'lora' on the CPU")
         extra["quantization_config"] = qlora_quantization(plan)
     dtype = plan.dtype if frozen and plan.device == "cuda" else torch.float32
-    return model_cls.from_pretrained(ref, dtype=dtype, **extra, **kwargs)
+    return model_cls.from_pretrained(ref, dtype=dtype, **extra, **pretrained_kwargs(ref), **kwargs)  # safetensors only, no repository code
 
 
 def qlora_quantization(plan: DevicePlan):

@@ -63,9 +63,10 @@ def release_history(mv) -> dict | None:
 
 
 def status(name: str, recent: int = 5) -> None:
+    from pipelines.redact import redact_url
     from registry.store import client, tracking_uri
 
-    print(f"{name}  (registry {tracking_uri()})")
+    print(f"{name}  (registry {redact_url(tracking_uri())})")
     for alias in (CHAMPION, PREVIOUS, CANDIDATE):
         mv = by_alias(name, alias)
         if mv is None:

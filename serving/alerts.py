@@ -329,10 +329,11 @@ class Receiver:
         """Where a rollback by hand is recorded: the version's status (rolled_back, with the
         reason), so the same bytes are not released again unapproved."""
         from registry.models import ROLLED_BACK, set_status
-        from registry.store import client, tracking_uri
+        from registry.store import client
+        from serving.plane.operations import registry_uri
 
-        if state.get("registry_uri") != tracking_uri():
-            return f"not marked: the plane's registry is {state.get('registry_uri')}, this receiver's {tracking_uri()}"
+        if state.get("registry_uri") != registry_uri():  # both without credentials
+            return f"not marked: the plane's registry is {state.get('registry_uri')}, this receiver's {registry_uri()}"
         set_status(model, version, ROLLED_BACK, f"rolled back by {BY}: {why}")
         c = client()
         c.set_model_version_tag(model, version, "canary", "rolled_back")

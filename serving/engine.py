@@ -262,8 +262,10 @@ class CpuEngine:
         self.batch_window_s = batch_window_ms / 1000
         self.max_queue = max_queue
         self.on_batch = on_batch
-        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        from pipelines.model_files import pretrained_kwargs
+
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, **pretrained_kwargs(model_dir)).eval()  # safetensors only
         gen_cfg = self.model.generation_config
         # A chat model often ends its turn with a token other than the tokenizer's eos (Llama 3's
         # <|eot_id|>); generation_config.json lists all of them, so stop on the union.

@@ -444,6 +444,31 @@ def shadow_agreement(stable: Backend, canary: Backend, prompts: list[str], max_t
 # --- command line --------------------------------------------------------------------------------
 
 
+def exposure_problem(host: str, api_key: str | None, admin_key: str | None, keys_file: str | None, flag: str = "--keys-file") -> str | None:
+    """Why serving on `host` would let anyone in, with how to fix it; None when it is safe: a
+    loopback bind, or clients that need a key ($GATEWAY_API_KEY/$SERVING_API_KEY, or any key of
+    the keys file) and admin routes that need one ($SERVING_ADMIN_KEY, or a keys-file key with the
+    `admin` scope). Off loopback every client address is someone else's, and loopback is the only
+    thing that lets a keyless caller into /admin. There is no TLS option here: put a
+    TLS-terminating proxy in front, as keys travel in plain text otherwise."""
+    if is_loopback(host):
+        return None
+    from serving.keys import load_keys
+
+    entries = [e for e in load_keys(keys_file).entries() if not e.expired()] if keys_file else []
+    missing = []
+    if not (api_key or entries):
+        missing.append(f"client keys (${API_KEY_ENV} or ${auth.API_KEY_ENV}, or a keys file: {flag} with `lifecycle keys create`)")
+    if not (admin_key or any(e.allows("admin") for e in entries)):
+        missing.append(f"an admin key (${ADMIN_KEY_ENV}, or a keys-file key with the admin scope: `lifecycle keys create --scopes admin`)")
+    if not missing:
+        return None
+    return (
+        f"refusing to listen on {host} without " + " and ".join(missing) + ": anyone who can reach it could use the models and "
+        "move traffic. Set them, bind 127.0.0.1, or pass --insecure if that is really intended"
+    )
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m serving.gateway", description="Split traffic between a stable and a canary OpenAI-compatible backend.")
     parser.add_argument("--stable-url", required=True, help="stable backend root, e.g. http://127.0.0.1:8001")
@@ -460,7 +485,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--timeout", type=float, default=120, help="seconds stable has to answer")
     parser.add_argument("--seed", type=int, help="routing seed, for reproducible splits")
     parser.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES, help="largest request body accepted; larger ones get 413")
-    parser.add_argument("--insecure", action="store_true", help="allow a non-loopback host without API and admin keys")
+    parser.add_argument("--keys-file", help="YAML keys file (`lifecycle keys`): per-key scopes, tiers and rate limits; its keys count as client and admin keys for a non-loopback --host")
+    parser.add_argument("--insecure", action="store_true", help="allow a non-loopback host without client and admin keys")
     parser.add_argument("--log-level", default="info")
     args = parser.parse_args(argv)
     # Keys only from the environment: argv is visible to every user in `ps`.
@@ -473,11 +499,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--canary-weight needs a canary (--canary-url, --canary-model)")
     if not 0 <= args.canary_weight <= 1:
         parser.error(f"--canary-weight must be between 0 and 1, got {args.canary_weight}")
-    if not is_loopback(args.host) and not (args.api_key and args.admin_key) and not args.insecure:
-        parser.error(
-            f"refusing to listen on {args.host} without ${API_KEY_ENV} and ${ADMIN_KEY_ENV}: anyone who can reach it "
-            "could use the models and move traffic. Set both, bind 127.0.0.1, or pass --insecure if that is really intended."
-        )
+    if not args.insecure:
+        try:
+            problem = exposure_problem(args.host, args.api_key, args.admin_key, args.keys_file)
+        except (OSError, ValueError) as exc:  # KeysFileError is a ValueError naming the file
+            parser.error(f"--keys-file: {exc}")
+        if problem:
+            parser.error(problem)
     return args
 
 
@@ -488,6 +516,7 @@ def app_from_args(args: argparse.Namespace) -> FastAPI:
         stable, canary, args.canary_weight, args.retry_timeout, args.seed,
         public_model=args.public_model, timeout_s=args.timeout, api_key=args.api_key, admin_key=args.admin_key,
         max_body_bytes=args.max_body_bytes, audit=AuditLog(),
+        front=FrontDoor(keys=KeyRing(args.keys_file), limiter=MemoryRateLimiter()) if args.keys_file else None,
     )
 
 

@@ -93,7 +93,7 @@ def plane_root(params) -> str | None:
 
 def discover(params) -> PlaneClient | None:
     """A running plane for this project's registry and model, else None."""
-    from registry.store import tracking_uri
+    from serving.plane.operations import registry_uri
 
     root = plane_root(params)
     if root is None:
@@ -104,7 +104,7 @@ def discover(params) -> PlaneClient | None:
     except (httpx.HTTPError, PlaneAPIError, ValueError):
         plane.close()
         return None
-    if state.get("registry_uri") != tracking_uri() or state.get("public_model") != params.registry.model_name:
+    if state.get("registry_uri") != registry_uri() or state.get("public_model") != params.registry.model_name:
         plane.close()
         return None
     return plane

@@ -15,9 +15,24 @@ import time
 import httpx
 
 from pipelines.config import Params
+from pipelines.redact import url_host
 
 log = logging.getLogger("notify")
 ATTEMPTS = 3
+
+
+class HideURL(logging.Filter):
+    """httpx logs every request's full URL at INFO, and a webhook's URL is its secret (Slack's
+    token is in its path): while the webhook is called, its URL is logged as its host only."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__()
+        self.url, self.shown = str(httpx.URL(url)), url_host(url)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple) and any(str(a) == self.url for a in record.args):
+            record.args = tuple(self.shown if str(a) == self.url else a for a in record.args)
+        return True
 
 
 def webhook_url(params: Params) -> str | None:
@@ -36,17 +51,26 @@ def notify(params: Params, event: str, message: str, **fields) -> bool:
         "at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         **fields,
     }
+    hide = HideURL(url)
+    logging.getLogger("httpx").addFilter(hide)
+    try:
+        return _post(url, body, params.notify.timeout_s, event)
+    finally:
+        logging.getLogger("httpx").removeFilter(hide)
+
+
+def _post(url: str, body: dict, timeout_s: float, event: str) -> bool:
     problem = ""
     for attempt in range(ATTEMPTS):
         try:
-            r = httpx.post(url, json=body, timeout=params.notify.timeout_s)
+            r = httpx.post(url, json=body, timeout=timeout_s)
             if r.is_success:
                 return True
             problem = f"HTTP {r.status_code} {r.text[:200]}"
             if r.status_code < 500 and r.status_code != 429:
                 break  # the webhook refused the message itself: asking again changes nothing
         except httpx.HTTPError as exc:
-            problem = f"{type(exc).__name__}: {exc}"
+            problem = f"{type(exc).__name__}: {exc}".replace(url, url_host(url))
         time.sleep(0.5 * 2**attempt)
     # The URL may hold a secret token (Slack's does): name only its host.
     log.warning("notification '%s' not delivered to %s: %s", event, httpx.URL(url).host, problem)

@@ -19,6 +19,7 @@ from prefect.cache_policies import NO_CACHE
 from pipelines.common import METRICS
 from pipelines.config import Params, snapshot
 from pipelines.plots import plot_history
+from pipelines.redact import redacted
 from registry.lineage import dvc_lock_hashes, git_commit
 from registry.store import client, experiment_id
 
@@ -61,7 +62,7 @@ def start_parent_run(params: Params, flow_run_id: str | None) -> str:
         tags={"lineage.git_sha": sha, "lineage.git_dirty": str(dirty).lower(), "lineage.prefect_flow_run_id": flow_run_id or "none"},
     )
     c.log_text(run.info.run_id, snapshot(params), "effective_config.json")
-    flat = flatten_params(params.model_dump(mode="json"))
+    flat = flatten_params(redacted(params.model_dump(mode="json")))  # a record.store password or a webhook token stays out
     c.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in flat.items()])
     return run.info.run_id
 
@@ -85,7 +86,7 @@ def log_stage(parent_run_id: str, params: Params, result: dict) -> str:
         },
     )
     rid = run.info.run_id
-    section = getattr(params, STAGE_SECTIONS.get(stage, stage)).model_dump(mode="json")
+    section = redacted(getattr(params, STAGE_SECTIONS.get(stage, stage)).model_dump(mode="json"))
     c.log_batch(rid, params=[Param(k, str(v)) for k, v in flatten_params(section).items()])
     now = int(time.time() * 1000)
     metrics = [Metric("stage_seconds", result["seconds"], now, 0)]

@@ -20,13 +20,12 @@ def main(argv: list[str] | None = None) -> None:
     import uvicorn
 
     from pipelines.config import ConfigError, load_params
-    from serving.gateway import ADMIN_KEY_ENV, API_KEY_ENV, LEGACY_ADMIN_KEY_ENV
-    from serving.netaddr import is_loopback
+    from serving.gateway import ADMIN_KEY_ENV, API_KEY_ENV, LEGACY_ADMIN_KEY_ENV, exposure_problem
 
     parser = argparse.ArgumentParser(prog="python -m serving.plane", description="Serve the champion behind the gateway and keep it running (make serve).")
     parser.add_argument("--params", default="params.yaml", help="the params file (serve:, registry:)")
     parser.add_argument("--state-dir", default=str(STATE_DIR), help="where the routing state, model copies and engine logs live")
-    parser.add_argument("--insecure", action="store_true", help="allow a non-loopback serve.host without API and admin keys")
+    parser.add_argument("--insecure", action="store_true", help="allow a non-loopback serve.host without client and admin keys")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # the supervisor's health checks, twice a second each
@@ -38,8 +37,13 @@ def main(argv: list[str] | None = None) -> None:
     serve = params.serve
     api_key = auth.env_key(API_KEY_ENV) or auth.backend_key()
     admin_key = auth.env_key(ADMIN_KEY_ENV) or auth.env_key(LEGACY_ADMIN_KEY_ENV)
-    if not is_loopback(serve.host) and not (api_key and admin_key) and not args.insecure:
-        parser.error(f"refusing to listen on {serve.host} without ${API_KEY_ENV} and ${ADMIN_KEY_ENV}: set both, bind 127.0.0.1, or pass --insecure")
+    if not args.insecure:
+        try:
+            problem = exposure_problem(serve.host, api_key, admin_key, serve.keys_file, flag="serve.keys_file")
+        except (OSError, ValueError) as exc:  # KeysFileError is a ValueError naming the file
+            parser.error(f"serve.keys_file: {exc}")
+        if problem:
+            parser.error(f"serve.host: {problem}")
     plane = Plane(params, Path(args.state_dir))
     plane.gateway_address = scrape_address(serve.host, serve.port)  # in its scrape targets from the first save
     try:

@@ -290,9 +290,13 @@ class Plane:
 
 
 def registry_uri() -> str:
+    """The registry this plane serves from, as /admin/state shows it: without credentials (a
+    tracking URI may hold a database or server password). Clients compare it with their own
+    `registry_uri()`, redacted the same way."""
+    from pipelines.redact import redact_url
     from registry.store import tracking_uri
 
-    return tracking_uri()
+    return redact_url(tracking_uri())
 
 
 def champion_version(params: Params) -> str | None:

@@ -28,6 +28,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from pipelines.redact import redact_url  # re-exported: the record's messages name its store without the password
 from serving.record import feedback as fb
 from serving.record.export import write_jsonl
 from serving.record.feedback import FEEDBACK, FEEDBACK_COLUMNS, MUTABLE, REVIEW_COLUMNS, REVIEWS, Feedback, FeedbackFilters, FeedbackItem, Review
@@ -296,15 +297,6 @@ def close_quietly(store: Store | None) -> None:
         store.close()
     except Exception:  # noqa: BLE001 - the failure that got us here is the one reported
         pass
-
-
-def redact_url(url: str) -> str:
-    """A database URL without its password, for messages and logs."""
-    scheme, sep, rest = url.partition("://")
-    userinfo, at, host = rest.rpartition("@")
-    if not at or ":" not in userinfo:
-        return url
-    return f"{scheme}{sep}{userinfo.split(':', 1)[0]}:***@{host}"
 
 
 def open_store(where: str | Path) -> Store:

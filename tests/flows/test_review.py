@@ -147,3 +147,17 @@ def test_ratings_alone_skip_the_person_and_undecided_items_wait_for_the_next_rev
         waiting = [i.completion.id for i in store.iter_feedback(FeedbackFilters(reviewed=False))]
     assert decided == {"chatcmpl-0001": ("accepted", "auto (review.auto_accept_ratings)"), "chatcmpl-0002": ("rejected", "bo")}
     assert waiting == ["chatcmpl-0003"]
+
+
+def test_a_store_url_with_a_password_is_refused_before_it_becomes_a_flow_parameter(capsys):
+    """Flow parameters are stored with the run in Prefect and argv shows in `ps`: a password in
+    --store is refused, naming where it goes instead, and the message shows the URL redacted.
+    Seen red: without the check in main -> no SystemExit: a flow run started with the URL as
+    its parameter, and only the flow's own check stopped it (ValueError, "... holds a password")."""
+    from flows.review import main
+
+    with pytest.raises(SystemExit) as refused:
+        main(["--store", "postgresql://reviewer:hunter2-PLANTED@db.invalid:5432/records"])
+    said = str(refused.value.code)
+    assert "LIFECYCLE_RECORD_URL" in said and "postgresql://reviewer:***@db.invalid:5432/records" in said
+    assert "hunter2-PLANTED" not in said + capsys.readouterr().out

@@ -671,3 +671,51 @@ def test_real_cpu_server_as_stable_with_a_failing_canary(model_dir, fakes, start
             gw.oai.chat.completions.create(model=PUBLIC, messages=MESSAGES, max_tokens=10_000)
         snap = gw.gateway.snapshot()
         assert (snap["stable"]["requests"], snap["stable"]["client_errors"], snap["canary"]["failures"]) == (3, 1, 2)
+
+
+def test_an_exposed_bind_needs_client_and_admin_keys_from_the_env_or_a_keys_file(monkeypatch, tmp_path, capsys):
+    """Off loopback, `python -m serving.gateway` and `python -m serving.plane` refuse to start
+    without client keys and an admin key, and say how to get them; a keys file with a key of the
+    admin scope is both (it had to be $GATEWAY_API_KEY and $SERVING_ADMIN_KEY before).
+    Seen red: with exposure_problem counting only the environment's keys (as before) -> a
+    --keys-file of inference keys was refused "without client keys ... and an admin key", the
+    assertion on "without an admin key" failed."""
+    from serving.keys import KeysDocument
+    from serving.plane.__main__ import main as plane_main
+
+    for name in ("GATEWAY_API_KEY", "SERVING_API_KEY", "SERVING_ADMIN_KEY", "GATEWAY_ADMIN_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    base = ["--stable-url", "http://127.0.0.1:8001", "--stable-model", "champ", "--host", "0.0.0.0"]
+    with pytest.raises(SystemExit):
+        parse_args(base)
+    said = capsys.readouterr().err
+    assert "refusing to listen on 0.0.0.0 without client keys" in said and "and an admin key ($SERVING_ADMIN_KEY" in said
+    assert "lifecycle keys create --scopes admin" in said and "bind 127.0.0.1" in said
+
+    inference_only, with_admin = tmp_path / "inference.yaml", tmp_path / "admin.yaml"
+    for path, scopes in ((inference_only, ["inference"]), (with_admin, ["inference", "admin"])):
+        doc = KeysDocument.open(path, create=True)
+        doc.add("free", scopes, None)
+        doc.save()
+    with pytest.raises(SystemExit):  # clients need keys, but nothing may use /admin from outside
+        parse_args([*base, "--keys-file", str(inference_only)])
+    said = capsys.readouterr().err
+    assert "without an admin key" in said and "client keys" not in said
+    assert parse_args([*base, "--keys-file", str(with_admin)]).keys_file == str(with_admin)
+    monkeypatch.setenv("SERVING_ADMIN_KEY", "admin-secret")
+    assert parse_args([*base, "--keys-file", str(inference_only)]).host == "0.0.0.0"
+    with pytest.raises(SystemExit):
+        parse_args([*base, "--keys-file", str(tmp_path / "missing.yaml")])
+    said = capsys.readouterr().err
+    assert "--keys-file:" in said and "missing.yaml" in said
+
+    # The plane reads serve.host and serve.keys_file from params: same rule, before any engine starts.
+    monkeypatch.delenv("SERVING_ADMIN_KEY")
+    params = tmp_path / "params.yaml"
+    params.write_text(f"serve:\n  host: 0.0.0.0\n  keys_file: {inference_only}\n")
+    with pytest.raises(SystemExit) as exited:
+        plane_main(["--params", str(params), "--state-dir", str(tmp_path / "plane")])
+    assert exited.value.code == 2
+    said = capsys.readouterr().err
+    assert "serve.host: refusing to listen on 0.0.0.0 without an admin key" in said
+    assert not (tmp_path / "plane").exists(), "refused before anything started"
