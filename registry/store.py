@@ -44,7 +44,7 @@ def unreadable(exc: BaseException) -> str | None:
 
     from sqlalchemy.exc import DatabaseError
 
-    from serving.record.store import redact_url
+    from pipelines.redact import redact_url
 
     seen = exc
     while seen is not None:
