@@ -57,7 +57,13 @@ def stage_main(name: str, run: Callable[[Params], Any]) -> None:
         sys.exit(2)
     if params.bootstrapped:  # the embedded path never downloads; a real base_model may
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    run(params)
+    from pipelines.model_files import ModelFileError
+
+    try:
+        run(params)
+    except ModelFileError as exc:  # a refused or damaged checkpoint: the file and the fix, not a traceback
+        print(f"{name}: {exc}", file=sys.stderr)
+        sys.exit(2)
 
 
 def file_digest(*paths: Path) -> str:

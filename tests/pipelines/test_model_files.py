@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from pipelines.config import ComputeParams, PeftParams
-from pipelines.model_files import UnsafeCheckpointError, require_safetensors
+from pipelines.model_files import DamagedCheckpointError, UnsafeCheckpointError, require_safetensors
 from pipelines.training import load_model, machine_plan
 
 
@@ -80,3 +80,40 @@ def test_code_shipped_with_a_checkpoint_is_not_run(checkpoints, tmp_path):
         assert "trust_remote_code" in str(exc)
     assert not marker.exists(), "the checkpoint's code ran"
     assert model is None or type(model).__name__ == "LlamaForCausalLM"
+
+
+def test_a_checkpoint_cut_short_is_one_line_naming_the_file(checkpoints, tmp_path, monkeypatch, capsys):
+    """A model.safetensors cut at half (a copy that stopped, a full disk): the load names the
+    file, both sizes and the fix, before safetensors' own traceback; a stage prints it as one line.
+    Seen red: with require_whole skipped -> safetensors_rust.SafetensorError "incomplete metadata,
+    file not fully covered", naming no file."""
+    safe, _ = checkpoints
+    folder = tmp_path / "cut"
+    shutil.copytree(safe, folder)
+    weights = next(folder.glob("*.safetensors"))
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    plan = machine_plan(ComputeParams(device="cpu"))
+    with pytest.raises(DamagedCheckpointError, match=rf"{weights.name} is damaged or incomplete \({len(data) // 2} bytes where its header promises {len(data)}\): copy or download"):
+        load_model(str(folder), plan, PeftParams(method="full"), 0)
+    from serving.engine import CpuEngine
+
+    with pytest.raises(DamagedCheckpointError, match=weights.name):
+        CpuEngine(str(folder))
+    weights.write_bytes(data[:5])
+    with pytest.raises(DamagedCheckpointError, match="shorter than a safetensors header"):
+        require_safetensors(folder)
+    weights.write_bytes(data[:8] + b"\xff" * (len(data) - 8))
+    with pytest.raises(DamagedCheckpointError, match="header is not valid JSON"):
+        require_safetensors(folder)
+
+    from pipelines import common
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text("{}\n")
+    monkeypatch.setattr("sys.argv", ["python -m pipelines.evaluate"])
+    with pytest.raises(SystemExit) as exit_:
+        common.stage_main("evaluate", lambda params: load_model(str(folder), plan, PeftParams(method="full"), 0))
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"evaluate: {weights} is damaged or incomplete") and err.count("\n") == 1 and "Traceback" not in err
