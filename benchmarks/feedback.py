@@ -9,8 +9,9 @@ replaced). The bodies mix what users send: thumbs, corrections (a quarter holdin
 the redaction has to find), reasons and tags. Printed, never asserted: feedback requests a
 second and p50 latency for each pass, failures, and what the store holds afterwards.
 
-The export (pipelines/feedback_export.py, when present) then turns the stored feedback into
-training rows; its rows a second are printed beside the rows it made.
+Every stored feedback is then reviewed (a third of them edited) and the export
+(pipelines/feedback_export.py) turns them into training rows: its rows a second are printed
+beside the rows it made.
 """
 
 from __future__ import annotations
@@ -103,12 +104,27 @@ async def rate_all(root: str, ids: list[str], again: bool) -> dict:
 
 
 def export_rate(store_path: Path, work: Path) -> str:
-    """The export's rows a second on what the endpoint stored, when the export exists."""
-    try:
-        from pipelines import feedback_export
-    except ImportError:
-        return "the feedback export is not in this tree"
-    return feedback_export.bench(store_path, work)
+    """The export's rows a second on what the endpoint stored: every feedback row is reviewed
+    first (every third one edited, as a reviewer would), then pipelines.feedback_export builds
+    and writes the training rows with the default feedback_loop policy, timed apart."""
+    from pipelines import feedback_export
+    from pipelines.data_config import FeedbackLoopParams
+    from serving.record import open_store
+    from serving.record.feedback import Review
+
+    with open_store(store_path) as store:
+        items = list(store.iter_feedback())
+        store.put_reviews([Review(it.feedback.id, it.feedback.revision, "edited" if i % 3 == 0 else "accepted",
+                                  f"a reviewer's answer {i}" if i % 3 == 0 else None, "bench", time.time()) for i, it in enumerate(items)])
+        started = time.perf_counter()
+        result = feedback_export.build(store.iter_feedback(), FeedbackLoopParams())
+        files = feedback_export.write(result, work / "export")
+        elapsed = time.perf_counter() - started
+    rows = sum(len(r) for r in result.rows.values())
+    counts = result.counts()
+    return (f"{len(items)} reviewed feedback rows -> {rows} training rows ({counts['pairs']} pairs, {counts['kto_rows']} KTO, "
+            f"{counts['sft_rows']} SFT, {counts['held_out_rows']} held out) in {len(files)} files: {elapsed:.2f} s, "
+            f"{rows / elapsed:,.0f} rows/s, {len(items) / elapsed:,.0f} feedback/s; skipped {counts['skipped'] or 'none'}")
 
 
 def main() -> None:
