@@ -35,6 +35,7 @@ import httpx
 import psutil
 
 from benchmarks.serving_load import build_default_model
+from benchmarks.workspace import stop, wait_healthy
 from serving.launcher import PROJECT_ROOT, free_port, launch
 
 NAME = "bench-record"
@@ -190,17 +191,8 @@ def main() -> None:
                 cmd += ["--record-dir", str(work / "record")]
             gateways.append(subprocess.Popen(cmd, cwd=work, env=env, stdout=(work / f"gateway-{side}.log").open("wb"), stderr=subprocess.STDOUT))
             urls[side] = (f"http://127.0.0.1:{port}", psutil.Process(gateways[-1].pid))
-        for side, (root, _) in urls.items():
-            deadline = time.monotonic() + 120
-            while True:
-                try:
-                    if httpx.get(f"{root}/health", timeout=2).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise SystemExit(f"the {side} gateway did not start:\n{(work / f'gateway-{side}.log').read_text()[-3000:]}")
-                time.sleep(0.2)
+        for (side, (root, _)), gateway in zip(urls.items(), gateways):
+            wait_healthy(root, gateway, work / f"gateway-{side}.log", f"{side} gateway", 120)
             warm = asyncio.run(load(f"{root}/v1/chat/completions", 3, False, offset=10**8))  # warm-up
             answered_on += warm["ok"] if side == "on" else 0
 
@@ -224,13 +216,7 @@ def main() -> None:
               f"{stored} rows in the SQLite file ({size:.1f} MB with its WAL, {1000 * size / max(1, stored):.2f} kB a row); "
               f"the writer's CPU (its thread in the gateway, its redactor process): {1000 * m.get('gateway_record_writer_cpu_seconds_total', 0) / max(1, m.get('gateway_record_written_total', 0)):.2f} ms a row")
     finally:
-        for g in gateways:
-            g.terminate()
-        for g in gateways:
-            try:
-                g.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                g.kill()
+        stop(*gateways)
         if engine is not None:
             engine.stop()
         shutil.rmtree(work, ignore_errors=True)
