@@ -23,6 +23,7 @@ import sys
 from pathlib import Path
 
 from registry.audit import AuditLog, os_user
+from registry.authority import authorize
 from serving.keys import SCOPES, KeysDocument, KeysFileError, load_keys, migrate
 
 DURATION = re.compile(r"^(\d+)\s*(min|h|d)$")
@@ -59,6 +60,9 @@ def keys_path(args) -> Path:
 
 def keys_cmd(args, audit: AuditLog) -> int:
     path = keys_path(args)
+    # A change of who may call asks for an admin key once the file holds one (the first admin
+    # key is made by the OS user): registry/authority.py.
+    who = None if args.action == "list" else authorize(f"keys {args.action}", path, audit)
     try:
         if args.action == "list":
             table = load_keys(path)
@@ -71,7 +75,7 @@ def keys_cmd(args, audit: AuditLog) -> int:
             return 0
         if args.action == "migrate":
             ids = migrate(path)
-            audit.append("key_migrate", reason=args.reason, evidence=str(path), keys=ids)
+            audit.append("key_migrate", who, reason=args.reason, evidence=str(path), keys=ids)
             print(f"hashed {len(ids)} key(s) in {path} (scopes inference, feedback); the clients keep their keys")
             return 0
         if args.action == "create":
@@ -80,7 +84,7 @@ def keys_cmd(args, audit: AuditLog) -> int:
             doc = KeysDocument.open(path, create=True)
             kid, key = doc.add(args.tier, scopes, expires, args.note)
             doc.save()
-            audit.append("key_create", reason=args.reason, evidence=str(path), key_id=kid, tier=args.tier, scopes=scopes, expires=expires and expires.isoformat(timespec="seconds"))
+            audit.append("key_create", who, reason=args.reason, evidence=str(path), key_id=kid, tier=args.tier, scopes=scopes, expires=expires and expires.isoformat(timespec="seconds"))
             print(f"created key {kid} (tier {args.tier}, scopes {','.join(scopes)}{', expires ' + expires.isoformat(timespec='seconds') if expires else ''}) in {path}")
             print(f"the key (shown once, not stored): {key}")
             return 0
@@ -90,7 +94,7 @@ def keys_cmd(args, audit: AuditLog) -> int:
         old = doc.remove(args.key_id)
         if args.action == "revoke":
             doc.save()
-            audit.append("key_revoke", reason=args.reason, evidence=str(path), key_id=args.key_id, tier=old["tier"], scopes=old["scopes"])
+            audit.append("key_revoke", who, reason=args.reason, evidence=str(path), key_id=args.key_id, tier=old["tier"], scopes=old["scopes"])
             print(f"revoked key {args.key_id} in {path}: gateways reading it refuse it from their next request")
             return 0
         expires = old.get("expires")
@@ -98,7 +102,7 @@ def keys_cmd(args, audit: AuditLog) -> int:
         if expires:
             doc.raw["keys"][kid]["expires"] = str(expires)
         doc.save()
-        audit.append("key_rotate", reason=args.reason, evidence=str(path), key_id=kid, replaces=args.key_id, tier=old["tier"], scopes=old["scopes"])
+        audit.append("key_rotate", who, reason=args.reason, evidence=str(path), key_id=kid, replaces=args.key_id, tier=old["tier"], scopes=old["scopes"])
         print(f"rotated key {args.key_id} -> {kid} (tier {old['tier']}, scopes {','.join(old['scopes'])}) in {path}; the old key stops working now")
         print(f"the new key (shown once, not stored): {key}")
         return 0

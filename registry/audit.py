@@ -38,7 +38,7 @@ from typing import Any
 AUDIT_ENV = "LIFECYCLE_AUDIT_LOG"
 DEFAULT_PATH = Path(".serving/audit.jsonl")
 GENESIS = "0" * 64
-ACTIONS = ("promote", "rollback", "approve", "key_create", "key_revoke", "key_rotate", "key_migrate", "admin_call")
+ACTIONS = ("promote", "rollback", "approve", "key_create", "key_revoke", "key_rotate", "key_migrate", "admin_call", "cli_call", "forget")
 
 
 def default_path() -> Path:

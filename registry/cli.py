@@ -15,6 +15,9 @@ is where, what made it, rebuild it, serve the champion, roll back.
     lifecycle feedback [3]          # feedback on answers (POST /v1/feedback): counts by kind, version, rating, review decision
     lifecycle keys create|list|revoke|rotate|migrate   # API keys, stored hashed, with scopes (registry/access_cli.py)
     lifecycle audit [verify]        # who promoted, rolled back, approved, changed keys, called /admin (registry/audit.py)
+
+rollback, approve and forget need an admin key in $LIFECYCLE_KEY once serve.keys_file holds one
+(registry/authority.py): refused with exit 3 otherwise, and the attempt audited.
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ from pathlib import Path
 
 from pipelines.config import ConfigError, load_params
 from registry.models import CANDIDATE, CHAMPION, PREVIOUS, STATUS, approve, by_alias, download, metrics_of, rollback
+from registry import audit
+from registry.authority import authorize
 from registry.store import unreadable
 from serving import auth
 
@@ -128,7 +133,7 @@ def reproduce_cmd(name: str, version: str, scratch: Path | None, keep: bool) -> 
     return 0 if report["matched"] else 1
 
 
-def after_rollback(params, old: str, new: str, where: str) -> None:
+def after_rollback(params, old: str, new: str, where: str, who: str) -> None:
     """A rollback by hand is news too: both versions' cards say it, and the webhook hears it."""
     from registry.card import refresh
     from tasks.notify import notify
@@ -137,10 +142,10 @@ def after_rollback(params, old: str, new: str, where: str) -> None:
     for version in (old, new):
         if version != "none":
             refresh(name, version)
-    notify(params, "rolled_back", f"rolled back by hand ({getpass.getuser()}): version {new} is champion again, version {old} taken out, via {where}", version=old, champion=new, by=getpass.getuser())
+    notify(params, "rolled_back", f"rolled back by hand ({who}): version {new} is champion again, version {old} taken out, via {where}", version=old, champion=new, by=who)
 
 
-def rollback_plane(params, plane, reason: str = "") -> None:
+def rollback_plane(params, plane, reason: str = "", who: str | None = None) -> None:
     """`make rollback` on a running plane: start `previous`'s engine beside the champion, check it
     answers, move the aliases (the old champion's status: rolled_back, with `reason`), then
     switch all traffic to it; the old champion leaves rotation at once, drains and stops. No
@@ -162,9 +167,10 @@ def rollback_plane(params, plane, reason: str = "") -> None:
     if checked["error_rate"]:
         plane.rollback()
         raise SystemExit(f"version {previous.version} failed {checked['error_rate']:.0%} of its checks ({checked['errors_seen']}): not switched; the champion keeps serving")
-    old, new = rollback(name, reason, getpass.getuser())
+    who = who or getpass.getuser()
+    old, new = rollback(name, reason, who)
     plane.promote()
-    after_rollback(params, old, new, f"the running plane at {plane.base_url}")
+    after_rollback(params, old, new, f"the running plane at {plane.base_url}", who)
     print(f"rolled back '{name}': version {new} now serves all traffic at {plane.base_url} (version {old} drained and stopped)")
 
 
@@ -232,14 +238,16 @@ def traffic_cmd(params, args) -> None:
         print(render(store, filters, args.limit))
 
 
-def forget_cmd(params, key: str, where: str | None) -> None:
-    """Delete every recorded completion of a key, given as the key itself or its key id."""
+def forget_cmd(params, key: str, where: str | None, who: str | None = None) -> None:
+    """Delete every recorded completion of a key, given as the key itself or its key id (an
+    audit entry: a deletion of users' data is a data operation someone must answer for)."""
     from serving.record import key_id
     from serving.record.schema import KEY_ID
 
     ids = {key_id(key)} | ({key} if KEY_ID.match(key) else set())
     with record_store(params, where) as store:
         gone = sum(store.delete_key(i) for i in sorted(ids))
+        audit.record("forget", who, reason=f"deleted {gone} recorded completion(s) of key id {' or '.join(sorted(ids))}", evidence=str(store), key_ids=sorted(ids), rows=gone)
         print(f"forgot {gone:,} completion(s) of key id {' or '.join(sorted(ids))} in {store} (files exported before are not touched)")
 
 
@@ -257,6 +265,9 @@ def feedback_cmd(params, version: str | None, where: str | None) -> None:
         for column in ("kind", "signal", "version", "rating", "decision"):
             counts = store.count_feedback_by(column, filters)
             print(f"  by {column:<9} " + "  ".join(f"{'-' if value is None else value}: {n:,}" for value, n in counts.items()))
+
+
+CHANGES = ("rollback", "approve", "forget")  # the commands that need an admin key where there are admin keys
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -302,10 +313,13 @@ def main(argv: list[str] | None = None) -> None:
 
 def run_command(args: argparse.Namespace, params) -> None:
     name = params.registry.model_name
+    # What changes serving, the registry or the record asks for an admin key once the project
+    # has admin keys (registry/authority.py), before anything changes.
+    who = authorize(args.command, params.serve.keys_file) if args.command in CHANGES else None
     if args.command == "traffic":
         traffic_cmd(params, args)
     elif args.command == "forget":
-        forget_cmd(params, args.version, args.store)
+        forget_cmd(params, args.version, args.store, who)
     elif args.command == "feedback":
         feedback_cmd(params, args.version, args.store)
     elif args.command == "status":
@@ -319,7 +333,7 @@ def run_command(args: argparse.Namespace, params) -> None:
     elif args.command == "serve":
         serve(params)
     elif args.command == "approve":
-        mv = approve(name, args.version, args.reason, getpass.getuser())
+        mv = approve(name, args.version, args.reason, who)
         print(f"approved version {mv.version} (was {mv.tags.get(STATUS)}): {args.reason}; the next run may release it again")
     elif params.serve.target == "kserve":  # rendered first: a render error moves no aliases
         from serving.kserve import write_rollback
@@ -328,8 +342,8 @@ def run_command(args: argparse.Namespace, params) -> None:
         if champ is None or prev is None:
             raise SystemExit(f"model '{name}' has no 'previous' version to roll back to")
         paths = write_rollback(params, str(champ.version), str(prev.version))
-        old, new = rollback(name, args.reason, getpass.getuser())
-        after_rollback(params, old, new, f"KServe manifest {paths[0]}")
+        old, new = rollback(name, args.reason, who)
+        after_rollback(params, old, new, f"KServe manifest {paths[0]}", who)
         print(f"rolled back '{name}' to version {new}: kubectl apply -f {paths[0]} (KServe's rollback), or {paths[1]} to declare version {new} again")
     else:
         from serving.plane_client import discover
@@ -337,12 +351,12 @@ def run_command(args: argparse.Namespace, params) -> None:
         plane = discover(params)
         if plane is not None:
             try:
-                rollback_plane(params, plane, args.reason)
+                rollback_plane(params, plane, args.reason, who)
             finally:
                 plane.close()
             return
-        old, new = rollback(name, args.reason, getpass.getuser())
-        after_rollback(params, old, new, "the registry's aliases (no plane was running)")
+        old, new = rollback(name, args.reason, who)
+        after_rollback(params, old, new, "the registry's aliases (no plane was running)", who)
         print(f"rolled back '{name}': champion is now version {new} (was {old}); no plane is running, so `make serve` will serve it")
 
 

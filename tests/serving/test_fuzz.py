@@ -75,14 +75,16 @@ def gateway(tmp_path_factory):
     keys = tmp / "keys.yaml"
     keys.write_text("tiers:\n  fuzz: {priority: 5, rpm: 1000000, tpm: 1000000000}\nkeys: {}\n")  # no 429 hides a later check
     out = []
-    for scopes in ("inference,feedback,admin,read-metrics", "inference"):
+    # The inference key first: once the file holds an admin key, making another needs one
+    # (registry/authority.py).
+    for scopes in ("inference", "inference,feedback,admin,read-metrics"):
         import contextlib
         import io
 
         buffer = io.StringIO()
         with contextlib.redirect_stdout(buffer):
             assert lifecycle(["keys", "create", "--file", str(keys), "--tier", "fuzz", "--scopes", scopes, "--log", str(tmp / "audit.jsonl")]) == 0
-        out.append(re.search(r"\(shown once, not stored\): (\S+)", buffer.getvalue()).group(1))
+        out.insert(0, re.search(r"\(shown once, not stored\): (\S+)", buffer.getvalue()).group(1))
     state = EngineState()
     with ThreadedServer(fake_engine(state)) as engine:
         state.backend = Backend("v1-r0", engine.root_url, "served-model", version="1")
