@@ -37,6 +37,17 @@ class ServeParams(Section):
     drain_timeout_s: float = Field(60, gt=0, description="How long a version leaving the plane (promoted away, rolled back) may finish its requests in flight before it is stopped.")
     supervise_interval_s: float = Field(0.5, gt=0, description="How often the plane's supervisor checks each engine process (exited, or failing /health 3 times in a row: restarted).")
     target: Literal["local", "kserve"] = Field("local", description="Where a release goes: 'local' serves and judges it on this machine (in the running plane, or a temporary one); 'kserve' renders a KServe InferenceService per canary step into kserve.out_dir for a cluster to apply (serving/kserve.py) and serves nothing here.")
+    tls_certfile: str | None = Field(None, description="PEM certificate (chain) the plane serves HTTPS with, beside tls_keyfile (serving/tls.py). A bind off loopback needs TLS: this, or tls_offloaded. null = plain HTTP.")
+    tls_keyfile: str | None = Field(None, description="The PEM private key of tls_certfile. Keep it out of git.")
+    tls_ca_file: str | None = Field(None, description="What this project's own clients of the plane (a release, make rollback, the alert receiver) verify its certificate with; null = tls_certfile itself (a self-signed certificate). The certificate must name the address they use (plane_url, or 127.0.0.1 for 'auto').")
+    tls_offloaded: bool = Field(False, description="TLS is terminated in front of the plane (an ingress, a load balancer, a TLS proxy): a bind off loopback is then allowed without tls_certfile. Keys cross the hop between that proxy and the plane in the clear.")
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> "ServeParams":
+        if bool(self.tls_certfile) != bool(self.tls_keyfile):
+            have, missing = ("tls_certfile", "tls_keyfile") if self.tls_certfile else ("tls_keyfile", "tls_certfile")
+            raise ValueError(f"serve.{have} is set but serve.{missing} is not: TLS needs the certificate and its private key")
+        return self
 
 
 class RecordParams(Section):

@@ -18,7 +18,11 @@ def client(base_url: str, api_key: str | None = None, timeout: float = 30, max_r
     canary must count a failed request as a failure, and a retried one would skew its latency."""
     import openai
 
-    return openai.OpenAI(base_url=base_url, api_key=api_key or NO_KEY, timeout=timeout, max_retries=max_retries)
+    from serving.tls import verify_for
+
+    verify = verify_for(base_url)  # a TLS plane this process was told to trust (serving/tls.py)
+    http_client = None if verify is True else openai.DefaultHttpxClient(verify=verify)
+    return openai.OpenAI(base_url=base_url, api_key=api_key or NO_KEY, timeout=timeout, max_retries=max_retries, http_client=http_client)
 
 
 def chat_once(client: openai.OpenAI, model: str, prompt: str, max_tokens: int) -> tuple[str, float]:

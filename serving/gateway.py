@@ -444,13 +444,14 @@ def shadow_agreement(stable: Backend, canary: Backend, prompts: list[str], max_t
 # --- command line --------------------------------------------------------------------------------
 
 
-def exposure_problem(host: str, api_key: str | None, admin_key: str | None, keys_file: str | None, flag: str = "--keys-file") -> str | None:
+def exposure_problem(host: str, api_key: str | None, admin_key: str | None, keys_file: str | None, flag: str = "--keys-file",
+                     tls: bool = False, tls_flags: str = "--tls-certfile and --tls-keyfile, or --tls-offloaded behind a TLS proxy") -> str | None:
     """Why serving on `host` would let anyone in, with how to fix it; None when it is safe: a
     loopback bind, or clients that need a key ($GATEWAY_API_KEY/$SERVING_API_KEY, or any key of
-    the keys file) and admin routes that need one ($SERVING_ADMIN_KEY, or a keys-file key with the
-    `admin` scope). Off loopback every client address is someone else's, and loopback is the only
-    thing that lets a keyless caller into /admin. There is no TLS option here: put a
-    TLS-terminating proxy in front, as keys travel in plain text otherwise."""
+    the keys file), admin routes that need one ($SERVING_ADMIN_KEY, or a keys-file key with the
+    `admin` scope) and TLS (served here or terminated in front: `tls`), since the keys travel in
+    the Authorization header. Off loopback every client address is someone else's, and loopback is
+    the only thing that lets a keyless caller into /admin."""
     if is_loopback(host):
         return None
     from serving.keys import load_keys
@@ -461,6 +462,8 @@ def exposure_problem(host: str, api_key: str | None, admin_key: str | None, keys
         missing.append(f"client keys (${API_KEY_ENV} or ${auth.API_KEY_ENV}, or a keys file: {flag} with `lifecycle keys create`)")
     if not (admin_key or any(e.allows("admin") for e in entries)):
         missing.append(f"an admin key (${ADMIN_KEY_ENV}, or a keys-file key with the admin scope: `lifecycle keys create --scopes admin`)")
+    if not tls:
+        missing.append(f"TLS ({tls_flags}): the keys would cross the network in the clear")
     if not missing:
         return None
     return (
@@ -486,7 +489,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, help="routing seed, for reproducible splits")
     parser.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES, help="largest request body accepted; larger ones get 413")
     parser.add_argument("--keys-file", help="YAML keys file (`lifecycle keys`): per-key scopes, tiers and rate limits; its keys count as client and admin keys for a non-loopback --host")
-    parser.add_argument("--insecure", action="store_true", help="allow a non-loopback host without client and admin keys")
+    parser.add_argument("--tls-certfile", help="PEM certificate to serve HTTPS with (with --tls-keyfile); a non-loopback --host needs TLS")
+    parser.add_argument("--tls-keyfile", help="the PEM private key of --tls-certfile")
+    parser.add_argument("--tls-offloaded", action="store_true", help="TLS is terminated in front of this gateway (an ingress, a load balancer, a TLS proxy)")
+    parser.add_argument("--insecure", action="store_true", help="allow a non-loopback host without client keys, an admin key or TLS")
     parser.add_argument("--log-level", default="info")
     args = parser.parse_args(argv)
     # Keys only from the environment: argv is visible to every user in `ps`.
@@ -499,9 +505,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--canary-weight needs a canary (--canary-url, --canary-model)")
     if not 0 <= args.canary_weight <= 1:
         parser.error(f"--canary-weight must be between 0 and 1, got {args.canary_weight}")
+    from serving.tls import files_problem
+
+    tls_problem = files_problem(args.tls_certfile, args.tls_keyfile, ("--tls-certfile", "--tls-keyfile"))
+    if tls_problem:
+        parser.error(tls_problem)
     if not args.insecure:
         try:
-            problem = exposure_problem(args.host, args.api_key, args.admin_key, args.keys_file)
+            problem = exposure_problem(args.host, args.api_key, args.admin_key, args.keys_file, tls=bool(args.tls_certfile) or args.tls_offloaded)
         except (OSError, ValueError) as exc:  # KeysFileError is a ValueError naming the file
             parser.error(f"--keys-file: {exc}")
         if problem:
@@ -523,8 +534,10 @@ def app_from_args(args: argparse.Namespace) -> FastAPI:
 def main(argv: list[str] | None = None) -> None:
     import uvicorn
 
+    from serving.tls import server_kwargs
+
     args = parse_args(argv)
-    uvicorn.run(app_from_args(args), host=args.host, port=args.port, log_level=args.log_level)
+    uvicorn.run(app_from_args(args), host=args.host, port=args.port, log_level=args.log_level, **server_kwargs(args.tls_certfile, args.tls_keyfile))
 
 
 if __name__ == "__main__":

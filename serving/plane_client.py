@@ -24,10 +24,13 @@ class PlaneAPIError(RuntimeError):
 
 class PlaneClient:
     def __init__(self, root_url: str, admin_key: str | None = None, timeout_s: float = 600) -> None:
+        from serving.tls import verify_for
+
         self.root_url = root_url.rstrip("/").removesuffix("/v1")
         headers = auth.bearer_headers(admin_key if admin_key is not None else auth.env_key(auth.ADMIN_KEY_ENV))
-        # Long timeout: attaching a canary starts its engines, promotion waits for a drain.
-        self.http = httpx.Client(base_url=self.root_url, headers=headers, timeout=timeout_s, trust_env=False)
+        # Long timeout: attaching a canary starts its engines, promotion waits for a drain. An
+        # https plane is verified as plane_root() said (serving/tls.py), else by the system's CAs.
+        self.http = httpx.Client(base_url=self.root_url, headers=headers, timeout=timeout_s, trust_env=False, verify=verify_for(self.root_url))
 
     @property
     def base_url(self) -> str:
@@ -81,13 +84,20 @@ class PlaneClient:
 
 
 def plane_root(params) -> str | None:
-    """Where this config's releases look for a plane (None: never)."""
-    url = params.serve.plane_url
+    """Where this config's releases look for a plane (None: never). A plane serving TLS
+    (serve.tls_certfile) is https, and this process verifies it against serve.tls_ca_file, else
+    the certificate itself, from here on (serving/tls.py)."""
+    serve = params.serve
+    url = serve.plane_url
     if not url:
         return None
     if url == "auto":
-        host = "127.0.0.1" if params.serve.host in ("0.0.0.0", "", "::") else params.serve.host
-        return f"http://{host}:{params.serve.port}"
+        host = "127.0.0.1" if serve.host in ("0.0.0.0", "", "::") else serve.host
+        url = f"{'https' if serve.tls_certfile else 'http'}://{host}:{serve.port}"
+    if serve.tls_certfile and url.startswith("https://"):
+        from serving.tls import trust
+
+        trust(url, serve.tls_ca_file or serve.tls_certfile)
     return url
 
 

@@ -21,11 +21,12 @@ def main(argv: list[str] | None = None) -> None:
 
     from pipelines.config import ConfigError, load_params
     from serving.gateway import ADMIN_KEY_ENV, API_KEY_ENV, LEGACY_ADMIN_KEY_ENV, exposure_problem
+    from serving.tls import files_problem, server_kwargs
 
     parser = argparse.ArgumentParser(prog="python -m serving.plane", description="Serve the champion behind the gateway and keep it running (make serve).")
     parser.add_argument("--params", default="params.yaml", help="the params file (serve:, registry:)")
     parser.add_argument("--state-dir", default=str(STATE_DIR), help="where the routing state, model copies and engine logs live")
-    parser.add_argument("--insecure", action="store_true", help="allow a non-loopback serve.host without client and admin keys")
+    parser.add_argument("--insecure", action="store_true", help="allow a non-loopback serve.host without client keys, an admin key or TLS")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # the supervisor's health checks, twice a second each
@@ -37,9 +38,13 @@ def main(argv: list[str] | None = None) -> None:
     serve = params.serve
     api_key = auth.env_key(API_KEY_ENV) or auth.backend_key()
     admin_key = auth.env_key(ADMIN_KEY_ENV) or auth.env_key(LEGACY_ADMIN_KEY_ENV)
+    tls_problem = files_problem(serve.tls_certfile, serve.tls_keyfile, ("serve.tls_certfile", "serve.tls_keyfile"))
+    if tls_problem:
+        parser.error(tls_problem)
     if not args.insecure:
         try:
-            problem = exposure_problem(serve.host, api_key, admin_key, serve.keys_file, flag="serve.keys_file")
+            problem = exposure_problem(serve.host, api_key, admin_key, serve.keys_file, flag="serve.keys_file", tls=bool(serve.tls_certfile) or serve.tls_offloaded,
+                                       tls_flags="serve.tls_certfile and serve.tls_keyfile, or serve.tls_offloaded behind a TLS proxy")
         except (OSError, ValueError) as exc:  # KeysFileError is a ValueError naming the file
             parser.error(f"serve.keys_file: {exc}")
         if problem:
@@ -60,11 +65,11 @@ def main(argv: list[str] | None = None) -> None:
     canary = f", canary version {gateway.canary.version} at {gateway.weight:.0%}" if gateway.canary else ""
     guarded = " (requires $GATEWAY_API_KEY or $SERVING_API_KEY)" if api_key else ""
     print(
-        f"serving '{plane.public_model}' on http://{serve.host}:{serve.port}/v1{guarded}: stable version {gateway.stable.version} "
+        f"serving '{plane.public_model}' on {'https' if serve.tls_certfile else 'http'}://{serve.host}:{serve.port}/v1{guarded}: stable version {gateway.stable.version} "
         f"x{len(gateway.stable_backends)}{canary}. Ctrl-C or SIGTERM stops it; routing is kept in {plane.state_path}.", flush=True,
     )
     try:
-        uvicorn.run(app, host=serve.host, port=serve.port, log_level="warning")
+        uvicorn.run(app, host=serve.host, port=serve.port, log_level="warning", **server_kwargs(serve.tls_certfile, serve.tls_keyfile))
     finally:
         # The lifespan stopped the engines already; this covers a server that never got that far
         # (its port taken). On SIGTERM uvicorn re-raises the signal, so nothing here runs then.

@@ -701,9 +701,9 @@ def test_an_exposed_bind_needs_client_and_admin_keys_from_the_env_or_a_keys_file
         parse_args([*base, "--keys-file", str(inference_only)])
     said = capsys.readouterr().err
     assert "without an admin key" in said and "client keys" not in said
-    assert parse_args([*base, "--keys-file", str(with_admin)]).keys_file == str(with_admin)
+    assert parse_args([*base, "--keys-file", str(with_admin), "--tls-offloaded"]).keys_file == str(with_admin)
     monkeypatch.setenv("SERVING_ADMIN_KEY", "admin-secret")
-    assert parse_args([*base, "--keys-file", str(inference_only)]).host == "0.0.0.0"
+    assert parse_args([*base, "--keys-file", str(inference_only), "--tls-offloaded"]).host == "0.0.0.0"
     with pytest.raises(SystemExit):
         parse_args([*base, "--keys-file", str(tmp_path / "missing.yaml")])
     said = capsys.readouterr().err

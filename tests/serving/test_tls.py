@@ -1,0 +1,139 @@
+"""TLS (serving/tls.py): a bind off loopback needs it (served, or terminated in front); the
+gateway serves HTTPS with a certificate and key; the project's own clients (the plane client and
+the OpenAI client a release sends through) verify it against the configured certificate, and a
+client that does not trust it is refused by the handshake."""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from pipelines.config import ConfigError, load_params
+from serving.client import client
+from serving.gateway import exposure_problem, parse_args
+from serving.launcher import PROJECT_ROOT, free_port
+from serving.plane_client import PlaneClient, plane_root
+from serving.routing import Backend
+from tests.serving.conftest import ThreadedServer, wait_until
+from tests.serving.record.test_gateway_record import ANSWER, EngineState, fake_engine
+
+
+def self_signed(folder: Path, name: str = "127.0.0.1") -> tuple[Path, Path]:
+    """(cert.pem, key.pem) for `name` (an IP in subjectAltName, as clients of 127.0.0.1 check)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
+        .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(name))]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = folder / "cert.pem", folder / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    return cert_path, key_path
+
+
+def test_an_exposed_bind_needs_tls_served_or_offloaded(tmp_path, monkeypatch, capsys):
+    """Seen red: with exposure_problem's TLS check removed, `--host 0.0.0.0` with client and
+    admin keys but no TLS started (parse_args returned)."""
+    for name in ("GATEWAY_API_KEY", "SERVING_API_KEY", "SERVING_ADMIN_KEY", "GATEWAY_ADMIN_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    assert exposure_problem("127.0.0.1", None, None, None) is None, "loopback needs nothing"
+    said = exposure_problem("0.0.0.0", "sk-client", "sk-admin", None)
+    assert said.startswith("refusing to listen on 0.0.0.0 without TLS (--tls-certfile and --tls-keyfile, or --tls-offloaded")
+    assert exposure_problem("0.0.0.0", "sk-client", "sk-admin", None, tls=True) is None
+
+    cert, key = self_signed(tmp_path)
+    monkeypatch.setenv("GATEWAY_API_KEY", "sk-client-0123456789")
+    monkeypatch.setenv("SERVING_ADMIN_KEY", "sk-admin-0123456789")
+    base = ["--stable-url", "http://127.0.0.1:8001", "--stable-model", "champ", "--host", "0.0.0.0"]
+    with pytest.raises(SystemExit):
+        parse_args(base)
+    assert "without TLS" in capsys.readouterr().err
+    assert parse_args([*base, "--tls-certfile", str(cert), "--tls-keyfile", str(key)]).tls_certfile == str(cert)
+    assert parse_args([*base, "--tls-offloaded"]).tls_offloaded
+    for bad, says in (
+        (["--tls-certfile", str(cert)], "--tls-certfile is set but --tls-keyfile is not"),
+        (["--tls-certfile", str(tmp_path / "nope.pem"), "--tls-keyfile", str(key)], "--tls-certfile: " + str(tmp_path / "nope.pem") + " does not exist"),
+        (["--tls-certfile", str(key), "--tls-keyfile", str(key)], "do not load as a PEM certificate and its key"),
+    ):
+        with pytest.raises(SystemExit):
+            parse_args([*base, *bad])
+        assert says in capsys.readouterr().err
+
+    # The plane reads serve.*: half a pair is a config error before any work; no TLS off loopback is refused.
+    params = tmp_path / "params.yaml"
+    params.write_text(f"serve:\n  tls_keyfile: {key}\n")
+    with pytest.raises(ConfigError, match="serve.tls_keyfile is set but serve.tls_certfile is not"):
+        load_params(params)
+    from serving.plane.__main__ import main as plane_main
+
+    params.write_text("serve:\n  host: 0.0.0.0\n")
+    with pytest.raises(SystemExit) as exited:
+        plane_main(["--params", str(params), "--state-dir", str(tmp_path / "plane")])
+    assert exited.value.code == 2
+    assert "without TLS (serve.tls_certfile and serve.tls_keyfile, or serve.tls_offloaded" in capsys.readouterr().err
+    assert not (tmp_path / "plane").exists(), "refused before anything started"
+
+
+def test_the_gateway_serves_https_and_the_projects_clients_verify_it(tmp_path):
+    """A real `python -m serving.gateway --tls-certfile --tls-keyfile`: the plane client and a
+    release's OpenAI client, given serve.tls_certfile, reach it over https; a client that does not
+    trust the certificate, and plain http, get nothing.
+    Seen red: with serving.client.client ignoring verify_for (the default httpx client) ->
+    openai.APIConnectionError, certificate verify failed: self-signed certificate."""
+    cert, key = self_signed(tmp_path)
+    state = EngineState()
+    with ThreadedServer(fake_engine(state)) as engine:
+        state.backend = Backend("v1", engine.root_url, "served", version="1")
+        port = free_port()
+        log = (tmp_path / "gateway.log").open("wb")
+        cmd = [sys.executable, "-m", "serving.gateway", "--stable-url", engine.root_url, "--stable-model", "served", "--public-model", "m",
+               "--port", str(port), "--tls-certfile", str(cert), "--tls-keyfile", str(key)]
+        gateway = subprocess.Popen(cmd, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            root = f"https://127.0.0.1:{port}"
+            trusted = httpx.Client(verify=__import__("ssl").create_default_context(cafile=str(cert)), timeout=5)
+
+            def up() -> bool:
+                assert gateway.poll() is None, (tmp_path / "gateway.log").read_text()
+                try:
+                    return trusted.get(f"{root}/health").status_code == 200
+                except httpx.HTTPError:
+                    return False
+
+            wait_until(up, "the TLS gateway's /health")
+            params = tmp_path / "params.yaml"
+            params.write_text(f"serve:\n  port: {port}\n  tls_certfile: {cert}\n  tls_keyfile: {key}\n")
+            assert plane_root(load_params(params)) == root  # 'auto' on a TLS plane is https, and trusted from here on
+            plane = PlaneClient(root)
+            assert plane.http.get("/health").status_code == 200
+            plane.close()
+            with client(f"{root}/v1") as oai:
+                answer = oai.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=4)
+            assert answer.choices[0].message.content == ANSWER
+            with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
+                httpx.get(f"{root}/health", timeout=5)  # the system's CAs do not know it
+            with pytest.raises(httpx.HTTPError):
+                httpx.get(f"http://127.0.0.1:{port}/health", timeout=5)  # no plain-text fallback
+            trusted.close()  # uvicorn waits for open keep-alive connections at shutdown
+        finally:
+            gateway.terminate()
+            try:
+                gateway.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                gateway.kill()
