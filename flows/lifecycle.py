@@ -238,13 +238,10 @@ def main() -> None:
         print(f"\nlifecycle not run: {exc}", file=sys.stderr)
         sys.exit(1)
     except Exception as exc:
-        from registry.store import unreadable
+        from registry.store import exit_if_unreadable
 
-        line = unreadable(exc)
-        if line is None:
-            raise
-        print(f"\nlifecycle stopped: {line}", file=sys.stderr)
-        sys.exit(1)
+        exit_if_unreadable(exc, "\nlifecycle stopped: ", 1)
+        raise
     if summary.get("outcome") == "rolled_back":
         # The flow did its job (the champion is untouched), but nothing new reached users:
         # scripts and schedulers should see that as a failure to release.

@@ -33,7 +33,7 @@ from pipelines.config import ConfigError, load_params
 from registry.models import CANDIDATE, CHAMPION, PREVIOUS, STATUS, approve, by_alias, download, metrics_of, rollback
 from registry import audit
 from registry.authority import authorize
-from registry.store import unreadable
+from registry.store import exit_if_unreadable
 from serving import auth
 
 
@@ -304,11 +304,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         run_command(args, params)
     except Exception as exc:
-        line = unreadable(exc)
-        if line is None:
-            raise
-        print(f"lifecycle {args.command}: {line}", file=sys.stderr)
-        sys.exit(2)
+        exit_if_unreadable(exc, f"lifecycle {args.command}: ", 2)
+        raise
 
 
 def run_command(args: argparse.Namespace, params) -> None:

@@ -54,3 +54,14 @@ def unreadable(exc: BaseException) -> str | None:
                     "half-written; restore it from a backup, or point MLFLOW_TRACKING_URI at a good store, and rerun")
         seen = seen.__cause__ or seen.__context__
     return None
+
+
+def exit_if_unreadable(exc: BaseException, prefix: str, code: int) -> None:
+    """Exit with `code` and `unreadable`'s line after `prefix` when `exc` is an unreadable store;
+    return otherwise (the caller re-raises)."""
+    import sys
+
+    line = unreadable(exc)
+    if line is not None:
+        print(f"{prefix}{line}", file=sys.stderr)
+        sys.exit(code)

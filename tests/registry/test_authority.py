@@ -17,6 +17,7 @@ from registry.access_cli import main as lifecycle
 from registry.audit import AuditLog, os_user
 from registry.authority import CLI_KEY_ENV
 from serving.keys import load_keys
+from tests.registry.test_cli import promoted_versions
 
 TIERS = {"free": {"priority": 0, "rpm": 60, "tpm": 10000}}
 
@@ -48,16 +49,7 @@ def project(tmp_path, monkeypatch, capsys):
             entry["expires"] = "2020-01-01T00:00:00+00:00"
     keys_file.write_text(yaml.safe_dump(raw))
     monkeypatch.delenv(CLI_KEY_ENV)
-    from registry.store import client, experiment_id
-
-    c, exp = client(), experiment_id("test")
-    versions = []
-    for tag in ("a", "b"):
-        (tmp_path / tag).mkdir()
-        (tmp_path / tag / "config.json").write_text("{}")
-        mv = models.register("m", tmp_path / tag, c.create_run(exp).info.run_id, tag, {"metric.exact_match": "0.9"})
-        models.promote("m", str(mv.version))
-        versions.append(str(mv.version))
+    versions = promoted_versions(tmp_path)
     capsys.readouterr()
     return versions, keys, keys_file, AuditLog(tmp_path / "audit.jsonl")
 

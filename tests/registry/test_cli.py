@@ -13,6 +13,11 @@ def store(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     Path("params.yaml").write_text("registry:\n  model_name: m\n")
+    return promoted_versions(tmp_path)
+
+
+def promoted_versions(tmp_path: Path) -> list[str]:
+    """Model 'm' with versions a then b registered and promoted in turn (b is champion)."""
     from registry.store import client, experiment_id
 
     c, exp = client(), experiment_id("test")
