@@ -285,6 +285,14 @@ def load_keys(path: str | Path) -> KeyTable:
     return KeyTable(tiers, _hashed_keys(path, raw["keys"], tiers), secret_bytes)
 
 
+def require_fields(where: str, fields: dict, required: tuple[str, ...], optional: tuple[str, ...], what: str) -> None:
+    """Raise KeysFileError naming `where`'s unknown and missing fields and what belongs there."""
+    unknown = sorted(set(fields) - set(required) - set(optional))
+    missing = [f for f in required if f not in fields]
+    if unknown or missing:
+        raise KeysFileError(f"{where}: unknown field(s) {unknown}, missing field(s) {missing}; {what} {', '.join(required)} (and optionally {', '.join(optional)})")
+
+
 def _tiers(path: Path, raw: Any) -> dict[str, Tier]:
     if not isinstance(raw, dict) or not raw:
         raise KeysFileError(f"{path}: 'tiers' must map tier names to {{priority, rpm, tpm}}, got {raw!r}")
@@ -293,10 +301,7 @@ def _tiers(path: Path, raw: Any) -> dict[str, Tier]:
         where = f"{path}: tiers.{name}"
         if not isinstance(fields, dict):
             raise KeysFileError(f"{where} must be a mapping {{priority: <int>, rpm: <int>, tpm: <int>}}, got {fields!r}")
-        unknown = sorted(set(fields) - set(TIER_FIELDS) - set(OPTIONAL_TIER_FIELDS))
-        missing = [f for f in TIER_FIELDS if f not in fields]
-        if unknown or missing:
-            raise KeysFileError(f"{where}: unknown field(s) {unknown}, missing field(s) {missing}; a tier has exactly {', '.join(TIER_FIELDS)} (and optionally {', '.join(OPTIONAL_TIER_FIELDS)})")
+        require_fields(where, fields, TIER_FIELDS, OPTIONAL_TIER_FIELDS, "a tier has exactly")
         if not isinstance(fields.get("feedback_any", False), bool):
             raise KeysFileError(f"{where}.feedback_any must be true or false, got {fields['feedback_any']!r}")
         for f in TIER_FIELDS:
@@ -346,10 +351,7 @@ def _hashed_keys(path: Path, raw: Any, tiers: dict[str, Tier]) -> list[KeyEntry]
         where = f"{path}: keys.{redact(str(kid)) if not isinstance(fields, dict) else kid}"
         if not isinstance(fields, dict):
             raise KeysFileError(f"{where} is a plain-text key in a hashed file: remove it and issue one with `lifecycle keys create --file {path}`")
-        unknown = sorted(set(fields) - set(KEY_FIELDS) - set(OPTIONAL_KEY_FIELDS))
-        missing = [f for f in KEY_FIELDS if f not in fields]
-        if unknown or missing:
-            raise KeysFileError(f"{where}: unknown field(s) {unknown}, missing field(s) {missing}; a key has {', '.join(KEY_FIELDS)} (and optionally {', '.join(OPTIONAL_KEY_FIELDS)})")
+        require_fields(where, fields, KEY_FIELDS, OPTIONAL_KEY_FIELDS, "a key has")
         if not isinstance(fields["hash"], str) or not fields["hash"].startswith(HASH_SCHEME + ":"):
             raise KeysFileError(f"{where}.hash must be '{HASH_SCHEME}:<hex>' (written by `lifecycle keys create`), got {str(fields['hash'])[:20]!r}")
         if fields["tier"] not in tiers:
