@@ -21,6 +21,8 @@ from pipelines.validate import DataValidationError, validate
 from tests.conftest import tiny_params
 from tests.pipelines import llamafactory_rows as lf
 
+SAFETY_SUITE = Path(__file__).resolve().parents[2] / "pipelines/eval_tasks/safety.jsonl"
+
 LONG = "The committee reviewed the quarterly budget and agreed that the new library wing should open before the winter holidays this year"
 HELD_OUT = [("What is the boiling point of water at sea level in degrees Celsius?", "100"), ("Name the largest planet in the solar system.", "Jupiter")]
 
@@ -266,7 +268,7 @@ def test_decontamination_checks_the_whole_suite_and_ignores_boilerplate(tmp_path
     reasons = sorted(json.loads(q)["reason"] for q in Path("data/prepared/quarantine.jsonl").read_text().splitlines() if "leaks" in q)
     assert "safety:test item disallowed-00" in reasons[1] and "arc_easy:test item arc-1" in reasons[0]
     assert report["quarantined_by_file_and_reason"]["in/support.jsonl"].get("contaminated", 0) <= 2, report["quarantined_by_file_and_reason"]
-    assert report["decontaminated_against"]["safety:test"] == 35 and report["decontaminated_against"]["arc_easy:test"] == 1
+    assert report["decontaminated_against"]["safety:test"] == len(Path(SAFETY_SUITE).read_text().splitlines()) and report["decontaminated_against"]["arc_easy:test"] == 1
 
 
 def test_pii_is_redacted_in_every_text_field_and_the_gate_reads_them_all(tmp_path, monkeypatch):

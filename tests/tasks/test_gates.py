@@ -34,7 +34,7 @@ PARAMS = tiny_params(
     evaluate=EvaluateParams(tasks=[EvalTask(name="reverse_digits")], limit=None, batch_size=64, max_new_tokens=12, judge=JudgeParams(max_items=IN_RANGE + LONG)),
     # 240 items can show a 5-point margin at ~5 % discordance; the default 2-point one cannot
     # (test_the_same_candidate_at_a_margin_its_items_cannot_show_is_undecided).
-    gate=GateParams(thresholds={EM: Threshold(min=0.7), "preference_accuracy": Threshold(min=0.5)}, champion_tolerance=0.05),
+    gate=GateParams(thresholds={EM: Threshold(min=0.6), "preference_accuracy": Threshold(min=0.5)}, champion_tolerance=0.05),
 )
 
 
@@ -117,7 +117,7 @@ def served(ws: dict, flips: int, fixes: int = 0, ramble: str = "", tag: str = ""
 
 
 def test_slightly_worse_candidate_is_caught_only_by_the_paired_test(gate_ws):
-    version = served(gate_ws, flips=24)  # 10 % newly wrong: above the 0.7 threshold, below the champion
+    version = served(gate_ws, flips=24)  # 10 % newly wrong: above the 0.6 threshold (the fixture guarantees >= 166/240), below the champion
     hook = Webhook()  # whoever watches releases hears of the rejection, with the metric
     with pytest.raises(GateFailed) as err:
         quality_gate.fn(PARAMS.model_copy(update={"notify": NotifyParams(webhook_url=hook.url)}), gate_ws["parent"], version)
@@ -127,7 +127,7 @@ def test_slightly_worse_candidate_is_caught_only_by_the_paired_test(gate_ws):
     msg = str(err.value)
     assert f"version {version} rejected" in msg and f"{EM}: paired diff vs champion -0.1000" in msg and "0 better, 24 worse of 240 items" in msg
     assert "tango score" in msg and "worse than the champion: FAILED" in msg
-    assert "vs >= 0.7000" not in msg, "the absolute threshold passes: only the paired test sees it"
+    assert "vs >= 0.6000" not in msg, "the absolute threshold passes: only the paired test sees it"
     assert models.client().get_model_version("reverse-digits", version).tags["status"] == "rejected"
     assert models.by_alias("reverse-digits", "candidate") is None
 
@@ -227,7 +227,7 @@ def test_a_broken_chat_template_is_caught_by_the_real_evaluation(gate_ws):
     version = str(models.register("reverse-digits", broken, gate_ws["parent"], "broken-template", {}).version)
     with pytest.raises(GateFailed) as err:
         quality_gate.fn(PARAMS, gate_ws["parent"], version)
-    assert f"{EM} = " in str(err.value) and "vs >= 0.7000" in str(err.value)
+    assert f"{EM} = " in str(err.value) and "vs >= 0.6000" in str(err.value)
 
 
 def test_leaked_test_items_never_reach_training(gate_ws):
