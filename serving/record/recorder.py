@@ -25,7 +25,7 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from serving.record.redactor import ROWS, Redactor, rows_of
-from serving.record.rows import NOT_PARAMS, PROMPT_FIELDS, Pending, answer_of, redact_text, redacted_json, storable, to_row
+from serving.record.rows import NOT_PARAMS, PROMPT_FIELDS, Pending, Wire, answer_of, redact_text, redacted_json, storable, to_row, unwire, wire_of
 from serving.record.schema import Row, key_id
 from serving.record.store import RowWriter, Store, StoreError, open_store, redact_url
 from serving.record.tap import Tap
@@ -120,8 +120,9 @@ class Recorder:
 
     # --- the request path ---
 
-    def tap(self, path: str, payload: dict, api_key: str | None, tier: str, model: str, arrived: float | None = None) -> Tap:
-        """A completion about to be sent on (`arrived`: its perf_counter() at the gateway)."""
+    def tap(self, path: str, payload: dict | bytes, api_key: str | None, tier: str, model: str, arrived: float | None = None) -> Tap:
+        """A completion about to be sent on (`payload`: the request's JSON, parsed or its raw
+        bytes; `arrived`: its perf_counter() at the gateway)."""
         kid = key_id(api_key) if api_key else None
         kept = not (kid in self.opt_out_keys or tier in self.opt_out_tiers)
         if not kept:
@@ -138,7 +139,7 @@ class Recorder:
             return
         self._unwritten.add(tap.id)  # before the writer can see the row, which removes it once written
         self._submitted += 1
-        self.buffer.append(Pending(tap, status, body, version, replica, cache_hit, time.perf_counter() - tap.started))
+        self.buffer.append(wire_of(tap, status, body, version, replica, cache_hit, time.perf_counter() - tap.started))
         if self._idle:
             self._wake.set()
 
@@ -186,7 +187,7 @@ class Recorder:
             self._redactor.close()
             self._writer.close()
 
-    def _take(self) -> list[Pending]:
+    def _take(self) -> list[Wire]:
         """Up to batch_rows rows: waits flush_interval_s for the first (a submit or close()
         wakes it), then takes what is there."""
         buffer = self.buffer
@@ -202,7 +203,7 @@ class Recorder:
         if not self._redactor.start():
             self._redactor_retry = time.monotonic() + REDACTOR_RETRY_S
 
-    def _redacted(self, batch: list[Pending]) -> tuple | None:
+    def _redacted(self, batch: list[Wire]) -> tuple | None:
         """What the redactor process answered for the batch (`Redactor.handle`), restarted if it
         is gone; None when it is not there (the writer thread then does its work)."""
         if not self._redactor.running and time.monotonic() >= self._redactor_retry:
@@ -216,7 +217,7 @@ class Recorder:
             log.warning("record: the redactor process failed (%s: %s); the writer thread redacts until it is restarted, in %gs", type(exc).__name__, exc, REDACTOR_RETRY_S)
             return None
 
-    def _write(self, batch: list[Pending]) -> None:
+    def _write(self, batch: list[Wire]) -> None:
         said = self._redacted(batch)
         if said is not None and said[0] != ROWS:  # the redactor wrote them: (STORED, written, dropped, warnings, cpu)
             _, written, dropped, warnings, cpu = said
@@ -225,12 +226,12 @@ class Recorder:
                 made, cpu = said[1], said[2]
             else:
                 made, cpu = [], 0.0
-                for p in batch:
+                for w in batch:
                     time.sleep(0)  # let the event loop have the GIL between rows: it never waits a whole batch
-                    made.extend(rows_of([p]))
+                    made.extend(rows_of([unwire(w)]))
             rows = [r for r in made if isinstance(r, Row)]
             # A bug for one odd request costs its row, never the batch.
-            warnings = [f"completion {p.tap.id} could not be made a row: {r}" for p, r in zip(batch, made) if not isinstance(r, Row)]
+            warnings = [f"completion {w[0]} could not be made a row: {r}" for w, r in zip(batch, made) if not isinstance(r, Row)]
             written, dropped, failed = self._writer.write(rows)
             dropped, warnings = dropped + len(warnings), warnings + failed
         self.cpu.inc(cpu)
@@ -242,7 +243,7 @@ class Recorder:
             self.dropped.labels("store_error").inc(dropped)
         with self._progress:
             self._settled += len(batch)
-            self._unwritten.difference_update(p.tap.id for p in batch)
+            self._unwritten.difference_update(w[0] for w in batch)
             self._progress.notify_all()
 
     def _purge(self) -> None:

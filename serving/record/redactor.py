@@ -31,7 +31,7 @@ import time
 from multiprocessing.connection import Connection
 from pathlib import Path
 
-from serving.record.rows import Pending, Wire, to_row, unwire, wire
+from serving.record.rows import Pending, Wire, to_row, unwire
 from serving.record.schema import Row
 from serving.record.store import RowWriter, open_store, redact_url
 
@@ -106,7 +106,7 @@ class Redactor:
             raise EOFError(f"the redactor process began with {said!r}, not {READY!r}")
         self.ready = True
 
-    def handle(self, batch: list[Pending]) -> tuple:
+    def handle(self, batch: list[Wire]) -> tuple:
         """(ROWS, the batch's rows (or, per row, why not), CPU seconds) without a store;
         (STORED, rows written, rows dropped, warnings, CPU seconds) with one. Raises
         OSError/EOFError (the process is gone: closed here) for the caller to do it itself."""
@@ -115,7 +115,7 @@ class Redactor:
         try:
             if not self.ready:
                 self._wait_ready()
-            self.outbox.send([wire(p) for p in batch])
+            self.outbox.send(batch)
             said = self.inbox.recv()
         except (OSError, EOFError):
             self.close()
@@ -182,5 +182,5 @@ def serve(read_fd: int, write_fd: int) -> None:
 # One completion with a phone number, an e-mail address and a card number.
 WARM_UP: list[Wire] = [
     ("chatcmpl-warm-up", 0.0, True, {"messages": [{"role": "user", "content": "call +1 202-555-0143, mail a@example.com, card 4111 1111 1111 1111"}]},
-     None, "untiered", "m", {}, None, None, 200, b'{"choices": [{"message": {"content": "020 7946 0958"}, "finish_reason": "stop"}]}', "1", "r", False, 0.0),
+     None, "untiered", "m", None, None, None, 200, b'{"choices": [{"message": {"content": "020 7946 0958"}, "finish_reason": "stop"}]}', "1", "r", False, 0.0),
 ]

@@ -54,11 +54,13 @@ random_id = RandomIds()
 class Tap:
     """Created when a completion request reaches the proxy; finished when its answer is known
     (`answered` for a JSON answer, `streamed` when a stream ends). `recorder` None: the caller
-    opted out, so the client still gets an id but nothing is kept."""
+    opted out, so the client still gets an id but nothing is kept. `payload`: the request's JSON,
+    parsed or (the gateway's) as the raw bytes it came in, which the record keeps: no parsed
+    object outlives the request (serving.record.rows.Wire)."""
 
     __slots__ = ("recorder", "id", "ts", "started", "chat", "payload", "key_id", "tier", "model", "hide_usage", "texts", "finish", "usage", "done")
 
-    def __init__(self, recorder: Recorder | None, path: str, payload: dict, key_id: str | None, tier: str, model: str) -> None:
+    def __init__(self, recorder: Recorder | None, path: str, payload: dict | bytes, key_id: str | None, tier: str, model: str) -> None:
         self.recorder = recorder
         self.chat = path.endswith("/chat/completions")
         self.id = f"{'chatcmpl' if self.chat else 'cmpl'}-{random_id()}"
