@@ -342,7 +342,9 @@ def create_gateway(
         tap = None
         if record is not None:
             token, who = identity(request, key, tier)  # recorded by the key's id
-            tap = record.tap(path, payload, token, who, gateway.public_model, arrived)
+            # The raw body (Starlette keeps it): the record parses it off the request path, and
+            # no parsed object outlives the request in the record's buffer.
+            tap = record.tap(path, await request.body(), token, who, gateway.public_model, arrived)
         response = await request.app.state.proxy.forward(path, payload, front, priority, request.is_disconnected, cached, tap)
         response.headers.update(limit_headers)
         return response

@@ -7,7 +7,7 @@ request path through a bounded buffer, to SQLite by default or PostgreSQL by URL
 - `tap.py`: one completion on the request path (its id, what the recorder needs of it);
 - `rows.py`: a completion as the request path left it, and the redacted row made of it;
 - `recorder.py`: the bounded buffer and its writer thread, the metrics, retention;
-- `redactor.py`: the process the writer thread has make its rows (redaction off the gateway's GIL);
+- `redactor.py`: the process that makes and stores the rows (redaction and inserts off the gateway's GIL);
 - `export.py`: a window as OpenAI `messages` JSONL that `data.sources` reads.
 
 `lifecycle traffic` queries and exports it; `lifecycle forget KEY` deletes a key's rows.

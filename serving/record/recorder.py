@@ -1,12 +1,13 @@
 """The record's writer: a bounded buffer between the gateway's requests and the store.
 
-A request only appends to the buffer (`submit`, never blocking); a thread of its own takes rows
-out in batches, has the redactor process (`serving.record.redactor`) parse the answers and
-redact prompts and answers with the data cleaning's PII rules (`pipelines.clean.redact`), and
-writes the rows (`Store.write_batch`). The thread mostly waits, the GIL released: the redaction's
-CPU is not spent in the gateway's process (when the redactor is not there, the thread redacts
-itself, as it did before the process existed). A full buffer drops the
-row, never the request: counted in `gateway_record_dropped_total{reason="buffer_full"}`; a
+A request only appends to the buffer (`submit`, never blocking, no lock); a thread of its own
+takes rows out in batches and ships them to the redactor process (`serving.record.redactor`),
+which parses the answers, redacts prompts and answers with the data cleaning's PII rules
+(`pipelines.clean.redact`) and writes the rows (`Store.write_batch`). The thread mostly waits,
+the GIL released: neither the redaction's CPU nor the store's is spent in the gateway's process
+(when the redactor is not there, the thread redacts and writes itself, as it did before the
+process existed; a store given as a callable is always written by the thread). A full buffer
+drops the row, never the request: counted in `gateway_record_dropped_total{reason="buffer_full"}`; a
 batch the store refused is counted with reason "store_error". Written rows are counted in
 `gateway_record_written_total`. Rows past `retention_days` are purged every `purge_interval_s`.
 `close()` (the gateway's shutdown) writes what is buffered before it returns.
@@ -15,18 +16,18 @@ batch the store refused is counted with reason "store_error". Written rows are c
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from serving.record.redactor import Redactor, rows_of
-from serving.record.rows import NOT_PARAMS, PROMPT_FIELDS, Pending, answer_of, redact_text, redacted_json, storable, to_row
+from serving.record.redactor import ROWS, Redactor, rows_of
+from serving.record.rows import NOT_PARAMS, PROMPT_FIELDS, Pending, Wire, answer_of, redact_text, redacted_json, storable, to_row, unwire, wire_of
 from serving.record.schema import Row, key_id
-from serving.record.store import Store, StoreError, close_quietly, open_store
+from serving.record.store import RowWriter, Store, StoreError, open_store, redact_url
 from serving.record.tap import Tap
 
 log = logging.getLogger("serving.record")
@@ -37,6 +38,18 @@ REDACTOR_RETRY_S = 10  # a redactor process that failed is started again this mu
 GATHER_S = 0.1
 STORE_FILE = "record.sqlite3"  # in the plane's state folder unless record.store names one
 SERVICE_TIER, UNTIERED = "service", "untiered"
+
+
+class Buffer(deque):
+    """The bounded buffer: the event loop appends, the writer thread pops from the left. A
+    deque's append and popleft are atomic (the GIL), so a request takes no lock and wakes no
+    thread, where a `queue.Queue` took a lock and notified a condition on every put and get."""
+
+    def qsize(self) -> int:
+        return len(self)
+
+    def empty(self) -> bool:
+        return not self
 
 
 class Recorder:
@@ -52,8 +65,9 @@ class Recorder:
         opt_out_tiers: frozenset[str] | set[str] = frozenset(),
     ) -> None:
         self.open_store = store if callable(store) else (lambda: open_store(store))
-        self.where = getattr(store, "__name__", str(store)) if callable(store) else str(store)
-        self.buffer: queue.Queue[Pending] = queue.Queue(maxsize=buffer_rows)
+        self.where = getattr(store, "__name__", str(store)) if callable(store) else redact_url(str(store))
+        self.buffer = Buffer()
+        self.buffer_rows = buffer_rows
         self.batch_rows, self.flush_interval_s = batch_rows, flush_interval_s
         self.retention_s = None if retention_days is None else retention_days * 86400
         self.purge_interval_s = purge_interval_s
@@ -65,17 +79,23 @@ class Recorder:
         self.buffered = Gauge("gateway_record_buffered", "Completions waiting in the record's buffer.", registry=None)
         self.cpu = Counter("gateway_record_writer_cpu_seconds", "CPU time the record's writer spent on its rows: the writer thread in the gateway's process (shipping batches, writing them) and the redactor process (parsing, redacting).", registry=None)
         self.buffered.set_function(self.buffer.qsize)
-        for reason in ("buffer_full", "store_error"):
-            self.dropped.labels(reason)
-        self._submitted = 0  # rows put in the buffer; with _settled, what flush() waits for
+        self._full = self.dropped.labels("buffer_full")
+        self.dropped.labels("store_error")
+        # Rows put in the buffer; with _settled, what flush() waits for. Only the event loop's
+        # thread submits (the gateway's one loop), so the count needs no lock.
+        self._submitted = 0
         self._settled = 0  # rows written or dropped by the writer
         self._progress = threading.Condition()
         self._unwritten: set[str] = set()  # ids of buffered rows: a feedback on one waits for it (wait_written)
+        self._idle = False  # the writer waits for a first row: the next submit wakes it (_wake)
+        self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._started: threading.Event = threading.Event()
-        self._store: Store | None = None  # the writer's; reopened after a failure
-        self._redactor = Redactor()  # the writer's; restarted after a failure
+        self._writer = RowWriter(self.open_store, self.where)  # the thread's own connection: purges, and rows the redactor did not write
+        # The writer thread's; restarted after a failure. It owns the store's connection unless
+        # the store is a callable (which cannot be sent to another process).
+        self._redactor = Redactor(None if callable(store) else str(store))
         self._redactor_retry = 0.0  # monotonic time before which a failed redactor is not restarted
         self._start_error: BaseException | None = None
 
@@ -100,8 +120,9 @@ class Recorder:
 
     # --- the request path ---
 
-    def tap(self, path: str, payload: dict, api_key: str | None, tier: str, model: str, arrived: float | None = None) -> Tap:
-        """A completion about to be sent on (`arrived`: its perf_counter() at the gateway)."""
+    def tap(self, path: str, payload: dict | bytes, api_key: str | None, tier: str, model: str, arrived: float | None = None) -> Tap:
+        """A completion about to be sent on (`payload`: the request's JSON, parsed or its raw
+        bytes; `arrived`: its perf_counter() at the gateway)."""
         kid = key_id(api_key) if api_key else None
         kept = not (kid in self.opt_out_keys or tier in self.opt_out_tiers)
         if not kept:
@@ -112,16 +133,15 @@ class Recorder:
         return tap
 
     def submit(self, tap: Tap, status: int, body: bytes | None, version: str | None, replica: str | None, cache_hit: bool) -> None:
-        """Never blocks: a full buffer drops the row (counted)."""
-        pending = Pending(tap, status, body, version, replica, cache_hit, time.perf_counter() - tap.started)
-        try:
-            self.buffer.put_nowait(pending)
-        except queue.Full:
-            self.dropped.labels("buffer_full").inc()
+        """Never blocks, takes no lock: a full buffer drops the row (counted)."""
+        if len(self.buffer) >= self.buffer_rows:
+            self._full.inc()
             return
-        with self._progress:
-            self._submitted += 1
-            self._unwritten.add(tap.id)
+        self._unwritten.add(tap.id)  # before the writer can see the row, which removes it once written
+        self._submitted += 1
+        self.buffer.append(wire_of(tap, status, body, version, replica, cache_hit, time.perf_counter() - tap.started))
+        if self._idle:
+            self._wake.set()
 
     # --- the writer ---
 
@@ -141,13 +161,12 @@ class Recorder:
 
     def _run(self) -> None:
         try:
-            store = self.open_store()
+            self._writer.opened()  # a store that cannot be opened fails the start
         except BaseException as exc:  # reported by start(), in the caller's thread
             self._start_error = exc
             self._started.set()
             return
         self._started.set()
-        self._store = store
         self._start_redactor()
         next_purge = time.monotonic()
         try:
@@ -159,101 +178,80 @@ class Recorder:
                     self.cpu.inc(time.thread_time() - cpu)
                     if len(batch) < self.batch_rows:  # no backlog: let the next batch gather (returns at once on close)
                         self._stop.wait(min(GATHER_S, self.flush_interval_s) - (time.monotonic() - began))
-                if self.retention_s is not None and time.monotonic() >= next_purge and self._store is not None:
+                if self.retention_s is not None and time.monotonic() >= next_purge:
                     next_purge = time.monotonic() + self.purge_interval_s
-                    self._purge(self._store)
-                if self._stop.is_set() and self.buffer.empty():
+                    self._purge()
+                if self._stop.is_set() and not self.buffer:
                     return
         finally:
             self._redactor.close()
-            if self._store is not None:
-                self._store.close()
+            self._writer.close()
 
-    def _take(self) -> list[Pending]:
-        """Up to batch_rows rows: waits flush_interval_s for the first, then takes what is there."""
-        try:
-            batch = [self.buffer.get(timeout=self.flush_interval_s)]
-        except queue.Empty:
-            return []
-        while len(batch) < self.batch_rows:
-            try:
-                batch.append(self.buffer.get_nowait())
-            except queue.Empty:
-                break
-        return batch
-
-    def _made(self, batch: list[Pending]) -> list[Row | str]:
-        """Each completion's row (or why not): by the redactor process, restarted if it is gone;
-        else here, a row at a time."""
-        if not self._redactor.running and time.monotonic() >= self._redactor_retry:
-            self._start_redactor()
-        if self._redactor.running:
-            try:
-                made, cpu = self._redactor.rows(batch)
-                self.cpu.inc(cpu)
-                return made
-            except (OSError, EOFError) as exc:
-                self._redactor_retry = time.monotonic() + REDACTOR_RETRY_S
-                log.warning("record: the redactor process failed (%s: %s); the writer thread redacts until it is restarted, in %gs", type(exc).__name__, exc, REDACTOR_RETRY_S)
-        made = []
-        for p in batch:
-            time.sleep(0)  # let the event loop have the GIL between rows: it never waits a whole batch
-            made.extend(rows_of([p]))
-        return made
+    def _take(self) -> list[Wire]:
+        """Up to batch_rows rows: waits flush_interval_s for the first (a submit or close()
+        wakes it), then takes what is there."""
+        buffer = self.buffer
+        if not buffer and not self._stop.is_set():
+            self._idle = True
+            if not buffer:  # a row appended before the submit saw _idle is not waited for
+                self._wake.wait(self.flush_interval_s)
+            self._idle = False
+            self._wake.clear()
+        return [buffer.popleft() for _ in range(min(len(buffer), self.batch_rows))]
 
     def _start_redactor(self) -> None:
         if not self._redactor.start():
             self._redactor_retry = time.monotonic() + REDACTOR_RETRY_S
 
-    def _write(self, batch: list[Pending]) -> None:
-        rows: list[Row] = []
-        for p, made in zip(batch, self._made(batch)):
-            if isinstance(made, Row):
-                rows.append(made)
-            else:  # a bug for one odd request costs its row, never the batch
-                self.dropped.labels("store_error").inc()
-                log.warning("record: completion %s could not be made a row: %s", p.tap.id, made)
+    def _redacted(self, batch: list[Wire]) -> tuple | None:
+        """What the redactor process answered for the batch (`Redactor.handle`), restarted if it
+        is gone; None when it is not there (the writer thread then does its work)."""
+        if not self._redactor.running and time.monotonic() >= self._redactor_retry:
+            self._start_redactor()
+        if not self._redactor.running:
+            return None
         try:
-            self._reopened().write_batch(rows)
-            self.written.inc(len(rows))
-        except Exception as exc:
-            # Either the store is down (every row fails: dropped, counted) or one row is
-            # refused (the rest are written): one at a time tells which, on a new connection.
-            log.warning("record: a batch of %d completion(s) not written to %s (%s: %s); retrying them one by one", len(rows), self.where, type(exc).__name__, exc)
-            self._discard_store()
-            for i, row in enumerate(rows):
-                try:
-                    store = self._reopened()
-                except Exception:  # still down: the rest of the batch is lost, counted
-                    self.dropped.labels("store_error").inc(len(rows) - i)
-                    break
-                try:
-                    store.write_batch([row])
-                    self.written.inc()
-                except Exception:
-                    self.dropped.labels("store_error").inc()
+            return self._redactor.handle(batch)
+        except (OSError, EOFError) as exc:
+            self._redactor_retry = time.monotonic() + REDACTOR_RETRY_S
+            log.warning("record: the redactor process failed (%s: %s); the writer thread redacts until it is restarted, in %gs", type(exc).__name__, exc, REDACTOR_RETRY_S)
+            return None
+
+    def _write(self, batch: list[Wire]) -> None:
+        said = self._redacted(batch)
+        if said is not None and said[0] != ROWS:  # the redactor wrote them: (STORED, written, dropped, warnings, cpu)
+            _, written, dropped, warnings, cpu = said
+        else:
+            if said is not None:
+                made, cpu = said[1], said[2]
+            else:
+                made, cpu = [], 0.0
+                for w in batch:
+                    time.sleep(0)  # let the event loop have the GIL between rows: it never waits a whole batch
+                    made.extend(rows_of([unwire(w)]))
+            rows = [r for r in made if isinstance(r, Row)]
+            # A bug for one odd request costs its row, never the batch.
+            warnings = [f"completion {w[0]} could not be made a row: {r}" for w, r in zip(batch, made) if not isinstance(r, Row)]
+            written, dropped, failed = self._writer.write(rows)
+            dropped, warnings = dropped + len(warnings), warnings + failed
+        self.cpu.inc(cpu)
+        for warning in warnings:
+            log.warning("record: %s", warning)
+        if written:
+            self.written.inc(written)
+        if dropped:
+            self.dropped.labels("store_error").inc(dropped)
         with self._progress:
             self._settled += len(batch)
-            self._unwritten.difference_update(p.tap.id for p in batch)
+            self._unwritten.difference_update(w[0] for w in batch)
             self._progress.notify_all()
 
-    def _reopened(self) -> Store:
-        """The store, opened again after a failure (a restarted database, a dropped connection)."""
-        if self._store is None:
-            self._store = self.open_store()
-        return self._store
-
-    def _discard_store(self) -> None:
-        close_quietly(self._store)
-        self._store = None
-
-    def _purge(self, store: Store) -> None:
-        try:
-            gone = store.purge_older_than(time.time() - self.retention_s)
-            if gone:
-                log.info("record: purged %d completion(s) older than %g days from %s", gone, self.retention_s / 86400, store)
-        except Exception as exc:
-            log.warning("record: purge failed on %s: %s: %s", store, type(exc).__name__, exc)
+    def _purge(self) -> None:
+        gone, failed = self._writer.purge(time.time() - self.retention_s)
+        if failed:
+            log.warning("record: purge failed on %s: %s", self.where, failed)
+        elif gone:
+            log.info("record: purged %d completion(s) older than %g days from %s", gone, self.retention_s / 86400, self.where)
 
     def flush(self, timeout_s: float = 60) -> bool:
         """Wait until every row submitted so far is written (or dropped); False on timeout."""
@@ -280,6 +278,7 @@ class Recorder:
         if thread is None:
             return
         self._stop.set()
+        self._wake.set()
         thread.join(timeout_s)
         if thread.is_alive():
             log.warning("record: %d completion(s) still buffered after %gs at shutdown, not written", self.buffer.qsize(), timeout_s)

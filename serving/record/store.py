@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import abc
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -297,6 +297,73 @@ def close_quietly(store: Store | None) -> None:
         store.close()
     except Exception:  # noqa: BLE001 - the failure that got us here is the one reported
         pass
+
+
+class RowWriter:
+    """Writes the record's batches to a store it opens itself, and opens again after a failure.
+    The recorder's writer thread uses one, and so does the redactor process when it owns the
+    store (serving/record/redactor.py): the same rules either side."""
+
+    def __init__(self, open_store: Callable[[], Store], where: str) -> None:
+        self.open_store, self.where = open_store, where
+        self.store: Store | None = None
+
+    def opened(self) -> Store:
+        """The store, opened on first use and again after a failure (a restarted database, a
+        dropped connection)."""
+        if self.store is None:
+            self.store = self.open_store()
+        return self.store
+
+    def discard(self) -> None:
+        close_quietly(self.store)
+        self.store = None
+
+    def write(self, rows: list[Row]) -> tuple[int, int, list[str]]:
+        """(rows written, rows dropped, warnings). Either the store is down (every row fails:
+        dropped) or it refuses one row (the rest are written): a failed batch is retried one
+        row at a time, on a new connection, to tell which. A row already there (a batch written
+        by a redactor process that died before it answered) counts as written."""
+        if not rows:
+            return 0, 0, []
+        try:
+            self.opened().write_batch(rows)
+            return len(rows), 0, []
+        except Exception as exc:
+            warnings = [f"a batch of {len(rows)} completion(s) not written to {self.where} ({type(exc).__name__}: {exc}); retrying them one by one"]
+        self.discard()
+        written = dropped = 0
+        for i, row in enumerate(rows):
+            try:
+                store = self.opened()
+            except Exception as exc:  # still down: the rest of the batch is lost
+                warnings.append(f"{self.where} cannot be opened ({type(exc).__name__}: {exc}): {len(rows) - i} completion(s) lost")
+                dropped += len(rows) - i
+                break
+            try:
+                store.write_batch([row])
+                written += 1
+            except Exception:
+                try:
+                    there = store.find(row.id) is not None
+                except Exception:
+                    there = False
+                    self.discard()
+                written, dropped = written + there, dropped + (not there)
+        return written, dropped, warnings
+
+    def purge(self, before: float) -> tuple[int, str | None]:
+        """Delete rows older than `before`: (how many, why it failed or None)."""
+        try:
+            return self.opened().purge_older_than(before), None
+        except Exception as exc:
+            self.discard()
+            return 0, f"{type(exc).__name__}: {exc}"
+
+    def close(self) -> None:
+        if self.store is not None:
+            self.store.close()
+            self.store = None
 
 
 def open_store(where: str | Path) -> Store:

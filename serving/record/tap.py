@@ -22,6 +22,8 @@ if TYPE_CHECKING:
     from serving.record.recorder import Recorder
 
 ID_HEADER = "x-completion-id"
+VERSION_HEADER, REPLICA_HEADER = "x-gateway-version", "x-gateway-backend"  # serving.proxy's, on every answer
+VERSION_RAW, REPLICA_RAW = VERSION_HEADER.encode(), REPLICA_HEADER.encode()
 STAMPED = b'{"id": "'  # how a JSON answer the gateway re-encoded (json.dumps) begins: its id first
 
 
@@ -52,11 +54,13 @@ random_id = RandomIds()
 class Tap:
     """Created when a completion request reaches the proxy; finished when its answer is known
     (`answered` for a JSON answer, `streamed` when a stream ends). `recorder` None: the caller
-    opted out, so the client still gets an id but nothing is kept."""
+    opted out, so the client still gets an id but nothing is kept. `payload`: the request's JSON,
+    parsed or (the gateway's) as the raw bytes it came in, which the record keeps: no parsed
+    object outlives the request (serving.record.rows.Wire)."""
 
     __slots__ = ("recorder", "id", "ts", "started", "chat", "payload", "key_id", "tier", "model", "hide_usage", "texts", "finish", "usage", "done")
 
-    def __init__(self, recorder: Recorder | None, path: str, payload: dict, key_id: str | None, tier: str, model: str) -> None:
+    def __init__(self, recorder: Recorder | None, path: str, payload: dict | bytes, key_id: str | None, tier: str, model: str) -> None:
         self.recorder = recorder
         self.chat = path.endswith("/chat/completions")
         self.id = f"{'chatcmpl' if self.chat else 'cmpl'}-{random_id()}"
@@ -134,8 +138,19 @@ class Tap:
         if self.done:
             return
         self.done = True
-        if self.recorder is not None:
-            self.recorder.submit(self, response.status_code, response.body, response.headers.get("x-gateway-version"), response.headers.get("x-gateway-backend"), cache_hit)
+        if self.recorder is None:
+            return
+        raw = getattr(response, "raw_headers", None)
+        if raw is None:
+            version, replica = response.headers.get(VERSION_HEADER), response.headers.get(REPLICA_HEADER)
+        else:  # one pass over the encoded headers: `response.headers` builds a mapping each time it is read
+            version = replica = None
+            for name, value in raw:
+                if name == VERSION_RAW:
+                    version = value.decode("latin-1")
+                elif name == REPLICA_RAW:
+                    replica = value.decode("latin-1")
+        self.recorder.submit(self, response.status_code, response.body, version, replica, cache_hit)
 
     def streamed(self, outcome: str, version: str | None, replica: str | None) -> None:
         """A stream ended: `outcome` is the gateway's ("ok", "server_error" for an error event,

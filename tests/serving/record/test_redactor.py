@@ -91,3 +91,54 @@ def test_a_sigint_leaves_the_redactor_running(tmp_path):
         stored_clean(tmp_path / "record.sqlite3", ids)
     finally:
         recorder.close()
+
+
+def test_the_redactor_process_writes_the_rows_itself(tmp_path, monkeypatch):
+    """The SQLite insert was ~25 us of the gateway's CPU a row: with a store given by path (as
+    the gateway's always is) the redactor process writes the rows, and the writer thread in the
+    gateway's process writes none. The path travels down the pipe, not in the argv (`ps` shows
+    argv; a PostgreSQL URL can hold a password).
+    Seen red: with the Recorder giving the Redactor no store (rows shipped back and written by
+    the thread, as before), the thread's RowWriter.write was called: the writer thread died on
+    its AssertionError and flush() returned False."""
+    from serving.record.store import RowWriter
+
+    def not_here(self, rows):
+        raise AssertionError("the gateway's writer thread wrote rows the redactor process should have")
+
+    monkeypatch.setattr(RowWriter, "write", not_here)  # in this process only: the redactor's is its own
+    path = tmp_path / "record.sqlite3"
+    recorder = Recorder(path, flush_interval_s=0.05)
+    recorder.start()
+    try:
+        ids = [submit(recorder, i) for i in range(30)]
+        assert recorder.flush()
+        assert recorder.written._value.get() == 30 and recorder.dropped.labels("store_error")._value.get() == 0
+        assert str(tmp_path) not in " ".join(recorder._redactor.process.args)
+        stored_clean(path, ids)
+    finally:
+        recorder.close()
+
+
+def test_a_batch_written_twice_is_counted_once(tmp_path):
+    """A redactor process that dies after its commit and before its answer leaves the writer
+    thread to write the same batch again: the rows already there count as written, not dropped
+    (the retry row by row finds them), and none is stored twice.
+    Seen red: without RowWriter.write's look-up of a refused row, the 5 rows already stored
+    were counted dropped (written 1, dropped 5)."""
+    from serving.record.rows import Pending, to_row
+    from serving.record.store import RowWriter
+    from serving.record.tap import Tap
+
+    def row(i: int):
+        tap = Tap(None, "/v1/completions", {"model": "m", "prompt": f"p{i}"}, None, "untiered", "m")
+        return to_row(Pending(tap, 200, b'{"choices": [{"index": 0, "text": "ok", "finish_reason": "stop"}]}', "1", "v1-r0", False, 0.1))
+
+    path = tmp_path / "record.sqlite3"
+    writer = RowWriter(lambda: open_store(path), str(path))
+    first = [row(i) for i in range(5)]
+    assert writer.write(first) == (5, 0, [])
+    written, dropped, warnings = writer.write([*first, row(5)])
+    assert (written, dropped) == (6, 0) and len(warnings) == 1, warnings
+    assert open_store(path).count() == 6
+    writer.close()
