@@ -96,7 +96,7 @@ class FrontDoor:
             cache = RedisCache.from_url(serve.redis_url) if serve.redis_url else MemoryCache(serve.cache_entries)
         keys = KeyRing(serve.keys_file) if serve.keys_file else None
         limiter = (RedisRateLimiter.from_url(serve.redis_url) if serve.redis_url else MemoryRateLimiter()) if keys else None
-        queue = AdmissionQueue(serve.queue_capacity * max(1, replicas), serve.queue_max_waiting)
+        queue = AdmissionQueue(serve.queue_capacity * max(1, replicas), serve.queue_max_waiting, max_overtake_s=serve.queue_max_overtake_s)
         policy = FeedbackPolicy() if feedback is None else FeedbackPolicy.from_params(feedback)
         return cls(cache, serve.cache_ttl_s, queue, keys, limiter, serve.max_new_tokens, serve.redis_failure_mode == "open", record, policy)
 

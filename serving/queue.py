@@ -7,6 +7,17 @@ first and first come first served within a priority. When `max_waiting` already 
 request is refused at once with `QueueFull` (the gateway answers 429 with Retry-After): a
 bounded queue answers "later" quickly instead of holding a connection until it times out.
 
+Priority never means "never": a waiter is overtaken by higher-priority requests that arrived
+after it only until it has waited `max_overtake_s`; from then on it is served before anything
+that arrived later (the oldest such waiter first). Strict priority starved a lower tier for as
+long as a higher one kept the slots busy: 8 gold clients sending without pause through one slot
+left 8 free clients' requests waiting until the gold clients stopped (88 s in the plane's release
+test, until the clients' 180 s timeout on a busy machine), and the release's own synthetic users
+(untiered, priority 0) until their 60 s timeout. The bound holds whatever priorities a keys file
+gives its tiers, and a client that lowers its own with `x-priority` is still answered. A waiter
+admitted that way is counted in `admitted_by_age` (also counted in `admitted`): a non-zero rate
+says the slots are too few for the higher tiers' load.
+
 A waiter whose client has gone is removed (polled through `disconnected`, e.g. Starlette's
 `request.is_disconnected`), so a slot is never spent on an answer nobody reads. Every arrival
 ends up in exactly one counter — admitted, rejected_full, dropped_disconnected, cancelled (the
@@ -21,7 +32,7 @@ import heapq
 import itertools
 import math
 import time
-from collections import defaultdict, deque
+from collections import OrderedDict, defaultdict, deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -29,6 +40,7 @@ from typing import Any
 WAIT_SAMPLES = 10_000  # per priority: enough for a stable p95, bounded memory
 HOLD_SAMPLES = 100  # recent in-flight times, for the Retry-After estimate
 MAX_RETRY_AFTER_S = 60
+MAX_OVERTAKE_S = 10.0  # serve.queue_max_overtake_s' default
 
 
 class QueueFull(Exception):
@@ -61,19 +73,28 @@ class AdmissionQueue:
     """`async with queue.admit(priority, request.is_disconnected):` around forwarding a request.
 
     Slots are handed over, not raced for: a request finishing gives its slot straight to the
-    best waiter, so a newcomer cannot overtake the queue. `poll_s` is how often a waiter asks
-    `disconnected()`; `clock` is injectable for tests."""
+    best waiter, so a newcomer cannot overtake the queue. The best waiter is the oldest one once
+    it has waited `max_overtake_s`, else the highest priority (first come first served within a
+    priority). `poll_s` is how often a waiter asks `disconnected()`; `clock` is injectable for
+    tests."""
 
-    def __init__(self, capacity: int, max_waiting: int, poll_s: float = 0.1, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, capacity: int, max_waiting: int, poll_s: float = 0.1, clock: Callable[[], float] = time.monotonic, max_overtake_s: float = MAX_OVERTAKE_S,
+    ) -> None:
         if capacity < 1:
             raise ValueError(f"capacity must be >= 1, got {capacity}")
         if max_waiting < 0:
             raise ValueError(f"max_waiting must be >= 0, got {max_waiting}")
+        if not max_overtake_s > 0:
+            raise ValueError(f"max_overtake_s must be > 0, got {max_overtake_s}")
         self.capacity, self.max_waiting, self.poll_s, self.clock = capacity, max_waiting, poll_s, clock
+        self.max_overtake_s = max_overtake_s
         self.in_flight = 0
-        self._heap: list[tuple[int, int, asyncio.Future[None]]] = []  # (-priority, arrival, future)
+        self._heap: list[tuple[int, int, float, asyncio.Future[None]]] = []  # (-priority, arrival, arrived at, future)
+        self._by_arrival: OrderedDict[int, tuple[int, int, float, asyncio.Future[None]]] = OrderedDict()  # the same entries, oldest first
         self._arrivals = itertools.count()
         self.admitted = self.rejected_full = self.dropped_disconnected = self.cancelled = 0
+        self.admitted_by_age = 0  # of `admitted`: handed a slot ahead of higher priorities, having waited max_overtake_s
         self.waits_s: dict[int, deque[float]] = defaultdict(lambda: deque(maxlen=WAIT_SAMPLES))
         self._holds_s: deque[float] = deque(maxlen=HOLD_SAMPLES)
 
@@ -107,8 +128,9 @@ class AdmissionQueue:
             self.rejected_full += 1
             raise QueueFull(self.retry_after_s(), len(self._heap))
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        entry = (-priority, next(self._arrivals), future)
+        entry = (-priority, next(self._arrivals), arrived, future)
         heapq.heappush(self._heap, entry)
+        self._by_arrival[entry[1]] = entry
         try:
             while not future.done():
                 await asyncio.wait({future}, timeout=None if disconnected is None else self.poll_s)
@@ -128,15 +150,27 @@ class AdmissionQueue:
         self.admitted += 1
         self.waits_s[priority].append(self.clock() - arrived)
 
-    def _remove(self, entry: tuple[int, int, asyncio.Future[None]]) -> None:
+    def _remove(self, entry: tuple[int, int, float, asyncio.Future[None]]) -> None:
         self._heap.remove(entry)  # at most max_waiting entries: a linear removal is cheap
         heapq.heapify(self._heap)
+        del self._by_arrival[entry[1]]
+
+    def _next(self) -> tuple[int, int, float, asyncio.Future[None]]:
+        """The waiter the next free slot goes to: the oldest once it has waited max_overtake_s
+        (nothing that arrived after it goes first then), else the highest priority."""
+        oldest = next(iter(self._by_arrival.values()))
+        if oldest is not self._heap[0] and self.clock() - oldest[2] >= self.max_overtake_s:
+            self.admitted_by_age += 1
+            self._remove(oldest)
+            return oldest
+        entry = heapq.heappop(self._heap)
+        del self._by_arrival[entry[1]]
+        return entry
 
     def _release(self) -> None:
         """Hand the slot to the best waiter, or free it when none waits."""
         if self._heap:
-            _, _, future = heapq.heappop(self._heap)
-            future.set_result(None)  # in_flight unchanged: the slot changes hands
+            self._next()[3].set_result(None)  # in_flight unchanged: the slot changes hands
         else:
             self.in_flight -= 1
 
@@ -164,6 +198,8 @@ class AdmissionQueue:
             "rejected_full": self.rejected_full,
             "dropped_disconnected": self.dropped_disconnected,
             "cancelled": self.cancelled,
+            "admitted_by_age": self.admitted_by_age,
+            "max_overtake_s": self.max_overtake_s,
             "wait_s": {p: {"samples": len(w), "p50": percentile(w, 0.50), "p95": percentile(w, 0.95)} for p, w in sorted(waits.items())},
         }
 

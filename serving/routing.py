@@ -211,12 +211,12 @@ class Metrics:
             "gateway_rate_limits_unavailable", "Keyed requests whose rate limits could not be read (Redis down), by what the gateway did: served them (open) or refused them (closed).",
             ["mode"], registry=self.registry,
         )
-        self.queue = Gauge("gateway_queue", "The admission queue: in_flight, waiting, and its running totals (admitted, rejected_full, dropped_disconnected, cancelled).", ["state"], registry=self.registry)
+        self.queue = Gauge("gateway_queue", "The admission queue: in_flight, waiting, and its running totals (admitted, rejected_full, dropped_disconnected, cancelled; admitted_by_age: of admitted, those served ahead of higher priorities after waiting serve.queue_max_overtake_s).", ["state"], registry=self.registry)
         self.queue_wait = Gauge("gateway_queue_wait_p95_seconds", "p95 wait in the queue by priority (recent requests).", ["priority"], registry=self.registry)
         self.queue_wait_seconds = Histogram("gateway_queue_wait_seconds", "Time a request waited in the admission queue for its slot, by key tier.", ["tier"], buckets=QUEUE_WAIT_BUCKETS, registry=self.registry)
 
     def observe_queue(self, stats: dict[str, Any]) -> None:
-        for state in ("in_flight", "waiting", "admitted", "rejected_full", "dropped_disconnected", "cancelled"):
+        for state in ("in_flight", "waiting", "admitted", "rejected_full", "dropped_disconnected", "cancelled", "admitted_by_age"):
             self.queue.labels(state).set(stats[state])
         for priority, wait in stats["wait_s"].items():
             if wait["p95"] is not None:

@@ -10,7 +10,7 @@ import asyncio
 
 import pytest
 
-from serving.queue import AdmissionQueue, ClientDisconnected, QueueFull
+from serving.queue import Admission, AdmissionQueue, ClientDisconnected, QueueFull
 
 
 async def settle() -> None:
@@ -206,7 +206,80 @@ def test_an_error_inside_the_block_releases_the_slot():
     asyncio.run(run())
 
 
-@pytest.mark.parametrize("capacity, max_waiting", [(0, 1), (1, -1)])
-def test_bad_sizes_are_refused(capacity, max_waiting):
+def test_a_low_priority_waiter_is_overtaken_for_at_most_max_overtake_s_under_sustained_high_priority_load():
+    """Two high-priority clients keep a request waiting at all times (as the plane release
+    test's 8 gold clients do through one slot); each answer takes a second of the injected clock.
+    The free request is overtaken while it is young, and served as soon as it has waited
+    max_overtake_s, ahead of the high-priority requests that arrived after it.
+
+    Seen red: with the handover back to strict priority (`_next` always popping the heap) ->
+    "the priority-0 request is still waiting after 30 handovers (30 s) of sustained priority-10
+    load: starved", at once; the plane release test had hung 8 free clients until their 180 s
+    timeout."""
+
+    async def run():
+        now = [0.0]
+        queue = AdmissionQueue(capacity=1, max_waiting=10, clock=lambda: now[0], max_overtake_s=5)
+        order: list[str] = []
+
+        async def client(name: str, priority: int) -> Admission:
+            admission = await queue.acquire(priority)
+            order.append(name)
+            return admission
+
+        holder = await client("high-0", 10)
+        waiting = [asyncio.create_task(client("high-1", 10))]
+        await settle()
+        low = asyncio.create_task(client("low", 0))
+        await settle()
+        for n in range(2, 32):
+            waiting.append(asyncio.create_task(client(f"high-{n}", 10)))  # high-priority load never lets up
+            await settle()
+            now[0] += 1.0
+            holder.release()  # the slot goes to the best waiter
+            await settle()
+            holder = low.result() if low.done() else await waiting.pop(0)  # the slot went to low, or to the oldest high
+            if low.done():
+                break
+        assert low.done(), f"the priority-0 request is still waiting after {n - 1} handovers ({now[0]:g} s) of sustained priority-10 load: starved"
+        # Handovers at 1..4 s go to high-1..high-4, which arrived after it; the one at 5 s to it.
+        assert order[:6] == ["high-0", "high-1", "high-2", "high-3", "high-4", "low"], "overtaken while young, first once it waited 5 s"
+        assert queue.admitted_by_age == 1 and queue.stats()["admitted_by_age"] == 1
+        holder.release()
+        for task in waiting:  # the high-priority requests still waiting go on in their order
+            (await task).release()
+        assert order[6:] == ["high-5", "high-6"] and queue.in_flight == 0 and accounted(queue, 8)
+
+    asyncio.run(run())
+
+
+def test_without_load_from_higher_priorities_an_old_waiter_changes_nothing():
+    """The bound only ever moves the oldest waiter forward: among waiters of one priority,
+    first come first served holds however long they waited, and is not counted as by age."""
+
+    async def run():
+        now = [0.0]
+        queue = AdmissionQueue(capacity=1, max_waiting=10, clock=lambda: now[0], max_overtake_s=1)
+        holder = await queue.acquire(5)
+        order: list[int] = []
+
+        async def waiter(i: int) -> None:
+            async with queue.admit(5):
+                order.append(i)
+
+        tasks = []
+        for i in range(4):
+            tasks.append(asyncio.create_task(waiter(i)))
+            await settle()
+        now[0] += 60
+        holder.release()
+        await asyncio.gather(*tasks)
+        assert order == [0, 1, 2, 3] and queue.admitted_by_age == 0 and queue.in_flight == 0
+
+    asyncio.run(run())
+
+
+@pytest.mark.parametrize("capacity, max_waiting, max_overtake_s", [(0, 1, 10), (1, -1, 10), (1, 1, 0)])
+def test_bad_sizes_are_refused(capacity, max_waiting, max_overtake_s):
     with pytest.raises(ValueError):
-        AdmissionQueue(capacity, max_waiting)
+        AdmissionQueue(capacity, max_waiting, max_overtake_s=max_overtake_s)

@@ -74,12 +74,12 @@ class Plane:
 
 
 class Clients:
-    """16 clients sending without pause, half with a gold key, half with a free one; every
-    answer: (sent, done, status, version)."""
+    """16 clients sending without pause, half with a gold key (odd ones), half with a free one;
+    every answer: (sent, done, status, version, client)."""
 
     def __init__(self, url: str, n: int = 16) -> None:
         self.url, self.stop_event, self.lock = url, threading.Event(), threading.Lock()
-        self.answers: list[tuple[float, float, int, str]] = []
+        self.answers: list[tuple[float, float, int, str, int]] = []
         self.threads = [threading.Thread(target=self.run, args=(i,), daemon=True) for i in range(n)]
 
     def run(self, i: int) -> None:
@@ -93,7 +93,7 @@ class Clients:
                 except httpx.HTTPError as exc:
                     status, version = 0, type(exc).__name__
                 with self.lock:
-                    self.answers.append((sent, time.monotonic(), status, version))
+                    self.answers.append((sent, time.monotonic(), status, version, i))
 
     def __enter__(self) -> "Clients":
         for t in self.threads:
@@ -111,6 +111,13 @@ class Clients:
 
     def versions_sent_after(self, t: float) -> set[str]:
         return {a[3] for a in self.answers if a[0] > t}
+
+    def starved(self, since: float) -> list[str]:
+        """Clients none of whose requests sent after `since` was answered (read once they have
+        stopped): a request that waits until the others stop sending holds its client up, so
+        nothing of its is sent meanwhile. Not a count: how many fit in a release is timing."""
+        answered = {a[4] for a in self.answers if a[0] > since}
+        return [f"client {i} ({'gold' if i % 2 else 'free'})" for i in range(len(self.threads)) if i not in answered]
 
 
 # A coarse error-rate effect (4 requests a step): these tests are about the plane, not the
@@ -165,7 +172,15 @@ def test_a_release_and_a_rollback_with_requests_queued_lose_nothing_and_leave_re
     """Seen red: with the gateway routing each request before its wait in the queue and a
     version that left the routing still handing out replicas (the code before the fix), the
     queue assertions held but "11 of 3676 requests failed": 502s from version 2, reached after
-    the rollback had drained and stopped it, and a ReadTimeout."""
+    the rollback had drained and stopped it, and a ReadTimeout.
+    Seen red: with the queue back to strict priority (no serve.queue_max_overtake_s), the 8 gold
+    clients kept the one slot busy and each free client's request sent before the release waited
+    until the gold clients stopped (160 s; 727 answers for each gold client meanwhile): "starved
+    while the release and the rollback ran: ['client 0 (free)', 'client 2 (free)', ...,
+    'client 14 (free)']". The release's own untiered users waited out their 60 s timeout at each
+    step (the release took 140 s; 31 s with the bound). A full-suite run on a busy machine had
+    gone past the clients' 180 s timeout: "8 of 2907 requests failed", ReadTimeout, and
+    "client-visible errors: 4"."""
     v1, v2 = plane.versions[:2]
     assert plane.state()["stable"] == v1
     with Clients(plane.url) as clients, QueueWatch(plane.url) as queue:
@@ -180,6 +195,8 @@ def test_a_release_and_a_rollback_with_requests_queued_lose_nothing_and_leave_re
         rolled_back_at = time.monotonic()
         assert rolled.returncode == 0, rolled.stdout + rolled.stderr
         wait_until(lambda: clients.versions_sent_after(rolled_back_at + 0.5), "answers after the rollback", 300)
+    # Both tiers go on being answered: priority orders the queue, it never stops a tier.
+    assert clients.starved(release_started) == [], f"starved while the release and the rollback ran: {clients.starved(release_started)}"
     assert queue.most_waiting(release_started, promoted_at) > 0, "requests were queued while the release switched versions"
     assert queue.most_waiting(rollback_started, rolled_back_at) > 0, "requests were queued while the rollback switched back"
     assert clients.failed() == [], f"{len(clients.failed())} of {len(clients.answers)} requests failed: {clients.failed()[:3]}"
