@@ -38,7 +38,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from serving import auth
-from serving.limits import DEFAULT_MAX_BODY_BYTES, BodyLimit
+from serving.limits import DEFAULT_MAX_BODY_BYTES, BodyLimit, StatusNote
 from serving.netaddr import is_loopback
 from serving.cache import MemoryCache, RedisCache, ResponseCache
 from serving.feedback import Caller, FeedbackDesk, FeedbackPolicy
@@ -125,17 +125,11 @@ class AdminAudit:
         if scope["type"] != "http" or not scope["path"].startswith("/admin/"):
             await self.app(scope, receive, send)
             return
-        status = 500
-
-        async def sent(message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
+        noted = StatusNote(send)
         try:
-            await self.app(scope, receive, sent)
+            await self.app(scope, receive, noted)
         finally:
+            status = noted.status
             state = scope.get("state") or {}
             refused = state.get("audit_refusal") or (f"answered {status}" if status in (401, 403) else None)
             if refused or scope["method"] != "GET" or scope["path"] in self.LOGGED_READS:

@@ -1,4 +1,4 @@
-"""Request-size limits shared by the server and the gateway (free of torch imports, so the
+"""Request-size limits and the response-status note shared by the server and the gateway (free of torch imports, so the
 gateway stays a light process)."""
 
 from __future__ import annotations
@@ -11,6 +11,19 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 # An OpenAI request is a few KiB of JSON; a MiB holds a prompt far beyond any context length
 # this project serves, and bounds what one request can make the process buffer.
 DEFAULT_MAX_BODY_BYTES = 1 << 20
+
+
+class StatusNote:
+    """An ASGI `send` that passes every message on and notes the response's status: 500 until
+    the app starts answering (what the client gets if the app raises first)."""
+
+    def __init__(self, send: Send) -> None:
+        self.send, self.status = send, 500
+
+    async def __call__(self, message: Message) -> None:
+        if message["type"] == "http.response.start":
+            self.status = message["status"]
+        await self.send(message)
 
 
 class BodyLimit:

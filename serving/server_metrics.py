@@ -7,9 +7,10 @@ from __future__ import annotations
 import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from serving.engine import Generation
+from serving.limits import StatusNote
 
 ENDPOINTS = ("/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions")
 # Latency and time-to-first-token bucket bounds; a TTFT SLO (monitor.slo_p95_ttft_s) must be one.
@@ -56,17 +57,10 @@ class MetricsMiddleware:
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
-        status = 500  # what the client gets if the app raises before answering
-
-        async def send_and_note(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
+        noted = StatusNote(send)
         try:
-            await self.app(scope, receive, send_and_note)
+            await self.app(scope, receive, noted)
         finally:
             endpoint = endpoint_label(scope["path"])
-            self.metrics.requests.labels(endpoint, str(status)).inc()
+            self.metrics.requests.labels(endpoint, str(noted.status)).inc()
             self.metrics.latency.labels(endpoint).observe(time.perf_counter() - started)

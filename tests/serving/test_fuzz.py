@@ -112,6 +112,23 @@ def check(response) -> None:
         assert isinstance(error.get("type"), str) and "code" in error, error
 
 
+def fuzz(client, path: str, bodies: st.SearchStrategy, sent: st.SearchStrategy, *examples: tuple[bytes, dict]) -> dict[int, int]:
+    """POST every generated (body, headers) to `path` (and the explicit examples first), check
+    each answer, and count the statuses seen."""
+    seen: dict[int, int] = {}
+
+    @given(body=bodies, sent=sent)
+    def one(body: bytes, sent: dict[str, str]) -> None:
+        response = client.post(path, content=body, headers=sent)
+        seen[response.status_code] = seen.get(response.status_code, 0) + 1
+        check(response)
+
+    for body, sent_headers in reversed(examples):
+        one = example(body=body, sent=sent_headers)(one)
+    FUZZ(one)()
+    return seen
+
+
 @pytest.mark.parametrize("path, kind", [("/v1/chat/completions", "chat"), ("/v1/completions", "completion"), ("/v1/feedback", "feedback"), ("/admin/weight", "weight")])
 def test_no_input_makes_the_gateway_answer_500_and_every_refusal_is_in_openais_error_shape(gateway, path, kind):
     """Seen red: KeyTable.lookup reading the header as `header.split()[1]` -> hypothesis found
@@ -119,19 +136,12 @@ def test_no_input_makes_the_gateway_answer_500_and_every_refusal_is_in_openais_e
     Found by it and fixed (kept as explicit examples): `"messages": true` made the rate limit's
     token estimate raise TypeError (500), and `[[[[...]]]]` nested past Python's recursion limit
     made the JSON parser raise RecursionError (500)."""
-    seen: dict[int, int] = {}
     keyed = {"content-type": "application/json", "authorization": f"Bearer {gateway.keys[0]}"}
-
-    @FUZZ
-    @given(body=body_of(kind), sent=headers(gateway))
-    @example(body=json.dumps({"model": PUBLIC, "messages": True, "prompt": True}).encode(), sent=keyed)
-    @example(body=b"[" * 30000 + b"]" * 30000, sent=keyed)  # deeper than hypothesis's own raised recursion limit
-    def one(body: bytes, sent: dict[str, str]) -> None:
-        response = gateway.post(path, content=body, headers=sent)
-        seen[response.status_code] = seen.get(response.status_code, 0) + 1
-        check(response)
-
-    one()
+    seen = fuzz(
+        gateway, path, body_of(kind), headers(gateway),
+        (json.dumps({"model": PUBLIC, "messages": True, "prompt": True}).encode(), keyed),
+        (b"[" * 30000 + b"]" * 30000, keyed),  # deeper than hypothesis's own raised recursion limit
+    )
     print(f"{path}: {sum(seen.values())} cases, statuses {dict(sorted(seen.items()))}")
     assert len(seen) > 1, "the cases reached more than one answer (not all refused the same way)"
 
@@ -156,18 +166,8 @@ def test_no_input_makes_the_engine_answer_500_and_every_refusal_is_in_openais_er
     key or a wrong one. Valid cases generate with the real model (max_tokens up to 16).
     Seen red: with Admission.request's range check of max_tokens commented out -> hypothesis
     found `"max_tokens": 0` within 150 cases: 500, the engine's own ValueError."""
-    seen: dict[int, int] = {}
     auth = mostly(st.just(f"Bearer {ENGINE_KEY}"), st.sampled_from(["Bearer ", "Bearer sk-wrong", "Basic abc"]) | header_text)
     sent_headers = st.fixed_dictionaries({"content-type": st.just("application/json"), "authorization": auth})
-
-    @FUZZ
-    @given(body=body_of(kind), sent=sent_headers)
-    @example(body=b"[" * 30000 + b"]" * 30000, sent={"content-type": "application/json", "authorization": f"Bearer {ENGINE_KEY}"})
-    def one(body: bytes, sent: dict[str, str]) -> None:
-        response = engine.post(path, content=body, headers=sent)
-        seen[response.status_code] = seen.get(response.status_code, 0) + 1
-        check(response)
-
-    one()
+    seen = fuzz(engine, path, body_of(kind), sent_headers, (b"[" * 30000 + b"]" * 30000, {"content-type": "application/json", "authorization": f"Bearer {ENGINE_KEY}"}))
     print(f"engine {path}: {sum(seen.values())} cases, statuses {dict(sorted(seen.items()))}")
     assert 200 in seen and len(seen) > 1, f"valid cases were answered and others refused: {seen}"

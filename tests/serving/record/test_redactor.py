@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+from contextlib import contextmanager
 
 from pipelines.clean import find_pii
 from serving.record import Recorder, open_store
@@ -22,6 +23,17 @@ def submit(recorder: Recorder, i: int) -> str:
     return tap.id
 
 
+@contextmanager
+def started(path):
+    """A started Recorder on `path` that flushes every 50 ms, closed on the way out."""
+    recorder = Recorder(path, flush_interval_s=0.05)
+    recorder.start()
+    try:
+        yield recorder
+    finally:
+        recorder.close()
+
+
 def stored_clean(path, ids: list[str]) -> None:
     rows = open_store(path).query()
     assert {r.id for r in rows} == set(ids), "one row per completion, none lost"
@@ -36,9 +48,7 @@ def test_the_redactor_process_redacts_and_one_killed_is_replaced_without_losing_
     thread redacting every later batch itself), no new redactor process was running after the
     kill (the last assertion)."""
     path = tmp_path / "record.sqlite3"
-    recorder = Recorder(path, flush_interval_s=0.05)
-    recorder.start()
-    try:
+    with started(path) as recorder:
         ids = [submit(recorder, i) for i in range(20)]
         assert recorder.flush()
         first = recorder._redactor.process
@@ -51,8 +61,6 @@ def test_the_redactor_process_redacts_and_one_killed_is_replaced_without_losing_
         stored_clean(path, ids)
         assert recorder.dropped.labels("store_error")._value.get() == 0 and recorder.written._value.get() == 40
         assert recorder._redactor.running and recorder._redactor.process.pid != first.pid, "a new redactor process took over"
-    finally:
-        recorder.close()
     assert recorder._redactor.process is None, "close() reaped the redactor"
 
 
@@ -62,25 +70,19 @@ def test_without_a_redactor_process_the_writer_thread_redacts(tmp_path, monkeypa
     EOFError left to the writer), the writer thread died and flush() timed out with 0 rows."""
     monkeypatch.setattr(redactor_module, "CHILD", "import sys; sys.exit(3)")
     path = tmp_path / "record.sqlite3"
-    recorder = Recorder(path, flush_interval_s=0.05)
-    recorder.start()
-    try:
+    with started(path) as recorder:
         ids = [submit(recorder, i) for i in range(10)]
         assert recorder.flush(30)
         assert not recorder._redactor.running
         stored_clean(path, ids)
         assert recorder.written._value.get() == 10
-    finally:
-        recorder.close()
 
 
 def test_a_sigint_leaves_the_redactor_running(tmp_path):
     """The gateway writes its buffer on a Ctrl-C, through the redactor: which must outlive it.
     Seen red: without serve()'s SIG_IGN for SIGINT, the process was gone (poll() -2) and the
     batch after it was redacted by the writer thread."""
-    recorder = Recorder(tmp_path / "record.sqlite3", flush_interval_s=0.05)
-    recorder.start()
-    try:
+    with started(tmp_path / "record.sqlite3") as recorder:
         ids = [submit(recorder, 0)]
         assert recorder.flush()  # the redactor is up (its handler set) and has made a row
         process = recorder._redactor.process
@@ -89,8 +91,6 @@ def test_a_sigint_leaves_the_redactor_running(tmp_path):
         assert recorder.flush()
         assert process.poll() is None and recorder._redactor.process is process
         stored_clean(tmp_path / "record.sqlite3", ids)
-    finally:
-        recorder.close()
 
 
 def test_the_redactor_process_writes_the_rows_itself(tmp_path, monkeypatch):
@@ -108,16 +108,12 @@ def test_the_redactor_process_writes_the_rows_itself(tmp_path, monkeypatch):
 
     monkeypatch.setattr(RowWriter, "write", not_here)  # in this process only: the redactor's is its own
     path = tmp_path / "record.sqlite3"
-    recorder = Recorder(path, flush_interval_s=0.05)
-    recorder.start()
-    try:
+    with started(path) as recorder:
         ids = [submit(recorder, i) for i in range(30)]
         assert recorder.flush()
         assert recorder.written._value.get() == 30 and recorder.dropped.labels("store_error")._value.get() == 0
         assert str(tmp_path) not in " ".join(recorder._redactor.process.args)
         stored_clean(path, ids)
-    finally:
-        recorder.close()
 
 
 def test_a_batch_written_twice_is_counted_once(tmp_path):
