@@ -23,6 +23,7 @@ Label sets of the recorded series (the prefix before the first colon names them)
 from __future__ import annotations
 
 import argparse
+import json
 import string
 import sys
 from pathlib import Path
@@ -270,8 +271,12 @@ def fill(template: str, **values: Any) -> str:
 def prometheus_config(params: Params, rule_files: list[Path], target_files: list[Path]) -> str:
     m = params.monitor
     timeout = m.scrape_interval if seconds(m.scrape_interval) < 10 else "10s"  # a scrape may not outlast its interval
+    serve = params.serve
+    trusted = serve.tls_ca_file or serve.tls_certfile
+    # Absolute: Prometheus resolves a relative ca_file against its configuration's folder.
+    serving_tls = f"\n    tls_config:\n      ca_file: {json.dumps(str(Path(trusted).resolve()))}" if trusted else ""
     return fill(
-        "prometheus.yml",
+        "prometheus.yml", serving_tls=serving_tls,
         scrape_interval=m.scrape_interval, scrape_timeout=timeout, evaluation_interval=m.evaluation_interval,
         rule_files=yaml.safe_dump([str(p) for p in rule_files], default_flow_style=True).strip(),
         target_files=yaml.safe_dump([str(p) for p in target_files], default_flow_style=True).strip(),

@@ -51,6 +51,7 @@ def main(argv: list[str] | None = None) -> None:
             parser.error(f"serve.host: {problem}")
     plane = Plane(params, Path(args.state_dir))
     plane.gateway_address = scrape_address(serve.host, serve.port)  # in its scrape targets from the first save
+    plane.gateway_scheme = "https" if serve.tls_certfile else "http"
     try:
         gateway = plane.start(champion_version(params))
     except (PlaneError, ServerStartError) as exc:

@@ -43,6 +43,7 @@ class Plane:
         self.state_path = self.state_dir / "state.json"
         self.targets_path = self.state_dir / TARGETS_FILE  # what Prometheus scrapes (serving/plane/targets.py)
         self.gateway_address: str | None = None  # host:port the gateway listens on, once whoever serves it knows
+        self.gateway_scheme = "http"  # https when the gateway serves TLS itself (serve.tls_certfile)
         self.public_model = params.registry.model_name
         self.engines = EngineStarter(params, self.public_model, self.state_dir / "logs", resolve or registry_resolver(params, self.state_dir / "models"))
         self.side_by_side = side_by_side
@@ -105,7 +106,7 @@ class Plane:
         stable = g.stable.version if g is not None else None
         canary = g.canary.version if g is not None and g.canary else None
         replicas = [(name, r.version, r.backend.base_url) for name, r in sorted(self.replicas.items())]
-        write_targets(self.targets_path, scrape_targets(self.public_model, self.state_dir.name, self.gateway_address, replicas, stable, canary))
+        write_targets(self.targets_path, scrape_targets(self.public_model, self.state_dir.name, self.gateway_address, replicas, stable, canary, self.gateway_scheme))
 
     # --- start: reconcile the state file, the running engines and the registry ---
 

@@ -22,12 +22,18 @@ TARGETS_FILE = "targets.json"
 
 def scrape_targets(
     public_model: str, plane: str, gateway_address: str | None, replicas: list[tuple[str, str, str]], stable: str | None, canary: str | None,
+    gateway_scheme: str = "http",
 ) -> list[dict[str, Any]]:
     """file_sd target groups: the gateway (when its address is known) and one group per replica,
-    given as (replica name, version, root URL)."""
+    given as (replica name, version, root URL). A gateway serving TLS carries `__scheme__:
+    https`, which Prometheus scrapes it with (the job's tls_config says what to trust:
+    monitoring/render.py); the engines behind it are on loopback, in plain http."""
     groups: list[dict[str, Any]] = []
     if gateway_address:
-        groups.append({"targets": [gateway_address], "labels": {"job": "gateway", "model": public_model, "plane": plane}})
+        labels = {"job": "gateway", "model": public_model, "plane": plane}
+        if gateway_scheme != "http":
+            labels["__scheme__"] = gateway_scheme
+        groups.append({"targets": [gateway_address], "labels": labels})
     for name, version, url in replicas:
         role = "stable" if version == stable else "canary" if version == canary else "leaving"
         groups.append({

@@ -8,12 +8,15 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import os
+import ssl
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
 import pytest
+import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -25,6 +28,8 @@ from serving.gateway import exposure_problem, parse_args
 from serving.launcher import PROJECT_ROOT, free_port
 from serving.plane_client import PlaneClient, plane_root
 from serving.routing import Backend
+from serving.plane.targets import TARGETS_FILE, scrape_address, scrape_targets, write_targets
+from tests.monitoring.conftest import need
 from tests.serving.conftest import ThreadedServer, wait_until
 from tests.serving.record.test_gateway_record import ANSWER, EngineState, fake_engine
 
@@ -90,50 +95,100 @@ def test_an_exposed_bind_needs_tls_served_or_offloaded(tmp_path, monkeypatch, ca
     assert not (tmp_path / "plane").exists(), "refused before anything started"
 
 
-def test_the_gateway_serves_https_and_the_projects_clients_verify_it(tmp_path):
-    """A real `python -m serving.gateway --tls-certfile --tls-keyfile`: the plane client and a
-    release's OpenAI client, given serve.tls_certfile, reach it over https; a client that does not
-    trust the certificate, and plain http, get nothing.
-    Seen red: with serving.client.client ignoring verify_for (the default httpx client) ->
-    openai.APIConnectionError, certificate verify failed: self-signed certificate."""
-    cert, key = self_signed(tmp_path)
+@pytest.fixture(scope="module")
+def tls_gateway(tmp_path_factory):
+    """A real `python -m serving.gateway --tls-certfile --tls-keyfile` in front of a fake engine:
+    (root URL, port, certificate, key, its folder)."""
+    folder = tmp_path_factory.mktemp("tls")
+    cert, key = self_signed(folder)
     state = EngineState()
     with ThreadedServer(fake_engine(state)) as engine:
         state.backend = Backend("v1", engine.root_url, "served", version="1")
         port = free_port()
-        log = (tmp_path / "gateway.log").open("wb")
+        log = (folder / "gateway.log").open("wb")
         cmd = [sys.executable, "-m", "serving.gateway", "--stable-url", engine.root_url, "--stable-model", "served", "--public-model", "m",
                "--port", str(port), "--tls-certfile", str(cert), "--tls-keyfile", str(key)]
-        gateway = subprocess.Popen(cmd, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}, stdout=log, stderr=subprocess.STDOUT)
+        gateway = subprocess.Popen(cmd, cwd=folder, env={**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}, stdout=log, stderr=subprocess.STDOUT)
         try:
             root = f"https://127.0.0.1:{port}"
-            trusted = httpx.Client(verify=__import__("ssl").create_default_context(cafile=str(cert)), timeout=5)
+            with httpx.Client(verify=ssl.create_default_context(cafile=str(cert)), timeout=5) as trusted:
 
-            def up() -> bool:
-                assert gateway.poll() is None, (tmp_path / "gateway.log").read_text()
-                try:
-                    return trusted.get(f"{root}/health").status_code == 200
-                except httpx.HTTPError:
-                    return False
+                def up() -> bool:
+                    assert gateway.poll() is None, (folder / "gateway.log").read_text()
+                    try:
+                        return trusted.get(f"{root}/health").status_code == 200
+                    except httpx.HTTPError:
+                        return False
 
-            wait_until(up, "the TLS gateway's /health")
-            params = tmp_path / "params.yaml"
-            params.write_text(f"serve:\n  port: {port}\n  tls_certfile: {cert}\n  tls_keyfile: {key}\n")
-            assert plane_root(load_params(params)) == root  # 'auto' on a TLS plane is https, and trusted from here on
-            plane = PlaneClient(root)
-            assert plane.http.get("/health").status_code == 200
-            plane.close()
-            with client(f"{root}/v1") as oai:
-                answer = oai.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=4)
-            assert answer.choices[0].message.content == ANSWER
-            with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
-                httpx.get(f"{root}/health", timeout=5)  # the system's CAs do not know it
-            with pytest.raises(httpx.HTTPError):
-                httpx.get(f"http://127.0.0.1:{port}/health", timeout=5)  # no plain-text fallback
-            trusted.close()  # uvicorn waits for open keep-alive connections at shutdown
+                wait_until(up, "the TLS gateway's /health")
+            yield root, port, cert, key, folder
         finally:
             gateway.terminate()
             try:
                 gateway.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 gateway.kill()
+
+
+def test_the_gateway_serves_https_and_the_projects_clients_verify_it(tls_gateway, tmp_path):
+    """The plane client and a release's OpenAI client, given serve.tls_certfile, reach the TLS
+    gateway over https; a client that does not trust the certificate, and plain http, get nothing.
+    Seen red: with serving.client.client ignoring verify_for (the default httpx client) ->
+    openai.APIConnectionError, certificate verify failed: self-signed certificate."""
+    root, port, cert, key, _ = tls_gateway
+    params = tmp_path / "params.yaml"
+    params.write_text(f"serve:\n  port: {port}\n  tls_certfile: {cert}\n  tls_keyfile: {key}\n")
+    assert plane_root(load_params(params)) == root  # 'auto' on a TLS plane is https, and trusted from here on
+    plane = PlaneClient(root)
+    assert plane.http.get("/health").status_code == 200
+    plane.close()
+    with client(f"{root}/v1") as oai:
+        answer = oai.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=4)
+    assert answer.choices[0].message.content == ANSWER
+    with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
+        httpx.get(f"{root}/health", timeout=5)  # the system's CAs do not know it
+    with pytest.raises(httpx.HTTPError):
+        httpx.get(f"http://127.0.0.1:{port}/health", timeout=5)  # no plain-text fallback
+
+
+def test_prometheus_scrapes_a_tls_gateway_from_the_planes_target_file(tls_gateway, tmp_path):
+    """What the plane writes for a gateway serving TLS (`__scheme__: https` in its targets.json)
+    and what `make monitor` renders (the serving job's tls_config trusting serve.tls_certfile):
+    a real Prometheus scrapes the gateway over https and verifies it.
+    Seen red: without the __scheme__ label -> scraped at http://127.0.0.1:<port>/metrics; without
+    the tls_config -> down, 'Get "https://127.0.0.1:<port>/metrics": x509: certificate signed by
+    unknown authority'."""
+    need("prometheus")
+    need("prometheus-alertmanager")
+    from monitoring.stack import Stack
+
+    _, port, cert, key, _ = tls_gateway
+    ports = {k: free_port() for k in ("prometheus", "alertmanager", "receiver")}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({
+        "serve": {"port": port, "tls_certfile": str(cert), "tls_keyfile": str(key)},
+        "monitor": {"prometheus_port": ports["prometheus"], "alertmanager_port": ports["alertmanager"], "receiver_port": ports["receiver"], "scrape_interval": "1s", "evaluation_interval": "1s"},
+    }))
+    params = load_params(tmp_path / "params.yaml")
+    plane_dir = tmp_path / "plane"
+    plane_dir.mkdir()
+    write_targets(plane_dir / TARGETS_FILE, scrape_targets("m", "plane", scrape_address("127.0.0.1", port), [], None, None, "https"))
+    stack = Stack(params, tmp_path / "monitoring", (plane_dir,))
+    stack.render()
+    stack.start()
+    try:
+        url = f"{stack.prometheus_url}/api/v1/targets"
+
+        seen: list[dict] = []
+
+        def scraped() -> bool:
+            time.sleep(0.2)
+            active = httpx.get(url, timeout=5, trust_env=False).json()["data"]["activeTargets"]
+            seen[:] = [t for t in active if t["labels"].get("job") == "gateway" and t["health"] != "unknown"]
+            return bool(seen)
+
+        wait_until(scraped, "Prometheus to scrape the TLS gateway once", 60)
+        (target,) = seen
+        assert target["scrapeUrl"] == f"https://127.0.0.1:{port}/metrics"
+        assert target["health"] == "up", target["lastError"]
+    finally:
+        stack.stop()
