@@ -182,18 +182,25 @@ def serve(params) -> None:
     model_dir = download(mv, Path(".serving/models") / f"v{mv.version}")
     served = f"{name}"
     guarded = " (requires $SERVING_API_KEY)" if auth.backend_key() else ""
-    print(f"serving {name} version {mv.version} as '{served}' on http://{params.serve.host}:{params.serve.port}/v1{guarded}")
-    if params.serve.engine == "cpu":
+    cfg = params.serve
+    tls = ["--tls-certfile", cfg.tls_certfile, "--tls-keyfile", cfg.tls_keyfile] if cfg.tls_certfile else []
+    print(f"serving {name} version {mv.version} as '{served}' on {'https' if tls else 'http'}://{cfg.host}:{cfg.port}/v1{guarded}")
+    if cfg.engine == "cpu":
         from serving.server import main as serve_main
 
-        serve_main(["--model-dir", str(model_dir), "--model-name", served, "--host", params.serve.host, "--port", str(params.serve.port), "--max-new-tokens", str(params.serve.max_new_tokens)])
+        offloaded = ["--tls-offloaded"] if cfg.tls_offloaded else []
+        serve_main(["--model-dir", str(model_dir), "--model-name", served, "--host", cfg.host, "--port", str(cfg.port), "--max-new-tokens", str(cfg.max_new_tokens), *tls, *offloaded])
     else:
         from serving.launcher import engine_command, engine_key_env, require_engine
 
-        require_engine(params.serve.engine)
-        cmd = engine_command(params.serve.engine, str(model_dir), served, params.serve.host, params.serve.port)
+        require_engine(cfg.engine)
+        cmd = engine_command(cfg.engine, str(model_dir), served, cfg.host, cfg.port)
+        if tls and cfg.engine == "vllm":
+            cmd += ["--ssl-certfile", cfg.tls_certfile, "--ssl-keyfile", cfg.tls_keyfile]  # vLLM's own uvicorn serves it
+        elif tls:
+            raise SystemExit(f"cfg.tls_certfile: {cfg.engine} does not serve TLS itself here; terminate TLS in front of it (cfg.tls_offloaded: true) or serve through the plane (make serve)")
         # $SERVING_API_KEY guards every engine alike (vLLM reads it as $VLLM_API_KEY); never in argv.
-        os.execvpe(cmd[0], cmd, {**os.environ, **engine_key_env(params.serve.engine, dict(os.environ))})
+        os.execvpe(cmd[0], cmd, {**os.environ, **engine_key_env(params.cfg.engine, dict(os.environ))})
 
 
 def record_store(params, where: str | None):

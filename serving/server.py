@@ -58,6 +58,7 @@ from serving.netaddr import is_loopback
 from serving.protocol import APIError, ChatCompletionRequest, CompletionRequest, Shape
 from serving.protocol import error_body as _error_body
 from serving.server_metrics import Metrics, MetricsMiddleware, endpoint_label
+from serving.tls import files_problem, server_kwargs
 
 API_KEY_ENV = "SERVING_API_KEY"  # read when --api-key is absent: a key in argv is visible in `ps`
 MAX_PROMPTS_PER_REQUEST = 32  # a /v1/completions prompt list is queued as one unit; bound its size
@@ -215,7 +216,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--host", default="127.0.0.1", help="address to bind; anything but loopback needs --api-key or --insecure")
     parser.add_argument("--port", type=int, default=8000, help="port to bind")
     parser.add_argument("--api-key", default=os.environ.get(API_KEY_ENV), help=f"require this Bearer key (default: ${API_KEY_ENV})")
-    parser.add_argument("--insecure", action="store_true", help="allow a non-loopback host without an API key")
+    parser.add_argument("--insecure", action="store_true", help="allow a non-loopback host without an API key or TLS")
+    parser.add_argument("--tls-certfile", help="serve HTTPS with this PEM certificate (with --tls-keyfile); anything but loopback needs TLS, served or offloaded")
+    parser.add_argument("--tls-keyfile", help="the PEM private key of --tls-certfile")
+    parser.add_argument("--tls-offloaded", action="store_true", help="TLS is terminated in front of this server (an ingress or proxy): a non-loopback bind is allowed without --tls-certfile")
     parser.add_argument("--max-new-tokens", type=int, default=64, help="largest max_tokens a request may ask for")
     parser.add_argument("--max-prompt-tokens", type=int, default=512, help="longest prompt accepted, in tokens (and never more than the model's context length leaves)")
     parser.add_argument("--max-prompt-chars", type=int, help="longest prompt accepted, in characters, checked before tokenising (default: what --max-prompt-tokens tokens can spell)")
@@ -234,6 +238,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(
             f"refusing to listen on {args.host} without an API key: anyone who can reach it could use the model. "
             f"Pass --api-key (or set ${API_KEY_ENV}), bind 127.0.0.1, or pass --insecure if that is really intended."
+        )
+    if problem := files_problem(args.tls_certfile, args.tls_keyfile, ("--tls-certfile", "--tls-keyfile")):
+        parser.error(problem)
+    if not is_loopback(args.host) and not (args.tls_certfile or args.tls_offloaded or args.insecure):
+        parser.error(
+            f"refusing to listen on {args.host} without TLS: the API key and every prompt would cross the network in the clear. "
+            "Pass --tls-certfile and --tls-keyfile, --tls-offloaded if a proxy terminates TLS in front, bind 127.0.0.1, or pass --insecure if that is really intended."
         )
     if args.max_batch_size < 1 or args.max_queue < 1 or args.batch_window_ms < 0 or args.request_timeout_s <= 0:
         parser.error("--max-batch-size and --max-queue must be >= 1, --batch-window-ms >= 0 and --request-timeout-s > 0")
@@ -263,7 +274,7 @@ def main(argv: list[str] | None = None) -> None:
         max_body_bytes=args.max_body_bytes,
         max_prompt_chars=args.max_prompt_chars,
     )
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, **server_kwargs(args.tls_certfile, args.tls_keyfile))
 
 
 if __name__ == "__main__":

@@ -155,13 +155,18 @@ def test_server_main_refuses_a_public_host_without_key(host, capsys, monkeypatch
     assert "--insecure" in err
 
 
-def test_public_host_is_allowed_with_a_key_or_insecure(monkeypatch):
+def test_public_host_is_allowed_with_a_key_and_tls_or_insecure(monkeypatch, capsys):
+    """Off loopback the key would cross the network: TLS served (--tls-certfile, tests/serving/
+    test_tls.py) or terminated in front (--tls-offloaded), as for the gateway."""
     base = ["--model-dir", "/m", "--model-name", "x", "--host", "0.0.0.0"]
     monkeypatch.delenv(server.API_KEY_ENV, raising=False)
-    assert server.parse_args([*base, "--api-key", "k"]).api_key == "k"
+    with pytest.raises(SystemExit):
+        server.parse_args([*base, "--api-key", "k"])
+    assert "refusing to listen on 0.0.0.0 without TLS" in capsys.readouterr().err
+    assert server.parse_args([*base, "--api-key", "k", "--tls-offloaded"]).api_key == "k"
     assert server.parse_args([*base, "--insecure"]).insecure
     monkeypatch.setenv(server.API_KEY_ENV, "from-env")
-    assert server.parse_args(base).api_key == "from-env"
+    assert server.parse_args([*base, "--tls-offloaded"]).api_key == "from-env"
     assert server.parse_args(["--model-dir", "/m", "--model-name", "x", "--host", "::1"]).host == "::1"
 
 

@@ -192,3 +192,42 @@ def test_prometheus_scrapes_a_tls_gateway_from_the_planes_target_file(tls_gatewa
         assert target["health"] == "up", target["lastError"]
     finally:
         stack.stop()
+
+
+def test_the_cpu_engine_serves_https_on_its_own(model_dir, tmp_path):
+    """`python -m serving.server` (what `lifecycle serve` runs for the champion alone) with a
+    certificate: a real model answers over https to a client that trusts it; a half pair fails
+    before the model loads, naming the flag.
+    Seen red: with main() not passing server_kwargs to uvicorn -> the trusted https client's
+    handshake failed (plain http on the port) until the wait timed out."""
+    cert, key = self_signed(tmp_path)
+    base = [sys.executable, "-m", "serving.server", "--model-dir", model_dir, "--model-name", "m"]
+    env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT), "SERVING_API_KEY": "sk-engine-tls-0123456789"}
+    half = subprocess.run([*base, "--tls-certfile", str(cert)], env=env, capture_output=True, text=True, timeout=120)
+    assert half.returncode == 2 and "--tls-certfile is set but --tls-keyfile is not" in half.stderr
+    port = free_port()
+    log = (tmp_path / "engine.log").open("wb")
+    engine = subprocess.Popen([*base, "--port", str(port), "--tls-certfile", str(cert), "--tls-keyfile", str(key)], env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        root = f"https://127.0.0.1:{port}"
+        with httpx.Client(verify=ssl.create_default_context(cafile=str(cert)), timeout=60, headers={"authorization": "Bearer sk-engine-tls-0123456789"}) as trusted:
+
+            def up() -> bool:
+                assert engine.poll() is None, (tmp_path / "engine.log").read_text()
+                time.sleep(0.2)
+                try:
+                    return trusted.get(f"{root}/health").status_code == 200
+                except httpx.HTTPError:
+                    return False
+
+            wait_until(up, "the CPU engine's https /health", 180)
+            answer = trusted.post(f"{root}/v1/chat/completions", json={"model": "m", "messages": [{"role": "user", "content": "1 2 3"}], "max_tokens": 4})
+            assert answer.status_code == 200 and answer.json()["choices"][0]["message"]["content"] is not None
+        with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
+            httpx.get(f"{root}/health", timeout=5)
+    finally:
+        engine.terminate()
+        try:
+            engine.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            engine.kill()
