@@ -6,6 +6,7 @@ codes, determinism of greedy decoding), never on what the answer says.
 
 from __future__ import annotations
 
+import subprocess
 import threading
 import time
 from collections.abc import Callable
@@ -26,6 +27,16 @@ def wait_until(condition: Callable[[], bool], what: str, timeout_s: float = 120)
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting until {what}")
         time.sleep(0.005)
+
+
+def stop(process: subprocess.Popen, timeout_s: float = 60) -> None:
+    """SIGTERM (servers flush and close on it), then SIGKILL if it has not exited by then."""
+    process.terminate()
+    try:
+        process.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
 
 
 def scrape(root_url: str) -> dict[tuple[str, frozenset], float]:

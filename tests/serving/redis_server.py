@@ -16,6 +16,8 @@ from collections.abc import Iterator
 import pytest
 import redis
 
+from tests.serving.conftest import stop
+
 MISSING = "redis-server not installed: apt-get install redis-server (CI installs it)"
 
 
@@ -56,11 +58,6 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         try:
             yield f"redis://127.0.0.1:{port}/0"
         finally:
-            process.terminate()
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+            stop(process, 10)
         return
     pytest.fail("redis-server did not start on a free loopback port in 3 tries")

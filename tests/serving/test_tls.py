@@ -30,7 +30,7 @@ from serving.plane_client import PlaneClient, plane_root
 from serving.routing import Backend
 from serving.plane.targets import TARGETS_FILE, scrape_address, scrape_targets, write_targets
 from tests.monitoring.conftest import need
-from tests.serving.conftest import ThreadedServer, wait_until
+from tests.serving.conftest import ThreadedServer, stop, wait_until
 from tests.serving.record.test_gateway_record import ANSWER, EngineState, fake_engine
 
 
@@ -123,11 +123,7 @@ def tls_gateway(tmp_path_factory):
                 wait_until(up, "the TLS gateway's /health")
             yield root, port, cert, key, folder
         finally:
-            gateway.terminate()
-            try:
-                gateway.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                gateway.kill()
+            stop(gateway)
 
 
 def test_the_gateway_serves_https_and_the_projects_clients_verify_it(tls_gateway, tmp_path):
@@ -226,8 +222,4 @@ def test_the_cpu_engine_serves_https_on_its_own(model_dir, tmp_path):
         with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
             httpx.get(f"{root}/health", timeout=5)
     finally:
-        engine.terminate()
-        try:
-            engine.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            engine.kill()
+        stop(engine)
