@@ -47,8 +47,8 @@ def merged(raw: dict, values: dict) -> dict:
 
 
 def described(values: dict) -> str:
-    flat = [f"{k}.{kk}={vv}" for k, v in values.items() if isinstance(v, dict) for kk, vv in v.items()]
-    flat += [f"{k}={v}" for k, v in values.items() if not isinstance(v, dict)]
+    flat = [f"{k}.{kk}={vv}" for k, v in values.items() for kk, vv in (v.items() if isinstance(v, dict) else [])]
+    flat[:0] = [f"{k}={v}" for k, v in values.items() if not isinstance(v, dict)]  # the recipe first
     return ", ".join(flat) or "none"
 
 
