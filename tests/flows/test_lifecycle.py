@@ -96,7 +96,8 @@ def alias_version(project: Path, alias: str) -> str | None:
 def test_starting_from_a_champion_before_there_is_one_fails_before_any_work(project):
     """A feedback run (recipe [dpo] from the champion) on a project that never released one.
     Seen red: with pin_start_version returning the pinned (None) version unchecked, the run
-    went on into DVC (dvc.lock was written) and failed later in stage start_model."""
+    went on into DVC and failed in stage start_model ("model.start_version None: ... no such
+    version", exit 1 where 2 is asserted)."""
     params_before = (project / "params.yaml").read_bytes()
     result = run_flow(project, "--recipe", "dpo", "--start-from", "champion")
     assert result.returncode == 2, result.stdout[-4000:]
