@@ -433,7 +433,7 @@ def test_a_feedback_run_trains_its_recipe_from_the_champion_and_its_lineage_name
     assert f"run params: params.yaml + recipe=['dpo'], model.start_from=champion, model.start_version={champion} -> params.run.yaml" in out
     status = stage_status(out)
     assert status["start_model"] == "ran" and status["dpo"] == "ran" and "sft" not in status
-    assert f"recipe: dpo (from champion version {champion})" in out
+    assert f"recipe: dpo (from champion version {champion})" in out and "reverse-digits dpo from champion data" in out, "the run is named after its own recipe"
 
     from registry.models import download_trainable
 
