@@ -126,9 +126,10 @@ def lifecycle(
         try:
             return run_lifecycle(params, data, deploy, canary_drill, params_file)
         finally:
-            if recipe is not None or start_from is not None:
-                # This run's DAG was the overlay's: leave dvc.yaml as params.yaml renders it, so a
-                # `dvc repro` by hand (or the next run) is the user's pipeline again.
+            if params_file != DEFAULT_PARAMS:
+                # This run's DAG read the run file: leave dvc.yaml as params.yaml renders it, so
+                # a `dvc repro` by hand is the user's pipeline again (the run's own dvc.yaml and
+                # params.run.yaml are in the version's lineage record).
                 sync(load_params())
 
 
