@@ -70,9 +70,15 @@ def run_tags(params: Params, data: str) -> list[str]:
 
 
 def lifecycle_run_name() -> str:
-    """The flow run's name (Prefect calls this when the run starts): model, recipe, data."""
+    """The flow run's name (Prefect calls this when the run starts): model, recipe (the run's
+    own, e.g. a feedback run's [dpo] from the champion), data."""
+    from prefect.runtime import flow_run
+
     params = load_params()
-    return f"{params.registry.model_name} {'-'.join(params.recipe)} data {data_hash(params)}"
+    given = flow_run.parameters
+    recipe = given.get("recipe") or params.recipe
+    start = " from champion" if (given.get("start_from") or params.model.start_from) == "champion" else ""
+    return f"{params.registry.model_name} {'-'.join(recipe)}{start} data {data_hash(params)}"
 
 
 def release_run_name() -> str:

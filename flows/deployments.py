@@ -1,7 +1,9 @@
 """The project's Prefect deployments, served from one process (`make serve-flows`):
 
     lifecycle   the whole lifecycle, on orchestration.cron and whenever new data is added
-                (`make data-add` emits `lifecycle.data.added` with the data's hash)
+                (`make data-add` emits `lifecycle.data.added` with the data's hash; the
+                feedback export's event also carries the recipe and start point of its run,
+                which the trigger passes as the flow's `recipe` / `start_from` parameters)
     release     canary a registered version that passed the quality gate (default: the
                 `candidate` alias, e.g. built with `python -m flows.lifecycle --no-deploy`)
     rollback    champion <- previous, what `make rollback` does
@@ -26,6 +28,14 @@ from pathlib import Path
 from pipelines.config import ConfigError, Params, load_params
 
 DATA_ADDED = "lifecycle.data.added"
+# The run the event asks for: the feedback export sends its recipe and start point (feedback_loop.recipe,
+# .start_from); plain new data (`make data-add`) sends neither, and `default(none)` makes that None: the
+# flow then runs params.yaml's. Prefect renders a template that is one expression to its JSON value, so
+# the recipe arrives as a list.
+EVENT_PARAMETERS = {
+    "recipe": "{{ event.payload.recipe | default(none) }}",
+    "start_from": "{{ event.payload.start_from | default(none) }}",
+}
 
 
 def data_resource(params: Params) -> str:
@@ -56,7 +66,7 @@ def build_deployments(params: Params) -> list:
     strategy = ConcurrencyLimitStrategy.ENQUEUE if cfg.on_busy == "wait" else ConcurrencyLimitStrategy.CANCEL_NEW
     limit = ConcurrencyLimitConfig(limit=cfg.concurrency_limit, collision_strategy=strategy)
     tags = ["llm-lifecycle", f"model:{params.registry.model_name}", f"project:{project_key(params)}"]
-    on_new_data = DeploymentEventTrigger(name="on-new-data", expect={DATA_ADDED}, match={"prefect.resource.id": data_resource(params)})
+    on_new_data = DeploymentEventTrigger(name="on-new-data", expect={DATA_ADDED}, match={"prefect.resource.id": data_resource(params)}, parameters=EVENT_PARAMETERS)
     return [
         lifecycle.to_deployment(
             name="lifecycle",

@@ -27,6 +27,7 @@ import shlex
 import sys
 import time
 from contextlib import ExitStack
+from typing import Literal
 
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
@@ -39,11 +40,13 @@ from flows.control import data_hash, label_run, lifecycle_run_name, link_mlflow_
 
 from pipelines.common import METRICS, read_json
 from pipelines.config import ConfigError, Params, load_params
-from pipelines.dag import check_params_file, stage_names, sync
+from pipelines.dag import DEFAULT_PARAMS, check_params_file, stage_names, sync
+from pipelines.run_params import RUN_PARAMS, described, needs_run_file, overlay_values, with_overlay, write_run_params
+from registry.models import NoStartPoint
 from pipelines.directions import FEEDBACK_SLICE_METRIC
 from tasks.deploy import canary_release
 from tasks.gates import GateFailed, quality_gate, quantization_gate
-from tasks.registry import register_candidate
+from tasks.registry import pin_start_version, register_candidate
 from tasks.stages import changed_stages, push_artifacts, repro
 from tasks.notify import notify
 from tasks.tracking import finish_parent_run, log_stage, start_parent_run
@@ -83,12 +86,23 @@ def step_summary() -> list[str]:
 
 
 @flow(name="llm-lifecycle", log_prints=True, flow_run_name=lifecycle_run_name)
-def lifecycle(deploy: bool = True, canary_drill: list[str] | None = None) -> dict:
+def lifecycle(
+    deploy: bool = True,
+    canary_drill: list[str] | None = None,
+    recipe: list[str] | None = None,
+    start_from: Literal["base", "champion"] | None = None,
+) -> dict:
     """`canary_drill`: extra server flags for the candidate (e.g. ["--fault-error-rate", "1.0"])
-    to rehearse a rollback through the real release path."""
+    to rehearse a rollback through the real release path. `recipe`, `start_from`: this run's
+    overlay on params.yaml's `recipe` and `model.start_from` (a feedback run's [dpo] from the
+    champion: the deployment's trigger fills them from the event); None keeps params.yaml's."""
     # DVC stages read ./params.yaml, so the flow reads exactly that file too: one source of truth.
-    params: Params = load_params()  # invalid config fails here, before any work
-    check_params_file(params)  # and so does a key DVC needs that the file leaves out
+    # A run overlay goes to params.run.yaml, which the stages of this run read instead.
+    overlay = overlay_values(recipe, start_from)
+    params, _ = with_overlay(overlay)  # invalid config fails here, before any work
+    run_file = needs_run_file(params, overlay)
+    if not run_file:
+        check_params_file(params)  # and so does a key DVC needs that the file leaves out
     data = data_hash(params)
     label_run(flow_run.id, run_tags(params, data))
     with ExitStack() as stack:
@@ -96,15 +110,35 @@ def lifecycle(deploy: bool = True, canary_drill: list[str] | None = None) -> dic
         if busy:  # orchestration.on_busy: drop; the state message says which run is busy
             print(busy)
             return Cancelled(message=busy)
-        return run_lifecycle(params, data, deploy, canary_drill)
+        params_file = DEFAULT_PARAMS
+        if params.model.start_from == "champion":
+            # Pinned in the slot, before DVC runs: the run is keyed by a version, not an alias
+            # that may move; no champion, or one without trainable weights, stops the run here.
+            version = pin_start_version(params.registry.model_name, params.model.start_version)
+            if params.model.start_version is None:
+                overlay = {**overlay, "model": {**overlay.get("model", {}), "start_version": version}}
+        if run_file:
+            params = write_run_params(with_overlay(overlay)[1], overlay)
+            params_file = str(RUN_PARAMS)
+            print(f"run params: params.yaml + {described(overlay)} -> {RUN_PARAMS}")
+        else:
+            RUN_PARAMS.unlink(missing_ok=True)  # a past overlay run's file: nothing reads it now
+        try:
+            return run_lifecycle(params, data, deploy, canary_drill, params_file)
+        finally:
+            if params_file != DEFAULT_PARAMS:
+                # This run's DAG read the run file: leave dvc.yaml as params.yaml renders it, so
+                # a `dvc repro` by hand is the user's pipeline again (the run's own dvc.yaml and
+                # params.run.yaml are in the version's lineage record).
+                sync(load_params())
 
 
-def run_lifecycle(params: Params, data: str, deploy: bool, canary_drill: list[str] | None) -> dict:
+def run_lifecycle(params: Params, data: str, deploy: bool, canary_drill: list[str] | None, params_file: str = DEFAULT_PARAMS) -> dict:
     # MLflow opens the parent run while DVC checks and runs the first stages.
     opening = start_parent_run.submit(params, flow_run.id)
     stages: list[dict] = []
     stage_runs: dict[str, str] = {}
-    summary: dict = {"stages": stages, "recipe": list(params.recipe), "data_hash": data}
+    summary: dict = {"stages": stages, "recipe": list(params.recipe), "data_hash": data, "start": start_label(params)}
 
     def parent() -> str:
         """The MLflow parent run's id, once open. The first ask links it from the Prefect run,
@@ -134,8 +168,8 @@ def run_lifecycle(params: Params, data: str, deploy: bool, canary_drill: list[st
         stages.append(result)
         logged[name] = log_stage.submit(opening, params, result)
 
-    if sync(params):  # the recipe or the sources changed: DVC's stages follow
-        print("dvc.yaml re-rendered for recipe " + " -> ".join(params.recipe))
+    if sync(params, params_file=params_file):  # the recipe, the sources or the params file changed: DVC's stages follow
+        print("dvc.yaml re-rendered for recipe " + " -> ".join(params.recipe) + (f", from {start_label(params)}, reading {params_file}" if params_file != DEFAULT_PARAMS else ""))
     stages_in_order = stage_names(params)
     try:
         changed = then(changed_stages, stages_in_order)
@@ -182,6 +216,11 @@ def run_lifecycle(params: Params, data: str, deploy: bool, canary_drill: list[st
     return summary
 
 
+def start_label(params: Params) -> str:
+    m = params.model
+    return f"champion version {m.start_version}" if m.start_from == "champion" else "base"
+
+
 def publish_summary(summary: dict) -> str:
     report = render(summary)
     create_markdown_artifact(key="lifecycle-summary", markdown=report, description="lifecycle run summary")
@@ -201,7 +240,7 @@ def render(summary: dict) -> str:
         f"outcome: {summary.get('outcome')} (version {summary.get('version', '-')})",
         *([f"gate: {summary['gate_failure']}"] if "gate_failure" in summary else []),
         *([f"error: {summary['error']}"] if "error" in summary else []),
-        f"recipe: {' -> '.join(summary.get('recipe', []))}",
+        f"recipe: {' -> '.join(summary.get('recipe', []))} (from {summary.get('start', 'base')})",
         f"data: {summary.get('data_hash', '-')}",
         f"stages run: {', '.join(ran) if ran else 'none: nothing changed, every stage came from the DVC cache'}",
         f"MLflow parent run: {summary['mlflow_parent_run_id']}" + (f" ([open in MLflow]({summary['mlflow_url']}))" if summary.get("mlflow_url") else ""),
@@ -217,10 +256,16 @@ def main() -> None:
         metavar="FLAGS",
         help="rehearse a rollback: start the candidate's server with these fault flags, e.g. '--fault-error-rate 1.0' or '--fault-delay-s 2'",
     )
+    parser.add_argument("--recipe", type=lambda text: [s.strip() for s in text.split(",") if s.strip()], metavar="STEPS",
+                        help="this run's recipe instead of params.yaml's, e.g. 'dpo' or 'sft,kto' (params.yaml is not changed)")
+    parser.add_argument("--start-from", choices=["base", "champion"], help="this run's model.start_from: train the first step from the champion's weights instead of the base")
     args = parser.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    try:
-        check_params_file(load_params())  # fail fast, before Prefect even starts its API
+    try:  # fail fast, before Prefect even starts its API
+        overlay = overlay_values(args.recipe, args.start_from)
+        params, _ = with_overlay(overlay)
+        if not needs_run_file(params, overlay):
+            check_params_file(params)
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         sys.exit(2)
@@ -230,7 +275,11 @@ def main() -> None:
         with temporary_api.startup_allowance():
             api = temporary_api.attach()
             with temporary_api.run_settings(api):
-                summary = lifecycle(deploy=not args.no_deploy, canary_drill=shlex.split(args.canary_drill) if args.canary_drill else None)
+                summary = lifecycle(deploy=not args.no_deploy, canary_drill=shlex.split(args.canary_drill) if args.canary_drill else None,
+                                    recipe=args.recipe, start_from=args.start_from)
+    except (ConfigError, NoStartPoint) as exc:  # e.g. start_from: champion with no champion yet
+        print(f"\nlifecycle not run: {exc}", file=sys.stderr)
+        sys.exit(2)
     except (GateFailed, RuntimeError) as exc:  # RuntimeError includes temporary_api.ApiStartTimeout
         print(f"\nlifecycle stopped: {exc}", file=sys.stderr)
         sys.exit(1)

@@ -25,7 +25,7 @@ import yaml
 
 from pipelines.common import BASE_DIR, METRICS, PREPARED, QUANT_DIR
 from pipelines.config import ConfigError, Params, load_params
-from pipelines.recipe import ALGORITHMS, input_model, model_dir, policy_steps
+from pipelines.recipe import ALGORITHMS, START_DIR, input_model, model_dir, policy_steps
 from pipelines.rewards import REWARD_MODEL
 
 DVC_YAML = Path("dvc.yaml")
@@ -39,6 +39,7 @@ HEADER = """\
 # skipped, and dvc.lock records which bytes made which model. `dvc repro` runs them all.
 """
 EVAL_MODELS_BASE = "base"
+DEFAULT_PARAMS = "params.yaml"  # DVC's own default: stage params listed as plain keys are read from it
 
 
 def module_file(name: str) -> Path | None:
@@ -141,9 +142,23 @@ def data_stages(params: Params) -> dict:
     return stages
 
 
+def start_stage(params: Params) -> dict:
+    """model.start_from: champion: fetch the pinned version's trainable weights. Keyed by the
+    version (the flow pins the alias before DVC runs), so a rerun on the same version is a
+    cache hit and the lock names exactly which weights the first step trained from."""
+    return {
+        "start_model": {
+            "cmd": "python -m pipelines.start_model",
+            "deps": list(code_deps("pipelines.start_model")),
+            "params": ["model.start_from", "model.start_version", "registry.model_name"],
+            "outs": [str(START_DIR)],
+        }
+    }
+
+
 def step_stage(params: Params, step: str) -> dict:
     algo = ALGORITHMS[step]
-    start = input_model(params.recipe, step) or str(BASE_DIR)
+    start = input_model(params.recipe, step, params.model.start_from) or str(BASE_DIR)
     splits = {"sft": ("train", "validation"), "preference": ("train", "test"), "kto": ("train", "test")}
     data = [f"{PREPARED}/{t}_{s}.parquet" for t in algo.tables for s in splits[t]]
     cfg = getattr(params, step)
@@ -186,16 +201,25 @@ def eval_stages(params: Params) -> dict:
     }
 
 
-def render(params: Params) -> dict:
+def render(params: Params, params_file: str = DEFAULT_PARAMS) -> dict:
+    """`params_file`: another file the stages read instead of params.yaml (a run overlay,
+    pipelines/run_params.py): every command gets `--params` and DVC keys every stage's params
+    on that file's values, which are what the stage really read."""
     stages = data_stages(params)
+    if params.model.start_from == "champion":
+        stages.update(start_stage(params))
     for step in params.recipe:
         stages[step] = step_stage(params, step)
     stages.update(eval_stages(params))
+    if params_file != DEFAULT_PARAMS:
+        for stage in stages.values():
+            stage["cmd"] += f" --params {params_file}"
+            stage["params"] = [{params_file: stage["params"]}]
     return {"stages": stages}
 
 
-def render_text(params: Params) -> str:
-    return HEADER + yaml.safe_dump(render(params), sort_keys=False, width=200)
+def render_text(params: Params, params_file: str = DEFAULT_PARAMS) -> str:
+    return HEADER + yaml.safe_dump(render(params, params_file), sort_keys=False, width=200)
 
 
 def stage_names(params: Params) -> list[str]:
@@ -235,9 +259,9 @@ def check_params_file(params: Params, path: str | Path = "params.yaml") -> None:
     raise ConfigError("\n".join(lines))
 
 
-def sync(params: Params, path: Path = DVC_YAML) -> bool:
+def sync(params: Params, path: Path = DVC_YAML, params_file: str = DEFAULT_PARAMS) -> bool:
     """Rewrite dvc.yaml when the params call for another DAG; True when it changed."""
-    text = render_text(params)
+    text = render_text(params, params_file)
     if path.exists() and path.read_text() == text:
         return False
     path.write_text(text)

@@ -168,7 +168,8 @@ class FeedbackLoopParams(Section):
     min_new_rows: int = Field(20, ge=1, description="Fewest accepted (or edited) feedback rows decided since the last run the export started.")
     cooldown_s: float = Field(6 * 3600, ge=0, description="Shortest time between two runs the export starts.")
     max_runs_per_day: int = Field(2, ge=0, description="Most runs the export starts in any 24 hours (0: never).")
-    recipe: list[str] = Field(default_factory=lambda: ["dpo"], description="The recipe meant for feedback runs, sent in the event's payload. Not applied yet: a triggered run trains params.yaml's `recipe` from the base model (starting from the champion needs recipe support for it).")
+    recipe: list[str] = Field(default_factory=lambda: ["dpo"], description="The recipe of the runs the export starts, sent in the event's payload: the lifecycle deployment runs it instead of params.yaml's `recipe` (a run overlay, params.run.yaml; params.yaml is left as it is).")
+    start_from: Literal["base", "champion"] = Field("champion", description="What the runs the export starts train from (model.start_from for that run): the champion, whose answers the feedback is about, or the base.")
     state_file: str = Field(".serving/feedback_loop.json", description="Where the export remembers the runs it started and the last decision time they covered (not data; not in DVC).")
 
     @field_validator("recipe")

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Literal
 
 MODELS = Path("models")
+START_DIR = MODELS / "start"  # a registered version's trainable weights (stage start_model), when model.start_from is champion
 
 
 @dataclass(frozen=True)
@@ -60,10 +61,13 @@ def model_dir(step: str) -> Path:
     return MODELS / step
 
 
-def input_model(recipe: list[str], step: str) -> str | None:
-    """The policy a step starts from: the previous policy step's output, or None for the base."""
+def input_model(recipe: list[str], step: str, start_from: str = "base") -> str | None:
+    """The policy a step starts from: the previous policy step's output; for the first, the
+    fetched champion (model.start_from: champion) or None for the base."""
     before = policy_steps(recipe[: recipe.index(step)])
-    return str(model_dir(before[-1])) if before else None
+    if before:
+        return str(model_dir(before[-1]))
+    return str(START_DIR) if start_from == "champion" else None
 
 
 def final_step(recipe: list[str]) -> str:

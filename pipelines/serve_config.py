@@ -16,6 +16,7 @@ from pipelines.section import Section
 class RegistryParams(Section):
     model_name: str = Field("reverse-digits", description="MLflow registered model name.")
     experiment: str = Field("llm-lifecycle", description="MLflow experiment for the flow's runs.")
+    keep_trainable: bool = Field(True, description="Also log the candidate step's unquantized weights (artifact trainable/, tag `trainable`) with each version when the served model is quantized, so a later run can train from it (model.start_from: champion). Costs one more full-precision copy per version (the quantized one is kept either way); false for huge models, which then cannot be a starting point.")
 
 
 class ServeParams(Section):

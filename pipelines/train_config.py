@@ -7,7 +7,7 @@ from __future__ import annotations
 import difflib
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from pipelines.section import Section
 
@@ -23,6 +23,13 @@ class ModelParams(Section):
     intermediate_size: int = Field(256, ge=8, description="Bootstrap only: MLP width.")
     max_position_embeddings: int = Field(128, ge=16, description="Bootstrap only: longest sequence.")
     seed: int = Field(0, description="Bootstrap only: weight-initialisation seed.")
+    start_from: Literal["base", "champion"] = Field("base", description="What the recipe's first step trains from: 'base' (base_model above) or 'champion' (the registered champion's trainable weights, e.g. a feedback run's [dpo]). For champion, the flow pins the alias to a version in start_version before DVC runs (stage start_model fetches it); the base model is still built and scored.")
+    start_version: str | None = Field(None, description="The registered version whose trainable weights start_from: champion trains from. null: the flow pins the champion's current version for the run (in params.run.yaml); set it to rebuild from one version with `dvc repro`.")
+
+    @field_validator("start_version", mode="before")
+    @classmethod
+    def _version_text(cls, value: object) -> object:
+        return str(value) if isinstance(value, int) and not isinstance(value, bool) else value  # `start_version: 3` in YAML
 
     @model_validator(mode="after")
     def _heads(self) -> "ModelParams":

@@ -327,7 +327,7 @@ def offline_step(trainer_cls, config, cfg: TrainParams, plan: DevicePlan, ref: s
 
 def step_inputs(params: Params, step: str) -> tuple[str, str]:
     """(model to start from, its digest): the previous policy step's output or the base."""
-    ref = input_model(params.recipe, step) or base_model_ref(params)
+    ref = input_model(params.recipe, step, params.model.start_from) or base_model_ref(params)
     digest = file_digest(Path(ref)) if Path(ref).exists() else ref  # a hub id pins itself by name
     return ref, digest
 

@@ -66,6 +66,8 @@ def lineage_text(name: str, mv: ModelVersion, record: dict) -> str:
     raws = {i["path"]: i["md5"] for s in steps for i in s["inputs"] if i["made_by"] is None}
     lines += [f"  {path:<40} {_short(md5)}" for path, md5 in raws.items()] or ["  (none: every input is made by a stage)"]
     lines += feedback_lines(tags)
+    if tags.get("lineage.start_from") == "champion":
+        lines += ["", f"trained from version {tags.get('lineage.start_version', '?')} (the champion's trainable weights, stage start_model)"]
     for s in steps:
         run = tags.get(f"lineage.stage_run.{s['stage']}", "")
         lines.append("")

@@ -57,7 +57,7 @@ def lineage_tags(flow_run_id: str | None, parent_run_id: str | None, stage_runs:
 # ---- the record kept with every registered version, and reading it back -------------------
 
 LINEAGE_ARTIFACTS = "lineage"  # folder of the version's MLflow run
-RECORDED = ("dvc.lock", "params.yaml", "dvc.yaml")
+RECORDED = ("dvc.lock", "params.yaml", "dvc.yaml", "params.run.yaml")  # the last: a run overlay's params (pipelines/run_params.py), when the run had one
 
 
 def dvc_tracked_inputs(root: Path = Path(".")) -> list[Path]:
@@ -145,7 +145,7 @@ class NoRecord(LookupError):
 
 
 def load_record(run_id: str) -> dict:
-    """{'lock': dict, 'dag': dict|None, 'params_text': str, 'patch': str, 'dvcfiles': {path: text}}
+    """{'lock': dict, 'dag': dict|None, 'params_text': str, 'run_params_text': str, 'patch': str, 'dvcfiles': {path: text}}
     from the run's lineage/ artifacts."""
     import tempfile
 
@@ -165,6 +165,7 @@ def load_record(run_id: str) -> dict:
             "lock": yaml.safe_load((got / "dvc.lock").read_text()) or {},
             "dag": yaml.safe_load((got / "dvc.yaml").read_text()) if (got / "dvc.yaml").exists() else None,
             "params_text": (got / "params.yaml").read_text() if (got / "params.yaml").exists() else "",
+            "run_params_text": (got / "params.run.yaml").read_text() if (got / "params.run.yaml").exists() else "",
             "patch": (got / "code.patch").read_text() if (got / "code.patch").exists() else "",
             "dvcfiles": dvcfiles,
         }

@@ -24,6 +24,9 @@ from registry.store import client
 
 CANDIDATE, CHAMPION, PREVIOUS = "candidate", "champion", "previous"
 MODEL_HASH_TAG = "lineage.model_md5"
+# Where a version's trainable (unquantized) weights are: an artifact URI under its run. The
+# served model is usually quantized (compressed-tensors), which later training cannot start from.
+TRAINABLE_TAG, TRAINABLE_ARTIFACT = "trainable", "trainable"
 # A version's status sticks to its bytes: a version rejected by a gate or rolled back by a
 # canary is never promoted again, however often a rerun produces the same bytes, unless a
 # person approves it with a stated reason (recorded beside the status).
@@ -58,21 +61,30 @@ def metrics_of(mv: ModelVersion | None) -> dict[str, float] | None:
     return {k.removeprefix("metric."): float(v) for k, v in mv.tags.items() if k.startswith("metric.")}
 
 
-def register(name: str, model_dir: Path, run_id: str, model_md5: str, tags: dict[str, str]) -> ModelVersion:
+def register(name: str, model_dir: Path, run_id: str, model_md5: str, tags: dict[str, str], trainable_dir: Path | None = None) -> ModelVersion:
     """Log the model folder to `run_id` and register it as a new version. It gets no alias
     yet: `candidate` comes only once the quality gate has passed (`mark_candidate`), and a
-    gate failure leaves the version as the record of what was rejected and why."""
+    gate failure leaves the version as the record of what was rejected and why.
+    `trainable_dir`: the unquantized weights the served model was made from, logged beside it
+    (artifact trainable/) and named by the version's `trainable` tag, so a later run can train
+    from this version; `model_dir` itself when they are the same bytes (no second copy)."""
     from registry.card import mlmodel_text
 
     c = client()
     c.log_artifacts(run_id, str(model_dir), "model")
+    artifact_uri = c.get_run(run_id).info.artifact_uri
+    if trainable_dir is not None and Path(trainable_dir).resolve() != Path(model_dir).resolve():
+        c.log_artifacts(run_id, str(trainable_dir), TRAINABLE_ARTIFACT)
+        tags = {**tags, TRAINABLE_TAG: f"{artifact_uri}/{TRAINABLE_ARTIFACT}"}
+    elif trainable_dir is not None:
+        tags = {**tags, TRAINABLE_TAG: f"{artifact_uri}/model"}
     c.log_text(run_id, mlmodel_text(run_id), "model/MLmodel")  # its signature, for the registry UI
     try:
         c.create_registered_model(name, description="Managed by the LLM lifecycle flow (flows/lifecycle.py).")
     except MlflowException as exc:
         if "RESOURCE_ALREADY_EXISTS" not in str(exc.error_code):
             raise
-    source = f"{c.get_run(run_id).info.artifact_uri}/model"
+    source = f"{artifact_uri}/model"
     return c.create_model_version(name, source, run_id=run_id, tags={**tags, MODEL_HASH_TAG: model_md5, STATUS: "registered"})
 
 
@@ -191,6 +203,49 @@ def download(mv: ModelVersion, dst: Path) -> Path:
     """Fetch a version's model folder (what serving loads)."""
     dst.mkdir(parents=True, exist_ok=True)
     return Path(mlflow.artifacts.download_artifacts(artifact_uri=mv.source, dst_path=str(dst), tracking_uri=client().tracking_uri))
+
+
+class NoStartPoint(ValueError):
+    """No registered weights to train from (model.start_from: champion); the message names the
+    key and the fix."""
+
+
+def start_point(name: str, version: str | None = None) -> ModelVersion:
+    """The version a run trains from (model.start_from: champion): `version` when pinned, else
+    the champion's; refused, naming the key and the fix, when there is none or it kept no
+    trainable weights."""
+    if version is None:
+        mv = by_alias(name, CHAMPION)
+        if mv is None:
+            raise NoStartPoint(f"model.start_from is 'champion' but model '{name}' has no champion yet; nothing was run. "
+                               "Release a first champion from the base (model.start_from: base, the default), or run this recipe with start_from=base")
+    else:
+        try:
+            mv = client().get_model_version(name, str(version))
+        except MlflowException:
+            raise NoStartPoint(f"model.start_version {version}: model '{name}' has no such version; nothing was run. "
+                               "Set model.start_version to a registered version (`lifecycle status`), or null for the champion") from None
+    if not mv.tags.get(TRAINABLE_TAG):
+        raise NoStartPoint(f"model.start_from is 'champion' but version {mv.version} of '{name}' kept no trainable weights (registered before they were kept, "
+                           "or with registry.keep_trainable: false); nothing was run. Set model.start_version to a version registered with them, or model.start_from: base")
+    return mv
+
+
+def download_trainable(mv: ModelVersion, dst: Path) -> Path:
+    """Fetch a version's trainable weights (tag `trainable`) into `dst`, as a plain folder."""
+    import shutil
+    import tempfile
+
+    if not mv.tags.get(TRAINABLE_TAG):
+        raise NoStartPoint(f"version {mv.version} has no trainable weights (tag '{TRAINABLE_TAG}')")
+    dst = Path(dst)
+    with tempfile.TemporaryDirectory(dir=dst.parent if dst.parent.exists() else None) as tmp:
+        got = Path(mlflow.artifacts.download_artifacts(artifact_uri=mv.tags[TRAINABLE_TAG], dst_path=tmp, tracking_uri=client().tracking_uri))
+        (got / "MLmodel").unlink(missing_ok=True)  # the served folder's registry card, not a weight file
+        if dst.exists():
+            shutil.rmtree(dst)
+        shutil.move(str(got), dst)
+    return dst
 
 
 def _now() -> str:

@@ -64,6 +64,8 @@ def prepare_worktree(project: Path, sha: str, scratch: Path, record: dict) -> No
         patch.unlink()
     if record["params_text"]:
         (scratch / "params.yaml").write_text(record["params_text"])
+    if record.get("run_params_text"):  # a run overlay's params, which its dvc.yaml names
+        (scratch / "params.run.yaml").write_text(record["run_params_text"])
     if record["dag"] is not None:
         (scratch / "dvc.yaml").write_text(yaml.safe_dump(record["dag"], sort_keys=False))
     for rel, text in record["dvcfiles"].items():

@@ -15,17 +15,27 @@ from pipelines.common import METRICS, QUANT_DIR, read_json
 from pipelines.config import Params
 from pipelines.feedback_export import feedback_lineage
 from pipelines.gates import decide_quantization
+from pipelines.recipe import final_step, model_dir
 from registry.card import record_gate
 from registry.graph import plot_lineage
 from registry.lineage import dvc_lock_hashes, lineage_tags, load_record, log_record
-from registry.models import blocked, find_by_model_hash, register
+from registry.models import NoStartPoint, blocked, find_by_model_hash, register, start_point
 from registry.store import client
 from tasks.gates import GateFailed
 
 
 def _io_failure(task, task_run, state) -> bool:
     """Retry MLflow I/O errors; a refusal is a verdict, not a glitch."""
-    return not isinstance(getattr(state, "data", None), GateFailed)
+    return not isinstance(getattr(state, "data", None), (GateFailed, NoStartPoint))
+
+
+@task(task_run_name="pin start model", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2, retry_condition_fn=_io_failure)
+def pin_start_version(model_name: str, version: str | None) -> str:
+    """The registered version a model.start_from: champion run trains from: the champion's, now
+    (or the pinned one), checked to have trainable weights. Raises NoStartPoint naming the fix."""
+    mv = start_point(model_name, version)
+    print(f"starting from {model_name} version {mv.version}" + (" (the champion)" if version is None else ""))
+    return str(mv.version)
 
 
 @task(task_run_name="register", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2, retry_condition_fn=_io_failure)
@@ -50,8 +60,16 @@ def register_candidate(params: Params, parent_run_id: str, flow_run_id: str | No
     tags.update({f"metric_unquantized.{k}": str(v) for k, v in unquantized.items() if isinstance(v, (int, float))})
     tags.update(feedback_lineage(params))  # the users' feedback it learnt from and was gated on, with its provenance
     tags["recipe"] = " -> ".join(params.recipe)
+    tags["lineage.start_from"] = params.model.start_from
+    if params.model.start_from == "champion":
+        tags["lineage.start_version"] = str(params.model.start_version)
     tags["quantization"] = f"{served.get('scheme', 'none')}/{served.get('algorithm', 'none')}" if served.get("enabled") else "none"
-    mv = register(name, QUANT_DIR, parent_run_id, model_md5, tags)
+    # The unquantized weights of the step that became the candidate, for a later run to train
+    # from (model.start_from: champion); the served folder itself when it was not quantized.
+    trainable = None
+    if params.registry.keep_trainable:
+        trainable = model_dir(unquantized.get("step") or final_step(params.recipe)) if served.get("enabled") else QUANT_DIR
+    mv = register(name, QUANT_DIR, parent_run_id, model_md5, tags, trainable_dir=trainable)
     version = str(mv.version)
     # The record that makes the version reproducible without committing anything: its dvc.lock,
     # params, DAG, raw-input pointers and uncommitted code changes (the bytes are in the DVC remote).

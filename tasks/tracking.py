@@ -24,7 +24,7 @@ from registry.lineage import dvc_lock_hashes, git_commit
 from registry.store import client, experiment_id
 
 # Which params section belongs to which stage; a recipe step reads the section of its own name.
-STAGE_SECTIONS = {"generate": "generate", "prepare": "prepare", "bootstrap": "model", "evaluate": "evaluate", "quantize": "quantize"}
+STAGE_SECTIONS = {"generate": "generate", "prepare": "prepare", "bootstrap": "model", "start_model": "model", "evaluate": "evaluate", "quantize": "quantize"}
 SCHEMA_SAMPLE_ROWS = 200
 CURVES = ("loss", "eval_loss", "learning_rate", "rewards/accuracies", "rewards/margins", "reward", "accuracy")
 

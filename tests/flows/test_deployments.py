@@ -365,3 +365,44 @@ def test_a_failed_gate_is_a_failed_run_naming_the_metric(project, server):
     assert "quality gate failed" in run.state.message and "reverse_digits/exact_match" in run.state.message, run.state.message
     summary = artifacts_of(server, run.id)["lifecycle-summary"].data
     assert "outcome: blocked by gate" in summary and "reverse_digits/exact_match" in summary, summary
+
+
+def test_the_new_data_trigger_passes_the_events_recipe_and_start_point_to_the_flow():
+    """The lifecycle deployment's trigger as Prefect builds it (its automation, validated by the
+    server's own schema) and as Prefect's server renders it for an event: the feedback export's
+    payload becomes the flow's `recipe` / `start_from` parameters; plain new data (no recipe in
+    the payload) leaves both None, so params.yaml's recipe runs from the base.
+    Seen red: with the trigger built without `parameters`, the feedback event rendered {} (the
+    flow would have run params.yaml's [sft, dpo] from the base) and the first assert failed."""
+    import asyncio
+    import uuid
+
+    from prefect.server.events.schemas.automations import Automation, TriggeredAction
+    from prefect.server.events.schemas.events import ReceivedEvent
+
+    from flows.deployments import DATA_ADDED, build_deployments, data_resource
+    from flows.lifecycle import lifecycle
+    from pipelines.config import load_params
+
+    params = load_params(ROOT / "params.yaml")
+    deployment = next(d for d in build_deployments(params) if d.name == "lifecycle")
+    (trigger,) = deployment.triggers
+    trigger.set_deployment_id(uuid.uuid4())
+    automation = Automation.model_validate({**trigger.as_automation().model_dump(mode="json"), "id": str(uuid.uuid4())})
+    (action,) = automation.actions
+    now = datetime.datetime.now(datetime.UTC)
+
+    def rendered(payload: dict) -> dict:
+        event = ReceivedEvent(occurred=now, event=DATA_ADDED, resource={"prefect.resource.id": data_resource(params)}, payload=payload, id=uuid.uuid4())
+        fired = TriggeredAction(automation=automation, triggered=now, triggering_labels={}, triggering_event=event, action=action)
+        return asyncio.run(action.render_parameters(fired))
+
+    # What pipelines/feedback_export.py sends when its policy holds (feedback_loop.recipe, .start_from).
+    feedback = rendered({"source": "feedback", "new_rows": 24, "recipe": ["dpo"], "start_from": "champion", "pairs": 20, "data_hash": "abc", "file": "feedback"})
+    assert feedback == {"recipe": ["dpo"], "start_from": "champion"}
+    assert lifecycle.validate_parameters(feedback) == {"deploy": True, "canary_drill": None, **feedback}, "the flow accepts them as typed parameters"
+    plain = rendered({"data_hash": "def", "file": "my-chats.json"})  # `make data-add`
+    assert plain == {"recipe": None, "start_from": None}
+    assert lifecycle.validate_parameters(plain) == {"deploy": True, "canary_drill": None, **plain}
+    with pytest.raises(Exception, match="start_from"):  # a typo in an event fails at the parameters, before the run starts
+        lifecycle.validate_parameters({"start_from": "champoin"})

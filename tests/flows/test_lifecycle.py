@@ -93,6 +93,21 @@ def alias_version(project: Path, alias: str) -> str | None:
         return None
 
 
+def test_starting_from_a_champion_before_there_is_one_fails_before_any_work(project):
+    """A feedback run (recipe [dpo] from the champion) on a project that never released one.
+    Seen red: with pin_start_version returning the pinned (None) version unchecked, the run
+    went on into DVC and failed in stage start_model ("model.start_version None: ... no such
+    version", exit 1 where 2 is asserted)."""
+    params_before = (project / "params.yaml").read_bytes()
+    result = run_flow(project, "--recipe", "dpo", "--start-from", "champion")
+    assert result.returncode == 2, result.stdout[-4000:]
+    assert "lifecycle not run: model.start_from is 'champion' but model 'reverse-digits' has no champion yet; nothing was run." in result.stdout
+    assert "model.start_from: base" in result.stdout, "the message names the fix"
+    assert not (project / "dvc.lock").exists() and not (project / "params.run.yaml").exists()
+    assert not (project / "models").exists(), "no stage ran"
+    assert (project / "params.yaml").read_bytes() == params_before
+
+
 def test_first_release_promotes_a_champion_that_answers(project):
     result = run_flow(project)
     assert result.returncode == 0, result.stdout[-6000:]
@@ -397,3 +412,48 @@ def test_a_feedback_run_whose_candidate_does_not_improve_the_slice_is_blocked_an
     finally:
         for split in ("train", "test"):
             (project / f"data/feedback/{split}/preference.jsonl").unlink(missing_ok=True)
+
+
+def test_a_feedback_run_trains_its_recipe_from_the_champion_and_its_lineage_names_it(project):
+    """What the feedback export's event asks the deployment for (tests/flows/test_deployments.py
+    checks the trigger's mapping): recipe [dpo] from the champion, as the flow's parameters. The
+    flow pins the champion to its version before DVC runs, stage start_model fetches that
+    version's trainable weights (kept at its registration beside the quantized model), DPO
+    trains from them, and the new version's lineage names the version it started from. The
+    user's params.yaml is left as it was, and so is the DAG it renders.
+    Seen red: with register_candidate passing no trainable weights, the run stopped before any
+    stage ("version 1 of 'reverse-digits' kept no trainable weights", exit 2)."""
+    write_params(project)  # the module's earlier tests leave other params behind
+    params_before = (project / "params.yaml").read_bytes()
+    dag_before = (project / "dvc.yaml").read_text()
+    champion = alias_version(project, "champion")
+    result = run_flow(project, "--no-deploy", "--recipe", "dpo", "--start-from", "champion")
+    out = result.stdout
+    assert "quality gate PASSED" in out or "quality gate failed" in out, out[-6000:]
+    assert f"run params: params.yaml + recipe=['dpo'], model.start_from=champion, model.start_version={champion} -> params.run.yaml" in out
+    status = stage_status(out)
+    assert status["start_model"] == "ran" and status["dpo"] == "ran" and "sft" not in status
+    assert f"recipe: dpo (from champion version {champion})" in out and "reverse-digits dpo from champion data" in out, "the run is named after its own recipe"
+
+    from registry.models import download_trainable
+
+    from safetensors.torch import load_file
+
+    weights = lambda folder: load_file(str(folder / "model.safetensors"))  # noqa: E731
+    kept = download_trainable(registry(project).get_model_version("reverse-digits", champion), project.parent / "champion-trainable")
+    start, trained = weights(project / "models/start"), weights(project / "models/dpo")
+    assert all(start[k].equal(t) for k, t in weights(kept).items()), "DPO started from the champion's trainable weights"
+    assert any(not start[k].equal(trained[k]) for k in start), "and changed them"
+    assert json.loads((project / "metrics/dpo.json").read_text())["input_model"] == "models/start"
+
+    version = max(registry(project).search_model_versions("name='reverse-digits'"), key=lambda mv: int(mv.version))
+    assert version.tags["lineage.start_from"] == "champion" and version.tags["lineage.start_version"] == champion and version.tags["recipe"] == "dpo"
+    assert version.tags["trainable"].endswith("/trainable"), "the new version keeps its own trainable weights too"
+    lineage = subprocess.run([sys.executable, "-m", "registry.cli", "lineage", str(version.version), "--out", str(project.parent / "lineage.png")],
+                             cwd=project, env=flow_env(project), capture_output=True, text=True)
+    assert lineage.returncode == 0, lineage.stderr
+    assert f"trained from version {champion}" in lineage.stdout and "start_model" in lineage.stdout
+    # The overlay was the run's: the user's file and the DAG it renders are as they were.
+    assert (project / "params.yaml").read_bytes() == params_before
+    assert (project / "dvc.yaml").read_text() == dag_before
+    assert_user_file_intact(project)

@@ -34,6 +34,39 @@ def test_a_recipe_without_dpo_has_no_dpo_stage_and_chains_its_models():
     assert "metrics/samples/kto.jsonl" in stages["evaluate"]["outs"]
 
 
+def test_starting_from_the_champion_fetches_it_first_and_the_first_step_trains_from_it():
+    """Seen red: with step_stage calling input_model without start_from, dpo's deps listed
+    models/base, not models/start (the assert on dpo's deps failed)."""
+    stages = render(Params.model_validate({"recipe": ["dpo"], "model": {"start_from": "champion"}}))["stages"]
+    assert list(stages) == ["generate", "prepare", "bootstrap", "start_model", "dpo", "evaluate", "quantize"]
+    assert stages["start_model"]["outs"] == ["models/start"] and "model.start_version" in stages["start_model"]["params"]
+    assert "models/start" in stages["dpo"]["deps"] and "models/base" not in stages["dpo"]["deps"]
+    assert "start_model" not in render(Params())["stages"], "an ordinary run has no such stage"
+
+
+def test_a_run_params_file_is_what_every_stage_reads_and_dvc_keys_on(tmp_path):
+    """A run overlay (pipelines/run_params.py): each command reads the run's file and DVC
+    tracks that file's values; DVC itself accepts the rendering.
+    Seen red: with render() leaving each stage's params keyed on params.yaml, dpo's params were
+    ['dpo', 'compute'] (the first assert on them failed)."""
+    params = Params.model_validate({"recipe": ["dpo"], "model": {"start_from": "champion", "start_version": "3"}})
+    stages = render(params, "params.run.yaml")["stages"]
+    assert all(s["cmd"].endswith(" --params params.run.yaml") for s in stages.values())
+    assert stages["dpo"]["params"] == [{"params.run.yaml": ["dpo", "compute"]}]
+    (tmp_path / "dvc.yaml").write_text(render_text(params, "params.run.yaml"))
+    (tmp_path / "params.run.yaml").write_text(yaml.safe_dump(params.model_dump(mode="json")))
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@example.com"]
+    subprocess.run([*git, "init", "-q"], cwd=tmp_path, check=True)
+    subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=tmp_path, check=True)
+    subprocess.run([*git, "add", "-A"], cwd=tmp_path, check=True)
+    subprocess.run([*git, "commit", "-qm", "run 1"], cwd=tmp_path, check=True)
+    pinned = params.model_copy(update={"model": params.model.model_copy(update={"start_version": "4"})})  # the champion moved on
+    (tmp_path / "params.run.yaml").write_text(yaml.safe_dump(pinned.model_dump(mode="json")))
+    out = subprocess.run([sys.executable, "-m", "dvc", "params", "diff", "--json"], cwd=tmp_path, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["params.run.yaml"]["model.start_version"] == {"old": "3", "new": "4"}, "DVC keys the stages on the run file's pinned version"
+
+
 def test_rl_after_a_reward_model_depends_on_it_and_starts_from_the_policy():
     params = Params.model_validate({"recipe": ["sft", "rm", "grpo"], "grpo": {"rewards": ["reward_model", "exact_match"]}})
     stages = render(params)["stages"]
@@ -87,7 +120,8 @@ def test_every_project_file_a_stage_loads_is_among_its_deps():
     Seen red: code_deps returning only the stage's own file -> evaluate's missing deps listed
     pipelines/training.py, pipelines/config.py, pipelines/common.py, ... and the test failed."""
     recipes = [load_params(ROOT / "params.yaml"), Params(recipe=["sft", "kto"]), Params(recipe=["sft", "orpo"]), Params(recipe=["sft", "cpo"]),
-               Params.model_validate({"recipe": ["sft", "rm", "grpo"], "grpo": {"rewards": ["reward_model"]}}), Params(recipe=["sft", "rloo"])]
+               Params.model_validate({"recipe": ["sft", "rm", "grpo"], "grpo": {"rewards": ["reward_model"]}}), Params(recipe=["sft", "rloo"]),
+               Params.model_validate({"recipe": ["dpo"], "model": {"start_from": "champion"}})]
     deps = {}
     for params in recipes:
         for stage in render(params)["stages"].values():

@@ -114,6 +114,44 @@ def test_same_bytes_are_found_again_and_download_round_trips(store, tmp_path):
     assert (Path(got) / "config.json").read_text() == '{"md5": "abc.dir"}'
 
 
+def test_registration_keeps_the_trainable_weights_beside_the_served_model(store, tmp_path):
+    """The served folder is quantized; the weights it was made from are logged beside it
+    (artifact trainable/, tag `trainable`) and come back byte for byte: what a run with
+    model.start_from: champion trains from. Unquantized, the served folder is the trainable one.
+    Seen red: with register() ignoring trainable_dir, the version had no `trainable` tag and
+    start_point refused the champion ("kept no trainable weights")."""
+    c, exp = store
+    served, trainable = tmp_path / "quantized", tmp_path / "dpo"
+    for folder, text in ((served, "int8"), (trainable, "fp32")):
+        folder.mkdir()
+        (folder / "model.safetensors").write_text(text)
+        (folder / "config.json").write_text("{}")
+    v1 = str(models.register("m", served, c.create_run(exp).info.run_id, "q1", {}, trainable_dir=trainable).version)
+    models.promote("m", v1)
+    mv = models.start_point("m")
+    assert str(mv.version) == v1 and mv.tags["trainable"].endswith("/trainable")
+    got = models.download_trainable(mv, tmp_path / "start")
+    assert (got / "model.safetensors").read_text() == "fp32" and not (got / "MLmodel").exists()
+    assert (models.download(mv, tmp_path / "served") / "model.safetensors").read_text() == "int8"
+    # Not quantized: no second copy, the tag names the served folder.
+    v2 = str(models.register("m", trainable, c.create_run(exp).info.run_id, "f2", {}, trainable_dir=trainable).version)
+    assert models.start_point("m", v2).tags["trainable"].endswith("/model")
+    assert (models.download_trainable(models.start_point("m", v2), tmp_path / "start2") / "model.safetensors").read_text() == "fp32"
+
+
+def test_no_start_point_is_refused_naming_the_key_and_the_fix(store, tmp_path):
+    """No champion yet, a champion registered without trainable weights (keep_trainable off),
+    a pinned version that does not exist: each refused before any work, with the fix."""
+    with pytest.raises(models.NoStartPoint, match=r"model.start_from is 'champion' but model 'm' has no champion yet.*model.start_from: base"):
+        models.start_point("m")
+    v1 = new_version(store, tmp_path, "a")  # registered without trainable_dir
+    models.promote("m", v1)
+    with pytest.raises(models.NoStartPoint, match=r"version 1 of 'm' kept no trainable weights.*registry.keep_trainable: false.*model.start_version"):
+        models.start_point("m")
+    with pytest.raises(models.NoStartPoint, match=r"model.start_version 9: model 'm' has no such version"):
+        models.start_point("m", "9")
+
+
 def test_lineage_reads_dvc_lock(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     lock = {
