@@ -130,7 +130,7 @@ ui-mlflow: setup  ## MLflow UI on http://127.0.0.1:5000 (a tracking server in ML
 	$(if $(MLFLOW_SERVER),@echo "MLflow's UI is the tracking server's own: open $(MLFLOW_SERVER)",$(MLFLOW_UI))
 
 clean:  ## remove generated data, models, metrics and caches (keeps .venv, your files in data/raw, the model registry and the DVC remote)
-	rm -rf data/generated data/prepared models metrics reports .prefect dvc.lock
+	rm -rf data/generated data/prepared models metrics reports .prefect dvc.lock params.run.yaml
 
 clean-all: clean  ## also delete the model registry (mlflow.db, mlartifacts/) and the DVC remote: every released model; asks first (FORCE=1 skips)
 	@if [ "$(FORCE)" != 1 ]; then \
