@@ -198,9 +198,9 @@ def serve(params) -> None:
         if tls and cfg.engine == "vllm":
             cmd += ["--ssl-certfile", cfg.tls_certfile, "--ssl-keyfile", cfg.tls_keyfile]  # vLLM's own uvicorn serves it
         elif tls:
-            raise SystemExit(f"cfg.tls_certfile: {cfg.engine} does not serve TLS itself here; terminate TLS in front of it (cfg.tls_offloaded: true) or serve through the plane (make serve)")
+            raise SystemExit(f"serve.tls_certfile: {cfg.engine} does not serve TLS itself here; terminate TLS in front of it (serve.tls_offloaded: true) or serve through the plane (make serve)")
         # $SERVING_API_KEY guards every engine alike (vLLM reads it as $VLLM_API_KEY); never in argv.
-        os.execvpe(cmd[0], cmd, {**os.environ, **engine_key_env(params.cfg.engine, dict(os.environ))})
+        os.execvpe(cmd[0], cmd, {**os.environ, **engine_key_env(cfg.engine, dict(os.environ))})
 
 
 def record_store(params, where: str | None):

@@ -224,3 +224,41 @@ def test_a_damaged_registry_store_is_one_line_naming_it_and_the_fix(store, tmp_p
     assert err.count("\n") == 1 and "Traceback" not in err, err
     assert err.startswith(f"lifecycle show: the MLflow registry at sqlite:///{damaged} cannot be read (")
     assert "restore it from a backup, or point MLFLOW_TRACKING_URI at a good store" in err
+
+
+class Exec(Exception):
+    """os.execvpe reached: the process boundary, with what the engine would have been given."""
+
+
+@pytest.mark.parametrize("engine", ["vllm", "tensorrt-llm"])
+def test_serve_hands_a_gpu_engine_the_tls_pair_and_its_key_at_the_process_boundary(store, tmp_path, monkeypatch, engine):
+    """`lifecycle serve` with serve.tls_*: vLLM gets its own --ssl-* flags and $VLLM_API_KEY from
+    $SERVING_API_KEY; trtllm-serve, which has no TLS flags here, is refused naming the setting.
+    Seen red: with the env line reading `params.cfg.engine` (a rename gone wrong) -> AttributeError
+    instead of the exec."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for exe in ("vllm", "trtllm-serve"):
+        (bin_dir / exe).write_text("#!/bin/sh\nexit 0\n")
+        (bin_dir / exe).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{__import__('os').environ['PATH']}")
+    monkeypatch.setenv("SERVING_API_KEY", "sk-serve-0123456789")
+    monkeypatch.delenv("VLLM_API_KEY", raising=False)
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert.write_text("cert")
+    key.write_text("key")
+    Path("params.yaml").write_text(f"registry:\n  model_name: m\nserve:\n  engine: {engine}\n  port: 8123\n  tls_certfile: {cert}\n  tls_keyfile: {key}\n")
+
+    def execvpe(file, argv, env):
+        raise Exec(argv, env)
+
+    monkeypatch.setattr(cli.os, "execvpe", execvpe)
+    if engine == "tensorrt-llm":
+        with pytest.raises(SystemExit, match="serve.tls_certfile: tensorrt-llm does not serve TLS itself here"):
+            cli.main(["serve"])
+        return
+    with pytest.raises(Exec) as reached:
+        cli.main(["serve"])
+    argv, env = reached.value.args
+    assert argv[0] == "vllm" and argv[argv.index("--ssl-certfile") + 1] == str(cert) and argv[argv.index("--ssl-keyfile") + 1] == str(key)
+    assert env["VLLM_API_KEY"] == "sk-serve-0123456789" and "sk-serve-0123456789" not in argv
