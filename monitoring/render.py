@@ -34,6 +34,7 @@ from prometheus_client.utils import floatToGoString
 
 from pipelines.config import ConfigError, Params, load_params
 from pipelines.serve_config import seconds
+from serving.tls import trusted_ca
 
 HERE = Path(__file__).resolve().parent
 RULES_DIR = HERE / "rules"
@@ -271,8 +272,7 @@ def fill(template: str, **values: Any) -> str:
 def prometheus_config(params: Params, rule_files: list[Path], target_files: list[Path]) -> str:
     m = params.monitor
     timeout = m.scrape_interval if seconds(m.scrape_interval) < 10 else "10s"  # a scrape may not outlast its interval
-    serve = params.serve
-    trusted = serve.tls_ca_file or serve.tls_certfile
+    trusted = trusted_ca(params.serve)
     # Absolute: Prometheus resolves a relative ca_file against its configuration's folder.
     serving_tls = f"\n    tls_config:\n      ca_file: {json.dumps(str(Path(trusted).resolve()))}" if trusted else ""
     return fill(

@@ -55,10 +55,10 @@ def described(values: dict) -> str:
 def with_overlay(values: dict, path: str | Path = PARAMS_FILE) -> tuple[Params, dict]:
     """params.yaml with `values` over it, validated like params.yaml (a bad recipe in an event
     fails before any work, naming the key): (params, the raw mapping)."""
-    load_params(path)  # the user's file on its own first: its own errors name only it
+    own = load_params(path)  # the user's file on its own first: its own errors name only it
     raw = merged(yaml.safe_load(Path(path).read_text()) or {}, values)
     if not values:
-        return load_params(path), raw
+        return own, raw
     try:
         return Params.model_validate(raw), raw
     except ValidationError as exc:

@@ -95,9 +95,9 @@ def plane_root(params) -> str | None:
         host = "127.0.0.1" if serve.host in ("0.0.0.0", "", "::") else serve.host
         url = f"{'https' if serve.tls_certfile else 'http'}://{host}:{serve.port}"
     if serve.tls_certfile and url.startswith("https://"):
-        from serving.tls import trust
+        from serving.tls import trust, trusted_ca
 
-        trust(url, serve.tls_ca_file or serve.tls_certfile)
+        trust(url, trusted_ca(serve))
     return url
 
 

@@ -52,6 +52,12 @@ def server_kwargs(certfile: str | None, keyfile: str | None) -> dict[str, str]:
     return {"ssl_certfile": certfile, "ssl_keyfile": keyfile} if certfile and keyfile else {}
 
 
+def trusted_ca(serve) -> str | None:
+    """What this project's clients of a plane (ServeParams `serve`) verify it with:
+    serve.tls_ca_file, else the certificate itself (right for a self-signed one); None without TLS."""
+    return serve.tls_ca_file or serve.tls_certfile
+
+
 def client_context(cafile: str) -> ssl.SSLContext:
     return ssl.create_default_context(cafile=cafile)
 
