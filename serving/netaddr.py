@@ -19,3 +19,9 @@ def is_loopback(host: str) -> bool:
     # A dual-stack socket reports an IPv4 client as ::ffff:a.b.c.d.
     mapped = getattr(address, "ipv4_mapped", None)
     return (mapped or address).is_loopback
+
+
+def local_address(host: str) -> str:
+    """The address a client on this machine reaches a bind on `host` at: a wildcard bind
+    (0.0.0.0, ::, empty) is reached on loopback."""
+    return "127.0.0.1" if host in ("0.0.0.0", "", "::") else host

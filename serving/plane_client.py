@@ -92,8 +92,9 @@ def plane_root(params) -> str | None:
     if not url:
         return None
     if url == "auto":
-        host = "127.0.0.1" if serve.host in ("0.0.0.0", "", "::") else serve.host
-        url = f"{'https' if serve.tls_certfile else 'http'}://{host}:{serve.port}"
+        from serving.netaddr import local_address
+
+        url = f"{'https' if serve.tls_certfile else 'http'}://{local_address(serve.host)}:{serve.port}"
     if serve.tls_certfile and url.startswith("https://"):
         from serving.tls import trust, trusted_ca
 

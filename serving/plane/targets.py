@@ -17,6 +17,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from serving.netaddr import local_address
+
 TARGETS_FILE = "targets.json"
 
 
@@ -53,4 +55,4 @@ def write_targets(path: Path, groups: list[dict[str, Any]]) -> None:
 
 def scrape_address(host: str, port: int) -> str:
     """host:port Prometheus reaches a listener on (a wildcard bind is reached on loopback)."""
-    return f"{'127.0.0.1' if host in ('0.0.0.0', '', '::') else host}:{port}"
+    return f"{local_address(host)}:{port}"
