@@ -64,6 +64,20 @@ def stage_main(name: str, run: Callable[[Params], Any]) -> None:
     except ModelFileError as exc:  # a refused or damaged checkpoint: the file and the fix, not a traceback
         print(f"{name}: {exc}", file=sys.stderr)
         sys.exit(2)
+    if "LOCAL_RANK" in os.environ:
+        exit_rank()
+
+
+def exit_rank() -> None:
+    """A torch.distributed.run rank whose work is done (saved, metrics written, process group left)
+    leaves without the interpreter's teardown. That teardown runs C++ destructors while a
+    communication thread may still be joinable, and std::terminate then kills a finished rank with
+    SIGABRT ("terminate called without an active exception"; DPO, ZeRO-2, 2 processes, in CI),
+    which torchrun reports as a failed stage."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def file_digest(*paths: Path) -> str:
