@@ -28,13 +28,14 @@ from pathlib import Path
 from pipelines.config import ConfigError, Params, load_params
 
 DATA_ADDED = "lifecycle.data.added"
-# The run the event asks for: the feedback export sends its recipe and start point (feedback_loop.recipe,
-# .start_from); plain new data (`make data-add`) sends neither, and `default(none)` makes that None: the
-# flow then runs params.yaml's. Prefect renders a template that is one expression to its JSON value, so
-# the recipe arrives as a list.
+# The run the event asks for: the feedback export sends its recipe, start point and training settings
+# (feedback_loop.recipe, .start_from, .overrides); plain new data (`make data-add`) sends none, and
+# `default(none)` makes that None: the flow then runs params.yaml's. Prefect renders a template that is
+# one expression to its JSON value, so the recipe arrives as a list and the overrides as a mapping.
 EVENT_PARAMETERS = {
     "recipe": "{{ event.payload.recipe | default(none) }}",
     "start_from": "{{ event.payload.start_from | default(none) }}",
+    "overrides": "{{ event.payload.overrides | default(none) }}",
 }
 
 

@@ -41,7 +41,7 @@ from flows.control import data_hash, label_run, lifecycle_run_name, link_mlflow_
 from pipelines.common import METRICS, read_json
 from pipelines.config import ConfigError, Params, load_params
 from pipelines.dag import DEFAULT_PARAMS, check_params_file, stage_names, sync
-from pipelines.run_params import RUN_PARAMS, described, needs_run_file, overlay_values, with_overlay, write_run_params
+from pipelines.run_params import RUN_PARAMS, described, needs_run_file, overlay_values, parse_sets, with_overlay, write_run_params
 from registry.models import NoStartPoint
 from pipelines.directions import FEEDBACK_SLICE_METRIC
 from tasks.deploy import canary_release
@@ -91,14 +91,16 @@ def lifecycle(
     canary_drill: list[str] | None = None,
     recipe: list[str] | None = None,
     start_from: Literal["base", "champion"] | None = None,
+    overrides: dict[str, dict] | None = None,
 ) -> dict:
     """`canary_drill`: extra server flags for the candidate (e.g. ["--fault-error-rate", "1.0"])
-    to rehearse a rollback through the real release path. `recipe`, `start_from`: this run's
-    overlay on params.yaml's `recipe` and `model.start_from` (a feedback run's [dpo] from the
-    champion: the deployment's trigger fills them from the event); None keeps params.yaml's."""
+    to rehearse a rollback through the real release path. `recipe`, `start_from`, `overrides`:
+    this run's overlay on params.yaml's `recipe`, `model.start_from` and sections' keys (a
+    feedback run's [dpo] from the champion with its training settings: the deployment's trigger
+    fills them from the event); None keeps params.yaml's."""
     # DVC stages read ./params.yaml, so the flow reads exactly that file too: one source of truth.
     # A run overlay goes to params.run.yaml, which the stages of this run read instead.
-    overlay = overlay_values(recipe, start_from)
+    overlay = overlay_values(recipe, start_from, overrides=overrides)
     params, _ = with_overlay(overlay)  # invalid config fails here, before any work
     run_file = needs_run_file(params, overlay)
     if not run_file:
@@ -259,10 +261,13 @@ def main() -> None:
     parser.add_argument("--recipe", type=lambda text: [s.strip() for s in text.split(",") if s.strip()], metavar="STEPS",
                         help="this run's recipe instead of params.yaml's, e.g. 'dpo' or 'sft,kto' (params.yaml is not changed)")
     parser.add_argument("--start-from", choices=["base", "champion"], help="this run's model.start_from: train the first step from the champion's weights instead of the base")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", dest="sets",
+                        help="this run's value for a params key, e.g. --set dpo.max_steps=120 (repeatable; params.yaml is not changed)")
     args = parser.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:  # fail fast, before Prefect even starts its API
-        overlay = overlay_values(args.recipe, args.start_from)
+        overrides = parse_sets(args.sets) or None
+        overlay = overlay_values(args.recipe, args.start_from, overrides=overrides)
         params, _ = with_overlay(overlay)
         if not needs_run_file(params, overlay):
             check_params_file(params)
@@ -276,7 +281,7 @@ def main() -> None:
             api = temporary_api.attach()
             with temporary_api.run_settings(api):
                 summary = lifecycle(deploy=not args.no_deploy, canary_drill=shlex.split(args.canary_drill) if args.canary_drill else None,
-                                    recipe=args.recipe, start_from=args.start_from)
+                                    recipe=args.recipe, start_from=args.start_from, overrides=overrides)
     except (ConfigError, NoStartPoint) as exc:  # e.g. start_from: champion with no champion yet
         print(f"\nlifecycle not run: {exc}", file=sys.stderr)
         sys.exit(2)

@@ -98,6 +98,19 @@ class Params(Section):
         return self
 
     @model_validator(mode="after")
+    def _feedback_overrides(self) -> "Params":
+        """Each feedback-run override is checked as the step's own section would be, now: a
+        typo would otherwise surface only when a triggered run starts."""
+        for step, values in self.feedback_loop.overrides.items():
+            section = getattr(self, step)
+            try:
+                type(section).model_validate({**section.model_dump(), **values})
+            except ValidationError as exc:
+                problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: " + (f"unknown key{_suggest(str(e['loc'][-1]), type(section))}" if e["type"] == "extra_forbidden" else e["msg"]) for e in exc.errors())
+                raise ValueError(f"feedback_loop.overrides.{step}: {problems}") from None
+        return self
+
+    @model_validator(mode="after")
     def _known_metrics(self) -> "Params":
         from pipelines.directions import DIRECTIONS  # the built-in metrics' directions
 

@@ -352,7 +352,7 @@ def export(params: Params, store, announce: Callable[[dict], str] | None = None,
     decision = decide_trigger(new, now, state["runs"], cfg)
     report["new_rows"], report["trigger"] = new, {"fire": decision.fire, "reasons": decision.reasons}
     if decision.fire and announce is not None:
-        said = announce({"source": "feedback", "new_rows": new, "recipe": list(cfg.recipe), "start_from": cfg.start_from, **{k: v for k, v in result.counts().items() if k != "skipped"}})
+        said = announce({"source": "feedback", "new_rows": new, "recipe": list(cfg.recipe), "start_from": cfg.start_from, "overrides": cfg.overrides, **{k: v for k, v in result.counts().items() if k != "skipped"}})
         report["trigger"]["announced"] = said
         if said.startswith("emitted"):  # a run was asked for: the next one waits for newer feedback
             state = {"runs": [t for t in state["runs"] if now - t < DAY_S] + [now], "watermark": max(i.review.decided for i in result.used)}

@@ -13,6 +13,7 @@ start_version) writes no such file and renders dvc.yaml as before: `make pipelin
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 from typing import Any
 
@@ -28,15 +29,41 @@ HEADER = """\
 """
 
 
-def overlay_values(recipe: list[str] | None = None, start_from: str | None = None, start_version: str | None = None) -> dict[str, Any]:
-    """The flow's run parameters as params keys (None: not overridden)."""
-    values: dict[str, Any] = {}
+def overlay_values(recipe: list[str] | None = None, start_from: str | None = None, start_version: str | None = None,
+                   overrides: dict[str, dict] | None = None) -> dict[str, Any]:
+    """The flow's run parameters as params keys (None: not overridden). `overrides`: sections'
+    keys for this run, e.g. {"dpo": {"max_steps": 120}} (a feedback run's training settings)."""
+    values: dict[str, Any] = {section: dict(keys) for section, keys in (overrides or {}).items()}
     if recipe is not None:
         values["recipe"] = list(recipe)
     model = {k: v for k, v in (("start_from", start_from), ("start_version", start_version)) if v is not None}
     if model:
         values["model"] = model
     return values
+
+
+def parse_sets(sets: list[str]) -> dict[str, dict]:
+    """`--set dpo.max_steps=120 --set dpo.peft.r=16` -> {"dpo": {"max_steps": 120, "peft": {"r": 16}}};
+    values are read as YAML (numbers, booleans, lists)."""
+    out: dict[str, dict] = {}
+    for item in sets:
+        key, sep, value = item.partition("=")
+        parts = key.strip().split(".")
+        if not sep or len(parts) < 2 or not all(parts):
+            raise ConfigError(f"--set {item!r}: write SECTION.KEY=VALUE, e.g. --set dpo.max_steps=120")
+        node = out
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = read_value(value)
+    return out
+
+
+def read_value(text: str) -> Any:
+    """YAML's reading of a value, and 1e-3 a number (YAML 1.1 wants 1.0e-3)."""
+    value = yaml.safe_load(text)
+    if isinstance(value, str) and re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+", value.strip()):
+        return float(value)
+    return value
 
 
 def merged(raw: dict, values: dict) -> dict:

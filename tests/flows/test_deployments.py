@@ -370,8 +370,8 @@ def test_a_failed_gate_is_a_failed_run_naming_the_metric(project, server):
 def test_the_new_data_trigger_passes_the_events_recipe_and_start_point_to_the_flow():
     """The lifecycle deployment's trigger as Prefect builds it (its automation, validated by the
     server's own schema) and as Prefect's server renders it for an event: the feedback export's
-    payload becomes the flow's `recipe` / `start_from` parameters; plain new data (no recipe in
-    the payload) leaves both None, so params.yaml's recipe runs from the base.
+    payload becomes the flow's `recipe` / `start_from` / `overrides` parameters; plain new data
+    (no recipe in the payload) leaves them None, so params.yaml's recipe runs from the base.
     Seen red: with the trigger built without `parameters`, the feedback event rendered {} (the
     flow would have run params.yaml's [sft, dpo] from the base) and the first assert failed."""
     import asyncio
@@ -397,12 +397,13 @@ def test_the_new_data_trigger_passes_the_events_recipe_and_start_point_to_the_fl
         fired = TriggeredAction(automation=automation, triggered=now, triggering_labels={}, triggering_event=event, action=action)
         return asyncio.run(action.render_parameters(fired))
 
-    # What pipelines/feedback_export.py sends when its policy holds (feedback_loop.recipe, .start_from).
-    feedback = rendered({"source": "feedback", "new_rows": 24, "recipe": ["dpo"], "start_from": "champion", "pairs": 20, "data_hash": "abc", "file": "feedback"})
-    assert feedback == {"recipe": ["dpo"], "start_from": "champion"}
+    # What pipelines/feedback_export.py sends when its policy holds (feedback_loop.recipe, .start_from, .overrides).
+    settings = {"dpo": {"max_steps": 120, "learning_rate": 0.001, "peft": {"r": 16}}}
+    feedback = rendered({"source": "feedback", "new_rows": 24, "recipe": ["dpo"], "start_from": "champion", "overrides": settings, "pairs": 20, "data_hash": "abc", "file": "feedback"})
+    assert feedback == {"recipe": ["dpo"], "start_from": "champion", "overrides": settings}
     assert lifecycle.validate_parameters(feedback) == {"deploy": True, "canary_drill": None, **feedback}, "the flow accepts them as typed parameters"
     plain = rendered({"data_hash": "def", "file": "my-chats.json"})  # `make data-add`
-    assert plain == {"recipe": None, "start_from": None}
+    assert plain == {"recipe": None, "start_from": None, "overrides": None}
     assert lifecycle.validate_parameters(plain) == {"deploy": True, "canary_drill": None, **plain}
     with pytest.raises(Exception, match="start_from"):  # a typo in an event fails at the parameters, before the run starts
         lifecycle.validate_parameters({"start_from": "champoin"})

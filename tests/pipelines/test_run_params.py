@@ -8,7 +8,7 @@ import yaml
 
 from pipelines.config import ConfigError, load_params
 from pipelines.dag import check_params_file
-from pipelines.run_params import needs_run_file, overlay_values, with_overlay, write_run_params
+from pipelines.run_params import needs_run_file, overlay_values, parse_sets, with_overlay, write_run_params
 from tests.conftest import ROOT
 
 
@@ -37,3 +37,31 @@ def test_a_bad_overlay_fails_naming_the_key_and_where_it_came_from(tmp_path):
         with_overlay(overlay_values(["dpoo"]), ROOT / "params.yaml")
     params, _ = with_overlay({}, ROOT / "params.yaml")
     assert not needs_run_file(params, {}), "an ordinary run writes no run file"
+
+
+def test_a_runs_settings_go_over_the_steps_own_and_a_bad_one_is_named():
+    """What `--set` and a feedback event's overrides do: this run's keys over params.yaml's
+    sections, nested keys merged (the rest of the section kept), values read as YAML."""
+    sets = parse_sets(["dpo.max_steps=120", "dpo.learning_rate=1e-3", "dpo.peft.r=16"])
+    assert sets == {"dpo": {"max_steps": 120, "learning_rate": 1e-3, "peft": {"r": 16}}}
+    values = overlay_values(["dpo"], "champion", overrides=sets)
+    params, _ = with_overlay(values, ROOT / "params.yaml")
+    own = load_params(ROOT / "params.yaml").dpo
+    assert (params.dpo.max_steps, params.dpo.learning_rate, params.dpo.peft.r) == (120, 1e-3, 16)
+    assert params.dpo.peft.alpha == own.peft.alpha and params.dpo.beta == own.beta, "only the keys given change"
+    with pytest.raises(ConfigError, match=r"dpo\.max_step: unknown key \(did you mean 'max_steps'\?\)"):
+        with_overlay(overlay_values(overrides=parse_sets(["dpo.max_step=3"])), ROOT / "params.yaml")
+    with pytest.raises(ConfigError, match="SECTION.KEY=VALUE"):
+        parse_sets(["max_steps=3"])
+
+
+def test_feedback_overrides_are_checked_when_params_load_not_when_a_run_starts(tmp_path):
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["feedback_loop"]["overrides"] = {"dpo": {"learning_rat": 0.01}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match=r"feedback_loop.overrides.dpo: learning_rat: unknown key \(did you mean 'learning_rate'\?\)"):
+        load_params(tmp_path / "params.yaml")
+    raw["feedback_loop"]["overrides"] = {"kto": {"max_steps": 3}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match=r"overrides for \['kto'\], which the feedback recipe \['dpo'\] does not run"):
+        load_params(tmp_path / "params.yaml")
