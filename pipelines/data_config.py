@@ -171,9 +171,9 @@ class FeedbackLoopParams(Section):
     recipe: list[str] = Field(default_factory=lambda: ["dpo"], description="The recipe of the runs the export starts, sent in the event's payload: the lifecycle deployment runs it instead of params.yaml's `recipe` (a run overlay, params.run.yaml; params.yaml is left as it is).")
     start_from: Literal["base", "champion"] = Field("champion", description="What the runs the export starts train from (model.start_from for that run): the champion, whose answers the feedback is about, or the base.")
     overrides: dict[str, dict[str, Any]] = Field(
-        default_factory=lambda: {"dpo": {"max_steps": 120, "learning_rate": 0.001}},
+        default_factory=lambda: {"dpo": {"max_steps": 160, "learning_rate": 0.0005}},
         description="Training settings of the runs the export starts, by recipe step, over params.yaml's section for that step (sent in the event with the recipe: a run overlay, params.yaml is left as it is). "
-        "A few dozen corrections taught to the champion need more steps at a higher rate than polishing an SFT model: measured on the embedded default, [dpo] at params.yaml's 30-60 steps and 3e-4 left every held-out correction less likely than the served answer; 120 steps at 1e-3 made 13 of 19 likelier. {}: the steps' own settings.",
+        "A few dozen corrections taught to the champion need more steps at a higher rate than polishing an SFT model, and not too high a rate: measured on the embedded default (a phrasing the champion got wrong, ~60 corrections), [dpo] at its own 30 steps and 3e-4 made 1 of 14 held-out corrections likelier than the served answer; 160 steps at 5e-4 made 13-14 of 14, refusals intact; 120 at 1e-3 made 13 of 14 but, in one data order, cut held-out jailbreak refusals from 1.0 to 0.75 (the gate blocked it). {}: the steps' own settings.",
     )
     state_file: str = Field(".serving/feedback_loop.json", description="Where the export remembers the runs it started and the last decision time they covered (not data; not in DVC).")
 

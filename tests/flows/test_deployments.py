@@ -13,23 +13,20 @@ saying why; a failed gate is a failed run whose state message names the metric.
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import os
 import re
 import shutil
 import subprocess
 import sys
-import time
-from contextlib import contextmanager
 from pathlib import Path
 
-import httpx
 import pytest
 import yaml
 
-from benchmarks.workspace import ROOT, copy_project, flow_env
-from flows.patience import Patience, stretched
+from benchmarks.workspace import ROOT, copy_project
+from flows.patience import stretched
+from tests.flows.prefect_server import env_of, prefect, prefect_server, runs_of, serve_flows, triggered, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -60,67 +57,11 @@ def write_params(project: Path, **sections) -> None:
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def stop(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """A real Prefect server: UI and API on a free loopback port, SQLite in its own home."""
-    home = tmp_path_factory.mktemp("prefect-home")
-    port = free_port()
-    env = {
-        **os.environ,
-        "PREFECT_HOME": str(home),
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PREFECT_UI_API_URL": f"http://127.0.0.1:{port}/api",  # the UI's pages call this port, not the default 4200
-        "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "5",  # the cron's runs appear within seconds
-        "PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS": "5",  # a queued run looks again every 5 s
-    }
-    env.pop("PREFECT_API_URL", None)
-    log = open(home / "server.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    patience = Patience(90)  # ~10 s on an idle machine, a new database included
-    while not patience.expired():
-        assert proc.poll() is None, (home / "server.log").read_text()[-3000:]
-        with contextlib.suppress(httpx.HTTPError):  # not listening yet
-            if httpx.get(f"{url}/api/health", timeout=2).status_code == 200:
-                break
-        time.sleep(1)
-    else:
-        stop(proc)
-        pytest.fail(f"prefect server did not answer in {patience}:\n" + (home / "server.log").read_text()[-3000:])
-    yield url
-    stop(proc)
-    log.close()
-
-
-@contextmanager
-def prefect(url: str):
-    """A sync Prefect client on the test server."""
-    from prefect import get_client
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    with temporary_settings({PREFECT_API_URL: f"{url}/api"}), get_client(sync_client=True) as c:
-        yield c
-
-
-def env_of(project: Path, url: str) -> dict[str, str]:
-    return {**flow_env(project), "PREFECT_API_URL": f"{url}/api", "PREFECT_RUNNER_POLL_FREQUENCY": "2", "MLFLOW_UI_URL": "http://127.0.0.1:5999"}
+    with prefect_server(tmp_path_factory.mktemp("prefect-home")) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -133,46 +74,8 @@ def project(tmp_path_factory, server):
 @pytest.fixture(scope="module")
 def served(project, server):
     """`make serve-flows`'s command, in the project, against the server; its deployments."""
-    log = open(project / "serve-flows.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "flows.deployments", "serve"], cwd=project, env=env_of(project, server), stdout=log, stderr=subprocess.STDOUT)
-    wanted = {"llm-lifecycle/lifecycle", "llm-release/release", "llm-rollback/rollback", "online-quality/online-quality", "drift/drift"}
-    patience = Patience(120)
-    found: dict = {}
-    while not patience.expired() and set(found) != wanted:
-        assert proc.poll() is None, (project / "serve-flows.log").read_text()[-3000:]
-        with prefect(server) as c:
-            flows = {f.id: f.name for f in c.read_flows()}
-            found = {f"{flows[d.flow_id]}/{d.name}": d for d in c.read_deployments() if d.flow_id in flows}
-        time.sleep(1)
-    assert set(found) == wanted, (project / "serve-flows.log").read_text()[-3000:]
-    yield found
-    stop(proc)
-    log.close()
-
-
-def runs_of(url: str, deployment_id) -> list:
-    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
-    from prefect.client.schemas.sorting import FlowRunSort
-
-    with prefect(url) as c:
-        return c.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id])), sort=FlowRunSort.START_TIME_ASC)
-
-
-def triggered(url: str, deployment) -> list:
-    """The deployment's runs that an event (not the cron) created."""
-    return [r for r in runs_of(url, deployment.id) if not r.auto_scheduled]
-
-
-def wait_for(what: str, check, timeout: float, log: Path | None = None):
-    """Poll `check` until it returns something; `timeout` is an idle machine's seconds,
-    stretched by the load (flows/patience.py)."""
-    patience = Patience(timeout)
-    while not patience.expired():
-        got = check()
-        if got:
-            return got
-        time.sleep(2)
-    pytest.fail(f"timed out waiting for {what} after {patience}" + (f"\n{log.read_text()[-4000:]}" if log and log.exists() else ""))
+    with serve_flows(project, server) as found:
+        yield found
 
 
 def data_add(project: Path, url: str, file: Path) -> subprocess.CompletedProcess:

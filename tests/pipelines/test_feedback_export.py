@@ -266,7 +266,7 @@ def test_the_export_announces_a_run_when_the_policy_holds_and_not_again_without_
     first = fe.export(cfg, store, lambda payload: said.append(payload) or "emitted lifecycle.data.added (data abc)", now=NOW)
     assert first["trigger"]["fire"] and first["new_rows"] == 6 and len(said) == 1
     assert said[0]["recipe"] == ["dpo"] and said[0]["start_from"] == "champion" and said[0]["pairs"] == 6 and said[0]["source"] == "feedback"
-    assert said[0]["overrides"] == cfg.feedback_loop.overrides == {"dpo": {"max_steps": 120, "learning_rate": 0.001}}, "the run's training settings travel with it"
+    assert said[0]["overrides"] == cfg.feedback_loop.overrides == {"dpo": {"max_steps": 160, "learning_rate": 0.0005}}, "the run's training settings travel with it"
     again = fe.export(cfg, store, lambda payload: said.append(payload) or "emitted", now=NOW + 60)
     assert not again["trigger"]["fire"] and len(said) == 1 and again["new_rows"] == 0
     assert any("min_new_rows" in r for r in again["trigger"]["reasons"]) and any(r.startswith("cooldown") for r in again["trigger"]["reasons"])
