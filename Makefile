@@ -20,7 +20,7 @@ MLFLOW_UI_PORT ?= 5000
 MLFLOW_SERVER = $(filter http://% https://%,$(MLFLOW_TRACKING_URI))
 MLFLOW_UI = $(VENV)/bin/mlflow ui --backend-store-uri $(MLFLOW_TRACKING_URI) --host 127.0.0.1 --port $(MLFLOW_UI_PORT)
 
-.PHONY: setup pipeline test test-fast bench serve monitor quality drift review feedback-export status lineage reproduce rollback ui ui-prefect ui-mlflow serve-flows schedule dvc-repro data-add sweep clean clean-all
+.PHONY: setup pipeline test test-fast bench serve monitor quality drift review feedback-demo feedback-export status lineage reproduce rollback ui ui-prefect ui-mlflow serve-flows schedule dvc-repro data-add sweep clean clean-all
 
 setup: $(STAMP) .prefect/prefect.db
 
@@ -105,6 +105,9 @@ drift: setup  ## drift now: the recorded prompts vs the training prompts and the
 
 review: setup  ## review users' feedback now: a batch paused for your decision in the Prefect UI of `make ui` (flows/review.py)
 	PREFECT_API_URL=$${PREFECT_API_URL:-http://127.0.0.1:$(PREFECT_UI_PORT)/api} $(PY) -m flows.review
+
+feedback-demo: setup  ## the feedback loop on the embedded default, played by scripted users against `make serve`, `make ui` and `make serve-flows`: ask in a phrasing the champion gets wrong, correct, review, export, the triggered run released, right before -> after (flows/feedback_demo.py; ARGS='--reviewer NAME' accepts the review for you)
+	PREFECT_API_URL=$${PREFECT_API_URL:-http://127.0.0.1:$(PREFECT_UI_PORT)/api} $(PY) -m flows.feedback_demo $(ARGS)
 
 feedback-export: setup  ## accepted feedback -> data/feedback/{train,test}/*.jsonl (pairs, KTO, SFT rows with provenance); starts a lifecycle run when feedback_loop's policy holds (STORE=url for another record)
 	PREFECT_API_URL=$${PREFECT_API_URL:-http://127.0.0.1:$(PREFECT_UI_PORT)/api} $(PY) -m pipelines.feedback_export $(if $(STORE),--store "$(STORE)")

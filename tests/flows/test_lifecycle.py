@@ -420,151 +420,107 @@ def test_a_feedback_run_whose_candidate_does_not_improve_the_slice_is_blocked_an
             (project / f"data/feedback/{split}/preference.jsonl").unlink(missing_ok=True)
 
 
-# A phrasing users type that the generated data never uses: the champion reverses "Reverse the
-# list:" prompts (40/40) but gets most of these wrong (12/40 right when measured).
-GAP = "Please reverse {}"
 USER_KEY = "sk-user-loop-0123456789abcdef"
 
 
-def make(project: Path, url: str, target: str, **kw) -> subprocess.Popen:
+def make(project: Path, url: str, target: str, *args: str, **env: str) -> subprocess.Popen:
     """`make TARGET` in the project as a user runs it (setup skipped: the test's venv is the
     project's), against the test's Prefect server; its own process group, so a SIGINT stops it."""
     log = open(project / f"make-{target}.log", "w")
-    return subprocess.Popen(["make", "-o", "setup", f"PY={sys.executable}", target], cwd=project, env=env_of(project, url), stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True, text=True, **kw)
+    return subprocess.Popen(["make", "-o", "setup", f"PY={sys.executable}", target, *args], cwd=project, env={**env_of(project, url), **env},
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True, text=True)
 
 
-def ask(gateway: str, prompts: list[str]) -> list[dict]:
-    """Users asking (8 at a time, their own key): each answer with its completion id and the version that gave it."""
-    from concurrent.futures import ThreadPoolExecutor
-
+def healthy(url: str) -> bool:
     import httpx
 
-    def one(prompt: str) -> dict:
-        r = httpx.post(f"{gateway}/v1/chat/completions", headers={"authorization": f"Bearer {USER_KEY}"}, timeout=120,
-                       json={"model": "reverse-digits", "messages": [{"role": "user", "content": prompt}], "max_tokens": 16, "temperature": 0})
-        assert r.status_code == 200, r.text
-        body = r.json()
-        return {"prompt": prompt, "id": body["id"], "answer": body["choices"][0]["message"]["content"].split("\n")[0].strip(), "version": r.headers["x-gateway-version"]}
-
-    with ThreadPoolExecutor(8) as pool:
-        return list(pool.map(one, prompts))
+    try:
+        return httpx.get(f"{url}/health", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
 
 
 def test_the_loop_corrections_on_served_answers_become_a_better_champion_in_the_running_plane(project, tmp_path_factory):
-    """The feedback loop end to end, each step the command a user runs: `make serve` serves the
-    champion; users ask in a phrasing the training data never used and correct the wrong answers
-    through POST /v1/feedback (thumbs up on the right ones); `make review` pauses for a person, who
-    accepts them in the paused run's form (as the Prefect UI's Resume does); `make feedback-export`
-    makes preference pairs traced to their completions and, its policy holding, emits the event;
-    the lifecycle deployment (`make serve-flows` on a real Prefect server) is triggered with the
+    """The feedback loop end to end, as a user runs it: `make serve` serves the champion, a real
+    Prefect server runs `make serve-flows`' deployments, and `make feedback-demo` plays the rest
+    with the project's own commands: users (their own key) ask in a phrasing the training data
+    never used ("Please reverse 1 2 3") and correct the wrong answers through POST /v1/feedback
+    (thumbs up on the right ones); `make review`'s run pauses and is resumed with the form's input
+    (as the Prefect UI's Resume does); `make feedback-export` makes preference pairs and, its
+    policy holding, emits the event; the lifecycle deployment's trigger starts a run with the
     event's recipe [dpo], start point (the champion) and training settings; the candidate beats
     the champion on the held-out corrections (paired, superiority), keeps the standard suite, and
-    is released into the running plane, which then answers users with it, and answers the gap's
-    phrasing right more often. `lifecycle lineage` names the feedback, the corrected version and
-    the review decisions, and the version it trained from.
-    Seen red: with the export sending no overrides, the run's parameters had none (the first
-    assert on them failed); with that assert also removed, the run trained at dpo's own 30 steps
-    and 3e-4, its candidate was not shown better on the slice (1 better, 0 worse of 14, interval
+    is released into the running plane, which then answers with it and gets more of the prompts
+    nobody corrected right. Each pair is traced to its completion in the record, and `lifecycle
+    lineage` names the feedback, the corrected version, the review decisions and the version the
+    run trained from.
+    Seen red: with the export sending no overrides, the run's parameters had none (the assert on
+    them failed); with that assert also removed, the run trained at dpo's own 30 steps and 3e-4,
+    its candidate was not shown better on the slice (1 better, 0 worse of 14, interval
     [-0.16, +0.31]), the gate blocked it and the triggered run ended Failed."""
-    import random
-
-    import httpx
-    from prefect import resume_flow_run
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType
-    from prefect.client.schemas.objects import StateType
+    import re
 
     from serving.launcher import free_port
+    from serving.record import open_store
     from tests.flows.prefect_server import prefect, prefect_server, serve_flows, triggered, wait_for
 
     home = tmp_path_factory.mktemp("loop")
     (home / "keys.yaml").write_text(f'tiers:\n  gold: {{priority: 1, rpm: 100000, tpm: 100000000}}\nkeys:\n  "{USER_KEY}": gold\n')
     port = free_port()
     far = (datetime.datetime.now(datetime.UTC).hour + 12) % 24  # the cron served, never due during the test
-    write_params(project, serve={"port": port, "keys_file": str(home / "keys.yaml")}, review={"batch_size": 500, "poll_interval_s": 1},
+    write_params(project, serve={"port": port, "keys_file": str(home / "keys.yaml")}, review={"poll_interval_s": 1},
                  orchestration={"cron": f"0 {far} * * *", "timezone": "UTC"}, monitor={"quality_cron": "0 0 1 1 *", "drift_cron": "0 0 1 1 *"})
     params_before, dag_before = (project / "params.yaml").read_bytes(), (project / "dvc.yaml").read_text()
     champion = alias_version(project, "champion")
-    gateway = f"http://127.0.0.1:{port}"
-    rng = random.Random(23)
-    digits = lambda: [str(rng.randrange(10)) for _ in range(rng.choice((3, 4, 5)))]  # noqa: E731
-    asked = [digits() for _ in range(110)]
-    probe = [digits() for _ in range(40)]  # never corrected: asked before and after the release
 
     with prefect_server(home) as url, serve_flows(project, url) as deployments:
         serve = make(project, url, "serve")
         try:
             def serving() -> bool:
                 assert serve.poll() is None, (project / "make-serve.log").read_text()[-3000:]
-                return healthy(gateway)
+                return healthy(f"http://127.0.0.1:{port}")
 
             wait_for("`make serve` to answer", serving, 300)
-            before = ask(gateway, [GAP.format(" ".join(d)) for d in probe])
-            answers = ask(gateway, [GAP.format(" ".join(d)) for d in asked])
-            assert {a["version"] for a in answers + before} == {champion}
-            truth = {GAP.format(" ".join(d)): " ".join(reversed(d)) for d in asked + probe}
-            wrong = [a for a in answers if a["answer"] != truth[a["prompt"]]]
-            assert len(wrong) >= 50, f"the champion must get this phrasing wrong to be corrected: {len(wrong)} of {len(answers)}"
-            for a in answers:  # a correction (and thumbs down) on each wrong answer, a thumbs up on each right one
-                body = {"completion_id": a["id"], "rating": -1, "correction": truth[a["prompt"]], "reason": "not reversed"} if a in wrong else {"completion_id": a["id"], "rating": 1}
-                r = httpx.post(f"{gateway}/v1/feedback", json=body, headers={"authorization": f"Bearer {USER_KEY}"}, timeout=30)
-                assert r.status_code in (200, 201), r.text
-
-            review = make(project, url, "review")
-            paused = FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.PAUSED])))
-
-            def paused_review():
-                assert review.poll() is None, (project / "make-review.log").read_text()[-3000:]
-                with prefect(url) as c:
-                    return c.read_flow_runs(flow_run_filter=paused)
-
-            (run,) = wait_for("the review to pause for a person", paused_review, 180)
-            with prefect(url):
-                resume_flow_run(run.id, run_input={"reviewer": "Ann Reviewer", "all_items": "accept", "items": []})
-            assert review.wait(180) == 0, (project / "make-review.log").read_text()[-3000:]
-            counts = json.loads((project / "make-review.log").read_text().strip().splitlines()[-1])
-            assert counts["accepted"] == counts["batch"] == len(answers), counts
-
-            export = make(project, url, "feedback-export")
-            assert export.wait(300) == 0, (project / "make-feedback-export.log").read_text()[-3000:]
-            exported = (project / "make-feedback-export.log").read_text()
-            assert "emitted lifecycle.data.added" in exported, exported[-3000:]
-            rows = lambda split: [json.loads(line) for line in (project / f"data/feedback/{split}/preference.jsonl").read_text().splitlines()]  # noqa: E731
-            trained_on, held = rows("train"), rows("test")
-            pairs = trained_on + held
-            assert len(pairs) == len(wrong) and {p["completion_id"] for p in pairs} == {a["id"] for a in wrong}, "one pair per correction, traced to its completion"
-            assert all(p["version"] == champion and p["decision"] == "accepted" and p["reviewer"] == "Ann Reviewer" for p in pairs)
-            assert held and trained_on
-
-            lifecycle = deployments["llm-lifecycle/lifecycle"]
-            (started,) = wait_for("the event to trigger a lifecycle run", lambda: triggered(url, lifecycle), 120, project / "serve-flows.log")
-            assert started.parameters["recipe"] == ["dpo"] and started.parameters["start_from"] == "champion"
-            assert started.parameters["overrides"] == {"dpo": {"max_steps": 160, "learning_rate": 0.0005}}
-
-            def finished():
-                with prefect(url) as c:
-                    r = c.read_flow_run(started.id)
-                return r.state.is_final() and r
-
-            done = wait_for("the triggered run to finish", finished, 1500, project / "serve-flows.log")
-            log = (project / "serve-flows.log").read_text()
-            assert done.state.is_completed(), (done.state, log[-8000:])
-            slice_line = next(line.strip() for line in log.splitlines() if "feedback_slice/preference_accuracy: candidate" in line)
-            assert "better than the champion on the feedback slice: ok" in slice_line and f"of {len(held)} held-out feedback items" in slice_line, slice_line
-            low = float(slice_line.split("[")[1].split(",")[0])
-            assert low > 0, f"the slice's interval is above 0: {slice_line}"
-
-            new = alias_version(project, "champion")
-            assert new != champion and int(new) > int(champion), "the candidate was promoted"
-            after = ask(gateway, [GAP.format(" ".join(d)) for d in probe])
-            assert {a["version"] for a in after} == {new}, "the running plane answers users with the new champion, no restart"
-            right = lambda batch: sum(a["answer"] == truth[a["prompt"]] for a in batch)  # noqa: E731
-            gain = f"prompts nobody corrected, in the gap's phrasing: {right(before)} -> {right(after)} of {len(probe)} right"
-            assert right(after) > right(before), gain
-            print(f"{gain}; {len(wrong)} of {len(answers)} answers corrected; {slice_line}")
+            demo = make(project, url, "feedback-demo", "ARGS=--reviewer 'Ann Reviewer'", GATEWAY_API_KEY=USER_KEY)
+            demo.wait(1800)
+            out = (project / "make-feedback-demo.log").read_text()
+            assert demo.returncode == 0, out[-4000:] + (project / "serve-flows.log").read_text()[-6000:]
         finally:
             os.killpg(serve.pid, signal.SIGINT)
             serve.wait(120)
+        (started,) = triggered(url, deployments["llm-lifecycle/lifecycle"])
+        with prefect(url) as c:
+            done = c.read_flow_run(started.id)
+    assert done.state.is_completed() and done.parameters["recipe"] == ["dpo"] and done.parameters["start_from"] == "champion"
+    assert done.parameters["overrides"] == {"dpo": {"max_steps": 160, "learning_rate": 0.0005}}, "the event's training settings"
+
+    wrong, asked = map(int, re.search(r"users: (\d+) of (\d+) answers wrong", out).groups())
+    assert wrong >= 50, f"the champion must get this phrasing wrong to be corrected: {wrong} of {asked}"
+    counts = json.loads(re.search(r"review: (\{.*\})", out).group(1))
+    assert counts["accepted"] == counts["batch"] == asked, counts
+    # Every pair traced to its completion: the answer the champion served to that prompt, and the right one.
+    rows = lambda split: [json.loads(line) for line in (project / f"data/feedback/{split}/preference.jsonl").read_text().splitlines()]  # noqa: E731
+    trained_on, held = rows("train"), rows("test")
+    assert len(trained_on) + len(held) == wrong and trained_on and held
+    with open_store(str(project / ".serving/plane/record.sqlite3")) as store:
+        served = {r.id: r for r in store.iter_rows()}
+    for pair in trained_on + held:
+        row = served[pair["completion_id"]]
+        prompt = pair["prompt"][-1]["content"]
+        assert json.loads(row.prompt)[-1]["content"] == prompt and pair["version"] == row.version == champion and row.tier == "gold"
+        assert pair["rejected"][-1]["content"] == row.answer, "rejected: the answer that was served"
+        assert pair["chosen"][-1]["content"] == " ".join(reversed(prompt.removeprefix("Please reverse ").split()))
+        assert pair["decision"] == "accepted" and pair["reviewer"] == "Ann Reviewer"
+
+    log = (project / "serve-flows.log").read_text()
+    slice_line = next(line.strip() for line in log.splitlines() if "feedback_slice/preference_accuracy: candidate" in line)
+    assert "better than the champion on the feedback slice: ok" in slice_line and f"of {len(held)} held-out feedback items" in slice_line, slice_line
+    assert float(slice_line.split("[")[1].split(",")[0]) > 0, f"the slice's interval is above 0: {slice_line}"
+    new = alias_version(project, "champion")
+    assert new != champion and int(new) > int(champion), "the candidate was promoted"
+    now, then = map(int, re.search(r"uncorrected prompts: (\d+) of \d+ right from version " + new + r" \(was (\d+) from version " + champion + r"\)", out).groups())
+    assert now > then, out[-2000:]
+    print(f"uncorrected prompts in the gap's phrasing: {then} -> {now} right; {wrong} of {asked} answers corrected; {slice_line}")
 
     # What the new version was made from: the champion's trainable weights, then DPO on the corrections.
     from safetensors.torch import load_file
@@ -577,27 +533,18 @@ def test_the_loop_corrections_on_served_answers_become_a_better_champion_in_the_
     assert all(start[k].equal(t) for k, t in weights(kept).items()), "DPO started from the champion's trainable weights"
     assert any(not start[k].equal(trained[k]) for k in start), "and changed them"
     assert json.loads((project / "metrics/dpo.json").read_text())["steps"] == 160, "with the feedback run's settings"
-    version = registry(project).get_model_version("reverse-digits", new)
-    tags = version.tags
+    tags = registry(project).get_model_version("reverse-digits", new).tags
     assert tags["lineage.start_from"] == "champion" and tags["lineage.start_version"] == champion and tags["recipe"] == "dpo"
-    train_rows = sum(len(f.read_text().splitlines()) for f in (project / "data/feedback/train").glob("*.jsonl"))  # the pairs and the ratings' KTO rows
-    assert tags["lineage.feedback.versions"] == f"{champion}:{train_rows}" and tags["lineage.feedback.decisions"] == f"accepted:{train_rows}"
+    count = lambda split: sum(len(f.read_text().splitlines()) for f in (project / f"data/feedback/{split}").glob("*.jsonl"))  # noqa: E731  (pairs and the ratings' KTO rows)
+    assert tags["lineage.feedback.versions"] == f"{champion}:{count('train')}" and tags["lineage.feedback.decisions"] == f"accepted:{count('train')}"
     lineage = subprocess.run([sys.executable, "-m", "registry.cli", "lineage", new, "--out", str(project.parent / "lineage.png")], cwd=project, env=flow_env(project), capture_output=True, text=True)
     assert lineage.returncode == 0, lineage.stderr
     text = lineage.stdout
     assert f"trained from version {champion}" in text and "start_model" in text
-    assert f"feedback trained on: source feedback, {train_rows} rows (kto:{train_rows - len(trained_on)},preference:{len(trained_on)})" in text and f"feedback gated on (held out): source feedback_test, {sum(len(f.read_text().splitlines()) for f in (project / 'data/feedback/test').glob('*.jsonl'))} rows" in text, text
+    assert f"feedback trained on: source feedback, {count('train')} rows (kto:{count('train') - len(trained_on)},preference:{len(trained_on)})" in text, text
+    assert f"feedback gated on (held out): source feedback_test, {count('test')} rows" in text, text
     assert f"answers of model versions {champion}:" in text and "review decisions accepted:" in text, text
     # The run's overlay was its own: the user's params.yaml and the DAG it renders are as they were.
     assert (project / "params.yaml").read_bytes() == params_before
     assert (project / "dvc.yaml").read_text() == dag_before
     assert_user_file_intact(project)
-
-
-def healthy(url: str) -> bool:
-    import httpx
-
-    try:
-        return httpx.get(f"{url}/health", timeout=2).status_code == 200
-    except httpx.HTTPError:
-        return False
