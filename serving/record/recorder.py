@@ -62,7 +62,7 @@ class Recorder:
     def __init__(
         self, store: str | Path | Callable[[], Store], *, buffer_rows: int = 10_000, batch_rows: int = 256, flush_interval_s: float = 0.5,
         retention_days: float | None = 30, purge_interval_s: float = 3600, opt_out_keys: frozenset[str] | set[str] = frozenset(),
-        opt_out_tiers: frozenset[str] | set[str] = frozenset(),
+        opt_out_tiers: frozenset[str] | set[str] = frozenset(), redactor_nice: int = 0,
     ) -> None:
         self.open_store = store if callable(store) else (lambda: open_store(store))
         self.where = getattr(store, "__name__", str(store)) if callable(store) else redact_url(str(store))
@@ -95,7 +95,7 @@ class Recorder:
         self._writer = RowWriter(self.open_store, self.where)  # the thread's own connection: purges, and rows the redactor did not write
         # The writer thread's; restarted after a failure. It owns the store's connection unless
         # the store is a callable (which cannot be sent to another process).
-        self._redactor = Redactor(None if callable(store) else str(store))
+        self._redactor = Redactor(None if callable(store) else str(store), nice=redactor_nice)
         self._redactor_retry = 0.0  # monotonic time before which a failed redactor is not restarted
         self._start_error: BaseException | None = None
 
@@ -107,7 +107,7 @@ class Recorder:
         return cls(
             record.store_url() or Path(state_dir) / STORE_FILE, buffer_rows=record.buffer_rows, batch_rows=record.batch_rows,
             flush_interval_s=record.flush_interval_s, retention_days=record.retention_days, purge_interval_s=record.purge_interval_s,
-            opt_out_keys=set(record.opt_out_keys), opt_out_tiers=set(record.opt_out_tiers),
+            opt_out_keys=set(record.opt_out_keys), opt_out_tiers=set(record.opt_out_tiers), redactor_nice=record.redactor_nice,
         )
 
     def register(self, registry: CollectorRegistry) -> None:

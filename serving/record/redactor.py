@@ -8,7 +8,9 @@ On a busy machine every hand-over of the GIL can cost the loop a scheduler slice
 clients the record cost the gateway a fifth of its throughput (benchmarks/record.py). The
 SQLite insert came next (~25 us of CPU a row, a GIL hand-over per row as each step released
 it), so the process owns the store's connection too: the writer thread only pickles a batch
-down a pipe and waits, the GIL released, for how many rows were written.
+down a pipe and waits, the GIL released, for how many rows were written. It runs niced
+(record.redactor_nice): on a machine the gateway and its engines keep busy, its CPU would
+otherwise come out of theirs (at 32 clients on two cores, ~3 % of throughput and p50).
 
 The writer thread (`serving.record.recorder`) calls `Redactor.handle(batch)`. A redactor that
 cannot be started, dies or answers nonsense is replaced at the next batch; the batch in hand is
@@ -40,7 +42,7 @@ START_TIMEOUT_S = 60  # the child imports the redaction (and libphonenumber's me
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 READY = "ready"
 # Not `-m serving.record.redactor`: the package imports this module before runpy would run it.
-CHILD = "import sys; from serving.record.redactor import serve; serve(int(sys.argv[1]), int(sys.argv[2]))"
+CHILD = "import sys; from serving.record.redactor import serve; serve(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]))"
 ROWS, STORED = "rows", "stored"  # what a batch's answer holds: the rows, or what became of them in the store
 
 
@@ -59,10 +61,12 @@ def rows_of(batch: list[Pending]) -> list[Row | str]:
 class Redactor:
     """The redactor process, seen from the writer thread (one thread uses it). `store`: where
     the process writes the rows itself (a path or URL, sent down the pipe, never in its argv: a
-    PostgreSQL URL may hold a password); None: it answers with the rows."""
+    PostgreSQL URL may hold a password); None: it answers with the rows. `nice`: the process's
+    scheduling niceness (record.redactor_nice): on a busy machine it yields the CPU to the
+    gateway and the engines, and catches up when they leave it some; the buffer absorbs the lag."""
 
-    def __init__(self, store: str | None = None) -> None:
-        self.store = store
+    def __init__(self, store: str | None = None, nice: int = 0) -> None:
+        self.store, self.nice = store, nice
         self.process: subprocess.Popen | None = None
         self.inbox: Connection | None = None  # what the process answers
         self.outbox: Connection | None = None  # what it is sent
@@ -77,7 +81,7 @@ class Redactor:
         try:
             env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")]))}
             self.process = subprocess.Popen(
-                [sys.executable, "-c", CHILD, str(theirs_r), str(theirs_w)],
+                [sys.executable, "-c", CHILD, str(theirs_r), str(theirs_w), str(self.nice)],
                 pass_fds=(theirs_r, theirs_w), stdin=subprocess.DEVNULL, env=env, cwd=PROJECT_ROOT,
             )
         except OSError as exc:
@@ -147,10 +151,12 @@ class Redactor:
             self.process = None
 
 
-def serve(read_fd: int, write_fd: int) -> None:
+def serve(read_fd: int, write_fd: int, nice: int = 0) -> None:
     """The process: its store (or None) first, then batches of wired completions in, their
     rows or what the store made of them out (`Redactor.handle`), until EOF."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if nice:
+        os.nice(nice)
     inbox, outbox = Connection(read_fd, writable=False), Connection(write_fd, readable=False)
     try:
         store: str | None = inbox.recv()

@@ -24,9 +24,9 @@ def submit(recorder: Recorder, i: int) -> str:
 
 
 @contextmanager
-def started(path):
+def started(path, **kw):
     """A started Recorder on `path` that flushes every 50 ms, closed on the way out."""
-    recorder = Recorder(path, flush_interval_s=0.05)
+    recorder = Recorder(path, flush_interval_s=0.05, **kw)
     recorder.start()
     try:
         yield recorder
@@ -138,3 +138,23 @@ def test_a_batch_written_twice_is_counted_once(tmp_path):
     assert (written, dropped) == (6, 0) and len(warnings) == 1, warnings
     assert open_store(path).count() == 6
     writer.close()
+
+
+def test_the_redactor_yields_the_cpu_to_serving_at_the_niceness_params_give_it(tmp_path):
+    """record.redactor_nice (default 10): the redactor process runs below the gateway's priority,
+    and still writes every row. Seen red: with serve() ignoring its niceness, the process ran at
+    the gateway's own (0 where 10 was asserted)."""
+    import psutil
+
+    from pipelines.config import load_params
+    from tests.conftest import ROOT
+
+    nice = load_params(ROOT / "params.yaml").record.redactor_nice
+    assert nice == 10
+    path = tmp_path / "record.sqlite3"
+    with started(path, redactor_nice=nice) as recorder:
+        ids = [submit(recorder, i) for i in range(10)]
+        assert recorder.flush()
+        process = psutil.Process(recorder._redactor.process.pid)
+        assert process.nice() == psutil.Process().nice() + nice
+    stored_clean(path, ids)
