@@ -67,7 +67,7 @@ class RecordParams(Section):
     buffer_rows: int = Field(10_000, ge=1, description="Completions the buffer between the requests and the store holds; when full, further rows are dropped (gateway_record_dropped_total), never requests.")
     batch_rows: int = Field(256, ge=1, description="Most rows written to the store in one transaction.")
     flush_interval_s: float = Field(0.5, gt=0, description="Longest a row waits in the buffer for its batch to fill.")
-    redactor_nice: int = Field(10, ge=0, le=19, description="Scheduling niceness of the record's redactor process (parsing, redaction, the store's inserts): on a busy machine it yields the CPU to the gateway and the engines and catches up when they leave some; the buffer absorbs the lag (buffer_rows; full: rows dropped and counted, never requests). Measured (benchmarks/record.py, 32 clients, 2 cores): engine-answered requests cost +3.1 % throughput and +4.6 % p50 at 0, -0.9 % and +0.5 % at 10, nothing dropped either way. 0: the gateway's own priority.")
+    redactor_nice: int = Field(10, ge=0, le=19, description="Scheduling niceness of the record's redactor process (parsing, redaction, the store's inserts): on a busy machine it yields the CPU to the gateway and the engines and catches up when they leave some; the buffer absorbs the lag (buffer_rows; full: rows dropped and counted, never requests). Measured (benchmarks/record.py, 32 clients, 2 cores, two quiet runs each): engine-answered requests cost +2.8/+3.1 % throughput and +3.1/+4.6 % p50 at 0, -0.9/+2.1 % and +0.5/+4.7 % at 10 (within the runs' spread), nothing dropped either way. 0: the gateway's own priority.")
 
     @field_validator("opt_out_keys")
     @classmethod
