@@ -106,7 +106,7 @@ class Params(Section):
             try:
                 type(section).model_validate({**section.model_dump(), **values})
             except ValidationError as exc:
-                problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: " + (f"unknown key{_suggest(str(e['loc'][-1]), type(section))}" if e["type"] == "extra_forbidden" else e["msg"]) for e in exc.errors())
+                problems = "; ".join(error_text(e, type(section)) for e in exc.errors())
                 raise ValueError(f"feedback_loop.overrides.{step}: {problems}") from None
         return self
 
@@ -171,14 +171,18 @@ def _model_at(loc: tuple) -> type[BaseModel] | None:
     return model
 
 
+def error_text(e: dict, model: type[BaseModel] | None) -> str:
+    """One validation error as 'key: what is wrong', an unknown key with the nearest known one of
+    `model` (the model the error's last key belongs to)."""
+    key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+    if e["type"] == "extra_forbidden":
+        return f"{key}: unknown key{_suggest(str(e['loc'][-1]), model)}"
+    return f"{key}: {e['msg']} (got {e.get('input')!r})"
+
+
 def format_errors(err: ValidationError, source: str) -> str:
     lines = [f"{source} is invalid; nothing was run:"]
-    for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        if e["type"] == "extra_forbidden":
-            lines.append(f"  - {key}: unknown key{_suggest(str(e['loc'][-1]), _model_at(e['loc']))}")
-        else:
-            lines.append(f"  - {key}: {e['msg']} (got {e.get('input')!r})")
+    lines += [f"  - {error_text(e, _model_at(e['loc']))}" for e in err.errors()]
     lines.append("Fix the key(s) above; every key and its meaning is listed in pipelines/*_config.py (data, train, eval, serve).")
     return "\n".join(lines)
 

@@ -32,14 +32,15 @@ HEADER = """\
 def overlay_values(recipe: list[str] | None = None, start_from: str | None = None, start_version: str | None = None,
                    overrides: dict[str, dict] | None = None) -> dict[str, Any]:
     """The flow's run parameters as params keys (None: not overridden). `overrides`: sections'
-    keys for this run, e.g. {"dpo": {"max_steps": 120}} (a feedback run's training settings)."""
-    values: dict[str, Any] = {section: dict(keys) for section, keys in (overrides or {}).items()}
+    keys for this run, e.g. {"dpo": {"max_steps": 120}} (a feedback run's training settings);
+    the named parameters win over them, and the rest of a section they share is kept."""
+    named: dict[str, Any] = {}
     if recipe is not None:
-        values["recipe"] = list(recipe)
+        named["recipe"] = list(recipe)
     model = {k: v for k, v in (("start_from", start_from), ("start_version", start_version)) if v is not None}
     if model:
-        values["model"] = model
-    return values
+        named["model"] = model
+    return merged(overrides or {}, named)
 
 
 def parse_sets(sets: list[str]) -> dict[str, dict]:

@@ -49,6 +49,8 @@ def test_a_runs_settings_go_over_the_steps_own_and_a_bad_one_is_named():
     own = load_params(ROOT / "params.yaml").dpo
     assert (params.dpo.max_steps, params.dpo.learning_rate, params.dpo.peft.r) == (120, 1e-3, 16)
     assert params.dpo.peft.alpha == own.peft.alpha and params.dpo.beta == own.beta, "only the keys given change"
+    # A section shared by --set and a named flag keeps both (seen red when the flag's section replaced the --set one).
+    assert overlay_values(start_from="champion", overrides=parse_sets(["model.start_version=3"])) == {"model": {"start_version": 3, "start_from": "champion"}}
     with pytest.raises(ConfigError, match=r"dpo\.max_step: unknown key \(did you mean 'max_steps'\?\)"):
         with_overlay(overlay_values(overrides=parse_sets(["dpo.max_step=3"])), ROOT / "params.yaml")
     with pytest.raises(ConfigError, match="SECTION.KEY=VALUE"):
