@@ -104,7 +104,7 @@ def review(reviewer: str | None, batch: int, timeout_s: float) -> dict:
         resume_flow_run(runs[0].id, run_input={"reviewer": reviewer, "all_items": "accept", "items": []})
     else:
         print("review: decide in the Prefect UI (the paused 'review-feedback' run); this waits", flush=True)
-    out, _ = proc.communicate(timeout=None if not reviewer else timeout_s)
+    out, _ = proc.communicate(timeout=timeout_s if reviewer else None)
     if proc.returncode != 0:
         raise SystemExit(f"the review failed (exit {proc.returncode})")
     return json.loads(out.strip().splitlines()[-1])
@@ -157,10 +157,12 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         sys.exit(str(exc))
     gateway, key = plane_root(params), os.environ.get("GATEWAY_API_KEY")
+    if gateway is None:
+        sys.exit("serve.plane_url is null: the demo talks to the plane `make serve` runs; set it to auto")
     try:
         httpx.get(f"{gateway}/health", timeout=5).raise_for_status()
-    except (httpx.HTTPError, TypeError):
-        sys.exit(f"no plane answers at {gateway}: start `make serve` first (serve.plane_url)")
+    except httpx.HTTPError:
+        sys.exit(f"no plane answers at {gateway}: start `make serve` first")
     if problem := server_problem():
         sys.exit(f"{problem}; then `make serve-flows` (the lifecycle deployment the export's event triggers)")
     try:
