@@ -32,10 +32,6 @@ from serving.record.tap import Tap
 
 log = logging.getLogger("serving.record")
 REDACTOR_RETRY_S = 10  # a redactor process that failed is started again this much later (a dead one at once)
-# Batches start GATHER_S apart at most while there is no backlog: a few a second, not one per
-# request, so the writer thread takes the gateway's GIL a few times a second. A row that comes
-# after a quiet spell is taken at once.
-GATHER_S = 0.1
 STORE_FILE = "record.sqlite3"  # in the plane's state folder unless record.store names one
 SERVICE_TIER, UNTIERED = "service", "untiered"
 
@@ -176,8 +172,13 @@ class Recorder:
                     cpu, began = time.thread_time(), time.monotonic()
                     self._write(batch)
                     self.cpu.inc(time.thread_time() - cpu)
-                    if len(batch) < self.batch_rows:  # no backlog: let the next batch gather (returns at once on close)
-                        self._stop.wait(min(GATHER_S, self.flush_interval_s) - (time.monotonic() - began))
+                    # No backlog: the next batch gathers for flush_interval_s (returns at once on
+                    # close). Few, full batches: the writer thread takes the gateway's GIL, and
+                    # the redactor process a core, twice a second rather than ten times (at 32
+                    # clients, 0.1 s apart cost the redactor 0.053 ms a row, 0.5 s 0.035 ms). A
+                    # row that comes after a quiet spell is taken at once.
+                    if len(batch) < self.batch_rows:
+                        self._stop.wait(self.flush_interval_s - (time.monotonic() - began))
                 if self.retention_s is not None and time.monotonic() >= next_purge:
                     next_purge = time.monotonic() + self.purge_interval_s
                     self._purge()
