@@ -245,7 +245,7 @@ def main() -> None:
             warm = asyncio.run(load(f"{root}/v1/chat/completions", 3, False, offset=10**8))  # warm-up
             answered_on += warm["ok"] if side == "on" else 0
 
-        print(f"record of every answer: its cost on the gateway, {CLIENTS} clients, {SECONDS:g}s rounds, greedy, max_tokens {MAX_TOKENS}, "
+        print(f"record of every answer: its cost on the gateway{' (A/A: neither gateway records; what follows is the noise floor)' if AA else ''}, {CLIENTS} clients, {SECONDS:g}s rounds, greedy, max_tokens {MAX_TOKENS}, "
               f"a quarter of the prompts with personal data (default-size bootstrap model, one CPU engine, SQLite record):", flush=True)
         served = psutil.Process(engine.process.pid)
         if "engine" in LOADS:
@@ -255,6 +255,8 @@ def main() -> None:
                 warmed = asyncio.run(warm_cache(f"{root}/v1/chat/completions"))
                 answered_on += warmed if side == "on" else 0
             answered_on += compare("cache hits (the gateway alone)", urls, served, cached=True)["side"]["on"]["ok"]
+        if AA:
+            return
         on_root = urls["on"][0]
         time.sleep(1.5)  # the writer's last batch (flush_interval_s 0.5)
         m = record_metrics(on_root)
