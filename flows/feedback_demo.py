@@ -86,8 +86,10 @@ def prefect_client():
 def review(reviewer: str | None, batch: int, timeout_s: float) -> dict:
     """`make review`'s flow for `batch` items; with a reviewer, accept them all in its form."""
     from prefect import resume_flow_run
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName, FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType
     from prefect.client.schemas.objects import StateType
+
+    from flows.review import review_feedback  # its run's pause is the one answered, not any paused run
 
     proc = subprocess.Popen([sys.executable, "-m", "flows.review", "--batch-size", str(batch)], stdout=subprocess.PIPE, text=True)
     if reviewer:
@@ -95,7 +97,7 @@ def review(reviewer: str | None, batch: int, timeout_s: float) -> dict:
         deadline = time.monotonic() + timeout_s
         while True:
             with prefect_client() as c:
-                runs = c.read_flow_runs(flow_run_filter=paused)
+                runs = c.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=[review_feedback.name])), flow_run_filter=paused)
             if runs:
                 break
             if proc.poll() is not None or time.monotonic() > deadline:
