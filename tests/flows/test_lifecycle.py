@@ -474,7 +474,8 @@ def test_the_loop_corrections_on_served_answers_become_a_better_champion_in_the_
             out = (project / "make-feedback-demo.log").read_text()
             assert demo.returncode == 0, out[-4000:] + (project / "serve-flows.log").read_text()[-6000:]
         finally:
-            os.killpg(serve.pid, signal.SIGINT)
+            if serve.poll() is None:  # a plane that failed to start is gone: its error, not a ProcessLookupError, is the failure
+                os.killpg(serve.pid, signal.SIGINT)
             serve.wait(120)
         (started,) = triggered(url, deployments["llm-lifecycle/lifecycle"])
         with prefect(url) as c:
