@@ -137,7 +137,7 @@ def record_metrics(root: str) -> dict[str, float]:
 
     text = httpx.get(f"{root}/metrics", timeout=30).text
     return {
-        (s.name + (f"{{{s.labels['reason']}}}" if "reason" in s.labels else "")): s.value
+        (s.name + "".join(f"{{{s.labels[label]}}}" for label in ("reason", "by") if label in s.labels)): s.value
         for f in text_string_to_metric_families(text) for s in f.samples if s.name.startswith("gateway_record_") and not s.name.endswith("_created")
     }
 
@@ -277,7 +277,9 @@ def main() -> None:
         print(f"  recording gateway: {answered_on} requests answered, {m.get('gateway_record_written_total', 0):.0f} rows written, "
               f"{m.get('gateway_record_dropped_total{buffer_full}', 0):.0f} dropped (buffer full), {m.get('gateway_record_dropped_total{store_error}', 0):.0f} (store errors); "
               f"{stored} rows in the SQLite file ({size:.1f} MB with its WAL, {1000 * size / max(1, stored):.2f} kB a row); "
-              f"the writer's CPU (its thread in the gateway, its redactor process): {1000 * m.get('gateway_record_writer_cpu_seconds_total', 0) / max(1, m.get('gateway_record_written_total', 0)):.2f} ms a row")
+              f"the writer's CPU (its thread in the gateway, its redactor process): {1000 * m.get('gateway_record_writer_cpu_seconds_total', 0) / max(1, m.get('gateway_record_written_total', 0)):.2f} ms a row; "
+              f"batches made by the idle redactor {m.get('gateway_record_batches_total{idle}', 0):.0f}, the niced one {m.get('gateway_record_batches_total{niced}', 0):.0f}, "
+              f"the writer thread {m.get('gateway_record_batches_total{thread}', 0):.0f}")
     finally:
         stop(*gateways)
         if engine is not None:

@@ -1,9 +1,11 @@
 """The record's writer: a bounded buffer between the gateway's requests and the store.
 
 A request only appends to the buffer (`submit`, never blocking, no lock); a thread of its own
-takes rows out in batches and ships them to the redactor process (`serving.record.redactor`),
+takes rows out in batches and ships them to a redactor process (`serving.record.redactor`),
 which parses the answers, redacts prompts and answers with the data cleaning's PII rules
-(`pipelines.clean.redact`) and writes the rows (`Store.write_batch`). The thread mostly waits,
+(`pipelines.clean.redact`) and writes the rows (`Store.write_batch`): first to one on idle CPU
+only (SCHED_IDLE), and when that one is late, gone or not there, to a niced one (counted by who
+in `gateway_record_batches_total{by}`). The thread mostly waits,
 the GIL released: neither the redaction's CPU nor the store's is spent in the gateway's process
 (when the redactor is not there, the thread redacts and writes itself, as it did before the
 process existed; a store given as a callable is always written by the thread). A full buffer
@@ -58,7 +60,8 @@ class Recorder:
     def __init__(
         self, store: str | Path | Callable[[], Store], *, buffer_rows: int = 10_000, batch_rows: int = 256, flush_interval_s: float = 0.5,
         retention_days: float | None = 30, purge_interval_s: float = 3600, opt_out_keys: frozenset[str] | set[str] = frozenset(),
-        opt_out_tiers: frozenset[str] | set[str] = frozenset(), redactor_nice: int = 0,
+        opt_out_tiers: frozenset[str] | set[str] = frozenset(), redactor_nice: int = 0, redactor_idle: bool = False,
+        idle_patience_s: float = 1.0,
     ) -> None:
         self.open_store = store if callable(store) else (lambda: open_store(store))
         self.where = getattr(store, "__name__", str(store)) if callable(store) else redact_url(str(store))
@@ -74,7 +77,10 @@ class Recorder:
         self.opted_out = Counter("gateway_record_opted_out", "Completions not recorded because their key or tier opted out (record.opt_out_keys, opt_out_tiers).", registry=None)
         self.buffered = Gauge("gateway_record_buffered", "Completions waiting in the record's buffer.", registry=None)
         self.cpu = Counter("gateway_record_writer_cpu_seconds", "CPU time the record's writer spent on its rows: the writer thread in the gateway's process (shipping batches, writing them) and the redactor process (parsing, redacting).", registry=None)
+        self.batches = Counter("gateway_record_batches", "Batches of completions made rows and written, by who did it: idle (the redactor process on idle CPU only), niced (the niced redactor: the idle one was late, gone or not there) or thread (the writer thread: no redactor process could).", ["by"], registry=None)
         self.buffered.set_function(self.buffer.qsize)
+        for by in ("idle", "niced", "thread"):
+            self.batches.labels(by)
         self._full = self.dropped.labels("buffer_full")
         self.dropped.labels("store_error")
         # Rows put in the buffer; with _settled, what flush() waits for. Only the event loop's
@@ -91,8 +97,20 @@ class Recorder:
         self._writer = RowWriter(self.open_store, self.where)  # the thread's own connection: purges, and rows the redactor did not write
         # The writer thread's; restarted after a failure. It owns the store's connection unless
         # the store is a callable (which cannot be sent to another process).
-        self._redactor = Redactor(None if callable(store) else str(store), nice=redactor_nice)
+        redactor_store = None if callable(store) else str(store)
+        self._redactor = Redactor(redactor_store, nice=redactor_nice)
         self._redactor_retry = 0.0  # monotonic time before which a failed redactor is not restarted
+        # First choice when redactor_idle: a redactor that runs on idle CPU only (SCHED_IDLE), so
+        # that serving never waits for it. One that has not answered a batch within
+        # idle_patience_s, or by the time the buffer is half full (a machine with no idle core),
+        # is killed and the batch goes to the niced redactor, started then if it is not running;
+        # the idle one is tried again REDACTOR_RETRY_S later.
+        self._idle_redactor = Redactor(redactor_store, idle=True) if redactor_idle else None
+        if self._idle_redactor is not None and not self._idle_redactor.idle:
+            log.info("record: this OS has no idle scheduling policy; the redactor runs niced (%d) instead", redactor_nice)
+            self._idle_redactor = None
+        self.idle_patience_s = idle_patience_s
+        self._idle_retry = 0.0
         self._start_error: BaseException | None = None
 
     @classmethod
@@ -104,11 +122,12 @@ class Recorder:
             record.store_url() or Path(state_dir) / STORE_FILE, buffer_rows=record.buffer_rows, batch_rows=record.batch_rows,
             flush_interval_s=record.flush_interval_s, retention_days=record.retention_days, purge_interval_s=record.purge_interval_s,
             opt_out_keys=set(record.opt_out_keys), opt_out_tiers=set(record.opt_out_tiers), redactor_nice=record.redactor_nice,
+            redactor_idle=record.redactor_idle, idle_patience_s=record.redactor_idle_patience_s,
         )
 
     def register(self, registry: CollectorRegistry) -> None:
         """Export the recorder's counters on a gateway's /metrics."""
-        for metric in (self.written, self.dropped, self.opted_out, self.buffered, self.cpu):
+        for metric in (self.written, self.dropped, self.opted_out, self.buffered, self.cpu, self.batches):
             try:
                 registry.register(metric)
             except ValueError:  # already there: the same recorder behind a rebuilt app
@@ -163,7 +182,8 @@ class Recorder:
             self._started.set()
             return
         self._started.set()
-        self._start_redactor()
+        if self._idle_redactor is None or not self._idle_redactor.start():
+            self._start_redactor()  # the niced one starts now only when there is no idle one
         next_purge = time.monotonic()
         try:
             while True:
@@ -185,6 +205,9 @@ class Recorder:
                 if self._stop.is_set() and not self.buffer:
                     return
         finally:
+            if self._idle_redactor is not None:
+                self._idle_redactor.close()
+                self._idle_redactor.reap(5)  # one killed for being late exits once it gets a core
             self._redactor.close()
             self._writer.close()
 
@@ -204,15 +227,52 @@ class Recorder:
         if not self._redactor.start():
             self._redactor_retry = time.monotonic() + REDACTOR_RETRY_S
 
+    def _idly(self, batch: list[Wire]) -> tuple | None:
+        """The idle redactor's answer for the batch; None when it is not there, not ready, or
+        late (then killed: the batch is the niced redactor's)."""
+        idle = self._idle_redactor
+        if idle is None:
+            return None
+        if not idle.running and time.monotonic() >= self._idle_retry and not idle.start():
+            self._idle_retry = time.monotonic() + REDACTOR_RETRY_S
+        # Not ready yet (its imports): waited for only when the niced one would have to start.
+        if not idle.ready_within(0 if self._redactor.running else self.idle_patience_s):
+            if not idle.running:  # it died on the way (closed): not restarted for every batch
+                self._idle_retry = time.monotonic() + REDACTOR_RETRY_S
+            return None
+        try:
+            said = idle.handle(batch, timeout_s=self.idle_patience_s, give_up=self._backlogged)
+        except (OSError, EOFError) as exc:
+            log.warning("record: the idle redactor failed (%s: %s); the niced one takes its batches for %gs", type(exc).__name__, exc, REDACTOR_RETRY_S)
+            said = None
+        else:
+            if said is not None:
+                self.batches.labels("idle").inc()
+                return said
+            log.info("record: the idle redactor did not answer within %gs, or before the buffer was half full (no idle CPU): killed; the niced one takes its batches for %gs", self.idle_patience_s, REDACTOR_RETRY_S)
+            idle.abandon()
+        self._idle_retry = time.monotonic() + REDACTOR_RETRY_S
+        return None
+
+    def _backlogged(self) -> bool:
+        """The buffer is half full: waiting longer for a late idle redactor risks dropping rows."""
+        return len(self.buffer) >= self.buffer_rows // 2
+
     def _redacted(self, batch: list[Wire]) -> tuple | None:
-        """What the redactor process answered for the batch (`Redactor.handle`), restarted if it
-        is gone; None when it is not there (the writer thread then does its work)."""
+        """What a redactor process answered for the batch (`Redactor.handle`): the idle one
+        first, then the niced one, restarted if it is gone; None when neither is there (the
+        writer thread then does their work)."""
+        said = self._idly(batch)
+        if said is not None:
+            return said
         if not self._redactor.running and time.monotonic() >= self._redactor_retry:
             self._start_redactor()
         if not self._redactor.running:
             return None
         try:
-            return self._redactor.handle(batch)
+            said = self._redactor.handle(batch)
+            self.batches.labels("niced").inc()
+            return said
         except (OSError, EOFError) as exc:
             self._redactor_retry = time.monotonic() + REDACTOR_RETRY_S
             log.warning("record: the redactor process failed (%s: %s); the writer thread redacts until it is restarted, in %gs", type(exc).__name__, exc, REDACTOR_RETRY_S)
@@ -227,6 +287,7 @@ class Recorder:
                 made, cpu = said[1], said[2]
             else:
                 made, cpu = [], 0.0
+                self.batches.labels("thread").inc()
                 for w in batch:
                     time.sleep(0)  # let the event loop have the GIL between rows: it never waits a whole batch
                     made.extend(rows_of([unwire(w)]))

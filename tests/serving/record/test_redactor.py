@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from contextlib import contextmanager
 
 from pipelines.clean import find_pii
@@ -157,4 +158,117 @@ def test_the_redactor_yields_the_cpu_to_serving_at_the_niceness_params_give_it(t
         assert recorder.flush()
         process = psutil.Process(recorder._redactor.process.pid)
         assert process.nice() == psutil.Process().nice() + nice
+    stored_clean(path, ids)
+
+
+def test_the_params_redactor_runs_on_idle_cpu_only_and_makes_every_row(tmp_path):
+    """record.redactor_idle (default true): the gateway's recorder (`Recorder.from_params`)
+    hands its batches to a redactor at the SCHED_IDLE policy, which never takes a core from
+    serving; the niced redactor is not even started while the idle one keeps up.
+    Seen red: with serve() ignoring its `idle` argument, the process ran at SCHED_OTHER (0
+    where SCHED_IDLE, 5, was asserted)."""
+    from pipelines.config import load_params
+    from tests.conftest import ROOT
+
+    record = load_params(ROOT / "params.yaml").record
+    assert record.redactor_idle is True
+    # A patience no busy test machine exceeds: this test is about who makes the rows, not about when.
+    record = record.model_copy(update={"redactor_idle_patience_s": 60.0, "flush_interval_s": 0.05, "store": str(tmp_path / "record.sqlite3")})
+    recorder = Recorder.from_params(record, tmp_path)
+    recorder.start()
+    try:
+        ready_on_idle_cpu(recorder)
+        ids = [submit(recorder, i) for i in range(10)]
+        assert recorder.flush()
+        idle = recorder._idle_redactor.process
+        assert os.sched_getscheduler(idle.pid) == os.SCHED_IDLE
+        assert recorder.batches.labels("idle")._value.get() >= 1
+        assert recorder.batches.labels("niced")._value.get() == recorder.batches.labels("thread")._value.get() == 0
+        assert recorder._redactor.process is None, "the niced redactor is started only when the idle one falls short"
+    finally:
+        recorder.close()
+    stored_clean(tmp_path / "record.sqlite3", ids)
+    assert recorder._idle_redactor.process is None, "close() reaped the idle redactor"
+
+
+def ready_on_idle_cpu(recorder: Recorder, timeout_s: float = 180) -> None:
+    """Wait until the recorder's idle redactor is running at SCHED_IDLE and ready (its imports,
+    ~0.25 s of CPU, done on idle CPU: on a busy test machine that can take a while). Called
+    while no row is buffered, so the writer thread is not using the redactor meanwhile."""
+    idle = recorder._idle_redactor
+    deadline = time.monotonic() + timeout_s
+    while not (idle.running and idle.ready_within(1.0)):
+        assert time.monotonic() < deadline, f"the idle redactor was not ready within {timeout_s}s"
+        time.sleep(0.05)
+    assert os.sched_getscheduler(idle.process.pid) == os.SCHED_IDLE
+
+
+def test_an_idle_redactor_that_gets_no_cpu_is_killed_and_the_niced_one_writes_its_batch(tmp_path, monkeypatch):
+    """A machine with no idle core gives a SCHED_IDLE redactor (next to) nothing: here it is
+    stopped outright (SIGSTOP) while it holds a batch. After record.redactor_idle_patience_s
+    the writer kills it and the niced redactor writes that batch and the next ones; every row
+    is stored once, redacted; REDACTOR_RETRY_S later a new idle redactor takes over again.
+    Seen red: with `Redactor.handle` ignoring its timeout (waiting for the answer as the
+    niced one does), flush() returned False: the stopped redactor held every row after the first."""
+    from serving.record import recorder as recorder_module
+
+    monkeypatch.setattr(recorder_module, "REDACTOR_RETRY_S", 1.0)
+    path = tmp_path / "record.sqlite3"
+    with started(path, redactor_idle=True, redactor_nice=10, idle_patience_s=60.0) as recorder:
+        ready_on_idle_cpu(recorder)
+        ids = [submit(recorder, 0)]
+        assert recorder.flush()
+        assert recorder.batches.labels("idle")._value.get() == 1
+        stopped = recorder._idle_redactor.process
+        recorder.idle_patience_s = 0.3
+        stopped.send_signal(signal.SIGSTOP)
+        try:
+            ids += [submit(recorder, i) for i in range(1, 21)]
+            assert recorder.flush(30), "the rows the stopped redactor held were written by the niced one"
+            assert stopped.wait(30) == -signal.SIGKILL, "the late idle redactor was killed, not left holding its batch"
+        finally:
+            if stopped.poll() is None:
+                stopped.kill()
+        assert recorder.batches.labels("niced")._value.get() >= 1
+        assert os.getpriority(os.PRIO_PROCESS, recorder._redactor.process.pid) == os.getpriority(os.PRIO_PROCESS, 0) + 10
+        stored_clean(path, ids)
+        # The retry: REDACTOR_RETRY_S later a batch starts a new idle redactor (the niced one
+        # takes the batches until it is ready), which then takes them again.
+        recorder.idle_patience_s = 60.0
+        time.sleep(1.0)
+        ids.append(submit(recorder, len(ids)))
+        assert recorder.flush()
+        assert recorder._idle_redactor.process is not None and recorder._idle_redactor.process.pid != stopped.pid
+        ready_on_idle_cpu(recorder)
+        idle_before = recorder.batches.labels("idle")._value.get()
+        ids.append(submit(recorder, len(ids)))
+        assert recorder.flush()
+        assert recorder.batches.labels("idle")._value.get() == idle_before + 1, "the new idle redactor took over"
+        assert recorder.written._value.get() == len(ids) and recorder.dropped.labels("store_error")._value.get() == 0
+    stored_clean(path, ids)
+
+
+def test_a_filling_buffer_does_not_wait_out_the_idle_redactors_patience(tmp_path):
+    """While a late idle redactor has a batch, the buffer fills; once it is half full the writer
+    stops waiting (however long record.redactor_idle_patience_s is) and the niced redactor
+    takes over: rows are not dropped for the sake of the idle one.
+    Seen red: with `Recorder._backlogged` always False, flush(20) returned False: the writer
+    waited out the 60 s patience while the buffer (20 rows) dropped what came after it."""
+    path = tmp_path / "record.sqlite3"
+    with started(path, buffer_rows=20, redactor_idle=True, redactor_nice=10, idle_patience_s=60.0) as recorder:
+        ready_on_idle_cpu(recorder)
+        ids = [submit(recorder, 0)]
+        assert recorder.flush()
+        stopped = recorder._idle_redactor.process
+        stopped.send_signal(signal.SIGSTOP)
+        try:
+            ids.append(submit(recorder, 1))  # the batch the stopped redactor will hold
+            time.sleep(0.3)
+            ids += [submit(recorder, i) for i in range(2, 14)]  # 12 rows: the buffer (20) more than half full
+            assert recorder.flush(20), "the niced redactor took over before the patience ran out"
+        finally:
+            if stopped.poll() is None:
+                stopped.kill()
+        assert recorder.dropped.labels("buffer_full")._value.get() == 0
+        assert recorder.batches.labels("niced")._value.get() >= 1
     stored_clean(path, ids)
