@@ -105,7 +105,7 @@ class Recorder:
         # idle_patience_s, or by the time the buffer is half full (a machine with no idle core),
         # is killed and the batch goes to the niced redactor, started then if it is not running;
         # the idle one is tried again REDACTOR_RETRY_S later.
-        self._idle_redactor = Redactor(redactor_store, idle=True) if redactor_idle else None
+        self._idle_redactor = Redactor(redactor_store, nice=redactor_nice, idle=True) if redactor_idle else None
         if self._idle_redactor is not None and not self._idle_redactor.idle:
             log.info("record: this OS has no idle scheduling policy; the redactor runs niced (%d) instead", redactor_nice)
             self._idle_redactor = None

@@ -73,7 +73,10 @@ class Redactor:
     the process writes the rows itself (a path or URL, sent down the pipe, never in its argv: a
     PostgreSQL URL may hold a password); None: it answers with the rows. `nice`: the process's
     scheduling niceness (record.redactor_nice): on a busy machine it yields the CPU to the
-    gateway and the engines, and catches up when they leave it some; the buffer absorbs the lag."""
+    gateway and the engines, and catches up when they leave it some; the buffer absorbs the lag.
+    `idle` (record.redactor_idle, where the OS has SCHED_IDLE): it runs on idle CPU only (at
+    `nice` if the policy is refused); the writer gives it a batch with a timeout, and
+    `abandon()`s it when it is late."""
 
     def __init__(self, store: str | None = None, nice: int = 0, idle: bool = False) -> None:
         self.store, self.nice, self.idle = store, nice, idle and IDLE_POLICY is not None
@@ -221,8 +224,12 @@ def serve(read_fd: int, write_fd: int, nice: int = 0, idle: bool = False) -> Non
     rows or what the store made of them out (`Redactor.handle`), until EOF."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if idle and IDLE_POLICY is not None:
-        os.sched_setscheduler(0, IDLE_POLICY, os.sched_param(0))
-    elif nice:
+        try:
+            os.sched_setscheduler(0, IDLE_POLICY, os.sched_param(0))
+            nice = 0
+        except OSError as exc:  # a sandbox that refuses it: run niced, as the other redactor does
+            print(f"record: the redactor could not take the idle scheduling policy ({exc}); it runs at nice {nice}", file=sys.stderr, flush=True)
+    if nice:
         os.nice(nice)
     inbox, outbox = Connection(read_fd, writable=False), Connection(write_fd, readable=False)
     try:

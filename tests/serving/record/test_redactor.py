@@ -272,3 +272,25 @@ def test_a_filling_buffer_does_not_wait_out_the_idle_redactors_patience(tmp_path
         assert recorder.dropped.labels("buffer_full")._value.get() == 0
         assert recorder.batches.labels("niced")._value.get() >= 1
     stored_clean(path, ids)
+
+
+def test_an_idle_policy_the_os_refuses_leaves_the_redactor_niced(tmp_path, monkeypatch):
+    """A sandbox may refuse SCHED_IDLE (sched_setscheduler: EPERM): the idle redactor then runs
+    at record.redactor_nice, like the other one, and still makes every row; it does not die
+    and get restarted every 10 s. Seen red: with serve() letting the OSError out, the process
+    exited before it was ready and ready_on_idle_cpu timed out."""
+    refuse = "import os, sys; os.sched_setscheduler = lambda *a: (_ for _ in ()).throw(PermissionError(1, 'refused'));"
+    monkeypatch.setattr(redactor_module, "CHILD", refuse + redactor_module.CHILD.removeprefix("import sys;"))
+    path = tmp_path / "record.sqlite3"
+    with started(path, redactor_idle=True, redactor_nice=10, idle_patience_s=60.0) as recorder:
+        idle = recorder._idle_redactor
+        deadline = time.monotonic() + 60
+        while not (idle.running and idle.ready_within(1.0)):
+            assert time.monotonic() < deadline, "the redactor whose idle policy was refused never got ready"
+            time.sleep(0.05)
+        assert os.sched_getscheduler(idle.process.pid) == os.SCHED_OTHER
+        assert os.getpriority(os.PRIO_PROCESS, idle.process.pid) == os.getpriority(os.PRIO_PROCESS, 0) + 10
+        ids = [submit(recorder, i) for i in range(5)]
+        assert recorder.flush()
+        assert recorder.batches.labels("idle")._value.get() >= 1
+    stored_clean(path, ids)
