@@ -224,6 +224,11 @@ def alert_rules(params: Params) -> dict[str, Any]:
             "annotations": {"summary": "the gateway queue of {{ $labels.model }} is saturated", "description": f"waiting requests at {m.queue_saturation:g} of serve.queue_max_waiting ({serve.queue_max_waiting}) or requests refused with 429 for {m.queue_for}: {{{{ $value | printf `%.3g` }}}}."},
         },
         {
+            "alert": "RecordRowsDropped", "expr": "sum by (plane, model, reason) (increase(gateway_record_dropped_total[5m])) > 0",
+            "labels": {"severity": "ticket"},
+            "annotations": {"summary": "the record of every answer of {{ $labels.model }} ({{ $labels.plane }}) is losing rows ({{ $labels.reason }})", "description": "{{ $value | printf `%.0f` }} answered completions not recorded over 5m. buffer_full: rows came faster than the redactor wrote them for longer than record.buffer_rows holds (gateway_record_batches_total says which redactor made the batches); store_error: the store refused a batch (the gateway's log names it). Requests were answered all the same."},
+        },
+        {
             "alert": "CanaryWorseThanStable",
             "expr": (
                 f'(version:gateway_error_ratio:rate{cw}{{role="canary"}} > on (plane, model) group_left () '

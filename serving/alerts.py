@@ -11,7 +11,8 @@ is the pure `plan(alert)`:
                                     is marked; the webhook hears `rolled_back`
   OnlineQualityDrop              -> Prefect event lifecycle.quality.dropped + webhook
   DriftDetected                  -> Prefect event lifecycle.drift.detected + webhook
-  anything else (a stable burn, EngineDown, GatewayDown, QueueSaturated) -> webhook (`alert`)
+  anything else (a stable burn, EngineDown, GatewayDown, QueueSaturated, RecordRowsDropped)
+                                 -> webhook (`alert`)
 
 A flapping alert acts once: an action on the same subject (alert, plane, model, version or
 check) within `monitor.cooldown_s` is recorded as suppressed and not done again; the cooldown

@@ -16,7 +16,7 @@ from pipelines.config import ConfigError, Params, load_params
 from tests.conftest import ROOT
 from tests.monitoring.conftest import need
 
-ALERTS = {"ErrorBudgetBurn", "LatencyBudgetBurn", "TTFTBudgetBurn", "EngineDown", "GatewayDown", "QueueSaturated", "CanaryWorseThanStable", "OnlineQualityDrop", "DriftDetected"}
+ALERTS = {"ErrorBudgetBurn", "LatencyBudgetBurn", "TTFTBudgetBurn", "EngineDown", "GatewayDown", "QueueSaturated", "RecordRowsDropped", "CanaryWorseThanStable", "OnlineQualityDrop", "DriftDetected"}
 
 
 def test_the_committed_rules_are_the_rendering_of_the_committed_params():

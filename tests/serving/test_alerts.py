@@ -40,6 +40,7 @@ def webhook_body(*alerts: dict) -> dict:
     (alert("OnlineQualityDrop", version="1"), "quality"),
     (alert("DriftDetected", check="length"), "drift"),
     (alert("EngineDown", replica="v1-r0"), "notify"),
+    (alert("RecordRowsDropped", reason="buffer_full"), "notify"),  # requests were answered: nothing to roll back
     (alert("ErrorBudgetBurn", status="resolved", role="canary", version="2"), "resolved"),
 ])
 def test_each_alert_has_its_action(a, action):
