@@ -185,10 +185,7 @@ class Redactor:
         writing is rolled back by the store, or was committed (a second write of it is counted
         once: `RowWriter.write`)."""
         if self.process is not None:
-            try:
-                self.process.kill()
-            except OSError:
-                pass
+            self.process.kill()  # Popen's: nothing to do for a process that already exited
             self.abandoned.append(self.process)
             self.process = None
         self.close()
