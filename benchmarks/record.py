@@ -267,7 +267,9 @@ def main() -> None:
         if AA:
             return
         on_root = urls["on"][0]
-        time.sleep(1.5)  # the writer's last batch (flush_interval_s 0.5)
+        from pipelines.config import RecordParams
+
+        time.sleep(RecordParams().flush_interval_s + 1)  # the writer's last batch
         m = record_metrics(on_root)
         from serving.record import open_store
 

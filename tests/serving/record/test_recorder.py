@@ -5,6 +5,7 @@ its outage (counted) and none after it."""
 from __future__ import annotations
 
 import sqlite3
+import time
 
 from serving.record import Recorder, SQLiteStore, open_store
 from serving.record.tap import Tap
@@ -57,3 +58,36 @@ def test_a_refused_row_costs_only_itself_and_an_outage_only_its_own_rows(tmp_pat
     finally:
         FlakyStore.down = False
         recorder.close()
+
+
+
+def gathering(recorder: Recorder) -> None:
+    """Leave the writer gathering a batch: a row after a quiet spell is taken at once, and once
+    it is written (polled through holds(), which does not hurry the writer) the writer waits its
+    interval for more. After a row it was hurried for, it gathers again."""
+    row = submit(recorder, "taken at once")
+    deadline = time.monotonic() + 30
+    while recorder.holds(row):
+        assert time.monotonic() < deadline, "the writer did not take a row after a quiet spell"
+        time.sleep(0.01)
+
+
+def test_whoever_waits_for_a_row_does_not_wait_out_the_batch_interval(tmp_path):
+    """A batch gathers for flush_interval_s (2 s by default: a few large batches cost the
+    redactor less than many small ones), but a flush, a feedback waiting for its completion
+    (wait_written) and the gateway's shutdown take the buffered rows at once. Here the interval
+    is an hour. Seen red with each of the three not hurrying the writer: flush() and
+    wait_written() timed out, and close() left the row unwritten."""
+    path = tmp_path / "record.sqlite3"
+    recorder = Recorder(lambda: SQLiteStore(path), flush_interval_s=3600)
+    recorder.start()
+    try:
+        gathering(recorder)
+        second = submit(recorder, "second")
+        assert recorder.flush(30), "flush() waited out the writer's interval"
+        third = submit(recorder, "third")
+        assert recorder.wait_written(third, 30), "a feedback's wait for its completion waited out the writer's interval"
+        fourth = submit(recorder, "fourth")
+    finally:
+        recorder.close(30)
+    assert {second, third, fourth} <= {r.id for r in open_store(path).query()}, "close() left the gathering batch unwritten"
