@@ -72,8 +72,13 @@ def redact_text(text: str) -> str:
     return _redact_seen(text) if len(text) <= 4096 else redact(text)
 
 
+# json.dumps(value, ensure_ascii=False) builds a new encoder at every call (a third of its time
+# for a chat's messages): the same encoder, built once.
+_ENCODE = json.JSONEncoder(ensure_ascii=False).encode
+
+
 def redacted_json(value: Any) -> str:
-    return json.dumps(map_strings(value, redact_text), ensure_ascii=False)
+    return _ENCODE(map_strings(value, redact_text))
 
 
 def answer_of(body: bytes | None, chat: bool) -> tuple[str | None, str | None, dict | None]:
