@@ -158,6 +158,8 @@ class Recorder:
         self.buffer.append(wire_of(tap, status, body, version, replica, cache_hit, time.perf_counter() - tap.started))
         if self._idle:
             self._wake.set()
+        elif len(self.buffer) == self.batch_rows:  # a full batch: the writer stops gathering (at 5,000 rows/s 2 s would overflow the buffer)
+            self._hurry.set()
 
     # --- the writer ---
 
